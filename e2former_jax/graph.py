@@ -1,0 +1,72 @@
+"""The batch of structures the model consumes: disjoint molecular graphs with static shapes.
+
+All arrays have static, padded shapes so that ``jax.jit`` compiles once per shape bucket:
+
+* N atom slots (real atoms first or interleaved; ``node_mask`` tells which are real),
+* K neighbour slots per atom (``nbr_mask`` tells which are real),
+* B molecule slots (``molecule_mask`` tells which are real).
+
+Neighbour convention: slot ``(i, k)`` is a directed edge from source ``j = nbr_idx[i, k]`` to target
+``i``. Empty slots hold the sentinel ``j = N`` (one past the last atom, as in jax_md's dense lists)
+and are always masked; every gather uses ``mode="fill"`` so the sentinel reads zeros. The source
+position of a slot is ``positions[j] + nbr_shift[i, k]`` (``nbr_shift`` is the Cartesian lattice
+shift of a periodic image, zero for molecules), and the edge vector is target minus source,
+``r_ij = x_i - (x_j + shift_ij)`` (spec section 2.2, step 6).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class Graph:
+  """A padded batch of B molecules with N atom slots and K neighbour slots per atom.
+
+  Attributes:
+    positions: [N, 3] Cartesian coordinates in angstrom.
+    species: [N] int32 atomic numbers, 0 on padded atom slots.
+    node_mask: [N] bool, True for real atoms.
+    molecule_index: [N] int32 in [0, B): the molecule of each atom (any valid slot for padding).
+    nbr_idx: [N, K] int32 source atom of each neighbour slot; N (sentinel) on empty slots.
+    nbr_mask: [N, K] bool, True for real edges (within the cutoff, both atoms real).
+    nbr_shift: [N, K, 3] Cartesian shift of the source image (zeros without periodicity).
+    charge: [B] int32 total charge of each molecule.
+    spin: [B] int32 spin multiplicity 2S+1 of each molecule (0 = unspecified).
+    molecule_mask: [B] bool, True for real molecules.
+  """
+
+  positions: jax.Array
+  species: jax.Array
+  node_mask: jax.Array
+  molecule_index: jax.Array
+  nbr_idx: jax.Array
+  nbr_mask: jax.Array
+  nbr_shift: jax.Array
+  charge: jax.Array
+  spin: jax.Array
+  molecule_mask: jax.Array
+
+  @property
+  def num_nodes(self) -> int:
+    return self.positions.shape[0]
+
+  @property
+  def num_neighbors(self) -> int:
+    return self.nbr_idx.shape[1]
+
+  @property
+  def num_molecules(self) -> int:
+    return self.charge.shape[0]
+
+  def gather_sources(self, x: jax.Array) -> jax.Array:
+    """x[nbr_idx] with zeros on empty slots: [N, ...] -> [N, K, ...]."""
+    return jnp.take(x, self.nbr_idx, axis=0, mode="fill", fill_value=0)
+
+  def edge_vectors(self, positions: jax.Array | None = None) -> jax.Array:
+    """r_ij = x_i - (x_j + shift_ij) for every slot, zero on empty slots: [N, K, 3]."""
+    x = self.positions if positions is None else positions
+    vec = x[:, None, :] - (self.gather_sources(x) + self.nbr_shift)
+    return jnp.where(self.nbr_mask[..., None], vec, 0.0)
