@@ -1,0 +1,143 @@
+"""Neighbour search and Graph builder against brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from e2f_testing import brute_force_graph, random_molecule
+from e2former_jax import neighbors
+from e2former_jax.neighbors import build_graph, neighbor_list
+from e2former_jax.structure import Structure
+
+
+def brute_neighbors(positions, cutoff, k, segments=None):
+  """O(n^2) reference: K nearest others within the cutoff, ordered by (distance, index)."""
+  n = len(positions)
+  segments = np.zeros(n, int) if segments is None else segments
+  dist = np.sqrt(((positions[:, None] - positions[None]) ** 2).sum(-1))
+  idx = np.full((n, k), n)
+  out = np.full((n, k), np.inf)
+  for i in range(n):
+    js = [j for j in range(n) if j != i and segments[j] == segments[i] and dist[i, j] <= cutoff]
+    js = sorted(js, key=lambda j: (dist[i, j], j))[:k]
+    idx[i, :len(js)] = js
+    out[i, :len(js)] = dist[i, js]
+  return idx, out
+
+
+def assert_matches_brute(positions, cutoff, k, segments=None):
+  nl = neighbor_list(positions, cutoff, k, segments=segments)
+  idx, dist = brute_neighbors(positions, cutoff, k, segments)
+  np.testing.assert_array_equal(nl.idx, idx)
+  np.testing.assert_array_equal(nl.mask, idx < len(positions))
+  np.testing.assert_allclose(nl.distances, dist, rtol=0, atol=1e-12)
+  assert nl.idx.dtype == np.int32 and nl.idx.shape == (len(positions), k)
+
+
+@pytest.fixture(params=["dense", "cells"])
+def search_path(request, monkeypatch):
+  """Runs a test through both candidate generators (the results must not depend on it)."""
+  if request.param == "cells":
+    monkeypatch.setattr(neighbors, "DENSE_PAIR_LIMIT", 0)
+  return request.param
+
+
+def test_random_cloud_matches_brute_force(search_path, rng):
+  positions = rng.uniform(0, 10, (300, 3))
+  assert_matches_brute(positions, 3.0, 12)
+  assert_matches_brute(positions, 3.0, 200)  # K larger than any neighbour count
+
+
+def test_lattice_ties_and_inclusive_cutoff(search_path):
+  # A cubic lattice of spacing 1 with cutoff exactly 1: every neighbour is at exactly the cutoff and
+  # all 6 are tied, so the order must fall back to the index; K = 4 truncates inside the tie.
+  grid = np.stack(np.meshgrid(*[np.arange(4.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
+  assert_matches_brute(grid, 1.0, 4)
+  nl = neighbor_list(grid, 1.0, 8)
+  assert nl.mask.sum(axis=1).max() == 6 and nl.mask.sum(axis=1).min() == 3  # interior / corner
+  assert not neighbor_list(grid, np.nextafter(1.0, 0.0), 8).mask.any()
+
+
+def test_segments_are_never_neighbours(search_path, rng):
+  positions = rng.uniform(0, 6, (120, 3))
+  segments = rng.integers(0, 4, 120)
+  assert_matches_brute(positions, 2.5, 10, segments)
+
+
+def test_far_apart_clusters(search_path, rng):
+  # Rank-compressed cells: clusters 1e4 A apart must neither merge nor lose neighbours.
+  positions = np.concatenate([rng.uniform(0, 4, (60, 3)), rng.uniform(0, 4, (60, 3)) + 1e4])
+  assert_matches_brute(positions, 2.0, 8)
+
+
+def test_rows_sorted_with_sentinel_padding(rng):
+  positions = rng.uniform(0, 8, (200, 3))
+  nl = neighbor_list(positions, 2.5, 16)
+  assert np.all(nl.distances[:, 1:] >= nl.distances[:, :-1])
+  assert np.all(nl.mask[:, :-1] >= nl.mask[:, 1:])  # real slots form a prefix
+  assert np.all(nl.idx[~nl.mask] == 200) and np.all(np.isinf(nl.distances[~nl.mask]))
+  assert not np.any(nl.idx == np.arange(200)[:, None])  # self excluded
+
+
+def test_large_system_matches_brute_force_on_sampled_atoms(rng):
+  n = 20_000
+  positions = rng.uniform(0, (n / 0.1) ** (1 / 3), (n, 3))  # liquid-like density, cell-list path
+  nl = neighbor_list(positions, 4.5, 32)
+  for i in rng.choice(n, 25, replace=False):
+    d = np.sqrt(((positions - positions[i]) ** 2).sum(-1))
+    d[i] = np.inf
+    order = np.lexsort((np.arange(n), d))
+    expected = [j for j in order[:40] if d[j] <= 4.5][:32]
+    np.testing.assert_array_equal(nl.idx[i, :len(expected)], expected)
+    assert nl.mask[i].sum() == len(expected)
+
+
+def test_small_inputs():
+  assert neighbor_list(np.zeros((0, 3)), 1.0, 4).idx.shape == (0, 4)
+  one = neighbor_list(np.zeros((1, 3)), 1.0, 4)
+  assert one.idx.tolist() == [[1, 1, 1, 1]] and not one.mask.any()
+
+
+@pytest.mark.parametrize("positions, cutoff, k, match", [
+    (np.zeros((3, 2)), 1.0, 4, "shape"),
+    (np.array([[0.0, 0.0, np.nan]]), 1.0, 4, "NaN"),
+    (np.zeros((2, 3)), 0.0, 4, "cutoff"),
+    (np.zeros((2, 3)), 1.0, 0, "max_neighbors"),
+])
+def test_bad_input(positions, cutoff, k, match):
+  with pytest.raises(ValueError, match=match):
+    neighbor_list(positions, cutoff, k)
+
+
+def test_build_graph_matches_brute_force(rng, x64):  # x64: the reference keeps float64 positions
+  mols = [(*random_molecule(rng, n), q, s) for n, q, s in [(7, 0, 1), (12, 1, 2), (1, -1, 1)]]
+  structures = [Structure(numbers=z, positions=x, charge=q, spin=s) for z, x, q, s in mols]
+  graph = build_graph(structures, cutoff=3.0, max_neighbors=6, num_nodes=26, num_molecules=5,
+                      dtype=np.float64)
+  ref = brute_force_graph(mols, cutoff=3.0, max_neighbors=6, num_nodes=26, num_molecules=5)
+  for field in ("positions", "species", "node_mask", "molecule_index", "nbr_idx", "nbr_mask",
+                "nbr_shift", "charge", "spin", "molecule_mask"):
+    np.testing.assert_array_equal(getattr(graph, field), np.asarray(getattr(ref, field)), err_msg=field)
+  assert graph.nbr_idx.dtype == np.int32 and graph.positions.dtype == np.float64
+  # Padding: atoms 20..25 point at the last molecule slot, have no edges; slots 3, 4 are empty.
+  assert np.all(graph.molecule_index[20:] == 4) and not graph.nbr_mask[20:].any()
+  assert np.all(graph.nbr_idx[~graph.nbr_mask] == 26)
+  assert graph.charge.tolist() == [0, 1, -1, 0, 0] and graph.spin.tolist() == [1, 2, 1, 0, 0]
+
+
+def test_build_graph_defaults_and_errors(rng):
+  z, x = random_molecule(rng, 5)
+  s = Structure(numbers=z, positions=x)
+  graph = build_graph([s, s], cutoff=2.0, max_neighbors=3)
+  assert graph.positions.shape == (10, 3) and graph.charge.shape == (2,)
+  assert graph.positions.dtype == np.float32
+  rows = np.nonzero(graph.nbr_mask)[0]
+  assert np.all(graph.nbr_idx[graph.nbr_mask] // 5 == rows // 5)  # edges stay inside their molecule
+  with pytest.raises(ValueError, match="num_nodes"):
+    build_graph([s, s], cutoff=2.0, max_neighbors=3, num_nodes=9)
+  with pytest.raises(ValueError, match="num_molecules"):
+    build_graph([s, s], cutoff=2.0, max_neighbors=3, num_molecules=1)
+  periodic = Structure(numbers=z, positions=x, cell=np.eye(3) * 10, pbc=(True, True, True))
+  with pytest.raises(NotImplementedError, match="periodic"):
+    build_graph([periodic], cutoff=2.0, max_neighbors=3)
