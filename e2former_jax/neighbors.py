@@ -90,7 +90,8 @@ def neighbor_list(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
   if segments is not None:
     segments = np.asarray(segments)
     if segments.shape != (n,) or segments.dtype.kind not in "iu":
-      raise ValueError(f"segments must be [n] integers, got shape {segments.shape} dtype {segments.dtype}")
+      raise ValueError(f"segments must be [n] integers, got shape {segments.shape} "
+                       f"dtype {segments.dtype}")
   k = int(max_neighbors)
   out = NeighborList(idx=np.full((n, k), n, np.int32), mask=np.zeros((n, k), bool),
                      distances=np.full((n, k), np.inf))
@@ -271,12 +272,14 @@ def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbo
     raise ValueError(f"{len(structures)} structures do not fit num_molecules={b_pad}")
   for s in structures:
     if s.pbc is not None and any(s.pbc):
-      raise NotImplementedError(f"periodic structure {s.key or ''!r}: pbc={s.pbc} is not supported yet")
+      raise NotImplementedError(f"periodic structure {s.key or ''!r}: pbc={s.pbc} is not "
+                                f"supported yet")
   k = int(max_neighbors)
 
   molecule = np.repeat(np.arange(len(structures)), sizes)  # [total]
   if structures:
-    positions = np.concatenate([np.asarray(s.positions, np.float64).reshape(-1, 3) for s in structures])
+    positions = np.concatenate([np.asarray(s.positions, np.float64).reshape(-1, 3)
+                                for s in structures])
     species = np.concatenate([np.asarray(s.numbers) for s in structures]).astype(np.int32)
   else:
     positions, species = np.zeros((0, 3)), np.zeros(0, np.int32)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from e2f_testing import brute_force_graph, random_molecule
+
 from e2former_jax import neighbors
 from e2former_jax.neighbors import build_graph, neighbor_list
 from e2former_jax.structure import Structure

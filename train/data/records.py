@@ -1,0 +1,199 @@
+"""A labelled structure (record) and the lazy, indexed dataset interface the three readers share.
+
+A dataset is indexed when it is opened: per record only its atom count, subset and location are
+kept, so that batches can be packed without reading any coordinates; a record is read from disk
+when :meth:`Dataset.read` asks for it. Every record that is read is validated, and a bad one
+raises :class:`InvalidRecordError` naming the file and the record. With ``on_error="skip"`` the
+consumers (indexing, the batch iterator) skip such records and count them in a warning instead.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import threading
+import warnings
+from pathlib import Path
+from typing import Literal, Sequence
+
+import ase.formula
+import numpy as np
+
+from e2former_jax.structure import Structure, validate_structure
+
+OnError = Literal["raise", "skip"]
+ON_ERROR_CHOICES = ("raise", "skip")
+# How many skipped records a summary warning names before it only counts.
+_NAMED_IN_WARNING = 5
+
+
+class InvalidRecordError(ValueError):
+  """A record (or a whole group of records) that cannot be used, with where it is."""
+
+  def __init__(self, path: str | Path, record: str, reason: str):
+    super().__init__(f"{path}: {record}: {reason}")
+    self.path, self.record, self.reason = str(path), record, reason
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Record:
+  """One labelled structure.
+
+  Attributes:
+    structure: atoms, positions (angstrom), total charge and spin multiplicity; ``structure.key``
+      names the record.
+    energy: total energy in eV (no reference energies subtracted).
+    forces: [n, 3] forces in eV/angstrom.
+    subset: name of the subset it belongs to (per-subset evaluation).
+    molecule_key: identity of the molecule (all conformers of a molecule share it; splits use it).
+  """
+
+  structure: Structure
+  energy: float
+  forces: np.ndarray
+  subset: str
+  molecule_key: str
+
+
+def validate_record(record: Record, *, num_species: int | None = None) -> None:
+  """Raises ValueError if the structure or its labels are unusable (see ``validate_structure``)."""
+  validate_structure(record.structure, num_species=num_species)
+  n = record.structure.num_atoms
+  forces = np.asarray(record.forces)
+  if forces.shape != (n, 3):
+    raise ValueError(f"forces must have shape [{n}, 3], got {forces.shape}")
+  if not np.isfinite(record.energy):
+    raise ValueError(f"non-finite energy {record.energy}")
+  if not np.isfinite(forces).all():
+    i = int(np.argmax(~np.isfinite(forces).all(axis=1)))
+    raise ValueError(f"non-finite forces (NaN or inf) at atom {i}: {forces[i]}")
+
+
+def composition_key(symbols: Sequence[str], charge=None, spin=None) -> str:
+  """A molecule identity from composition: Hill formula, charge and spin, e.g. ``CH4O|q=0|s=1``.
+
+  Used where a format stores no molecule identity: all conformers (and isomers) of one composition
+  then count as one molecule, which keeps any conformer of a molecule out of the other splits.
+  """
+  formula = ase.formula.Formula.from_list(list(symbols)).format("hill")
+  return f"{formula}|q={0 if charge is None else int(charge)}|s={1 if spin is None else int(spin)}"
+
+
+def as_int(value, name: str) -> int:
+  """An integral number (int, float 1.0, numpy scalar, [1] array) as int; ValueError otherwise."""
+  number = float(np.asarray(value).reshape(()))
+  if number != round(number):
+    raise ValueError(f"{name} must be an integer, got {value}")
+  return int(round(number))
+
+
+def check_on_error(on_error: str) -> OnError:
+  if on_error not in ON_ERROR_CHOICES:
+    raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+  return on_error  # type: ignore[return-value]
+
+
+def warn_skipped(path: str | Path, what: str, errors: Sequence[InvalidRecordError]) -> None:
+  """One warning that counts skipped records and names the first few with their reasons."""
+  if not errors:
+    return
+  named = "; ".join(f"{e.record}: {e.reason}" for e in errors[:_NAMED_IN_WARNING])
+  more = f"; and {len(errors) - _NAMED_IN_WARNING} more" if len(errors) > _NAMED_IN_WARNING else ""
+  warnings.warn(f"{path}: skipped {len(errors)} {what} (on_error='skip'): {named}{more}",
+                stacklevel=3)
+
+
+class Dataset(abc.ABC):
+  """Lazy, indexed, read-only access to the labelled structures of one source.
+
+  Subclasses fill the index in their constructor (``num_atoms``, ``subset_ids``,
+  ``subset_names``) and implement :meth:`_read`, :meth:`record_name` and :meth:`molecule_keys`.
+  Reads are serialised by a lock, so a background prefetch thread and the main thread may share
+  a dataset.
+
+  Attributes:
+    path: the file or folder the dataset was opened from.
+    on_error: ``"raise"`` or ``"skip"`` (what consumers do with an invalid record).
+    num_atoms: [R] int64 atoms of every record.
+    subset_ids: [R] int32 index into ``subset_names`` of every record.
+    subset_names: the subset names (sorted).
+  """
+
+  def __init__(self, path: str | Path, on_error: OnError = "raise"):
+    self.path = Path(path)
+    self.on_error = check_on_error(on_error)
+    self.num_atoms = np.zeros(0, np.int64)
+    self.subset_ids = np.zeros(0, np.int32)
+    self.subset_names: list[str] = []
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self.num_atoms)
+
+  def __getitem__(self, index: int) -> Record:
+    return self.read(index)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    """Releases open file handles (the dataset cannot be read afterwards)."""
+
+  @abc.abstractmethod
+  def record_name(self, index: int) -> str:
+    """Human-readable location of record ``index`` (group and conformer, row id, frame)."""
+
+  @abc.abstractmethod
+  def molecule_keys(self) -> np.ndarray:
+    """[R] object array of str: the molecule identity of every record (cached after first call)."""
+
+  @abc.abstractmethod
+  def _read(self, index: int) -> Record:
+    """Reads record ``index`` from disk (unvalidated); raises on a corrupt or incomplete record."""
+
+  def read(self, index: int, *, num_species: int | None = None) -> Record:
+    """Reads and validates record ``index``.
+
+    Args:
+      index: record number in [0, len(self)).
+      num_species: the model's ``num_species`` (atomic numbers must be below it), if known.
+
+    Raises:
+      IndexError: for an index out of range.
+      InvalidRecordError: (a ValueError) naming the file and record, for a record that cannot be
+        read (corrupt file, missing key) or fails validation (unknown element, NaN/inf, atoms
+        closer than 0.1 A, wrong shapes).
+    """
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"{self.path}: record {index} out of range [0, {len(self)})")
+    try:
+      with self._lock:
+        record = self._read(index)
+      validate_record(record, num_species=num_species)
+    except InvalidRecordError:
+      raise
+    except (ValueError, KeyError, OSError, TypeError) as e:
+      raise InvalidRecordError(self.path, self.record_name(index), _reason(e)) from e
+    if record.structure.num_atoms != self.num_atoms[index]:
+      raise InvalidRecordError(self.path, self.record_name(index),
+                               f"has {record.structure.num_atoms} atoms but the index says "
+                               f"{self.num_atoms[index]}")
+    return record
+
+  def _set_subsets(self, subset_per_record: Sequence[str]) -> None:
+    """Fills ``subset_names`` (sorted) and ``subset_ids`` from one subset name per record."""
+    names, ids = np.unique(np.asarray(list(subset_per_record), dtype=object).astype(str),
+                           return_inverse=True)
+    self.subset_names = [str(name) for name in names]
+    self.subset_ids = ids.astype(np.int32).reshape(-1)
+
+
+def _reason(error: BaseException) -> str:
+  text = str(error)
+  if isinstance(error, KeyError):
+    return f"missing key {text}"
+  return text if text else type(error).__name__
