@@ -58,7 +58,7 @@ class Structure:
   @classmethod
   def from_ase(cls, atoms, *, charge: int | None = None, spin: int | None = None,
                key: str | None = None) -> "Structure":
-    """From an ``ase.Atoms``; charge/spin default to ``atoms.info["charge"]``/``["spin"]`` (else 0/1).
+    """From an ``ase.Atoms``; charge/spin default to ``info["charge"]``/``["spin"]``, else 0/1.
 
     A cell is kept only when it is non-zero; pbc only when some axis is periodic.
     """
@@ -138,7 +138,8 @@ def _validate_charge_spin(structure: Structure, name: str) -> None:
     raise ValueError(f"{name}spin multiplicity must be >= 1 (or 0 = unspecified), got {spin}")
   electrons = int(structure.numbers.sum()) - int(charge)
   if electrons < 0:
-    raise ValueError(f"{name}charge {charge} exceeds the nuclear charge {int(structure.numbers.sum())}")
+    raise ValueError(f"{name}charge {charge} exceeds the nuclear charge "
+                     f"{int(structure.numbers.sum())}")
   # 2S unpaired electrons: the multiplicity 2S + 1 must have the parity the electron count allows.
   if spin >= 1 and ((spin - 1) % 2 != electrons % 2 or spin - 1 > electrons):
     raise ValueError(f"{name}spin multiplicity {spin} is impossible with {electrons} electrons "
