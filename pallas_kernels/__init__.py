@@ -1,0 +1,33 @@
+"""Pallas (Triton) kernels for E2Former-V2's node-centric attention. Depends on jax and numpy only.
+
+Public ops (each with a pure-jnp ``*_reference`` of the same signature):
+
+* ``node_attention``: fused q.k logits, envelope-weighted softmax with a sink and value aggregation.
+* ``edge_dot``, ``gather_sum``, ``scatter_sum``: the neighbour gather-reduce primitives its
+  backward is built from; closed under differentiation, so reverse-mode derivatives of any order
+  stay in Pallas kernels with linear memory.
+"""
+
+from pallas_kernels.neighbor_ops import BlockSizes
+from pallas_kernels.neighbor_ops import edge_dot
+from pallas_kernels.neighbor_ops import edge_dot_reference
+from pallas_kernels.neighbor_ops import gather_sum
+from pallas_kernels.neighbor_ops import gather_sum_reference
+from pallas_kernels.neighbor_ops import scatter_sum
+from pallas_kernels.neighbor_ops import scatter_sum_reference
+from pallas_kernels.node_attention import attention_weights
+from pallas_kernels.node_attention import node_attention
+from pallas_kernels.node_attention import node_attention_reference
+
+__all__ = [
+    "BlockSizes",
+    "attention_weights",
+    "edge_dot",
+    "edge_dot_reference",
+    "gather_sum",
+    "gather_sum_reference",
+    "node_attention",
+    "node_attention_reference",
+    "scatter_sum",
+    "scatter_sum_reference",
+]

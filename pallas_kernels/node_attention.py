@@ -1,0 +1,277 @@
+"""Node-centric fused attention over a neighbour list (E2Former-V2 spec sections 6.3-6.5, 8).
+
+For target atoms n with neighbour slots k pointing at source nodes idx[n, k], per head h:
+
+  logits[n,k,h] = gate[n,k,h] * scale * sum_d q[n,d,h] k[idx[n,k],d,h]
+  e[n,k,h]      = exp(logits[n,k,h]) * envelope[n,k]          (0 on invalid slots)
+  alpha[n,k,h]  = e[n,k,h] / (sum_k e[n,k,h] + sink)
+  out[n,x,h]    = sum_k alpha[n,k,h] post_weight[n,k,h] values[idx[n,k],x,h]
+
+``sink`` is an attention sink of fixed strength relative to logit 0. For stability every
+implementation here subtracts m*[n,h] = max(0, max over valid slots of logits): alpha is exactly
+invariant to the shift (the sink term becomes sink * exp(-m*)), so m* can be treated as a constant
+(stop_gradient) without changing any derivative.
+
+The forward kernel is one pass per (target, head block): FlashAttention-style online softmax over
+blocks of slots, with the running maximum initialised at 0, so that a target with no valid slot
+gives exactly 0. It gathers key rows [D, H] and value rows [X, H] straight from the node arrays and
+never materialises per-edge tensors.
+
+The backward recomputes the [N, K, H] logits with ``edge_dot``, runs the softmax backward
+elementwise in jnp, and forms every input cotangent with the three gather primitives of
+``neighbor_ops`` (whose own derivatives are those primitives again), so the backward is itself
+differentiable (force training) and memory stays linear: the largest per-edge arrays are [N, K, H].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _tiles
+from pallas_kernels._neighbors import (
+    Neighbors,
+    check_neighbor_list,
+    decode_neighbors,
+    gather_sources,
+    prepare_neighbors,
+    upcast,
+    valid_slots,
+)
+from pallas_kernels.neighbor_ops import (
+    BlockSizes,
+    edge_dot_prepared,
+    gather_sum_prepared,
+    make_static,
+    scatter_sum_prepared,
+)
+
+BackwardImpl = Literal["pallas", "xla"]
+_BACKWARD_IMPLS = ("pallas", "xla")
+_HIGHEST = lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttentionStatic:
+  scale: float
+  sink: float
+  block_sizes: BlockSizes | None  # forward kernel tiling; None = default for the value rows
+  interpret: bool
+  backward_impl: BackwardImpl
+
+
+def attention_weights(dots, gate, post_weight, envelope, valid, *, scale: float, sink: float):
+  """alpha * post_weight from the raw q.k products (>= float32): all [N, K, H] but envelope [N, K].
+
+  Shared by the reference and by the kernel's backward (which differentiates it with jax.vjp).
+  Invalid slots give exactly 0 and receive exactly 0 cotangent.
+  """
+  valid_h = valid[..., None]  # [N, K, 1]
+  logits = jnp.where(valid_h, upcast(gate) * scale * dots, 0)  # [N, K, H]
+  shift = lax.stop_gradient(jnp.max(logits, axis=1, where=valid_h, initial=0.0))  # [N, H]
+  e = jnp.where(valid_h, jnp.exp(logits - shift[:, None]), 0)
+  e = e * upcast(envelope)[..., None]  # [N, K, H]
+  denom = jnp.sum(e, axis=1) + sink * jnp.exp(-shift)  # [N, H]
+  # Only sink == 0 with no valid slot gives 0 here; the numerator is then 0 as well.
+  denom = jnp.where(denom > 0, denom, 1.0)
+  return e / denom[:, None] * upcast(post_weight)  # [N, K, H]
+
+
+# ----------------------------------------------------------------------------------- forward
+
+
+def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, out_ref, *,
+                    scale: float, sink: float, block_sizes: BlockSizes, d_pad: int, x_pad: int):
+  """One program: block_n targets in turn, a block of heads; online softmax over slot blocks."""
+  num_targets, num_slots, num_heads = gate_ref.shape
+  block_h, block_k = block_sizes.block_h, block_sizes.block_k
+  heads, head_mask = _tiles.head_block(block_h, num_heads)
+
+  def target(n):
+    q = _tiles.load_row(q_ref, n, heads, head_mask, d_pad)  # [DP, BH]
+
+    def step(i, carry):
+      m, l, acc = carry  # [BH], [BH], [XP, BH]
+      k, _, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
+      keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
+      dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
+      gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+      logits = jnp.where(valid[:, None], gate * scale * dots, _tiles.NEG_INF)
+      m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [BH]
+      envelope = _tiles.load_vector(env_ref, n, k, valid)  # [BK]
+      p = jnp.exp(logits - m_new[None]) * envelope[:, None]  # [BK, BH]
+      rescale = jnp.exp(m - m_new)  # [BH]
+      weights = p * _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+      vals = _tiles.load_rows(v_ref, sources, valid, heads, head_mask, x_pad)  # [BK, XP, BH]
+      acc = acc * rescale[None] + jnp.sum(weights[:, None, :] * vals, axis=0)
+      return m_new, l * rescale + jnp.sum(p, axis=0), acc
+
+    init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),
+            jnp.zeros((x_pad, block_h), jnp.float32))
+    m, l, acc = lax.fori_loop(0, pl.cdiv(num_slots, block_k), step, init)
+    denom = l + sink * jnp.exp(-m)  # [BH]
+    denom = jnp.where(denom > 0, denom, 1.0)
+    _tiles.store_row(out_ref, n, heads, head_mask, acc / denom[None])
+
+  _tiles.for_each_row(block_sizes.block_n, num_targets, target)
+
+
+def _forward_block_sizes(static: _AttentionStatic, values: jax.Array, num_slots: int) -> BlockSizes:
+  if static.block_sizes is not None:
+    return static.block_sizes
+  return BlockSizes.get_default(values.shape[1], num_slots, values.shape[2])
+
+
+def _forward_call(static: _AttentionStatic, q, k, gate, post_weight, envelope, values,
+                  nbrs: Neighbors) -> jax.Array:
+  num_targets, head_dim, num_heads = q.shape
+  row_dim = values.shape[1]
+  block_sizes = _forward_block_sizes(static, values, gate.shape[1])
+  kernel = functools.partial(
+      _forward_kernel, scale=static.scale, sink=static.sink, block_sizes=block_sizes,
+      d_pad=pl.next_power_of_2(head_dim), x_pad=pl.next_power_of_2(row_dim))
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((num_targets, row_dim, num_heads), values.dtype),
+      grid=block_sizes.grid(num_targets, num_heads),
+      compiler_params=block_sizes.compiler_params(),
+      interpret=static.interpret,
+      name="node_attention_fwd",
+  )(nbrs.slots, q, k, gate, post_weight, envelope, values)
+
+
+# ---------------------------------------------------------------------------------- backward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _node_attention(static: _AttentionStatic, q, k, gate, post_weight, envelope, values,
+                    nbrs: Neighbors):
+  return _forward_call(static, q, k, gate, post_weight, envelope, values, nbrs)
+
+
+def _node_attention_fwd(static, q, k, gate, post_weight, envelope, values, nbrs):
+  # Through the custom_vjp so that outer derivatives (force training) of this output stay in kernels.
+  out = _node_attention(static, q, k, gate, post_weight, envelope, values, nbrs)
+  return out, (q, k, gate, post_weight, envelope, values, nbrs)
+
+
+def _node_attention_bwd(static: _AttentionStatic, residuals, g):
+  q, k, gate, post_weight, envelope, values, nbrs = residuals
+  if static.backward_impl == "xla":
+    nbr_idx, nbr_mask = decode_neighbors(nbrs)
+    reference = functools.partial(node_attention_reference, nbr_idx=nbr_idx, nbr_mask=nbr_mask,
+                                  scale=static.scale, sink=static.sink)
+    _, vjp = jax.vjp(reference, q, k, gate, post_weight, envelope, values)
+    return (*vjp(g), None)
+
+  num_slots, num_heads = gate.shape[1], gate.shape[2]
+  by_rows = functools.partial(make_static, block_sizes=None, interpret=static.interpret,
+                              num_slots=num_slots, num_heads=num_heads)
+  qk_f32 = by_rows(jnp.float32, row_dim=q.shape[1])
+  rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1])
+
+  dots = edge_dot_prepared(qk_f32, q, k, nbrs)  # [N, K, H]
+  valid = nbrs.slots >= 0
+  weights, weights_vjp = jax.vjp(
+      functools.partial(attention_weights, valid=valid, scale=static.scale, sink=static.sink),
+      dots, gate, post_weight, envelope)  # [N, K, H]
+  d_weights = edge_dot_prepared(rows_f32, g, values, nbrs)  # [N, K, H]
+  d_values = scatter_sum_prepared(rows_f32.with_dtype(values.dtype), weights, g, nbrs)
+  d_dots, d_gate, d_post_weight, d_envelope = weights_vjp(d_weights)
+  d_q = gather_sum_prepared(qk_f32.with_dtype(q.dtype), d_dots, k, nbrs)  # [N, D, H]
+  d_k = scatter_sum_prepared(qk_f32.with_dtype(k.dtype), d_dots, q, nbrs)  # [M, D, H]
+  return (d_q, d_k, d_gate.astype(gate.dtype), d_post_weight.astype(post_weight.dtype),
+          d_envelope.astype(envelope.dtype), d_values, None)
+
+
+_node_attention.defvjp(_node_attention_fwd, _node_attention_bwd)
+
+
+# -------------------------------------------------------------------------------- public API
+
+
+def _check_inputs(q, k, gate, post_weight, envelope, values, nbr_idx, nbr_mask, sink) -> None:
+  named = dict(q=q, k=k, gate=gate, post_weight=post_weight, envelope=envelope, values=values)
+  for name, x in named.items():
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a float array; got {name}.dtype={x.dtype}")
+  if q.ndim != 3 or k.ndim != 3 or values.ndim != 3:
+    raise ValueError(f"q, k, values must be 3-d; got {q.shape=}, {k.shape=}, {values.shape=}")
+  num_targets, head_dim, num_heads = q.shape
+  num_sources = k.shape[0]
+  check_neighbor_list(nbr_idx, nbr_mask, num_targets)
+  num_slots = nbr_idx.shape[1]
+  expected = {
+      "k": (num_sources, head_dim, num_heads),
+      "gate": (num_targets, num_slots, num_heads),
+      "post_weight": (num_targets, num_slots, num_heads),
+      "envelope": (num_targets, num_slots),
+  }
+  for name, shape in expected.items():
+    if named[name].shape != shape:
+      raise ValueError(f"{name} must be {shape} given {q.shape=}, {k.shape=}, {nbr_idx.shape=}; "
+                       f"got {named[name].shape}")
+  if values.shape[0] != num_sources or values.shape[2] != num_heads:
+    raise ValueError(f"values must be [M={num_sources}, X, H={num_heads}]; got {values.shape=}")
+  if sink < 0:
+    raise ValueError(f"sink must be non-negative; got {sink=}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scale", "sink", "block_sizes", "interpret", "backward_impl"))
+def node_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
+                   envelope: jax.Array, values: jax.Array, nbr_idx: jax.Array,
+                   nbr_mask: jax.Array, *, scale: float, sink: float = 1e-3,
+                   block_sizes: BlockSizes | None = None, interpret: bool = False,
+                   backward_impl: BackwardImpl = "pallas") -> jax.Array:
+  """Fused node-centric attention (see the module docstring for the formula).
+
+  Args:
+    q: [N, D, H] queries of the target atoms.
+    k: [M, D, H] keys of the source nodes.
+    gate: [N, K, H] per-edge multiplier of the logits.
+    post_weight: [N, K, H] per-edge multiplier applied after the softmax.
+    envelope: [N, K] smooth cutoff weight of each edge (multiplies exp(logits)).
+    values: [M, X, H] value rows of the source nodes.
+    nbr_idx: [N, K] int source of each slot (M, the sentinel, on empty slots).
+    nbr_mask: [N, K] bool, True on real edges.
+    scale: logit scale (1/sqrt(D) in the paper).
+    sink: strength of the attention sink (relative to logit 0); must be >= 0.
+    block_sizes: tiling of the forward kernel; None picks ``BlockSizes.get_default(X, K, H)``.
+      The backward's gather kernels use their defaults.
+    interpret: run all kernels in the Pallas interpreter (CPU testing).
+    backward_impl: "pallas" (gather kernels, differentiable to any order in reverse mode) or
+      "xla" (jax.vjp of ``node_attention_reference``).
+
+  Returns:
+    [N, X, H] in the dtype of ``values`` (float32 accumulation). Targets without a valid slot get 0.
+
+  Raises:
+    ValueError: on inconsistent shapes or dtypes, negative sink or unknown backward_impl.
+  """
+  _check_inputs(q, k, gate, post_weight, envelope, values, nbr_idx, nbr_mask, sink)
+  if backward_impl not in _BACKWARD_IMPLS:
+    raise ValueError(f"backward_impl must be one of {_BACKWARD_IMPLS}; got {backward_impl!r}")
+  nbrs = prepare_neighbors(nbr_idx, nbr_mask, k.shape[0])
+  static = _AttentionStatic(float(scale), float(sink), block_sizes, bool(interpret), backward_impl)
+  return _node_attention(static, q, k, gate, post_weight, envelope, values, nbrs)
+
+
+def node_attention_reference(q, k, gate, post_weight, envelope, values, nbr_idx, nbr_mask, *,
+                             scale, sink=1e-3, block_sizes=None, interpret=False,
+                             backward_impl="pallas"):
+  """Pure-jnp ``node_attention`` in (at least) float32; materialises the gathered [N, K, X, H] values."""
+  del block_sizes, interpret, backward_impl
+  valid = valid_slots(nbr_idx, nbr_mask, k.shape[0])
+  dots = jnp.einsum("ndh,nkdh->nkh", upcast(q), gather_sources(k, nbr_idx, valid),
+                    precision=_HIGHEST)  # [N, K, H]
+  weights = attention_weights(dots, gate, post_weight, envelope, valid, scale=scale, sink=sink)
+  out = jnp.einsum("nkh,nkxh->nxh", weights, gather_sources(values, nbr_idx, valid),
+                   precision=_HIGHEST)  # [N, X, H]
+  return out.astype(values.dtype)
