@@ -553,9 +553,13 @@ def _sample_molecule(task: _Task) -> _MoleculeSamples:
 
 
 def _init_worker() -> None:
-  """Pins the worker's numerical libraries to one thread before tblite is first imported."""
+  """Pins numerical libraries to one thread before tblite is first imported; silences RDKit."""
   for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[variable] = "1"
+  from rdkit import RDLogger
+
+  # ETKDG's UFF typer warns about S- and S-radical charge states it does not type; harmless noise.
+  RDLogger.DisableLog("rdApp.*")
 
 
 def _level_of_theory() -> str:
@@ -675,7 +679,8 @@ def _sample_all(molecules: Sequence[BuiltinMolecule], num_conformers: int, worke
       num_done += len(sample.energy)
       bar.set_postfix(conformers=num_done)
       bar.update()
-  return [r for r in results if r is not None]
+  assert all(r is not None for r in results)  # imap_unordered re-raises a worker's error
+  return results
 
 
 def build_builtin_dataset(out_dir: str | os.PathLike[str] | None = None, *,
