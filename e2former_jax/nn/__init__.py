@@ -1,0 +1,1 @@
+"""Flax modules of E2Former-V2, one topic per file."""

@@ -1,0 +1,116 @@
+"""E2Former-V2 attention with the first-order equivariant message (spec 6).
+
+Per target atom i and neighbour slot k (source j):
+  logit_ikh = gate_ikh (q_ih . k_jh) / sqrt(d)
+  alpha_ikh = envelope-weighted softmax with a sink (ops.sink_softmax)
+  a_ikh     = alpha_ikh * inputhead_ikh / |r_ij|
+  m_i       = sum_k a_ik T(v_j, r_ij)          T = channel-wise CG product l1 (x) 1 -> l3
+
+Node-centric evaluation (E2Former-V2): T is bilinear, so with absolute positions
+  sum_k a_ik T(v_j, r_i - r_j) = T(sum_k a_ik v_j, r_i) - sum_k a_ik T(v_j, r_j),
+and one gather-aggregate of the per-node stack [T(v_j, r_j); v_j] (R + S rows) gives both sums;
+edges carry only [N, K, H] scalars. The per-edge path forms T(v_j, r_ij) on every edge (the
+standard implementation; benchmark baseline and test oracle).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from e2former_jax import ops, so3
+from e2former_jax.config import E2FormerConfig, MessagePath
+from e2former_jax.graph import Graph
+from e2former_jax.nn.init import embedding_init, kaiming_uniform
+from e2former_jax.nn.linear import SO3Linear, SO3LinearToScalar
+from e2former_jax.nn.radial import RadialMLP
+
+
+@flax.struct.dataclass
+class EdgeGeometry:
+  """Geometry shared by all blocks (computed once per forward pass).
+
+  Attributes:
+    vectors: [N, K, 3] r_ij = x_i - x_j (target minus source), zero on empty slots.
+    rbf: [N, K, num_rbf] Gaussian basis of |r_ij|.
+    envelope: [N, K] phi(|r_ij|), zero on empty slots.
+    inv_dist: [N, K] 1 / |r_ij|, zero on empty slots.
+    positions: [N, 3] centred atom positions (the absolute positions of the node-centric identity).
+  """
+
+  vectors: jax.Array
+  rbf: jax.Array
+  envelope: jax.Array
+  inv_dist: jax.Array
+  positions: jax.Array
+
+
+class PathMix(nn.Module):
+  """out^{l3}[m] = 1/sqrt(n_l3) W_l3 concat_p M_p[m] over the n_l3 paths ending in degree l3 (spec 5.6)."""
+
+  channels: int
+  lmax: int
+
+  @nn.compact
+  def __call__(self, m: jax.Array) -> jax.Array:
+    """m: [N, R, C] tensor-product rows (l3-sequential layout) -> [N, S, C]."""
+    n = m.shape[0]
+    paths = so3.first_order_paths(self.lmax)
+    out = []
+    for l3 in range(self.lmax + 1):
+      starts = [p.start for p in paths if p.l3 == l3]
+      rows = jnp.stack([m[:, s:s + 2 * l3 + 1] for s in starts], axis=2)  # [N, 2l3+1, n_p, C]
+      rows = rows.reshape(n, 2 * l3 + 1, len(starts) * self.channels)
+      mixed = nn.Dense(self.channels, use_bias=False, kernel_init=kaiming_uniform,
+                       name=f"mix_l{l3}")(rows)
+      out.append(mixed / np.sqrt(len(starts)))
+    return jnp.concatenate(out, axis=1)
+
+
+class E2Attention(nn.Module):
+  """One attention sub-layer: [N, S, C] normalised features -> [N, S, C] update."""
+
+  config: E2FormerConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, graph: Graph, geometry: EdgeGeometry) -> jax.Array:
+    cfg = self.config
+    n, s, c = x.shape
+    h, d, _k_slots = cfg.num_heads, cfg.head_dim, graph.num_neighbors
+    qk_width = h * d
+    q = SO3LinearToScalar(qk_width, qk_width // 2, name="query")(x).reshape(n, h, d)  # [N, H, D]
+    k = SO3LinearToScalar(qk_width, qk_width // 2, name="key")(x).reshape(n, h, d)  # [N, H, D]
+
+    target_table = self.param("target_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
+    source_table = self.param("source_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
+    edge = RadialMLP(cfg.edge_hidden, 2 * h, name="edge_gates")(
+        geometry.rbf, target_table[graph.species], source_table[graph.species], graph.nbr_idx)
+    gate, inputhead = edge[..., :h], edge[..., h:]  # [N, K, H] each
+    post_weight = inputhead * geometry.inv_dist[..., None]  # [N, K, H]
+
+    v = SO3Linear(c, name="value")(x)  # [N, S, C]
+    if cfg.message_path is MessagePath.NODE_CENTRIC:
+      stack = jnp.concatenate([so3.tensor_product_vector(v, geometry.positions), v], axis=1)  # [N, R+S, C]
+      agg = ops.node_attention(q, k, gate, post_weight, geometry.envelope, stack, graph.nbr_idx,
+                               graph.nbr_mask, impl=cfg.attention_impl)  # [N, R+S, C]
+      num_tp_rows = agg.shape[1] - s
+      message = so3.tensor_product_vector(agg[:, num_tp_rows:], geometry.positions) - agg[:, :num_tp_rows]
+    else:
+      message = _per_edge_message(q, k, gate, post_weight, v, graph, geometry)
+    assert message.shape[:1] + message.shape[2:] == (n, c), message.shape
+    mixed = PathMix(c, cfg.lmax, name="path_mix")(message)  # [N, S, C]
+    return SO3Linear(c, name="proj")(mixed)
+
+
+def _per_edge_message(q, k, gate, post_weight, v, graph: Graph, geometry: EdgeGeometry) -> jax.Array:
+  """sum_k a_ik T(v_j, r_ij) with every per-edge tensor materialised: [N, R, C]."""
+  n, h, d = q.shape
+  c = v.shape[-1]
+  logits = gate * jnp.einsum("nhd,nkhd->nkh", q, graph.gather_sources(k)) * d**-0.5  # [N, K, H]
+  weights = ops.sink_softmax(logits, geometry.envelope, graph.nbr_mask) * post_weight  # [N, K, H]
+  edge_tp = so3.tensor_product_vector(graph.gather_sources(v), geometry.vectors)  # [N, K, R, C]
+  weights_c = jnp.tile(weights, (1, 1, c // h))  # [N, K, C], channel c uses head c % H
+  return jnp.einsum("nkc,nkrc->nrc", weights_c, edge_tp)

@@ -1,0 +1,79 @@
+"""Initial node features and the per-molecule charge/spin signal (spec 3.3, 3.5)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from e2former_jax.nn.init import embedding_init, kaiming_uniform
+from e2former_jax.so3.layout import row_degrees
+from e2former_jax.nn.radial import RadialMLP
+
+# Total charges -MAX_ABS_CHARGE..MAX_ABS_CHARGE and spin multiplicities 0..MAX_MULTIPLICITY have
+# their own embedding rows (authors' ranges; 0 = "unspecified" multiplicity). Values outside are
+# rejected at the public API (e2former_jax.structure) and clipped here.
+MAX_ABS_CHARGE = 10
+MAX_MULTIPLICITY = 20
+
+
+class MoleculeEmbedding(nn.Module):
+  """s_mol = SiLU(W [E_q(charge); E_s(multiplicity)] + b), added to the l = 0 row in every block."""
+
+  channels: int
+
+  @nn.compact
+  def __call__(self, charge: jax.Array, spin: jax.Array) -> jax.Array:
+    """charge, spin: [B] int -> [B, C]."""
+    charge_table = self.param("charge_table", embedding_init, (2 * MAX_ABS_CHARGE + 1, self.channels))
+    spin_table = self.param("spin_table", embedding_init, (MAX_MULTIPLICITY + 1, self.channels))
+    e_q = charge_table[jnp.clip(charge, -MAX_ABS_CHARGE, MAX_ABS_CHARGE) + MAX_ABS_CHARGE]
+    e_s = spin_table[jnp.clip(spin, 0, MAX_MULTIPLICITY)]
+    return nn.silu(nn.Dense(self.channels, kernel_init=kaiming_uniform, name="mix")(
+        jnp.concatenate([e_q, e_s], axis=-1)))
+
+
+class EdgeDegreeEmbedding(nn.Module):
+  """h0_i[(l,m), c] = 1/avg_degree * sum_k phi(d_ik) Y_lm(r_ik / |r_ik|) R_l(f_ik)[c].
+
+  f_ik = [rbf(d_ik); E_t(Z_i); E_s(Z_j)]; one radial MLP per degree l. Atom identity enters the
+  network only here and through the attention gates (the authors' token embedding is dead code).
+
+  Attributes:
+    channels: C.
+    lmax: maximum degree.
+    hidden: radial MLP hidden width.
+    num_species: rows of the type tables.
+    avg_degree: constant normaliser of the neighbour sum.
+  """
+
+  channels: int
+  lmax: int
+  hidden: int
+  num_species: int
+  avg_degree: float
+
+  @nn.compact
+  def __call__(self, species, rbf, envelope_weights, edge_sh, nbr_idx) -> jax.Array:
+    """
+    Args:
+      species: [N] atomic numbers.
+      rbf: [N, K, num_rbf].
+      envelope_weights: [N, K] phi(d), zero on empty slots.
+      edge_sh: [N, K, S] spherical harmonics of the unit edge vectors.
+      nbr_idx: [N, K].
+    Returns:
+      [N, S, C] initial node features.
+    """
+    num_rbf = rbf.shape[-1]
+    target_table = self.param("target_table", embedding_init, (self.num_species, num_rbf))
+    source_table = self.param("source_table", embedding_init, (self.num_species, num_rbf))
+    target_types, source_types = target_table[species], source_table[species]  # [N, num_rbf]
+    degrees = row_degrees(self.lmax)
+    blocks = []
+    for l in range(self.lmax + 1):
+      radial = RadialMLP(self.hidden, self.channels, name=f"radial_l{l}")(
+          rbf, target_types, source_types, nbr_idx)  # [N, K, C]
+      sh_l = edge_sh[..., degrees == l] * envelope_weights[..., None]  # [N, K, 2l+1]
+      blocks.append(jnp.einsum("nkm,nkc->nmc", sh_l, radial))
+    return jnp.concatenate(blocks, axis=-2) / self.avg_degree  # [N, S, C]

@@ -1,0 +1,67 @@
+"""SO(3)-equivariant linear maps on [N, S, C] features (spec 6.1, 7.2)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from e2former_jax.nn.init import fan_in_uniform, kaiming_uniform
+from e2former_jax.so3.layout import lmax_from_rows, row_degrees
+
+
+class SO3Linear(nn.Module):
+  """y[(l,m), o] = sum_i W[l, o, i] x[(l,m), i] (+ b[o] on the l = 0 row).
+
+  One weight matrix per degree, shared over m, is the most general equivariant linear map between
+  features with the same multiplicity per degree.
+
+  Attributes:
+    features: output channels.
+    use_bias: add a bias to the invariant row only (a bias on l > 0 rows would break equivariance).
+  """
+
+  features: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, S, C_in] -> [N, S, features]."""
+    num_rows, c_in = x.shape[-2:]
+    lmax = lmax_from_rows(num_rows)
+    w = self.param("weight", fan_in_uniform, (lmax + 1, self.features, c_in))
+    w_rows = w[row_degrees(lmax)].astype(x.dtype)  # [S, out, in]
+    y = jnp.einsum("...si,soi->...so", x, w_rows)
+    if self.use_bias:
+      b = self.param("bias", nn.initializers.zeros, (self.features,))
+      y = y.at[..., 0, :].add(b.astype(x.dtype))
+    return y
+
+
+class SO3LinearToScalar(nn.Module):
+  """Invariant readout of equivariant features: the attention query/key (spec 6.1).
+
+  u = SO3Linear(x) (bias), w = SO3Linear(x) (no bias), s_l[p] = sum_{m in l} u[(l,m),p] w[(l,m),p],
+  out = MLP([s_0; ...; s_lmax]) with Linear -> LayerNorm -> SiLU -> Linear.
+
+  Attributes:
+    features: output width (heads * head_dim).
+    hidden: width P of u, w and the MLP hidden layer (features // 2 in the paper).
+  """
+
+  features: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, S, C] -> [N, features]."""
+    lmax = lmax_from_rows(x.shape[-2])
+    u = SO3Linear(self.hidden, use_bias=True, name="left")(x)  # [N, S, P]
+    w = SO3Linear(self.hidden, use_bias=False, name="right")(x)  # [N, S, P]
+    segments = row_degrees(lmax)
+    products = u * w  # [N, S, P]
+    invariants = jnp.concatenate(
+        [products[..., segments == l, :].sum(axis=-2) for l in range(lmax + 1)], axis=-1)  # [N, (lmax+1) P]
+    h = nn.Dense(self.hidden, kernel_init=kaiming_uniform, name="mlp_in")(invariants)
+    h = nn.silu(nn.LayerNorm(name="mlp_norm")(h))
+    return nn.Dense(self.features, kernel_init=kaiming_uniform, name="mlp_out")(h)  # [N, features]

@@ -1,0 +1,101 @@
+"""The E2Former-V2 network: edge-degree embedding, transformer blocks, energy and force heads."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from e2former_jax import so3
+from e2former_jax.config import E2FormerConfig
+from e2former_jax.graph import Graph
+from e2former_jax.nn.attention import EdgeGeometry
+from e2former_jax.nn.block import TransformerBlock
+from e2former_jax.nn.embedding import EdgeDegreeEmbedding, MoleculeEmbedding
+from e2former_jax.nn.init import kaiming_uniform
+from e2former_jax.nn.norm import RMSNormSH
+from e2former_jax.nn.radial import envelope, gaussian_rbf
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """Attributes:
+    energy: [B] energy of each molecule slot (0 on padding), in the units of the training targets.
+    atom_energy: [N] per-atom contributions (0 on padding).
+    direct_forces: [N, 3] output of the direct force head, or None when the config has none.
+    features: [N, S, C] final normalised node features.
+  """
+
+  energy: jax.Array
+  atom_energy: jax.Array
+  direct_forces: jax.Array | None
+  features: jax.Array
+
+
+def centre_positions(graph: Graph, positions: jax.Array) -> jax.Array:
+  """Subtract each molecule's mean real-atom position: [N, 3] -> [N, 3].
+
+  The energy is translation invariant either way; centring keeps |r_i| small so that the node-centric
+  difference T(A_i, r_i) - B_i does not cancel large numbers (spec 14.5).
+  """
+  weights = graph.node_mask.astype(positions.dtype)
+  num = jax.ops.segment_sum(positions * weights[:, None], graph.molecule_index, graph.num_molecules)
+  count = jax.ops.segment_sum(weights, graph.molecule_index, graph.num_molecules)
+  mean = num / jnp.maximum(count, 1.0)[:, None]  # [B, 3]
+  return positions - mean[graph.molecule_index]
+
+
+def edge_geometry(config: E2FormerConfig, graph: Graph, positions: jax.Array) -> EdgeGeometry:
+  """Per-slot geometry shared by every block; NaN-free (value and gradient) on empty slots."""
+  centred = centre_positions(graph, positions)
+  vectors = graph.edge_vectors(centred)  # [N, K, 3]
+  dist = so3.safe_norm(vectors)  # [N, K]
+  mask = graph.nbr_mask
+  inv_dist = jnp.where(mask, 1.0 / jnp.where(mask, dist, 1.0), 0.0)
+  return EdgeGeometry(
+      vectors=vectors,
+      rbf=gaussian_rbf(dist, config.cutoff, config.num_rbf),
+      envelope=jnp.where(mask, envelope(dist, config.cutoff), 0.0),
+      inv_dist=inv_dist,
+      positions=centred,
+  )
+
+
+class E2Former(nn.Module):
+  """E2Former-V2 interatomic potential on a padded :class:`~e2former_jax.graph.Graph`."""
+
+  config: E2FormerConfig
+
+  @nn.compact
+  def __call__(self, graph: Graph) -> ModelOutput:
+    cfg = self.config
+    n, k = graph.nbr_idx.shape
+    geometry = edge_geometry(cfg, graph, graph.positions)
+    edge_sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, normalize=True)  # [N, K, S]
+    edge_sh = jnp.where(graph.nbr_mask[..., None], edge_sh, 0.0)
+
+    x = EdgeDegreeEmbedding(cfg.channels, cfg.lmax, cfg.edge_hidden, cfg.num_species, cfg.avg_degree,
+                            name="edge_degree")(graph.species, geometry.rbf, geometry.envelope,
+                                                edge_sh, graph.nbr_idx)  # [N, S, C]
+    assert x.shape == (n, cfg.num_rows, cfg.channels), x.shape
+    molecule_signal = MoleculeEmbedding(cfg.channels, name="molecule")(graph.charge, graph.spin)
+    atom_signal = molecule_signal[graph.molecule_index]  # [N, C]
+    for layer in range(cfg.num_layers):
+      x = TransformerBlock(cfg, name=f"block_{layer}")(x, atom_signal, graph, geometry)
+    x = RMSNormSH(name="final_norm")(x)
+
+    node_mask = graph.node_mask.astype(x.dtype)
+    h = x[:, 0, :]
+    for i in range(2):
+      h = nn.silu(nn.Dense(cfg.channels, kernel_init=kaiming_uniform, name=f"energy_hidden_{i}")(h))
+    atom_energy = nn.Dense(1, kernel_init=kaiming_uniform, name="energy_out")(h)[:, 0] * node_mask  # [N]
+    energy = jax.ops.segment_sum(atom_energy, graph.molecule_index, graph.num_molecules)  # [B]
+    energy = energy * graph.molecule_mask.astype(x.dtype)
+
+    direct_forces = None
+    if cfg.direct_force_head:
+      # Rows 1..3 are the l = 1 block in (x, y, z) order, so a channel mix is a Cartesian vector.
+      direct_forces = nn.Dense(1, use_bias=False, kernel_init=kaiming_uniform, name="force_head")(
+          x[:, 1:4, :])[..., 0] * node_mask[:, None]  # [N, 3]
+    return ModelOutput(energy=energy, atom_energy=atom_energy, direct_forces=direct_forces, features=x)

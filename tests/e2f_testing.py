@@ -1,0 +1,67 @@
+"""Test helpers importable from any test (pytest adds tests/ to sys.path): brute-force graphs, molecules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from e2former_jax.graph import Graph
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def brute_force_graph(molecules, *, cutoff, max_neighbors, num_nodes=None, num_molecules=None,
+                      dtype=np.float64) -> Graph:
+  """Padded Graph from [(numbers, positions, charge, spin), ...] with an O(n^2) neighbour search.
+
+  K nearest other atoms within the cutoff (inclusive), ties by index; sentinel N on empty slots.
+  """
+  sizes = [len(m[0]) for m in molecules]
+  n_real = sum(sizes)
+  n = num_nodes or n_real
+  b = num_molecules or len(molecules)
+  positions = np.zeros((n, 3), dtype)
+  species = np.zeros(n, np.int32)
+  node_mask = np.zeros(n, bool)
+  molecule_index = np.full(n, b - 1, np.int32)
+  nbr_idx = np.full((n, max_neighbors), n, np.int32)
+  nbr_mask = np.zeros((n, max_neighbors), bool)
+  charge = np.zeros(b, np.int32)
+  spin = np.zeros(b, np.int32)
+  molecule_mask = np.zeros(b, bool)
+  start = 0
+  for mol, (numbers, pos, q, s) in enumerate(molecules):
+    size = len(numbers)
+    sl = slice(start, start + size)
+    positions[sl] = pos
+    species[sl] = numbers
+    node_mask[sl] = True
+    molecule_index[sl] = mol
+    charge[mol], spin[mol], molecule_mask[mol] = q, s, True
+    dist = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+    np.fill_diagonal(dist, np.inf)
+    for i in range(size):
+      order = np.lexsort((np.arange(size), dist[i]))
+      chosen = [j for j in order if dist[i, j] <= cutoff][:max_neighbors]
+      nbr_idx[start + i, :len(chosen)] = np.asarray(chosen, np.int32) + start
+      nbr_mask[start + i, :len(chosen)] = True
+    start += size
+  return Graph(positions=jnp.asarray(positions), species=jnp.asarray(species),
+               node_mask=jnp.asarray(node_mask), molecule_index=jnp.asarray(molecule_index),
+               nbr_idx=jnp.asarray(nbr_idx), nbr_mask=jnp.asarray(nbr_mask),
+               nbr_shift=jnp.zeros((n, max_neighbors, 3), dtype), charge=jnp.asarray(charge),
+               spin=jnp.asarray(spin), molecule_mask=jnp.asarray(molecule_mask))
+
+
+def random_molecule(rng: np.random.Generator, num_atoms: int, *, min_dist: float = 0.9,
+                    density: float = 0.08, elements=(1, 6, 7, 8)):
+  """Random atoms in a ball at roughly molecular density, no pair closer than min_dist."""
+  radius = (3 * num_atoms / (4 * np.pi * density)) ** (1 / 3)
+  pos = []
+  while len(pos) < num_atoms:
+    p = rng.uniform(-radius, radius, 3)
+    if np.linalg.norm(p) <= radius and all(np.linalg.norm(p - q) >= min_dist for q in pos):
+      pos.append(p)
+  return rng.choice(elements, num_atoms).astype(np.int32), np.asarray(pos)
