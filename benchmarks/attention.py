@@ -1,0 +1,592 @@
+"""GPU validation, tuning and benchmark of pallas_kernels.node_attention at the paper configuration.
+
+Paper configuration (spec sections 6, 8): H = 128 heads, head dim D = 8, value rows X = 29 x C/H = 58
+(C = 256), K = 32 neighbour slots. Atoms fill a random box at 0.1 atoms/A^3, sorted along a Morton
+curve (as molecules keep their atoms together), with the K nearest neighbours inside 4.5 A.
+
+Phases (``--phases``, comma separated, run in the given order while the time budget lasts):
+
+* ``validate``: the compiled kernels against the float32 jnp reference at the paper sizes (forward,
+  backward, double backward; float32 and bf16 error budget), bitwise determinism of the backward.
+* ``tune_fwd``: a sweep of forward-kernel tilings at the largest size (the fastest is used by
+  ``bench`` unless ``--blocks`` is given).
+* ``bench``: forward and forward+backward time (median), bytes moved against the HBM roofline,
+  and peak GPU memory, for the kernel, (a) the jnp reference under XLA, (b) the per-edge model path
+  that materialises the per-edge messages [T(v_j, r_ij); v_j], and the node-centric pipeline that
+  replaces (b) with node-level tensor products around the kernel. Every (size, implementation)
+  runs in a fresh subprocess so that peak memory is per configuration; out-of-memory is recorded.
+* ``pytest``: the compiled (GPU) variants of tests/pallas_kernels/test_node_attention.py.
+* ``tune_bwd``: a sweep of the backward primitives' tilings at the largest size.
+
+Writes JSON to ``--out`` and appends one line to ``--results-md``.
+
+Usage: python benchmarks/attention.py [--phases ...] [--sizes 1000,10000,100000] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import pallas_kernels as pk  # noqa: E402
+
+NUM_HEADS = 128
+HEAD_DIM = 8
+CHANNELS = 256
+NUM_ROWS = 29  # 20 tensor-product rows + 9 rows of v (lmax = 2)
+ROW_DIM = NUM_ROWS * CHANNELS // NUM_HEADS  # 58
+NUM_SLOTS = 32
+DENSITY = 0.1  # atoms per cubic angstrom (condensed organic matter)
+CUTOFF = 4.5  # angstrom
+SCALE = HEAD_DIM ** -0.5
+SINK = 1e-3
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
+FP32_FLOPS_PER_S = 67e12  # H100 SXM datasheet, non-tensor FP32
+IMPLS = ("pallas", "reference", "per_edge", "pipeline")
+# Set by --interpret: runs the kernels in the Pallas interpreter, to dry-run this script on a CPU.
+INTERPRET = False
+NUM_INPUTS = 6
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def _morton_order(positions: np.ndarray, cell: float) -> np.ndarray:
+  """Atom order along a Morton (Z) curve of cells of side ``cell``."""
+  cells = np.floor((positions - positions.min(0)) / cell).astype(np.int64)
+  code = np.zeros(len(positions), np.int64)
+  for bit in range(16):
+    for axis in range(3):
+      code |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
+  return np.argsort(code, kind="stable")
+
+
+def make_system(num_atoms: int, seed: int = 0):
+  """Positions [N, 3] (Morton sorted) and the K-nearest neighbour list within the cutoff."""
+  from scipy.spatial import cKDTree  # benchmark-only dependency, present on both machines
+
+  rng = np.random.default_rng(seed)
+  side = (num_atoms / DENSITY) ** (1 / 3)
+  positions = rng.uniform(0, side, (num_atoms, 3))
+  positions = positions[_morton_order(positions, CUTOFF)]
+  dist, idx = cKDTree(positions).query(positions, k=NUM_SLOTS + 1, distance_upper_bound=CUTOFF)
+  dist, idx = dist[:, 1:], idx[:, 1:]  # drop self
+  mask = idx < num_atoms  # cKDTree marks missing neighbours with index N: our sentinel
+  return positions.astype(np.float32), idx.astype(np.int32), mask, np.where(mask, dist, CUTOFF)
+
+
+def make_inputs(num_atoms: int, dtype, *, op: bool = True, model: bool = False, seed: int = 0):
+  """Arrays on device: the op's (random value rows) and/or the model's (v and positions)."""
+  positions, idx, mask, dist = make_system(num_atoms, seed)
+  rng = np.random.default_rng(seed + 1)
+  n = num_atoms
+
+  def normal(*shape, scale=1.0):
+    return jnp.asarray((scale * rng.normal(size=shape)).astype(np.float32)).astype(dtype)
+
+  envelope = np.where(mask, 0.5 * (np.cos(np.pi * dist / CUTOFF) + 1), 0).astype(np.float32)
+  inputs = dict(
+      q=normal(n, HEAD_DIM, NUM_HEADS), k=normal(n, HEAD_DIM, NUM_HEADS),
+      gate=normal(n, NUM_SLOTS, NUM_HEADS), post_weight=normal(n, NUM_SLOTS, NUM_HEADS, scale=0.3),
+      envelope=jnp.asarray(envelope).astype(dtype),
+      nbr_idx=jnp.asarray(idx), nbr_mask=jnp.asarray(mask),
+  )
+  if op:
+    inputs["values"] = normal(n, ROW_DIM, NUM_HEADS)
+  if model:
+    inputs["v9"] = normal(n, 9, CHANNELS)
+    # Centred coordinates: T(v_j, x_j) grows with |x|, and the pipeline's difference of two such
+    # terms loses precision far from the origin.
+    inputs["positions"] = jnp.asarray(positions - positions.mean(0)).astype(dtype)
+  return inputs
+
+
+def _to_heads(rows: jax.Array) -> jax.Array:
+  """[..., R, C] -> [..., R * C/H, H]: channel c = g*H + h goes to head h (spec section 6.5)."""
+  *lead, r, c = rows.shape
+  return rows.reshape(*lead, r * (c // NUM_HEADS), NUM_HEADS)
+
+
+def node_values(v9: jax.Array, positions: jax.Array) -> jax.Array:
+  """S_j = [T(v_j, x_j); v_j] in head-last layout: [M, 9, C] -> [M, 58, 128]."""
+  from e2former_jax.so3 import tensor_product_vector
+
+  return _to_heads(jnp.concatenate([tensor_product_vector(v9, positions), v9], axis=-2))
+
+
+# ---------------------------------------------------------------------------- implementations
+
+
+def op_args(inputs):
+  return tuple(inputs[name] for name in ("q", "k", "gate", "post_weight", "envelope", "values"))
+
+
+def make_op(impl: str, block_sizes: pk.BlockSizes | None):
+  """The attention op alone: (q, k, gate, post_weight, envelope, values, idx, mask) -> [N, X, H]."""
+  if impl == "pallas":
+    return lambda *a: pk.node_attention(*a, scale=SCALE, sink=SINK, block_sizes=block_sizes,
+                                         interpret=INTERPRET)
+  return lambda *a: pk.node_attention_reference(*a, scale=SCALE, sink=SINK)
+
+
+def per_edge_model(q, k, gate, post_weight, envelope, v9, positions, nbr_idx, nbr_mask):
+  """The standard per-edge path: messages [T(v_j, x_i - x_j); v_j] per edge, weighted and summed.
+
+  Returns [N, 29, C]: rows 0..19 are sum_k a T(v_j, r_ij), rows 20..28 sum_k a v_j.
+  """
+  from e2former_jax.so3 import tensor_product_vector
+
+  num_sources = positions.shape[0]
+  valid = nbr_mask & (nbr_idx < num_sources)
+  safe = jnp.where(valid, nbr_idx, num_sources)
+  take = lambda x: jnp.take(x, safe, axis=0, mode="fill", fill_value=0)  # noqa: E731
+  dots = jnp.einsum("ndh,nkdh->nkh", q, take(k), precision=jax.lax.Precision.HIGHEST)
+  weights = pk.attention_weights(dots, gate, post_weight, envelope, valid, scale=SCALE, sink=SINK)
+  v_edge = take(v9)  # [N, K, 9, C]
+  r_edge = positions[:, None, :] - take(positions)  # [N, K, 3]
+  messages = jnp.concatenate([tensor_product_vector(v_edge, r_edge), v_edge], axis=-2)
+  messages = _to_heads(messages)  # [N, K, 58, H]
+  out = jnp.einsum("nkh,nkxh->nxh", weights.astype(messages.dtype), messages,
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(out.shape[0], NUM_ROWS, CHANNELS).astype(v9.dtype)
+
+
+def node_pipeline(q, k, gate, post_weight, envelope, v9, positions, nbr_idx, nbr_mask, *,
+                  block_sizes=None):
+  """Same result as per_edge_model with node-level tensor products around the fused kernel.
+
+  T is linear in the vector, so sum_k a T(v_j, x_i - x_j) = T(sum_k a v_j, x_i) - sum_k a T(v_j, x_j).
+  """
+  from e2former_jax.so3 import tensor_product_vector
+
+  values = node_values(v9, positions)  # [M, 58, H]
+  agg = pk.node_attention(q, k, gate, post_weight, envelope, values, nbr_idx, nbr_mask,
+                          scale=SCALE, sink=SINK, block_sizes=block_sizes, interpret=INTERPRET)
+  agg = agg.reshape(agg.shape[0], NUM_ROWS, CHANNELS)
+  tp_rows, v_rows = agg[:, :20], agg[:, 20:]
+  return jnp.concatenate([tensor_product_vector(v_rows, positions) - tp_rows, v_rows], axis=1)
+
+
+def model_args(inputs):
+  return tuple(inputs[name] for name in
+               ("q", "k", "gate", "post_weight", "envelope", "v9", "positions"))
+
+
+def make_fn(impl: str, block_sizes, with_grad: bool):
+  """Jitted (args, nbr_idx, nbr_mask) -> output or gradients w.r.t. all float inputs."""
+  if impl in ("pallas", "reference"):
+    fn = make_op(impl, block_sizes)
+  elif impl == "per_edge":
+    fn = per_edge_model
+  else:
+    fn = lambda *a: node_pipeline(*a, block_sizes=block_sizes)  # noqa: E731
+  if not with_grad:
+    return jax.jit(fn)
+
+  def grads(*args):
+    *xs, idx, mask = args
+    loss = lambda *ys: jnp.sum(fn(*ys, idx, mask).astype(jnp.float32) ** 2)  # noqa: E731
+    return jax.grad(loss, argnums=range(len(xs)))(*xs)
+
+  return jax.jit(grads)
+
+
+def args_for(impl: str, inputs):
+  base = op_args(inputs) if impl in ("pallas", "reference") else model_args(inputs)
+  return (*base, inputs["nbr_idx"], inputs["nbr_mask"])
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+def time_fn(fn, args, samples: int = 9, min_sample_s: float = 0.01) -> float:
+  """Median seconds per call (after compile and warm-up), batching calls into >= min_sample_s."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  single = time.perf_counter() - start
+  inner = max(1, int(min_sample_s / max(single, 1e-6)))
+  times = []
+  for _ in range(samples):
+    start = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / inner)
+  return statistics.median(times)
+
+
+def traffic(num_atoms: int, itemsize: int) -> dict:
+  """Floor bytes (each input read once, each output written once), FLOPs and gathered bytes."""
+  n = m = num_atoms
+  edges = n * NUM_SLOTS
+  h, d, x = NUM_HEADS, HEAD_DIM, ROW_DIM
+  inputs = (n * d * h + m * d * h + m * x * h + 2 * edges * h + edges) * itemsize + edges * 5
+  out = n * x * h * itemsize
+  grads = (n * d * h + m * d * h + m * x * h + 2 * edges * h + edges) * itemsize
+  return dict(
+      fwd_bytes=inputs + out,
+      fwd_bwd_bytes=inputs + out + inputs + out + grads,  # forward, then backward reads all again
+      fwd_flops=edges * (2 * d * h + 2 * x * h + 10 * h),
+      fwd_bwd_flops=edges * (8 * d * h + 6 * x * h + 30 * h),
+      fwd_gathered_bytes=edges * (d + x) * h * itemsize,
+      fwd_bwd_gathered_bytes=edges * (4 * d + 3 * x) * h * itemsize,
+  )
+
+
+def rel_err(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def max_err(a, b) -> float:
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# -------------------------------------------------------------------------------- phases
+
+
+def validate(report: dict, num_atoms: int) -> None:
+  """Compiled kernels vs the float32 reference at paper sizes; bf16 budget; determinism."""
+  inputs = make_inputs(num_atoms, jnp.float32, model=True)
+  args = (*op_args(inputs), inputs["nbr_idx"], inputs["nbr_mask"])
+  kernel, reference = make_op("pallas", None), make_op("reference", None)
+  cotangent = jax.random.normal(jax.random.key(1), (num_atoms, ROW_DIM, NUM_HEADS))
+  directions = [jax.random.normal(jax.random.key(2 + i), x.shape) for i, x in
+                enumerate(args[:NUM_INPUTS])]
+
+  def grads(fn):
+    def first(*xs):
+      return jax.grad(lambda *ys: jnp.sum(cotangent * fn(*ys, *args[NUM_INPUTS:]) ** 2),
+                      argnums=range(NUM_INPUTS))(*xs)
+    return first
+
+  def second(fn):
+    def contracted(*xs):
+      return sum(jnp.sum(r * g) for r, g in zip(directions, grads(fn)(*xs)))
+    return jax.grad(contracted, argnums=range(NUM_INPUTS))
+
+  names = ("q", "k", "gate", "post_weight", "envelope", "values")
+  out = {"num_atoms": num_atoms, "edges": int(np.sum(np.asarray(inputs["nbr_mask"])))}
+  out["fwd_rel_err"] = rel_err(jax.jit(kernel)(*args), jax.jit(reference)(*args))
+  g_kernel = jax.jit(grads(kernel))(*args[:NUM_INPUTS])
+  g_ref = jax.jit(grads(reference))(*args[:NUM_INPUTS])
+  out["bwd_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(names, g_kernel, g_ref)}
+  h_kernel = jax.jit(second(kernel))(*args[:NUM_INPUTS])
+  h_ref = jax.jit(second(reference))(*args[:NUM_INPUTS])
+  out["double_bwd_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(names, h_kernel, h_ref)}
+  g_again = jax.jit(grads(kernel))(*args[:NUM_INPUTS])
+  out["bwd_bitwise_deterministic"] = all(
+      bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in zip(g_kernel, g_again))
+
+  # bf16 inputs, float32 accumulation: error vs float32 truth against the bf16 reference's.
+  low = tuple(x.astype(jnp.bfloat16) for x in args[:NUM_INPUTS])
+  truth_args = tuple(x.astype(jnp.float32) for x in low)
+  nbr = args[NUM_INPUTS:]
+  truth = jax.jit(reference)(*truth_args, *nbr)
+  budget = {"fwd": (max_err(jax.jit(kernel)(*low, *nbr).astype(jnp.float32), truth),
+                    max_err(jax.jit(reference)(*low, *nbr).astype(jnp.float32), truth))}
+  g_truth = jax.jit(grads(reference))(*truth_args)
+  g_low_kernel = jax.jit(grads(kernel))(*low)
+  g_low_ref = jax.jit(grads(reference))(*low)
+  for n, gk, gr, gt in zip(names, g_low_kernel, g_low_ref, g_truth):
+    budget["bwd_" + n] = (max_err(gk.astype(jnp.float32), gt), max_err(gr.astype(jnp.float32), gt))
+  out["bf16_max_err_kernel_vs_reference"] = budget
+  out["bf16_within_budget"] = all(k <= 2 * r + 1e-5 for k, r in budget.values())
+
+  # The node-centric pipeline equals the per-edge model (linearity of T in the vector).
+  margs = (*model_args(inputs), *nbr)
+  out["pipeline_vs_per_edge_rel_err"] = rel_err(jax.jit(node_pipeline)(*margs),
+                                                jax.jit(per_edge_model)(*margs))
+  report["validation"] = out
+  print(json.dumps(out, indent=1), flush=True)
+
+
+def run_pytest(report: dict, timeout_s: int) -> None:
+  try:
+    import pytest  # noqa: F401
+  except ImportError:
+    report["pytest"] = "pytest not installed"
+    return
+  # The compiled (GPU) variants of the node_attention tests: ragged sizes, duplicates, empty rows,
+  # second order and bf16 through every kernel, forward and backward.
+  cmd = [sys.executable, "-m", "pytest", "tests/pallas_kernels/test_node_attention.py", "-q",
+         "-k", "TestNodeAttention and not Interpret", "-p", "no:cacheprovider"]
+  try:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    report["pytest"] = {"returncode": proc.returncode, "tail": tail}
+  except subprocess.TimeoutExpired:
+    report["pytest"] = f"timed out after {timeout_s} s"
+  print("pytest:", json.dumps(report["pytest"], indent=1), flush=True)
+
+
+FORWARD_CANDIDATES = [
+    # (block_h, block_k, block_n, num_warps, num_stages)
+    (32, 4, 1, 4, 2), (32, 4, 4, 4, 2), (32, 4, 16, 4, 2), (32, 2, 8, 4, 2), (32, 8, 8, 8, 2),
+    (16, 8, 8, 4, 2), (16, 4, 16, 2, 2), (64, 2, 8, 4, 2), (64, 4, 8, 8, 2), (128, 1, 8, 4, 2),
+    (128, 2, 4, 8, 2), (32, 4, 8, 4, 3), (32, 4, 8, 4, 1),
+]
+# One (size, implementation) subprocess may not take longer than this.
+_WORKER_TIMEOUT_S = 90
+PRIMITIVE_CANDIDATES = [
+    (32, 4, 1, 4, 2), (32, 4, 8, 4, 2), (16, 8, 8, 4, 2), (64, 2, 8, 4, 2), (128, 1, 8, 4, 2),
+]
+
+
+def _blocks(t) -> pk.BlockSizes:
+  return pk.BlockSizes(block_h=t[0], block_k=t[1], block_n=t[2], num_warps=t[3], num_stages=t[4])
+
+
+def tune_forward(report: dict, num_atoms: int, deadline: float) -> tuple | None:
+  """Times forward tilings at one size; returns the fastest."""
+  inputs = make_inputs(num_atoms, jnp.float32)
+  args = args_for("pallas", inputs)
+  timed = []
+  for cand in FORWARD_CANDIDATES:
+    if time.time() > deadline:
+      break
+    try:
+      seconds = time_fn(make_fn("pallas", _blocks(cand), False), args, samples=5)
+      timed.append((seconds, cand))
+      entry = {"blocks": cand, "ms": seconds * 1e3}
+    except Exception as e:  # a tiling Triton rejects (e.g. too many registers) is data, not a crash
+      entry = {"blocks": cand, "error": repr(e)[:300]}
+    report.setdefault("tune_forward", []).append(entry)
+    print("tune fwd", json.dumps(entry), flush=True)
+  return min(timed)[1] if timed else None
+
+
+def tune_backward(report: dict, num_atoms: int, deadline: float) -> None:
+  """Times tilings of the backward's primitives on value rows (X = 58) and key rows (D = 8)."""
+  inputs = make_inputs(num_atoms, jnp.float32)
+  w = inputs["gate"]
+  nbr = (inputs["nbr_idx"], inputs["nbr_mask"])
+  for row_name, rows in (("values", inputs["values"]), ("keys", inputs["k"])):
+    ops = {  # M = N, so target rows and source rows have the same shape
+        "edge_dot": lambda bs, r=rows: pk.edge_dot(r, r, *nbr, block_sizes=bs,
+                                                   interpret=INTERPRET),
+        "gather_sum": lambda bs, r=rows: pk.gather_sum(w, r, *nbr, block_sizes=bs,
+                                                       interpret=INTERPRET),
+        "scatter_sum": lambda bs, r=rows: pk.scatter_sum(w, r, *nbr, num_sources=num_atoms,
+                                                         block_sizes=bs, interpret=INTERPRET),
+    }
+    for op_name, op in ops.items():
+      for cand in PRIMITIVE_CANDIDATES:
+        if time.time() > deadline:
+          return
+        entry = {"op": op_name, "rows": row_name, "blocks": cand}
+        try:
+          entry["ms"] = time_fn(lambda op=op, cand=cand: op(_blocks(cand)), (), samples=5) * 1e3
+        except Exception as e:
+          entry["error"] = repr(e)[:300]
+        report.setdefault("tune_backward", []).append(entry)
+        print("tune bwd", json.dumps(entry), flush=True)
+
+
+def _memory(device, key: str) -> int | None:
+  stats = device.memory_stats()  # None on CPU
+  return int(stats[key]) if stats else None
+
+
+def bench_worker(num_atoms: int, impl: str, blocks: tuple | None, dtype_name: str) -> dict:
+  """One (size, implementation) in this process: forward, then forward+backward, with peak memory."""
+  dtype = jnp.dtype(dtype_name)
+  device = jax.devices()[0]
+  is_op = impl in ("pallas", "reference")
+  inputs = make_inputs(num_atoms, dtype, op=is_op, model=not is_op)
+  args = args_for(impl, inputs)
+  jax.block_until_ready(args)
+  result = {"num_atoms": num_atoms, "impl": impl, "dtype": dtype_name,
+            "input_bytes": _memory(device, "bytes_in_use")}
+  block_sizes = _blocks(blocks) if blocks else None
+  for name, with_grad in (("fwd", False), ("fwd_bwd", True)):
+    try:
+      result[name + "_ms"] = time_fn(make_fn(impl, block_sizes, with_grad), args) * 1e3
+      result[name + "_peak_bytes"] = _memory(device, "peak_bytes_in_use")
+    except Exception as e:
+      message = repr(e)
+      result[name + "_ms"] = "OOM" if "RESOURCE_EXHAUSTED" in message or "memory" in message.lower() \
+          else "error: " + message[:300]
+      break
+  return result
+
+
+def bench(report: dict, sizes: list[int], blocks: tuple | None, dtype_name: str,
+          deadline: float) -> None:
+  rows = []
+  for num_atoms in sizes:
+    for impl in IMPLS:
+      if time.time() > deadline:
+        rows.append({"num_atoms": num_atoms, "impl": impl, "skipped": "time budget"})
+        continue
+      cmd = [sys.executable, __file__, "--worker", f"{num_atoms},{impl},{dtype_name}"]
+      if INTERPRET:
+        cmd.append("--interpret")
+      if blocks:
+        cmd += ["--blocks", ",".join(map(str, blocks))]
+      env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
+      try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=max(10, min(_WORKER_TIMEOUT_S, deadline - time.time())))
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        row = json.loads(lines[-1][7:]) if lines else {
+            "num_atoms": num_atoms, "impl": impl, "error": (proc.stdout + proc.stderr)[-800:]}
+      except subprocess.TimeoutExpired:
+        row = {"num_atoms": num_atoms, "impl": impl, "error": "timeout"}
+      rows.append(row)
+      print("bench", json.dumps(row), flush=True)
+  report.setdefault("bench", {})[dtype_name] = rows
+
+
+def summarize(report: dict) -> str:
+  """Table of the benchmark, with roofline fractions and speed-ups."""
+  lines = []
+  for dtype_name, rows in report.get("bench", {}).items():
+    itemsize = jnp.dtype(dtype_name).itemsize
+    by_key = {(r["num_atoms"], r["impl"]): r for r in rows}
+    lines.append(f"[{dtype_name}] N | impl | fwd ms | fwd+bwd ms | fwd HBM% | fwd+bwd HBM% | "
+                 "peak GB (fwd, fwd+bwd)")
+    for (n, impl), r in sorted(by_key.items()):
+      t = traffic(n, itemsize)
+      f, fb = r.get("fwd_ms"), r.get("fwd_bwd_ms")
+      frac = lambda ms, b: f"{b / (ms * 1e-3) / HBM_BYTES_PER_S * 100:.1f}" \
+          if isinstance(ms, float) and impl in ("pallas", "reference") else "-"  # noqa: E731
+      peak = [r.get(k) for k in ("fwd_peak_bytes", "fwd_bwd_peak_bytes")]
+      peak_s = ", ".join(f"{p / 1e9:.2f}" if isinstance(p, int) else "-" for p in peak)
+      fmt = lambda ms: f"{ms:.3f}" if isinstance(ms, float) else str(ms)  # noqa: E731
+      lines.append(f"  {n} | {impl} | {fmt(f)} | {fmt(fb)} | {frac(f, t['fwd_bytes'])} | "
+                   f"{frac(fb, t['fwd_bwd_bytes'])} | {peak_s}")
+    for n in sorted({k[0] for k in by_key}):
+      ours = by_key.get((n, "pallas"), {})
+      pipe = by_key.get((n, "pipeline"), {})
+      for base, mine in (("reference", ours), ("per_edge", pipe), ("per_edge", ours)):
+        other = by_key.get((n, base), {})
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+          a, b = other.get(key), mine.get(key)
+          if isinstance(a, float) and isinstance(b, float):
+            label = f"{base}/{'pallas' if mine is ours else 'pipeline'}"
+            report.setdefault("speedups", {}).setdefault(dtype_name, {}).setdefault(
+                str(n), {})[f"{label} {key}"] = a / b
+            lines.append(f"  N={n} speed-up {label} {key}: {a / b:.1f}x")
+  return "\n".join(lines)
+
+
+def results_line(report: dict) -> str:
+  """One Markdown line for benchmarks/RESULTS.md with the key numbers."""
+  rows = report.get("bench", {}).get("float32", [])
+  by_key = {(r["num_atoms"], r["impl"]): r for r in rows}
+  largest = max((n for n, impl in by_key if impl == "pallas"), default=None)
+  parts = [f"{report['date']}", report["device"], f"commit {report['commit']}",
+           "attention (pallas_kernels.node_attention, H128 D8 X58 K32, f32)"]
+  if largest is not None:
+    r = by_key[(largest, "pallas")]
+    t = traffic(largest, 4)
+    if isinstance(r.get("fwd_ms"), float):
+      parts.append(f"N={largest}: fwd {r['fwd_ms']:.2f} ms "
+                   f"({t['fwd_bytes'] / (r['fwd_ms'] * 1e-3) / HBM_BYTES_PER_S * 100:.0f}% HBM)")
+    if isinstance(r.get("fwd_bwd_ms"), float):
+      parts.append(f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms")
+  for key, value in sorted(report.get("speedups", {}).get("float32", {}).get(str(largest), {})
+                           .items()):
+    parts.append(f"{key} {value:.1f}x")
+  return "| " + " | ".join(parts) + " |"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--phases", default="validate,tune_fwd,bench,pytest,tune_bwd")
+  parser.add_argument("--sizes", default="1000,10000,100000")
+  parser.add_argument("--dtypes", default="float32")
+  parser.add_argument("--validate-size", type=int, default=4096)
+  parser.add_argument("--blocks", default="", help="forward tiling h,k,n,warps,stages for bench")
+  parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of all phases")
+  parser.add_argument("--pytest-timeout-s", type=int, default=150)
+  parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+  parser.add_argument("--out", default="")
+  parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
+  parser.add_argument("--interpret", action="store_true", help="CPU dry run (Pallas interpreter)")
+  parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  global INTERPRET
+  INTERPRET = args.interpret
+  blocks = tuple(int(v) for v in args.blocks.split(",")) if args.blocks else None
+
+  if args.worker:
+    num_atoms, impl, dtype_name = args.worker.split(",")
+    print("RESULT " + json.dumps(bench_worker(int(num_atoms), impl, blocks, dtype_name)), flush=True)
+    return
+
+  deadline = time.time() + args.budget_s
+  device = jax.devices()[0]
+  report = {"device": device.device_kind, "platform": device.platform, "commit": args.commit,
+            "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+            "config": dict(H=NUM_HEADS, D=HEAD_DIM, X=ROW_DIM, K=NUM_SLOTS, density=DENSITY,
+                           cutoff=CUTOFF)}
+  out_path = Path(args.out or REPO / "benchmarks" / "results" /
+                  f"attention_{device.device_kind.replace(' ', '_')}.json")
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  sizes = [int(s) for s in args.sizes.split(",")]
+  phases = args.phases.split(",")
+
+  def save():
+    out_path.write_text(json.dumps(report, indent=1))
+
+  largest = max(sizes)
+  for phase in phases:
+    if time.time() > deadline:
+      report.setdefault("skipped", []).append(phase)
+      continue
+    try:
+      if phase == "validate":
+        validate(report, args.validate_size)
+      elif phase == "tune_fwd":
+        best = tune_forward(report, largest, deadline)
+        report["tuned_forward_blocks"] = best
+        blocks = blocks or best
+      elif phase == "bench":
+        report["bench_forward_blocks"] = blocks
+        for dtype_name in args.dtypes.split(","):
+          bench(report, sizes, blocks, dtype_name, deadline)
+      elif phase == "pytest":
+        run_pytest(report, min(args.pytest_timeout_s, int(deadline - time.time())))
+      elif phase == "tune_bwd":
+        tune_backward(report, largest, deadline)
+      else:
+        raise ValueError(f"unknown phase {phase!r}")
+    except Exception:
+      report.setdefault("errors", {})[phase] = traceback.format_exc()[-2000:]
+      print(f"phase {phase} failed:\n{traceback.format_exc()}", flush=True)
+    save()
+
+  table = summarize(report)
+  save()
+  if "bench" in report:
+    with open(args.results_md, "a") as f:
+      f.write(results_line(report) + "\n")
+  print(table, flush=True)
+  print("wrote", out_path, flush=True)
+
+
+if __name__ == "__main__":
+  main()
