@@ -109,8 +109,9 @@ def _per_edge_message(q, k, gate, post_weight, v, graph: Graph, geometry: EdgeGe
   """sum_k a_ik T(v_j, r_ij) with every per-edge tensor materialised: [N, R, C]."""
   n, h, d = q.shape
   c = v.shape[-1]
-  logits = gate * jnp.einsum("nhd,nkhd->nkh", q, graph.gather_sources(k)) * d**-0.5  # [N, K, H]
-  weights = ops.sink_softmax(logits, geometry.envelope, graph.nbr_mask) * post_weight  # [N, K, H]
+  dots = jnp.einsum("nhd,nkhd->nkh", q, graph.gather_sources(k))  # [N, K, H]
+  weights = ops.attention_weights(dots, gate, post_weight, geometry.envelope, graph.nbr_mask,
+                                  head_dim=d)  # [N, K, H]
   edge_tp = so3.tensor_product_vector(graph.gather_sources(v), geometry.vectors)  # [N, K, R, C]
   weights_c = jnp.tile(weights, (1, 1, c // h))  # [N, K, C], channel c uses head c % H
   return jnp.einsum("nkc,nkrc->nrc", weights_c, edge_tp)

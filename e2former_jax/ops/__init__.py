@@ -1,5 +1,6 @@
 """Dispatchers: the one place where the model reaches the Pallas kernels."""
 
-from e2former_jax.ops.attention import node_attention, sink_softmax
+from e2former_jax.ops.attention import attention_weights
+from e2former_jax.ops.attention import node_attention
 
-__all__ = ["node_attention", "sink_softmax"]
+__all__ = ["attention_weights", "node_attention"]

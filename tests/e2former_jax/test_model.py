@@ -9,7 +9,7 @@ import pytest
 
 from e2f_testing import brute_force_graph, random_molecule
 from e2former_jax import so3
-from e2former_jax.config import MessagePath, paper_config, tiny_config
+from e2former_jax.config import AttentionImpl, MessagePath, paper_config, tiny_config
 from e2former_jax.nn.model import E2Former
 from e2former_jax.potential import energy_and_forces as _energy_and_forces
 
@@ -214,3 +214,13 @@ def test_paper_parameter_count():
   # Spec 12: 24.55 M with the reference's dead parameters and 300/256-row type tables; ours
   # drops those (docs/decisions.md D7), landing a few hundred thousand lower.
   assert 23.5e6 < count < 24.6e6, count
+
+
+def test_pallas_kernel_path_matches_xla(setup):
+  """The model with the Pallas kernels (interpret mode on CPU) equals the jnp path, forces included."""
+  cfg, mols, graph, model, params = setup
+  kernel_model = E2Former(cfg.replace(attention_impl=AttentionImpl.PALLAS_INTERPRET))
+  e0, f0 = energy_and_forces(model, params, graph)
+  e1, f1 = energy_and_forces(kernel_model, params, graph)
+  np.testing.assert_allclose(e1, e0, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(f1, f0, atol=1e-5 * np.abs(f0).max())
