@@ -130,7 +130,8 @@ class BatchIterator:
   def plan(self, epoch: int | None = None) -> list[np.ndarray]:
     """This process's batches of an epoch: record indices of each (empty: a padding batch)."""
     epoch = self.epoch if epoch is None else int(epoch)
-    if self._plan_cache is None or self._plan_cache[0] != epoch:
+    cache = self._plan_cache  # one read: the prefetch thread may replace it concurrently
+    if cache is None or cache[0] != epoch:
       order = self.indices
       if self.shuffle:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.indices)
@@ -141,8 +142,8 @@ class BatchIterator:
       empty = np.zeros(0, np.int64)
       mine = [batches[r * count + p] if r * count + p < len(batches) else empty
               for r in range(rounds)]
-      self._plan_cache = (epoch, mine)
-    return self._plan_cache[1]
+      cache = self._plan_cache = (epoch, mine)
+    return cache[1]
 
   def num_batches(self, epoch: int | None = None) -> int:
     """Batches this process gets in an epoch (equal on every process; may vary between epochs)."""
