@@ -342,15 +342,16 @@ def run_pytest(report: dict, timeout_s: int) -> None:
 
 
 FORWARD_CANDIDATES = [
-    # (block_h, block_k, block_n, num_warps, num_stages)
-    (32, 4, 1, 4, 2), (32, 4, 4, 4, 2), (32, 4, 16, 4, 2), (32, 2, 8, 4, 2), (32, 8, 8, 8, 2),
-    (16, 8, 8, 4, 2), (16, 4, 16, 2, 2), (64, 2, 8, 4, 2), (64, 4, 8, 8, 2), (128, 1, 8, 4, 2),
-    (128, 2, 4, 8, 2), (32, 4, 8, 4, 3), (32, 4, 8, 4, 1),
+    # (block_h, block_k, block_n, num_warps, num_stages). A first H100 sweep (notes, run 1) found
+    # block_n > 1 slower everywhere and (32, 4, 1, 4, 2) best; this one varies the rest at block_n 1.
+    (32, 4, 1, 4, 2), (32, 2, 1, 4, 2), (32, 8, 1, 8, 2), (32, 4, 1, 8, 2), (32, 4, 1, 4, 3),
+    (32, 4, 1, 4, 1), (64, 2, 1, 4, 2), (64, 4, 1, 8, 2), (128, 1, 1, 4, 2), (128, 2, 1, 8, 2),
+    (16, 8, 1, 4, 2), (16, 4, 1, 2, 2), (32, 4, 2, 4, 2),
 ]
 # One (size, implementation) subprocess may not take longer than this.
 _WORKER_TIMEOUT_S = 90
 PRIMITIVE_CANDIDATES = [
-    (32, 4, 1, 4, 2), (32, 4, 8, 4, 2), (16, 8, 8, 4, 2), (64, 2, 8, 4, 2), (128, 1, 8, 4, 2),
+    (32, 4, 1, 4, 2), (32, 8, 1, 8, 2), (64, 2, 1, 4, 2), (16, 8, 1, 4, 2), (32, 2, 1, 4, 2),
 ]
 
 
@@ -422,21 +423,26 @@ def bench_worker(num_atoms: int, impl: str, blocks: tuple | None, dtype_name: st
   block_sizes = _blocks(blocks) if blocks else None
   for name, with_grad in (("fwd", False), ("fwd_bwd", True)):
     try:
-      result[name + "_ms"] = time_fn(make_fn(impl, block_sizes, with_grad), args) * 1e3
+      compiled = make_fn(impl, block_sizes, with_grad).lower(*args).compile()
+      analysis = compiled.memory_analysis()
+      if analysis is not None:
+        result[name + "_xla_temp_bytes"] = int(analysis.temp_size_in_bytes)
+      result[name + "_ms"] = time_fn(compiled, args) * 1e3
       result[name + "_peak_bytes"] = _memory(device, "peak_bytes_in_use")
     except Exception as e:
-      message = repr(e)
-      result[name + "_ms"] = "OOM" if "RESOURCE_EXHAUSTED" in message or "memory" in message.lower() \
-          else "error: " + message[:300]
+      message = str(e)
+      out_of_memory = "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
+      result[name + "_ms"] = "OOM" if out_of_memory else "error"
+      result[name + "_error"] = message[:1500]
       break
   return result
 
 
-def bench(report: dict, sizes: list[int], blocks: tuple | None, dtype_name: str,
-          deadline: float) -> None:
+def bench(report: dict, sizes: list[int], impls: list[str], blocks: tuple | None,
+          dtype_name: str, deadline: float) -> None:
   rows = []
   for num_atoms in sizes:
-    for impl in IMPLS:
+    for impl in impls:
       if time.time() > deadline:
         rows.append({"num_atoms": num_atoms, "impl": impl, "skipped": "time budget"})
         continue
@@ -453,7 +459,7 @@ def bench(report: dict, sizes: list[int], blocks: tuple | None, dtype_name: str,
         row = json.loads(lines[-1][7:]) if lines else {
             "num_atoms": num_atoms, "impl": impl, "error": (proc.stdout + proc.stderr)[-800:]}
       except subprocess.TimeoutExpired:
-        row = {"num_atoms": num_atoms, "impl": impl, "error": "timeout"}
+        row = {"num_atoms": num_atoms, "impl": impl, "error": f"timeout (> {_WORKER_TIMEOUT_S} s)"}
       rows.append(row)
       print("bench", json.dumps(row), flush=True)
   report.setdefault("bench", {})[dtype_name] = rows
@@ -518,6 +524,7 @@ def main() -> None:
   parser.add_argument("--phases", default="validate,tune_fwd,bench,pytest,tune_bwd")
   parser.add_argument("--sizes", default="1000,10000,100000")
   parser.add_argument("--dtypes", default="float32")
+  parser.add_argument("--impls", default=",".join(IMPLS))
   parser.add_argument("--validate-size", type=int, default=4096)
   parser.add_argument("--blocks", default="", help="forward tiling h,k,n,warps,stages for bench")
   parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of all phases")
@@ -567,7 +574,7 @@ def main() -> None:
       elif phase == "bench":
         report["bench_forward_blocks"] = blocks
         for dtype_name in args.dtypes.split(","):
-          bench(report, sizes, blocks, dtype_name, deadline)
+          bench(report, sizes, args.impls.split(","), blocks, dtype_name, deadline)
       elif phase == "pytest":
         run_pytest(report, min(args.pytest_timeout_s, int(deadline - time.time())))
       elif phase == "tune_bwd":
