@@ -76,6 +76,19 @@ def for_each_row(block_n: int, num_rows: int, body) -> None:
   lax.fori_loop(0, jnp.minimum(block_n, num_rows - first), step, 0)
 
 
+def slot_loop(num_steps: int, body, carry, unroll: bool):
+  """``carry = body(i, carry)`` for i < num_steps: a Triton loop, or unrolled in the trace.
+
+  Unrolled, every step's slot-index load and gathers are independent instructions that the
+  compiler can issue early, instead of one index load -> gather dependency per loop iteration.
+  """
+  if not unroll:
+    return lax.fori_loop(0, num_steps, body, carry)
+  for step in range(num_steps):
+    carry = body(step, carry)
+  return carry
+
+
 def head_block(block_h: int, num_heads: int) -> tuple[jax.Array, jax.Array | None]:
   """The heads of this program, [block_h], and their in-range mask (None when always in range)."""
   heads = pl.program_id(1) * block_h + iota((block_h,), 0)

@@ -65,6 +65,8 @@ class BlockSizes:
       grid is (ceil(rows / block_n), ceil(H / block_h)).
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining depth of the neighbour loop.
+    unroll: unroll the loop over slot blocks (static K) in the kernel source; scatter_sum's loop
+      over a source's incoming edges has a data-dependent length and is never unrolled.
   """
 
   block_h: int
@@ -72,6 +74,7 @@ class BlockSizes:
   block_n: int = 1
   num_warps: int = _DEFAULT_NUM_WARPS
   num_stages: int = _DEFAULT_NUM_STAGES
+  unroll: bool = False
 
   def __post_init__(self):
     for name in ("block_h", "block_k", "block_n", "num_warps"):
@@ -127,7 +130,7 @@ def _edge_dot_kernel(slots_ref, a_ref, b_ref, out_ref, *, block_sizes: BlockSize
       _tiles.store_slots(out_ref, n, k, k_mask, heads, head_mask, dots)
       return carry
 
-    lax.fori_loop(0, pl.cdiv(num_slots, block_sizes.block_k), step, 0)
+    _tiles.slot_loop(pl.cdiv(num_slots, block_sizes.block_k), step, 0, block_sizes.unroll)
 
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
@@ -145,7 +148,7 @@ def _gather_sum_kernel(slots_ref, w_ref, b_ref, out_ref, *, block_sizes: BlockSi
       return acc + jnp.sum(w[:, None, :] * b, axis=0)
 
     acc = jnp.zeros((row_pad, block_sizes.block_h), jnp.float32)  # [XP, BH]
-    acc = lax.fori_loop(0, pl.cdiv(num_slots, block_sizes.block_k), step, acc)
+    acc = _tiles.slot_loop(pl.cdiv(num_slots, block_sizes.block_k), step, acc, block_sizes.unroll)
     _tiles.store_row(out_ref, n, heads, head_mask, acc)
 
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)

@@ -114,7 +114,7 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, o
 
     init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),
             jnp.zeros((x_pad, block_h), jnp.float32))
-    m, l, acc = lax.fori_loop(0, pl.cdiv(num_slots, block_k), step, init)
+    m, l, acc = _tiles.slot_loop(pl.cdiv(num_slots, block_k), step, init, block_sizes.unroll)
     denom = l + sink * jnp.exp(-m)  # [BH]
     denom = jnp.where(denom > 0, denom, 1.0)
     _tiles.store_row(out_ref, n, heads, head_mask, acc / denom[None])
