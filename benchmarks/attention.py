@@ -511,20 +511,21 @@ def summarize(report: dict) -> str:
 
 def results_line(report: dict) -> str:
   """One Markdown line for benchmarks/RESULTS.md with the key numbers."""
-  rows = report.get("bench", {}).get("float32", [])
+  dtype_name = next(iter(report.get("bench", {})), "float32")
+  rows = report.get("bench", {}).get(dtype_name, [])
   by_key = {(r["num_atoms"], r["impl"]): r for r in rows}
   largest = max((n for n, impl in by_key if impl == "pallas"), default=None)
   parts = [f"{report['date']}", report["device"], f"commit {report['commit']}",
-           "attention (pallas_kernels.node_attention, H128 D8 X58 K32, f32)"]
+           f"attention (pallas_kernels.node_attention, H128 D8 X58 K32, {dtype_name})"]
   if largest is not None:
     r = by_key[(largest, "pallas")]
-    t = traffic(largest, 4)
+    t = traffic(largest, jnp.dtype(dtype_name).itemsize)
     if isinstance(r.get("fwd_ms"), float):
       parts.append(f"N={largest}: fwd {r['fwd_ms']:.2f} ms "
                    f"({t['fwd_bytes'] / (r['fwd_ms'] * 1e-3) / HBM_BYTES_PER_S * 100:.0f}% HBM)")
     if isinstance(r.get("fwd_bwd_ms"), float):
       parts.append(f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms")
-  for key, value in sorted(report.get("speedups", {}).get("float32", {}).get(str(largest), {})
+  for key, value in sorted(report.get("speedups", {}).get(dtype_name, {}).get(str(largest), {})
                            .items()):
     parts.append(f"{key} {value:.1f}x")
   return "| " + " | ".join(parts) + " |"

@@ -12,6 +12,7 @@ import pallas_kernels as pk
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 # Ragged tiling for the standard sizes (H = 6, K = 6, N = 11, M = 9): partial head, slot and row blocks.
 RAGGED_BLOCKS = pk.BlockSizes(block_h=4, block_k=4, block_n=4)
+UNROLLED_BLOCKS = pk.BlockSizes(block_h=4, block_k=4, block_n=4, unroll=True)
 F32_RTOL = 2e-5
 SECOND_ORDER_RTOL = 1e-4
 # Absolute slack of the bf16 budget, for elements where the bf16 reference happens to round exactly.
@@ -54,7 +55,8 @@ class _PrimitiveChecks:
 
     return run_kernel, run_reference
 
-  @pytest.mark.parametrize("block_sizes", [RAGGED_BLOCKS, None], ids=["ragged", "default"])
+  @pytest.mark.parametrize("block_sizes", [RAGGED_BLOCKS, UNROLLED_BLOCKS, None],
+                           ids=["ragged", "ragged-unrolled", "default"])
   def test_forward_matches_reference(self, kt, rng, neighbors, block_sizes):
     inputs, kwargs = _op_inputs(self.OP, kt, rng)
     run_kernel, run_reference = self._ops(neighbors, kwargs, block_sizes)

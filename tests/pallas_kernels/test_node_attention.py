@@ -13,6 +13,7 @@ import pallas_kernels as pk
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 RAGGED_BLOCKS = pk.BlockSizes(block_h=4, block_k=4, block_n=4)
+UNROLLED_BLOCKS = pk.BlockSizes(block_h=4, block_k=4, block_n=4, unroll=True)
 F32_RTOL = 2e-5
 SECOND_ORDER_RTOL = 1e-4
 BF16_ATOL = 1e-5
@@ -47,7 +48,8 @@ class TestNodeAttention:
                                interpret=self.INTERPRET, backward_impl=backward_impl, **opts)
     return (lambda *xs: kernel(*xs, *nbr)), (lambda *xs: pk.node_attention_reference(*xs, *nbr, **opts))
 
-  @pytest.mark.parametrize("block_sizes", [RAGGED_BLOCKS, None], ids=["ragged", "default"])
+  @pytest.mark.parametrize("block_sizes", [RAGGED_BLOCKS, UNROLLED_BLOCKS, None],
+                           ids=["ragged", "ragged-unrolled", "default"])
   def test_forward_matches_reference(self, kt, rng, neighbors, block_sizes):
     inputs = _inputs(kt, rng)
     run_kernel, run_reference = self._ops(kt, neighbors, block_sizes)
