@@ -1,0 +1,292 @@
+"""End-to-end training tests on a tiny synthetic SPICE-layout dataset with a tiny model.
+
+XLA compiles the tiny model's training step in ~20 s on a 2-core CPU, so every test here uses the
+same shapes and configuration, and a module-wide persistent compilation cache lets the runs after
+the first one reuse the compiled executables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from e2former_jax.nn.model import E2Former
+from train import sharding
+from train.checkpoint import LAST, Checkpointer, load_predictor
+from train.cli import main as cli_main
+from train.metrics import CURVE_FILENAME, JSONL_FILENAME, TABLE_JSON_FILENAME, TABLE_MD_FILENAME, read_records
+from train.optimizer import make_optimizer
+from train.run_config import load_run_config
+from train.data.splits import split_by_molecule
+from train.run_data import SPLITS, empty_batch, make_iterator, open_run_data
+from train.state import create_train_state
+from train.step import make_init, make_train_step
+from train.train import NonFiniteHalt, train_and_evaluate
+import train.train as train_module
+
+REPO = Path(__file__).resolve().parents[2]
+HARTREE_EV = 27.211386245988
+BOHR_A = 0.529177210903
+SUBSETS = ("alpha", "beta")
+NUM_MOLECULES = 16
+CONFORMERS = 4
+SPLIT = (0.5, 0.25, 0.25)
+SPLIT_SEED = 12345
+
+# The tiny run every test shares: same shapes and constants (the schedule's horizon included), so
+# one compilation serves all through the persistent cache.
+TINY = [
+    "model.preset=tiny", "model.num_layers=1", "model.channels=8", "model.num_heads=2",
+    "model.head_dim=4", "model.num_rbf=8", "model.max_neighbors=8", "model.edge_hidden=8",
+    "model.type_embed_dim=4", "loss.forces=direct", "loss.energy_weight=1", "loss.force_weight=1",
+    "data.atoms_per_batch=32", "data.molecules_per_batch=6", "data.prefetch=1",
+    "data.batches_per_step=4",
+    f"data.split={list(SPLIT)}", f"data.split_seed={SPLIT_SEED}", "optim.lr=5e-3", "optim.warmup_steps=2", "optim.weight_decay=0", "optim.decay_steps=30",
+    "optim.ema_decay=0.9", "train.log_every=1", "train.seed=0",
+]
+
+
+def _pair_energy_forces(numbers, positions):
+  """A smooth repulsive pair potential plus per-element offsets (eV, eV/A): learnable labels."""
+  offsets = {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0}
+  diff = positions[:, None] - positions[None]  # [n, n, 3]
+  dist = np.linalg.norm(diff, axis=-1)
+  np.fill_diagonal(dist, np.inf)
+  pair = 4.0 * np.exp(-dist / 0.8)  # [n, n]
+  energy = 0.5 * pair.sum() + sum(offsets[int(z)] for z in numbers)
+  forces = ((pair / 0.8 / dist)[..., None] * diff).sum(1)  # -dE/dx_i
+  return energy, forces
+
+
+def write_dataset(path: Path, seed: int = 0) -> Path:
+  """Random small molecules (3-8 atoms, H/C/N/O), several perturbed conformers each, SPICE layout.
+
+  Subsets alternate within each split of the run's molecule-level split, so every split has both.
+  """
+  rng = np.random.default_rng(seed)
+  keys = [f"mol{m:02d}" for m in range(NUM_MOLECULES)]
+  splits = split_by_molecule(keys, seed=SPLIT_SEED, fractions=dict(zip(SPLITS, SPLIT)))
+  subset_of = {int(m): SUBSETS[i % 2] for members in splits.values() for i, m in enumerate(members)}
+  with h5py.File(path, "w") as f:
+    for m in range(NUM_MOLECULES):
+      n = int(rng.integers(3, 9))
+      numbers = rng.choice([1, 6, 7, 8], n)
+      base = np.cumsum(rng.normal(size=(n, 3)), 0)
+      base *= 1.3 / np.maximum(np.linalg.norm(np.diff(base, axis=0), axis=1).min(), 1e-3)
+      confs, energies, grads = [], [], []
+      for _ in range(CONFORMERS):
+        pos = base + rng.normal(scale=0.08, size=base.shape)
+        e, f_ = _pair_energy_forces(numbers, pos)
+        confs.append(pos / BOHR_A)
+        energies.append(e / HARTREE_EV)
+        grads.append(-f_ / HARTREE_EV * BOHR_A)
+      g = f.create_group(keys[m])
+      g["atomic_numbers"] = numbers.astype(np.int16)
+      g["conformations"] = np.asarray(confs, np.float32)
+      g["dft_total_energy"] = np.asarray(energies)
+      g["dft_total_gradient"] = np.asarray(grads, np.float32)
+      g["total_charge"] = np.array([0], np.int16)
+      g["spin_multiplicity"] = np.array([1 + int(numbers.sum()) % 2], np.int16)
+      g["subset"] = np.array([subset_of[m].encode()])
+  return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Persistent XLA cache for this module (and the subprocesses it starts)."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {name: getattr(jax.config, name) for name in names}
+  cache = tmp_path_factory.getbasetemp() / "xla_cache"
+  jax.config.update("jax_compilation_cache_dir", str(cache))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield cache
+  for name, value in old.items():
+    jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+  return write_dataset(tmp_path_factory.mktemp("data") / "tiny.hdf5")
+
+
+def tiny_config(dataset: Path, *overrides: str):
+  return load_run_config(None, [f"data.path={dataset}", *TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+  """A 30-step run with validation every 10 steps."""
+  workdir = tmp_path_factory.mktemp("run")
+  config = tiny_config(dataset, "train.steps=30", "train.eval_every=10", "train.checkpoint_every=10")
+  return train_and_evaluate(config, workdir, progress=False)
+
+
+def test_training_reduces_loss_and_writes_outputs(trained):
+  losses = np.asarray(trained.losses)
+  assert trained.step == 30 and losses.shape == (30,)
+  assert np.isfinite(losses).all()
+  # Labels are a smooth pair potential: 30 Adam steps must clearly reduce the loss.
+  assert losses[-5:].mean() < 0.5 * losses[:5].mean(), losses
+  records = read_records(trained.workdir)
+  val = [r for r in records if r["kind"] == "val"]
+  assert [r["step"] for r in val] == [10, 20, 30]
+  assert val[-1]["force_mae_mev_per_a"] < val[0]["force_mae_mev_per_a"]
+  for name in (JSONL_FILENAME, "metrics_train.csv", "metrics_val.csv", CURVE_FILENAME,
+               TABLE_MD_FILENAME, TABLE_JSON_FILENAME, "summary.json", "run_config.yaml"):
+    assert (trained.workdir / name).is_file(), name
+  assert Checkpointer(trained.workdir / "checkpoints").latest_meta(LAST)["step"] == 30
+
+
+def test_eval_table_has_per_subset_rows(trained):
+  rows = json.loads((trained.workdir / TABLE_JSON_FILENAME).read_text())
+  for split in ("val", "test"):
+    by_subset = {r["subset"]: r for r in rows if r["split"] == split}
+    assert set(by_subset) == {"all", *SUBSETS}, by_subset.keys()
+    total = by_subset["all"]
+    assert total["molecules"] == sum(by_subset[s]["molecules"] for s in SUBSETS)
+    # The "all" row is the molecule-weighted mean of the subset rows.
+    weighted = sum(by_subset[s]["energy_mae_mev_per_atom"] * by_subset[s]["molecules"] for s in SUBSETS)
+    assert np.isclose(total["energy_mae_mev_per_atom"], weighted / total["molecules"])
+    assert all(np.isfinite(r["force_mae_mev_per_a"]) and r["force_mae_mev_per_a"] > 0 for r in by_subset.values())
+
+
+def test_resume_reproduces_uninterrupted_losses(dataset, tmp_path):
+  config = tiny_config(dataset, "train.steps=8", "train.eval_every=100", "train.checkpoint_every=4")
+  straight = train_and_evaluate(config, tmp_path / "straight", progress=False, final_eval=False)
+  half = tiny_config(dataset, "train.steps=4", "train.eval_every=100", "train.checkpoint_every=4")
+  first = train_and_evaluate(half, tmp_path / "resumed", progress=False, final_eval=False)
+  second = train_and_evaluate(config, tmp_path / "resumed", progress=False, final_eval=False)
+  assert first.step == 4 and second.step == 8
+  np.testing.assert_array_equal(first.losses + second.losses, straight.losses)
+  _, p_straight, *_ = load_predictor(tmp_path / "straight", "last")
+  _, p_resumed, *_ = load_predictor(tmp_path / "resumed", "last")
+  jax.tree.map(np.testing.assert_array_equal, p_straight, p_resumed)
+
+
+def test_nonfinite_step_is_skipped_without_moving_the_optimizer(dataset):
+  config = tiny_config(dataset)
+  data = open_run_data(config.data)
+  model_config = config.model_config()
+  batches = list(make_iterator(data, "train", config.data, model_config, training=True, seed=0).iterate())[:4]
+  params = make_init(model_config)(jax.random.key(0), jax.tree.map(jnp.asarray, batches[0].graph))
+  optimizer, _ = make_optimizer(config.optim, config.decay_steps)
+  mesh = sharding.make_mesh(1)
+  step = make_train_step(model_config, config.loss, config.optim, config.decay_steps, mesh)
+  state = create_train_state(params, optimizer, 0)
+  good = sharding.shard_batch(mesh, sharding.stack(batches))
+  state, metrics = step(state, good)
+  assert metrics["finite"] == 1.0
+  before = jax.device_get(state)
+  batches[2] = batches[2].replace(energy=batches[2].energy * np.nan)  # one bad sub-batch suffices
+  with jax.debug_nans(False):
+    after, metrics = step(state, sharding.shard_batch(mesh, sharding.stack(batches)))
+  assert metrics["finite"] == 0.0 and not np.isfinite(float(metrics["loss"]))
+  after = jax.device_get(after)
+  for field in ("params", "opt_state", "ema_params", "opt_step"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, field), getattr(before, field))
+  assert int(after.step) == int(before.step) + 1
+  assert int(after.nonfinite_total) == 1 and int(after.nonfinite_run) == 1
+  after, metrics = step(after, good)
+  assert metrics["finite"] == 1.0 and int(after.nonfinite_run) == 0 and int(after.opt_step) == 2
+
+
+def test_consecutive_nonfinite_steps_halt_and_keep_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+  real = train_module.make_train_step
+  calls = {"n": 0}
+
+  def poisoned_after_two(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def wrapped(state, batch):
+      calls["n"] += 1
+      if calls["n"] > 2:
+        batch = batch.replace(energy=batch.energy * jnp.nan)
+      return step(state, batch)
+
+    return wrapped
+
+  monkeypatch.setattr(train_module, "make_train_step", poisoned_after_two)
+  config = tiny_config(dataset, "train.steps=20", "train.eval_every=100", "train.checkpoint_every=2",
+                       "train.max_consecutive_nonfinite=3")
+  with jax.debug_nans(False), pytest.raises(NonFiniteHalt, match="3 consecutive"):
+    train_and_evaluate(config, tmp_path, progress=False)
+  # Steps 3, 4, 5 were skipped; the halt is noticed while step 6 runs; the checkpoint of step 2
+  # (the last one whose parameters came from a finite update) holds, and later ones kept them.
+  meta = Checkpointer(tmp_path / "checkpoints").latest_meta(LAST)
+  assert meta["step"] in (2, 4)
+  records = [r for r in read_records(tmp_path) if r["kind"] == "train"]
+  assert [r["skipped"] for r in records[:5]] == [0, 0, 1, 2, 3]
+
+
+def test_cli_train_and_eval_smoke(dataset, tmp_path, capsys):
+  workdir = tmp_path / "cli_run"
+  code = cli_main(["train", "--data", str(dataset), "--workdir", str(workdir), "--quiet",
+                   "--set", *TINY, "train.steps=5", "train.eval_every=5", "train.checkpoint_every=5"])
+  assert code == 0
+  assert (workdir / "checkpoints" / "last").is_dir() and (workdir / "checkpoints" / "best").is_dir()
+  assert (workdir / CURVE_FILENAME).stat().st_size > 1000
+  assert len([r for r in read_records(workdir) if r["kind"] == "train"]) == 5
+  capsys.readouterr()
+  assert cli_main(["eval", str(workdir), "--splits", "test"]) == 0
+  assert "| test | all |" in capsys.readouterr().out
+
+
+def test_load_predictor_and_stage2_init(trained, dataset, tmp_path):
+  model, params, model_config, references, run_config = load_predictor(trained.workdir)
+  assert model_config.direct_force_head and run_config.train.steps == 30
+  assert set(references) == {1, 6, 7, 8}
+  # Stage 2: conservative forces, no direct head; initialised from the stage-1 EMA weights.
+  config = tiny_config(dataset, "loss.forces=conservative", f"train.init_from={trained.workdir}")
+  data = open_run_data(config.data)
+  graph = empty_batch(make_iterator(data, "train", config.data, config.model_config(), training=True,
+                                    seed=0)).graph
+  template = jax.eval_shape(E2Former(config.model_config()).init, jax.random.key(0), graph)
+  stage2 = train_module._params_from_checkpoint(str(trained.workdir), template)
+  assert "force_head" in params["params"] and "force_head" not in stage2["params"]
+  for name, value in stage2["params"].items():
+    jax.tree.map(np.testing.assert_array_equal, value, params["params"][name])
+
+
+_DATA_PARALLEL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    assert jax.device_count() == 4, jax.devices()
+    jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    from train.run_config import load_run_config
+    from train.train import train_and_evaluate
+    config = load_run_config(None, json.loads(sys.argv[1]))
+    result = train_and_evaluate(config, sys.argv[3], num_devices=4, progress=False, final_eval=False)
+    print(json.dumps(result.losses))
+    """)
+
+
+def test_four_devices_equal_one_device(dataset, tmp_path, compilation_cache):
+  """The same 4 sub-batches per step: stacked on one device, or one per device on 4 devices."""
+  overrides = [f"data.path={dataset}", *TINY, "train.steps=3", "train.eval_every=100",
+               "train.checkpoint_every=100"]
+  one = train_and_evaluate(load_run_config(None, overrides), tmp_path / "d1", num_devices=1,
+                           progress=False, final_eval=False)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT, json.dumps(overrides),
+                         str(compilation_cache), str(tmp_path / "d4")], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  four = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert len(one.losses) == 3 and np.isfinite(one.losses).all()
+  np.testing.assert_allclose(four, one.losses, rtol=1e-5)
+  _, p1, *_ = load_predictor(tmp_path / "d1", "last")
+  _, p4, *_ = load_predictor(tmp_path / "d4", "last")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p1, p4)

@@ -1,0 +1,200 @@
+"""Orbax checkpoints of a run ("last" for resuming, "best" by validation loss) and the predictor loader.
+
+Layout under ``<workdir>/checkpoints``::
+
+  last/<step>/   train_state  (params, optimiser state, counters, random state; orbax)
+                 ema_params   (EMA weights: what evaluation and export use; orbax)
+                 meta/        (JSON: step, data position, validation metrics)
+                 predictor/   (JSON: model config, fitted per-element reference energies, run config)
+  best/<step>/   the same items, written when the validation loss improves
+
+Each manager keeps one step; saving is asynchronous (the next save or :meth:`Checkpointer.close`
+waits). A checkpoint folder alone rebuilds the predictor: :func:`load_predictor`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from e2former_jax.config import E2FormerConfig
+from e2former_jax.nn.model import E2Former
+from train.run_config import (RunConfig, model_config_from_dict, model_config_to_dict,
+                              run_config_from_dict)
+from train.state import TrainState
+
+CHECKPOINT_DIRNAME = "checkpoints"
+LAST = "last"
+BEST = "best"
+# Bumped when the items or their meaning change; load_predictor refuses unknown versions.
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorInfo:
+  """What, besides the weights, turns a checkpoint into a predictor.
+
+  Attributes:
+    model_config: the architecture.
+    reference_energies: eV per element (atomic number -> energy) subtracted from the targets; the
+      model predicts E - sum_i ref[Z_i].
+    run_config: the run that produced the checkpoint.
+  """
+
+  model_config: E2FormerConfig
+  reference_energies: dict[int, float]
+  run_config: RunConfig
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_config": model_config_to_dict(self.model_config),
+        "reference_energies": {str(z): float(e) for z, e in sorted(self.reference_energies.items())},
+        "run_config": self.run_config.to_dict(),
+    }
+
+  @classmethod
+  def from_json(cls, tree: dict[str, Any], *, source: str) -> "PredictorInfo":
+    version = tree.get("format_version")
+    if version != FORMAT_VERSION:
+      raise ValueError(f"{source}: checkpoint format version {version!r}, this code reads {FORMAT_VERSION}")
+    return cls(model_config=model_config_from_dict(tree["model_config"]),
+               reference_energies={int(z): float(e) for z, e in tree["reference_energies"].items()},
+               run_config=run_config_from_dict(tree["run_config"], source=source))
+
+
+class Checkpointer:
+  """Saves and restores the "last" and "best" checkpoints of one run (all processes call it)."""
+
+  def __init__(self, directory: str | Path, *, asynchronous: bool = True):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=asynchronous)
+    self._managers = {name: _manager(self.directory / name, options) for name in (LAST, BEST)}
+
+  def save(self, which: str, state: TrainState, *, meta: dict[str, Any], predictor: PredictorInfo) -> None:
+    """Starts an asynchronous save of ``state`` under "last" or "best" at ``state.step``."""
+    step = int(jax.device_get(state.step))
+    items = ocp.args.Composite(
+        train_state=ocp.args.StandardSave(_train_items(state)),
+        ema_params=ocp.args.StandardSave(state.ema_params),
+        meta=ocp.args.JsonSave({"step": step, **meta}),
+        predictor=ocp.args.JsonSave(predictor.to_json()),
+    )
+    self._managers[which].save(step, args=items, force=True)
+
+  def latest_meta(self, which: str) -> dict[str, Any] | None:
+    """The JSON meta of the newest finished checkpoint of "last"/"best", or None if there is none."""
+    manager = self._managers[which]
+    manager.wait_until_finished()
+    step = manager.latest_step()
+    if step is None:
+      return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def predictor_info(self, which: str) -> PredictorInfo | None:
+    """The predictor JSON of the newest finished checkpoint of "last"/"best", or None."""
+    manager = self._managers[which]
+    manager.wait_until_finished()
+    step = manager.latest_step()
+    if step is None:
+      return None
+    tree = manager.restore(step, args=ocp.args.Composite(predictor=ocp.args.JsonRestore()))["predictor"]
+    return PredictorInfo.from_json(tree, source=f"{self.directory / which}/{step}")
+
+  def restore(self, which: str, target: TrainState, shardings) -> tuple[TrainState, dict[str, Any]] | None:
+    """Restores the newest checkpoint into arrays laid out like ``target`` (None if there is none).
+
+    Args:
+      which: "last" or "best".
+      target: a train state with the right structure, shapes and dtypes (values unused).
+      shardings: pytree of shardings like ``target``.
+    """
+    manager = self._managers[which]
+    manager.wait_until_finished()
+    step = manager.latest_step()
+    if step is None:
+      return None
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
+                            shardings)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        train_state=ocp.args.StandardRestore(_train_items(abstract)),
+        ema_params=ocp.args.StandardRestore(abstract.ema_params),
+        meta=ocp.args.JsonRestore()))
+    items = restored["train_state"]
+    state = TrainState(ema_params=restored["ema_params"], **items["counters"],
+                       params=items["params"], opt_state=items["opt_state"])
+    return state, restored["meta"]
+
+  def wait(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+      manager.close()
+
+
+def _manager(directory: Path, options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
+  """A manager that knows the handler of every item (so any subset can be read back)."""
+  handlers = {"train_state": ocp.StandardCheckpointHandler(), "ema_params": ocp.StandardCheckpointHandler(),
+              "meta": ocp.JsonCheckpointHandler(), "predictor": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _train_items(state: TrainState) -> dict[str, Any]:
+  counters = {name: getattr(state, name)
+              for name in ("step", "opt_step", "rng", "nonfinite_total", "nonfinite_run")}
+  return {"params": state.params, "opt_state": state.opt_state, "counters": counters}
+
+
+def resolve_checkpoint_dir(path: str | Path, which: str | None = None) -> Path:
+  """The "last"/"best" manager folder for a run folder, its ``checkpoints`` folder or that folder itself.
+
+  ``which=None`` prefers "best" and falls back to "last".
+  """
+  path = Path(path).expanduser().absolute()
+  if (path / CHECKPOINT_DIRNAME).is_dir():
+    path = path / CHECKPOINT_DIRNAME
+  if path.name in (LAST, BEST) and which is None:
+    return path
+  for name in ([which] if which else [BEST, LAST]):
+    candidate = path / name
+    if candidate.is_dir() and _manager(candidate).latest_step() is not None:
+      return candidate
+  raise ValueError(f"no checkpoint found under {path} (looked for {which or 'best or last'})")
+
+
+def load_predictor(checkpoint_dir: str | Path, which: str | None = None
+                   ) -> tuple[E2Former, dict, E2FormerConfig, dict[int, float], RunConfig]:
+  """Rebuilds the trained predictor from a checkpoint folder alone.
+
+  Args:
+    checkpoint_dir: a run's working directory, its ``checkpoints`` folder, or ``.../last`` / ``.../best``.
+    which: "best" or "last"; None prefers "best" and falls back to "last".
+
+  Returns:
+    ``(model, params, model_config, reference_energies, run_config)``: ``model.apply(params, graph)``
+    predicts reference-subtracted energies in eV; add ``sum_i reference_energies[Z_i]`` for totals.
+    ``params`` are the EMA weights (``{"params": ...}``).
+
+  Raises:
+    ValueError: when no checkpoint is found or its format is unknown.
+  """
+  directory = resolve_checkpoint_dir(checkpoint_dir, which)
+  manager = _manager(directory)
+  step = manager.latest_step()
+  # Restored onto this process's first device, whatever mesh the run was trained on.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        manager.item_metadata(step)["ema_params"])
+  restored = manager.restore(step, args=ocp.args.Composite(
+      ema_params=ocp.args.StandardRestore(target), predictor=ocp.args.JsonRestore()))
+  manager.close()
+  info = PredictorInfo.from_json(restored["predictor"], source=f"{directory}/{step}")
+  params = restored["ema_params"]
+  return E2Former(info.model_config), params, info.model_config, info.reference_energies, info.run_config

@@ -1,0 +1,103 @@
+"""``e2former train|eval``: the command line (kept short; the logic is in the library modules).
+
+Examples::
+
+  e2former train --config configs/tiny.yaml --set optim.lr=1e-3 model.channels=32
+  e2former train --config configs/paper_spice.yaml --data /path/to/SPICE.hdf5
+  e2former eval runs/tiny --splits val test
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from train import sharding
+
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  # Before anything touches a device: a multi-process launch must initialise the runtime first.
+  sharding.maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  if args.command == "train":
+    return _train(args)
+  return _eval(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="e2former", description=__doc__.split("\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+
+  train = commands.add_parser("train", help="train (or resume) a run")
+  train.add_argument("--config", type=Path, default=None, help="run config YAML (default: built-in defaults)")
+  train.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                     metavar="KEY=VALUE", help="override config fields, e.g. optim.lr=1e-3 model.channels=32")
+  train.add_argument("--data", default=None, help="dataset path (same as --set data.path=PATH)")
+  train.add_argument("--workdir", type=Path, default=None,
+                     help=f"output folder (default {DEFAULT_RUNS_DIR}/<config name>); an existing run there "
+                          "is resumed")
+  train.add_argument("--overwrite", action="store_true",
+                     help="delete the previous run's outputs in --workdir and start over")
+  train.add_argument("--no-final-eval", action="store_true", help="skip the final validation/test table")
+
+  evaluate = commands.add_parser("eval", help="evaluate a checkpoint: per-subset error table")
+  evaluate.add_argument("checkpoint", type=Path, help="a run folder, its checkpoints folder, or .../best|last")
+  evaluate.add_argument("--which", choices=("best", "last"), default=None,
+                        help="checkpoint to evaluate (default: best if present, else last)")
+  evaluate.add_argument("--data", default=None, help="evaluate on another dataset (same split rule)")
+  evaluate.add_argument("--splits", nargs="+", default=["val", "test"], choices=("train", "val", "test"))
+  evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                        metavar="KEY=VALUE", help="override data fields, e.g. data.max_eval_batches=10")
+  evaluate.add_argument("--out", type=Path, default=None,
+                        help="folder for eval_table.md/json (default: the run folder)")
+
+  for sub in (train, evaluate):
+    sub.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    sub.add_argument("--coordinator-address", default=None,
+                     help=f"multi-process launch: coordinator host:port (or ${sharding.COORDINATOR_ENV})")
+    sub.add_argument("--num-processes", type=int, default=None,
+                     help=f"multi-process launch: number of processes (or ${sharding.NUM_PROCESSES_ENV})")
+    sub.add_argument("--process-id", type=int, default=None,
+                     help=f"multi-process launch: this process's index (or ${sharding.PROCESS_ID_ENV})")
+  return parser
+
+
+def _train(args) -> int:
+  from train.checkpoint import CHECKPOINT_DIRNAME
+  from train.run_config import load_run_config
+  from train.train import NonFiniteHalt, train_and_evaluate
+
+  overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+  config = load_run_config(args.config, overrides)
+  workdir = args.workdir or DEFAULT_RUNS_DIR / (args.config.stem if args.config else "default")
+  if args.overwrite and workdir.exists():
+    if not (workdir / CHECKPOINT_DIRNAME).is_dir() and any(workdir.iterdir()):
+      raise SystemExit(f"error: --overwrite refuses to delete {workdir}: it does not look like a run "
+                       f"folder (no {CHECKPOINT_DIRNAME}/)")
+    shutil.rmtree(workdir)
+  try:
+    train_and_evaluate(config, workdir, num_devices=args.devices, progress=not args.quiet,
+                       final_eval=not args.no_final_eval)
+  except NonFiniteHalt as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _eval(args) -> int:
+  from train.evaluate import evaluate_checkpoint
+
+  evaluate_checkpoint(args.checkpoint, which=args.which, data_path=args.data, splits=args.splits,
+                      overrides=args.overrides, out=args.out, num_devices=args.devices,
+                      progress=not args.quiet)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,122 @@
+"""Evaluation passes: energy and force errors of a split, per subset, with the data-parallel step."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from train import sharding
+from train.checkpoint import load_predictor, resolve_checkpoint_dir
+from train.data import BatchIterator, ReferenceEnergies
+from train.metrics import ALL_SUBSETS, ErrorSums, error_table, write_error_table
+from train.run_config import EnergyLoss, ForceLoss, LossConfig, apply_overrides
+from train.run_data import empty_batch, make_iterator, open_run_data
+from train.step import make_eval_step
+
+
+def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, local_batches: int,
+             subset_names: list[str], *, max_batches: int | None = None) -> dict[str, ErrorSums]:
+  """Error sums of one pass over ``iterator`` (this process's share; summed over processes).
+
+  Args:
+    eval_step: from :func:`train.step.make_eval_step`.
+    params: model variables (usually the EMA weights).
+    iterator: an evaluation iterator (file order, padding batches across processes).
+    mesh: the device mesh.
+    local_batches: sub-batches this process feeds per step.
+    subset_names: the dataset's subset names (``Batch.subset`` indexes them).
+    max_batches: stop after this many sub-batches of this process (None: the whole split).
+
+  Returns:
+    subset name -> :class:`ErrorSums`, plus ``"all"``; subsets without molecules are left out.
+  """
+  num_subsets = len(subset_names)
+  sums = np.zeros((num_subsets, len(ErrorSums.FIELDS)))  # [num_subsets, fields]
+  stream = iterator.iterate(epoch=0)
+  batches = stream if max_batches is None else itertools.islice(stream, max_batches)
+  padding = None
+  while True:
+    chunk = list(itertools.islice(batches, local_batches))
+    if not chunk:
+      break
+    if len(chunk) < local_batches:
+      padding = padding if padding is not None else empty_batch(iterator)
+      chunk += [padding] * (local_batches - len(chunk))
+    stacked = sharding.stack(chunk)
+    out = sharding.to_host_local(mesh, eval_step(params, sharding.shard_batch(mesh, stacked)))
+    real = stacked.subset >= 0  # [S, B]
+    subset = stacked.subset[real]
+    atoms = out["atoms"][real]
+    values = np.stack([np.ones_like(atoms), atoms, out["energy_abs"][real] / np.maximum(atoms, 1),
+                       out["energy_abs"][real], out["force_abs"][real], out["force_l2"][real]], -1)
+    np.add.at(sums, subset, values)
+  stream.close()  # stops the prefetch thread when max_batches ended the pass early
+  # Processes must stay in lockstep: every process runs the same number of steps (the iterator
+  # pads with empty batches), and the sums are combined here.
+  sums = sharding.sum_across_processes(sums)
+  result = {name: ErrorSums.from_array(row) for name, row in zip(subset_names, sums) if row[0] > 0}
+  result[ALL_SUBSETS] = ErrorSums.from_array(sums.sum(0))
+  return result
+
+
+def validation_loss(config: LossConfig, errors: ErrorSums) -> float:
+  """The training objective (spec 9.1) evaluated over a whole split: selects the best checkpoint."""
+  mol, atoms = max(errors.molecules, 1.0), max(errors.atoms, 1.0)
+  energy = errors.energy_abs_per_atom if config.energy is EnergyLoss.PER_ATOM else errors.energy_abs
+  force = errors.force_l2 / (mol if config.force is ForceLoss.L2MAE else atoms)
+  return config.energy_weight * energy / mol + config.force_weight * force
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, data_path: str | None = None,
+                        splits: Sequence[str] = ("val", "test"), overrides: Sequence[str] = (),
+                        out: str | Path | None = None, num_devices: int | None = None,
+                        progress: bool = True) -> list[dict]:
+  """Error table of a checkpoint's EMA weights on the splits of its run's dataset (or another one).
+
+  The split rule, batch shapes and reference energies are the checkpoint's own, so the numbers are
+  those the run reported; ``data_path`` evaluates on another dataset with the same rule.
+
+  Args:
+    checkpoint: run folder, its ``checkpoints`` folder or ``.../best|last``.
+    which: "best" or "last" (default: best if present).
+    data_path: another dataset to evaluate on.
+    splits: which splits to tabulate.
+    overrides: ``data.*`` overrides (e.g. ``data.max_eval_batches=10``).
+    out: folder for ``eval_table.md/json`` (default: the run folder).
+    num_devices: use the first N devices.
+    progress: print the table.
+
+  Returns:
+    The table rows (see :func:`train.metrics.error_table`).
+  """
+  directory = resolve_checkpoint_dir(checkpoint, which)
+  _, params, model_config, references, run_config = load_predictor(directory)
+  bad = [o for o in overrides if not o.startswith("data.")]
+  if bad:
+    raise ValueError(f"eval accepts only data.* overrides, got {bad}")
+  run_config = apply_overrides(run_config, list(overrides) + ([f"data.path={data_path}"] if data_path else []))
+  data = open_run_data(run_config.data, references=ReferenceEnergies.from_dict(
+      {"unit": "eV", "energies": {str(z): e for z, e in references.items()}}))
+  mesh = sharding.make_mesh(num_devices)
+  local_batches = sharding.local_batches_per_step(mesh, mesh.devices.size)
+  eval_step = make_eval_step(model_config, run_config.loss.forces, mesh)
+  results = {}
+  for split in splits:
+    if not len(data.splits[split]):
+      continue
+    iterator = make_iterator(data, split, run_config.data, model_config, training=False, seed=0,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    results[split] = evaluate(eval_step, params, iterator, mesh, local_batches, data.subset_names,
+                              max_batches=run_config.data.max_eval_batches)
+  rows = error_table(results)
+  if jax.process_index() == 0:
+    # .../checkpoints/best -> the run folder
+    markdown = write_error_table(rows, Path(out) if out is not None else directory.parent.parent)
+    if progress:
+      print(markdown)
+  return rows
