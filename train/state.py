@@ -39,10 +39,12 @@ class TrainState:
 
 def create_train_state(params, optimizer, seed: int) -> TrainState:
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, opt_step=zero, params=params, opt_state=optimizer.init(params),
-                    ema_params=jax.tree.map(jnp.array, params),
-                    rng=jax.random.key_data(jax.random.key(seed)), nonfinite_total=zero,
-                    nonfinite_run=zero)
+  state = TrainState(step=zero, opt_step=zero, params=params, opt_state=optimizer.init(params),
+                     ema_params=params, rng=jax.random.key_data(jax.random.key(seed)),
+                     nonfinite_total=zero, nonfinite_run=zero)
+  # The jitted step donates the state: every leaf must own its buffer (a buffer reached twice, like
+  # the shared zero counters or ema_params = params, cannot be donated on GPU).
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 
 def ema_update(ema, params, opt_step: jax.Array, decay: float):
