@@ -1,0 +1,128 @@
+"""``e2former md`` and the checkpoint loaders of train/md.py, on a random-weight checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import ase.io
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from e2f_testing import random_molecule
+
+from e2former_jax.config import AttentionImpl, tiny_config
+from e2former_jax.interop.ase import E2FormerCalculator
+from e2former_jax.interop.jax_md import BOLTZMANN
+from e2former_jax.neighbors import build_graph
+from e2former_jax.nn.model import E2Former
+from e2former_jax.structure import Structure
+from train import md
+from train.checkpoint import CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo
+from train.cli import main as cli_main
+from train.data.units import BOHR_A, HARTREE_EV
+from train.run_config import DataConfig, RunConfig
+from train.state import create_train_state
+
+MICRO = dict(num_layers=1, channels=8, num_heads=2, head_dim=4, num_rbf=8, max_neighbors=8,
+             edge_hidden=8, type_embed_dim=4)
+REFERENCES = {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A run folder with a random-weight checkpoint whose training data is a 2-molecule SPICE file."""
+  root = tmp_path_factory.mktemp("md")
+  rng = np.random.default_rng(0)
+  data = root / "data.hdf5"
+  molecules = [random_molecule(rng, n) for n in (5, 7)]
+  with h5py.File(data, "w") as f:
+    for i, (numbers, positions) in enumerate(molecules):
+      group = f.create_group(f"mol{i}")
+      group["atomic_numbers"] = numbers.astype(np.int16)
+      group["conformations"] = np.stack([positions, positions + 0.01]).astype(np.float32) / BOHR_A
+      group["dft_total_energy"] = np.full(2, -100.0 / HARTREE_EV)
+      group["dft_total_gradient"] = np.zeros((2, len(numbers), 3), np.float32)
+      group["total_charge"] = np.zeros(1, np.int16)
+      group["spin_multiplicity"] = np.array([1 + int(numbers.sum()) % 2], np.int16)
+      group["subset"] = np.array([b"synthetic"])
+  config = tiny_config(**MICRO, attention_impl=AttentionImpl.PALLAS)  # as if trained on a GPU
+  numbers, positions = molecules[0]
+  graph = build_graph([Structure(numbers, positions)], cutoff=config.cutoff,
+                      max_neighbors=config.max_neighbors)
+  params = jax.jit(E2Former(config).init)(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, graph))
+  checkpointer = Checkpointer(root / "run" / CHECKPOINT_DIRNAME)
+  run_config = RunConfig(model={"preset": "tiny", **MICRO}, data=DataConfig(path=str(data)))
+  checkpointer.save(LAST, create_train_state(params, optax.sgd(1e-3), seed=0), meta={},
+                    predictor=PredictorInfo(config, REFERENCES, run_config))
+  checkpointer.close()
+  return root / "run"
+
+
+def test_load_predictor_and_calculator(run_dir):
+  predictor = md.load_predictor(run_dir)
+  assert predictor.config.attention_impl is AttentionImpl.XLA  # chosen for this (CPU) backend
+  assert predictor.reference_energies == REFERENCES
+  assert predictor.config.replace(attention_impl=AttentionImpl.PALLAS) == tiny_config(
+      **MICRO, attention_impl=AttentionImpl.PALLAS)
+  calculator = md.load_calculator(run_dir, attention_impl=AttentionImpl.PALLAS_INTERPRET)
+  assert isinstance(calculator, E2FormerCalculator)
+  assert calculator.predictor.config.attention_impl is AttentionImpl.PALLAS_INTERPRET
+  same = jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+                            predictor.params, calculator.predictor.params)
+  assert all(jax.tree.leaves(same))
+
+
+def test_md_command_writes_trajectory_plot_and_summary(run_dir, tmp_path):
+  out = tmp_path / "md"
+  assert cli_main(["md", str(run_dir), "--molecule", "mol1", "--conformer", "1", "--ensemble", "nvt",
+                   "--temperature", "200", "--steps", "35", "--record-every", "10", "--out", str(out),
+                   "--quiet"]) == 0
+  frames = ase.io.read(out / md.TRAJECTORY_FILENAME, index=":")
+  assert [f.info["step"] for f in frames] == [0, 10, 20, 30, 40]  # 35 rounded up to whole chunks
+  with h5py.File(run_dir.parent / "data.hdf5") as f:
+    start = f["mol1/conformations"][1] * BOHR_A
+    numbers = f["mol1/atomic_numbers"][()]
+  np.testing.assert_array_equal(frames[0].numbers, numbers)
+  np.testing.assert_allclose(frames[0].positions, start, atol=1e-5)
+  for frame in frames:
+    assert frame.get_forces().shape == (7, 3) and np.isfinite(frame.get_forces()).all()
+    kinetic = 0.5 * np.sum(frame.get_momenta() ** 2 / frame.get_masses()[:, None])
+    np.testing.assert_allclose(frame.info["kinetic_energy"], kinetic, rtol=1e-5)
+    np.testing.assert_allclose(frame.info["temperature_K"], 2 * kinetic / (3 * 7 * BOLTZMANN), rtol=1e-6)
+    np.testing.assert_allclose(frame.info["total_energy"],
+                               frame.get_potential_energy() + kinetic, rtol=1e-9, atol=1e-5)
+  # The potential energy is a total energy: network energy plus the per-element references.
+  reference = sum(REFERENCES[int(z)] for z in numbers)
+  assert abs(frames[0].get_potential_energy() - reference) < 50.0
+  assert frames[-1].positions.tolist() != frames[0].positions.tolist()
+  assert (out / md.PLOT_FILENAME).stat().st_size > 10_000
+  summary = json.loads((out / md.SUMMARY_FILENAME).read_text())
+  assert summary["structure"] == "mol1/1" and summary["num_atoms"] == 7 and summary["steps"] == 40
+  assert summary["settings"]["ensemble"] == "nvt" and summary["settings"]["thermostat"] == "langevin"
+  assert summary["mean_temperature_K"] > 0 and summary["steps_per_s"] > 0
+
+
+def test_structure_selection_errors(run_dir, tmp_path):
+  data = run_dir.parent / "data.hdf5"
+  assert md.dataset_structure(data).key == "mol0/0"
+  with pytest.raises(ValueError, match="no molecule 'nope'"):
+    md.dataset_structure(data, "nope")
+  with pytest.raises(ValueError, match="has 2 conformers, asked for conformer 5"):
+    md.dataset_structure(data, "mol1", 5)
+  with pytest.raises(ValueError, match="ensemble must be one of"):
+    md.MDSettings(ensemble="npt")
+  xyz = tmp_path / "water.extxyz"
+  ase.io.write(xyz, ase.Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]],
+                              info={"charge": 0, "spin": 1}))
+  structure = md.read_structure(xyz, spin=3)
+  assert structure.num_atoms == 3 and structure.charge == 0 and structure.spin == 3
+
+
+def test_builtin_names_map_to_dataset_keys():
+  pytest.importorskip("rdkit")
+  assert md.molecule_key("ethanol") == "CCO"
+  assert md.molecule_key("Aspirin") == "CC(=O)Oc1ccccc1C(=O)O"
+  assert md.molecule_key("CCO") == "CCO"  # not a name: a key as given
