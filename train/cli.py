@@ -1,10 +1,11 @@
-"""``e2former train|eval``: the command line (kept short; the logic is in the library modules).
+"""``e2former train|eval|md``: the command line (kept short; the logic is in the library modules).
 
 Examples::
 
   e2former train --config configs/tiny.yaml --set optim.lr=1e-3 model.channels=32
   e2former train --config configs/paper_spice.yaml --data /path/to/SPICE.hdf5
   e2former eval runs/tiny --splits val test
+  e2former md runs/tiny --molecule ethanol --ensemble nvt --temperature 300 --steps 2000
 """
 
 from __future__ import annotations
@@ -23,14 +24,20 @@ DEFAULT_RUNS_DIR = Path("runs")
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   # Before anything touches a device: a multi-process launch must initialise the runtime first.
-  sharding.maybe_initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  sharding.maybe_initialize_distributed(getattr(args, "coordinator_address", None),
+                                        getattr(args, "num_processes", None),
+                                        getattr(args, "process_id", None))
   if args.command == "train":
     return _train(args)
+  if args.command == "md":
+    from train.md import run_command
+
+    return run_command(args)
   return _eval(args)
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="e2former", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="e2former", description="Train and evaluate E2Former-V2 potentials.")
   commands = parser.add_subparsers(dest="command", required=True)
 
   train = commands.add_parser("train", help="train (or resume) a run")
@@ -46,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--no-final-eval", action="store_true", help="skip the final validation/test table")
 
   evaluate = commands.add_parser("eval", help="evaluate a checkpoint: per-subset error table")
-  evaluate.add_argument("checkpoint", type=Path, help="a run folder, its checkpoints folder, or .../best|last")
+  evaluate.add_argument("checkpoint", type=Path,
+                        help="a run folder, its checkpoints folder, or .../best|last")
   evaluate.add_argument("--which", choices=("best", "last"), default=None,
                         help="checkpoint to evaluate (default: best if present, else last)")
   evaluate.add_argument("--data", default=None, help="evaluate on another dataset (same split rule)")
@@ -55,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="KEY=VALUE", help="override data fields, e.g. data.max_eval_batches=10")
   evaluate.add_argument("--out", type=Path, default=None,
                         help="folder for eval_table.md/json (default: the run folder)")
+
+  from train.md import add_arguments as add_md_arguments
+
+  md = commands.add_parser("md", help="molecular dynamics of a molecule with a trained checkpoint")
+  add_md_arguments(md)
 
   for sub in (train, evaluate):
     sub.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")

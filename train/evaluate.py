@@ -12,10 +12,10 @@ from jax.sharding import Mesh
 
 from train import sharding
 from train.checkpoint import load_predictor, resolve_checkpoint_dir
-from train.data import BatchIterator, ReferenceEnergies
+from train.data import BatchIterator
 from train.metrics import ALL_SUBSETS, ErrorSums, error_table, write_error_table
 from train.run_config import EnergyLoss, ForceLoss, LossConfig, apply_overrides
-from train.run_data import empty_batch, make_iterator, open_run_data
+from train.run_data import empty_batch, make_iterator, open_run_data, references_from_mapping
 from train.step import make_eval_step
 
 
@@ -99,9 +99,9 @@ def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, dat
   bad = [o for o in overrides if not o.startswith("data.")]
   if bad:
     raise ValueError(f"eval accepts only data.* overrides, got {bad}")
-  run_config = apply_overrides(run_config, list(overrides) + ([f"data.path={data_path}"] if data_path else []))
-  data = open_run_data(run_config.data, references=ReferenceEnergies.from_dict(
-      {"unit": "eV", "energies": {str(z): e for z, e in references.items()}}))
+  overrides = list(overrides) + ([f"data.path={data_path}"] if data_path else [])
+  run_config = apply_overrides(run_config, overrides)
+  data = open_run_data(run_config.data, references=references_from_mapping(references))
   mesh = sharding.make_mesh(num_devices)
   local_batches = sharding.local_batches_per_step(mesh, mesh.devices.size)
   eval_step = make_eval_step(model_config, run_config.loss.forces, mesh)

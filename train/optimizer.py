@@ -9,15 +9,16 @@ from train.run_config import OptimConfig
 from train.schedule import warmup_cosine_schedule
 
 # Parameters whose path contains one of these (case-insensitive) are not decayed (spec 9.2: biases,
-# embeddings, normalisation layers; "pos_embed" and "relative_position_bias" are covered by the first two).
-NO_DECAY_NAME_PARTS = ("bias", "embed", "norm")
+# embeddings, normalisation layers). E2Former names its embedding tables "*_table" (edge-degree and
+# molecule embeddings) and "*_types" (attention-gate atom types); "embed" covers other models' tables.
+NO_DECAY_NAME_PARTS = ("bias", "norm", "embed", "_table", "_types")
 
 
 def decay_mask(params) -> object:
   """Pytree of bools like ``params``: True where weight decay applies.
 
   Decay applies to parameters with at least two axes (matrices, SO(3)-linear weights) unless a path
-  component names a bias, an embedding table or a normalisation layer.
+  component names a bias, an embedding table or a normalisation layer (spec 9.2).
   """
 
   def decays(path, leaf) -> bool:

@@ -140,8 +140,9 @@ class TrainConfig:
 
   Attributes:
     steps: optimiser steps of the run (also T of the schedule unless ``optim.decay_steps`` is set).
-    max_minutes: wall-clock cap on training (None = none); the run then evaluates and saves as if
-      it had reached ``steps``.
+    max_minutes: wall-clock budget of one invocation, counted from its start (dataset build and
+      compilation included); training stops at the first step boundary past it, then the run
+      evaluates and saves as if it had reached ``steps`` (None = no budget).
     seed: seed of parameter initialisation, of the data order and of the saved random state.
     log_every: steps per training-metrics record (a window average).
     eval_every: steps between validation passes (EMA weights); also selects the best checkpoint.

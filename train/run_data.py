@@ -84,6 +84,15 @@ def make_iterator(data: RunData, split: str, config: DataConfig, model_config: E
       prefetch=config.prefetch, references=data.references, num_species=model_config.num_species)
 
 
+def references_to_mapping(references: ReferenceEnergies) -> dict[int, float]:
+  """{atomic number: eV} of the fitted elements (the form checkpoints store)."""
+  return {int(z): float(e) for z, e in references.to_dict()["energies"].items()}
+
+
+def references_from_mapping(mapping: dict[int, float]) -> ReferenceEnergies:
+  return ReferenceEnergies.from_dict({"unit": "eV", "energies": {str(z): e for z, e in mapping.items()}})
+
+
 def empty_batch(iterator: BatchIterator) -> Batch:
   """An all-padding batch with the iterator's shapes (parameter init, padding of the last eval step)."""
   return iterator.make_batch(np.zeros(0, np.int64))

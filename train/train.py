@@ -27,13 +27,14 @@ from tqdm import tqdm
 
 from train import sharding
 from train.checkpoint import BEST, CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo, load_predictor
-from train.data import DataPosition, ReferenceEnergies
+from train.data import DataPosition
 from train.evaluate import evaluate, validation_loss
 from train.metrics import (ALL_SUBSETS, CURVE_FILENAME, MetricsLog, error_table, plot_learning_curves,
                            write_error_table)
 from train.optimizer import make_optimizer
 from train.run_config import RunConfig
-from train.run_data import empty_batch, make_iterator, open_run_data
+from train.run_data import (empty_batch, make_iterator, open_run_data, references_from_mapping,
+                            references_to_mapping)
 from train.state import create_train_state
 from train.step import make_eval_step, make_init, make_train_step
 
@@ -81,6 +82,7 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
       good checkpoint is kept; nothing is saved after the failures).
     ValueError: for an invalid configuration or dataset.
   """
+  call_start = time.perf_counter()
   workdir = Path(workdir).expanduser().absolute()
   is_main = jax.process_index() == 0
   say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress and is_main else (lambda msg: None)
@@ -95,13 +97,14 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   checkpointer = Checkpointer(workdir / CHECKPOINT_DIRNAME)
   saved = checkpointer.predictor_info(LAST) if resume else None
 
-  data = open_run_data(config.data, references=None if saved is None else _references(saved))
+  data = open_run_data(config.data, references=None if saved is None else
+                       references_from_mapping(saved.reference_energies))
   iterators = {split: make_iterator(data, split, config.data, model_config, training=split == "train",
                                     seed=config.train.seed, process_index=jax.process_index(),
                                     process_count=jax.process_count())
                for split in ("train", *EVAL_SPLITS) if len(data.splits[split])}
   predictor = PredictorInfo(model_config=model_config,
-                            reference_energies=_reference_dict(data.references), run_config=config)
+                            reference_energies=references_to_mapping(data.references), run_config=config)
   say(f"data: {data.dataset.path} ({len(data.dataset)} records; "
       + ", ".join(f"{s} {len(data.splits[s])}" for s in ("train", *EVAL_SPLITS)) + "); "
       f"sub-batch: {config.data.atoms_per_batch} atoms x {data.max_molecules + 1} molecule slots; "
@@ -189,11 +192,12 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
         checkpointer.close()
         raise NonFiniteHalt(f"{int(m['nonfinite_run'])} consecutive non-finite steps (limit "
                             f"train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); "
-                            f"halted at step {done_step}, last good checkpoint kept in {checkpointer.directory}")
+                            f"halted at step {done_step}, last good checkpoint kept in "
+                            f"{checkpointer.directory}")
 
   stream = iterators["train"].stream(position)
   pending = None
-  deadline = (timing["start"] + 60.0 * config.train.max_minutes
+  deadline = (call_start + 60.0 * config.train.max_minutes
               if config.train.max_minutes is not None else None)
   try:
     while step < total_steps and not _past(deadline):
@@ -250,15 +254,6 @@ def _past(deadline: float | None) -> bool:
   return past
 
 
-def _references(info: PredictorInfo) -> ReferenceEnergies:
-  return ReferenceEnergies.from_dict(
-      {"unit": "eV", "energies": {str(z): e for z, e in info.reference_energies.items()}})
-
-
-def _reference_dict(references: ReferenceEnergies) -> dict[int, float]:
-  return {int(z): float(e) for z, e in references.to_dict()["energies"].items()}
-
-
 def _params_from_checkpoint(path: str, template):
   """EMA weights of a previous stage, minus top-level modules this model lacks (the direct force head).
 
@@ -266,21 +261,18 @@ def _params_from_checkpoint(path: str, template):
     ValueError: when a module of this model is missing from the checkpoint or a shape differs.
   """
   _, loaded, _, _, _ = load_predictor(path)
-  loaded, wanted = dict(loaded["params"]), template["params"]
+  loaded, wanted = dict(loaded["params"]), dict(template["params"])
   missing = sorted(set(wanted) - set(loaded))
   if missing:
     raise ValueError(f"{path}: the checkpoint has no parameters for {missing}")
   loaded = {name: loaded[name] for name in wanted}
-  mismatched = [jax.tree_util.keystr(p) for p, a, b in _zip_with_path(loaded, wanted) if a.shape != b.shape]
-  if jax.tree.structure(loaded) != jax.tree.structure(dict(wanted)) or mismatched:
-    raise ValueError(f"{path}: parameters do not match this architecture (differing: {mismatched[:5]})")
-  return {"params": jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), loaded, dict(wanted))}
-
-
-def _zip_with_path(a, b):
-  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-  flat_b = jax.tree.leaves(b)
-  return [(path, x, y) for (path, x), y in zip(flat_a, flat_b)]
+  if jax.tree.structure(loaded) != jax.tree.structure(wanted):
+    raise ValueError(f"{path}: the checkpoint's parameter tree does not match this architecture")
+  differs = jax.tree.map(lambda a, b: a.shape != b.shape, loaded, wanted)
+  mismatched = [jax.tree_util.keystr(p) for p, bad in jax.tree_util.tree_flatten_with_path(differs)[0] if bad]
+  if mismatched:
+    raise ValueError(f"{path}: parameter shapes differ from this architecture at {mismatched[:5]}")
+  return {"params": jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), loaded, wanted)}
 
 
 def _summary(timing: dict, step: int, state, mesh) -> dict[str, Any]:

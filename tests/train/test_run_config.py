@@ -1,0 +1,73 @@
+"""Run configs: YAML files, dotted overrides, validation errors and the paper defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from e2former_jax.config import MessagePath
+from train.run_config import (EnergyLoss, ForceLoss, ForceMode, RunConfig, load_run_config,
+                              model_config_from_dict, model_config_to_dict, run_config_from_dict)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path):
+  config = load_run_config(path)
+  assert run_config_from_dict(config.to_dict()) == config
+  model = config.model_config()
+  assert model_config_from_dict(model_config_to_dict(model)) == model
+  assert model.direct_force_head == (config.loss.forces is ForceMode.DIRECT)
+
+
+def test_defaults_are_the_authors_stage2_recipe():
+  """Spec 9.6, column "stage 2 (e2formerv2)", and the 9.3 schedule constants."""
+  config = RunConfig()
+  assert config.loss.forces is ForceMode.CONSERVATIVE
+  assert (config.loss.energy, config.loss.force) == (EnergyLoss.PER_ATOM, ForceLoss.ATOML2MAE)
+  assert (config.loss.energy_weight, config.loss.force_weight) == (10.0, 10.0)
+  assert (config.optim.lr, config.optim.weight_decay, config.optim.clip_norm) == (6e-4, 1e-3, 100.0)
+  optim = config.optim
+  assert (optim.warmup_steps, optim.warmup_factor, optim.lr_min_factor) == (4000, 0.2, 0.01)
+  assert (config.data.atoms_per_batch, config.train.steps) == (2048, 1_400_000)
+  assert config.model_config().channels == 256 and not config.model_config().direct_force_head
+
+
+def test_overrides_parse_types_and_enums(tmp_path):
+  path = tmp_path / "run.yaml"
+  path.write_text("model:\n  preset: tiny\n  channels: 16\noptim:\n  lr: 1e-3  # a comment\n")
+  config = load_run_config(path, ["optim.lr=2e-3", "model.channels=32", "loss.forces=direct",
+                                  "loss.force=l2mae", "data.split=[0.8,0.1,0.1]", "train.steps=7",
+                                  "model.message_path=per_edge", "data.path=null"])
+  assert config.optim.lr == 2e-3 and isinstance(config.optim.lr, float)
+  assert config.loss.forces is ForceMode.DIRECT and config.loss.force is ForceLoss.L2MAE
+  assert config.data.split == (0.8, 0.1, 0.1) and config.train.steps == 7 and config.data.path is None
+  model = config.model_config()
+  assert model.channels == 32 and model.num_layers == 2 and model.message_path is MessagePath.PER_EDGE
+  assert model.direct_force_head
+  assert config.decay_steps == 7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.learning_rate=1"], "unknown key optim.learning_rate"),
+    (["optimizer.lr=1"], "unknown section 'optimizer'"),
+    (["optim.lr"], "section.key=value"),
+    (["loss.forces=sideways"], "loss.forces must be one of"),
+    (["model.channelz=3"], "unknown model field 'channelz'"),
+    (["model.preset=huge"], "model.preset must be one of"),
+    (["model.channels=30", "model.num_heads=4"], "multiple of num_heads"),
+])
+def test_bad_configs_fail_with_one_clear_error(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    load_run_config(None, overrides)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+  path = tmp_path / "bad.yaml"
+  path.write_text("train:\n  stepz: 3\n")
+  with pytest.raises(ValueError, match=r"bad\.yaml.*unknown key train\.stepz"):
+    load_run_config(path)
+  with pytest.raises(ValueError, match="does not exist"):
+    load_run_config(tmp_path / "missing.yaml")
