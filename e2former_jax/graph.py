@@ -12,6 +12,11 @@ and are always masked; every gather uses ``mode="fill"`` so the sentinel reads z
 position of a slot is ``positions[j] + nbr_shift[i, k]`` (``nbr_shift`` is the Cartesian lattice
 shift of a periodic image, zero for molecules), and the edge vector is target minus source,
 ``r_ij = x_i - (x_j + shift_ij)`` (spec section 2.2, step 6).
+
+Periodicity is a static property of the pytree: ``cell`` is None for a batch of molecules (every
+``nbr_shift`` is then zero and the model runs its molecular code path unchanged) and a [B, 3, 3]
+array when the batch holds periodic cells (the model then adds the image-shift term of the
+node-centric message, docs/decisions.md D11). A molecule inside a periodic batch has a zero cell.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class Graph:
     charge: [B] int32 total charge of each molecule.
     spin: [B] int32 spin multiplicity 2S+1 of each molecule (0 = unspecified).
     molecule_mask: [B] bool, True for real molecules.
+    cell: [B, 3, 3] lattice vectors (rows) of each periodic structure, zero for molecules and
+      padding; None when no structure of the batch is periodic. ``nbr_shift`` of an atom of
+      structure b is an integer combination of the rows of ``cell[b]``.
   """
 
   positions: jax.Array
@@ -48,6 +56,7 @@ class Graph:
   charge: jax.Array
   spin: jax.Array
   molecule_mask: jax.Array
+  cell: jax.Array | None = None
 
   @property
   def num_nodes(self) -> int:
@@ -60,6 +69,11 @@ class Graph:
   @property
   def num_molecules(self) -> int:
     return self.charge.shape[0]
+
+  @property
+  def periodic(self) -> bool:
+    """Whether the batch carries cells (static: decided by the pytree structure)."""
+    return self.cell is not None
 
   def gather_sources(self, x: jax.Array) -> jax.Array:
     """x[nbr_idx] with zeros on empty slots: [N, ...] -> [N, K, ...]."""

@@ -1,24 +1,31 @@
 """Host-side neighbour search (numpy) and the padded :class:`~e2former_jax.graph.Graph` builder.
 
 The model's neighbour relation (spec section 2.2): slot ``(i, k)`` of atom ``i`` holds the k-th
-nearest other atom ``j`` with ``|x_i - x_j| <= cutoff`` (inclusive), at most K of them, sorted by
-distance, ties broken by the smaller index ``j``. Empty slots hold the sentinel ``n`` and are
-masked. The relation is directed and truncated: ``j in N(i)`` does not imply ``i in N(j)``.
+nearest source within the cutoff (inclusive), at most K of them, sorted by distance, ties broken by
+the smaller source index ``j`` and then by the image shift (lexicographic). Empty slots hold the
+sentinel ``n`` and are masked. The relation is directed and truncated: ``j in N(i)`` does not imply
+``i in N(j)``.
 
-The search works in two stages, so that periodic images can be added later without touching the
-non-periodic results:
+Without periodicity a source is another atom ``x_j``. In a periodic cell a source is a lattice image
+``x_j + S @ cell`` of any atom (integer shift S, zero along non-periodic axes), including images of
+``i`` itself: a cell narrower than twice the cutoff puts several images of one atom in a row. Shifts
+refer to the positions as given (they are not wrapped into the cell), so the edge vector of a slot
+is ``x_i - (x_j + S @ cell)`` whatever lattice translation each atom carries.
 
-1. candidate generation: every pair ``(i, j)`` that could be within the cutoff, produced in
-   bounded chunks of target atoms, either all pairs of a small system (``DENSE_PAIR_LIMIT``) or from
-   a cell list (cells of side cutoff / 2; the 5 x 5 x 5 cells around each atom's cell);
+The search works in two stages on a set of *points*:
+
+1. candidate generation: the points are the atoms themselves, or, for a periodic cell, the atoms
+   wrapped into the cell plus every image that can lie within the cutoff of the cell
+   (:func:`_periodic_points`). Candidate pairs (target, point) come in bounded chunks of targets,
+   either all pairs of a small system (``DENSE_PAIR_LIMIT``) or from a cell list (cells of side
+   cutoff / 2; the 5 x 5 x 5 cells around each point's cell);
 2. selection (:func:`_select_nearest`): exact distances, the cutoff test, and the K nearest per
-   target under the total order (distance, source index).
-
-A periodic search would only add candidates ``(i, j, image shift)`` in stage 1 and extend the
-order's tie-break with the image; stage 2 and the output layout stay the same.
+   target under the total order (distance, point index). Periodic points are numbered by (atom,
+   image shift), so the point index is the (source, shift) tie-break.
 
 Memory is O(n K) for the outputs plus O(``MAX_CHUNK_PAIRS``) for one chunk of candidates; no dense
-n x n array is formed beyond ``DENSE_PAIR_LIMIT`` pairs.
+n x n array is formed beyond ``DENSE_PAIR_LIMIT`` pairs. The periodic points number about
+n (1 + 2 r_c / L)^3 for a cell of width L.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
+from e2former_jax import lattice
 from e2former_jax.graph import Graph
 
 if TYPE_CHECKING:
@@ -44,6 +52,9 @@ _CELL_SLACK = 1e-6
 # Cells per cutoff length: side = cutoff / _REACH. Searching (2 _REACH + 1)^3 cells of side r_c / 2
 # covers a volume 15.6 r_c^3 instead of 27 r_c^3 with side r_c: ~40 % fewer candidate pairs.
 _REACH = 2
+# Largest number of (atom, image) pairs the periodic search examines: a cell far narrower than the
+# cutoff would otherwise ask for an unbounded number of images (~24 bytes each).
+MAX_IMAGE_PAIRS = 1 << 26
 
 
 class NeighborList(NamedTuple):
@@ -52,30 +63,39 @@ class NeighborList(NamedTuple):
   Attributes:
     idx: [n, K] int32 source atom of each slot; n (sentinel) on empty slots.
     mask: [n, K] bool, True on real slots (always a prefix of each row).
-    distances: [n, K] float64 distance |x_i - x_j| in angstrom; inf on empty slots.
+    distances: [n, K] float64 distance |x_i - (x_j + shifts @ cell)| in angstrom; inf on empty
+      slots.
+    shifts: [n, K, 3] int32 lattice image S of the source (zero without periodicity and on empty
+      slots).
   """
 
   idx: np.ndarray
   mask: np.ndarray
   distances: np.ndarray
+  shifts: np.ndarray
 
 
 def neighbor_list(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
-                  segments: np.ndarray | None = None) -> NeighborList:
-  """The K nearest other atoms within the cutoff of every atom (non-periodic).
+                  segments: np.ndarray | None = None, cell: np.ndarray | None = None,
+                  pbc=None) -> NeighborList:
+  """The K nearest sources within the cutoff of every atom: other atoms, or periodic images.
 
   Args:
-    positions: [n, 3] Cartesian coordinates in angstrom (finite).
+    positions: [n, 3] Cartesian coordinates in angstrom (finite; need not lie inside the cell).
     cutoff: radius in angstrom; a pair at exactly ``cutoff`` is a neighbour.
     max_neighbors: K, the number of slots per atom; the nearest K are kept.
     segments: optional [n] ints; atoms of different segments are never neighbours, which lets a
-      batch of molecules be searched in one call.
+      batch of molecules be searched in one call (not with a periodic cell).
+    cell: [3, 3] lattice vectors (rows) in angstrom; used only where ``pbc`` is True somewhere.
+    pbc: a bool or three bools, periodicity along each lattice vector (None = not periodic).
 
   Returns:
-    A :class:`NeighborList` ``(idx, mask, distances)``; rows sorted by (distance, source index).
+    A :class:`NeighborList` ``(idx, mask, distances, shifts)``; rows sorted by (distance, source
+    index, shift).
 
   Raises:
-    ValueError: on bad shapes, non-finite positions or a non-positive cutoff / K.
+    ValueError: on bad shapes, non-finite positions, a non-positive cutoff / K, a bad cell (see
+      :func:`e2former_jax.lattice.check_cell`), or a cell too narrow for the cutoff.
   """
   positions = np.asarray(positions, dtype=np.float64)
   if positions.ndim != 2 or positions.shape[1] != 3:
@@ -87,16 +107,20 @@ def neighbor_list(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
   if not np.isfinite(positions).all():
     raise ValueError("positions contain NaN or inf")
   n = positions.shape[0]
+  k = int(max_neighbors)
+  if pbc is not None and np.any(pbc):
+    if segments is not None:
+      raise ValueError("segments cannot be combined with a periodic cell: search one periodic "
+                       "structure at a time")
+    cell, pbc = lattice.check_cell(cell, pbc)
+    return _periodic_neighbor_list(positions, cutoff, k, cell, np.asarray(pbc))
   if segments is not None:
     segments = np.asarray(segments)
     if segments.shape != (n,) or segments.dtype.kind not in "iu":
       raise ValueError(f"segments must be [n] integers, got shape {segments.shape} "
                        f"dtype {segments.dtype}")
-  k = int(max_neighbors)
-  out = NeighborList(idx=np.full((n, k), n, np.int32), mask=np.zeros((n, k), bool),
-                     distances=np.full((n, k), np.inf))
   if n < 2:
-    return out
+    return _neighbor_list_from(np.full((n, k), n), np.full((n, k), np.inf))
 
   if segments is None and n * n <= DENSE_PAIR_LIMIT:
     order, starts, counts = np.arange(n), np.zeros((n, 1), np.int64), np.full((n, 1), n)
@@ -105,15 +129,50 @@ def neighbor_list(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
   else:
     segments = np.zeros(n, np.int64) if segments is None else segments
     order, starts, counts = _cell_ranges(positions, cutoff, segments)
-  # Work in "sorted space" (atoms permuted by `order`), where the candidates of sorted target t are
-  # the contiguous ranges [starts[t, r], starts[t, r] + counts[t, r]) and neighbouring atoms sit
-  # close in memory.
-  coords = [np.ascontiguousarray(positions[order, axis]) for axis in range(3)]  # 3 x [n]
-  per_target = counts.sum(axis=1)  # [n]
+  return _neighbor_list_from(*_nearest(positions, cutoff, k, order, starts, counts))
+
+
+def _neighbor_list_from(idx: np.ndarray, distances: np.ndarray,
+                        shifts: np.ndarray | None = None) -> NeighborList:
+  """Packs selected [n, K] sources and distances (inf = empty) into a NeighborList."""
+  n, k = idx.shape
+  shifts = np.zeros((n, k, 3), np.int32) if shifts is None else shifts.astype(np.int32)
+  return NeighborList(idx=idx.astype(np.int32), mask=np.isfinite(distances), distances=distances,
+                      shifts=shifts)
+
+
+def _nearest(points: np.ndarray, cutoff: float, k: int, order: np.ndarray, starts: np.ndarray,
+             counts: np.ndarray, *, rows: np.ndarray | None = None,
+             num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The K nearest other points within the cutoff of every target point.
+
+  Args:
+    points: [P, 3] coordinates.
+    cutoff: inclusive radius.
+    k: slots per target.
+    order, starts, counts: candidate ranges in sorted space (see :func:`_cell_ranges`).
+    rows: optional [P] output row of each point, -1 for points that are only sources (default:
+      every point is a target, row = point index).
+    num_rows: number of output rows (default P).
+
+  Returns:
+    idx [num_rows, K] int64 point index of each slot (P on empty slots) and distances
+    [num_rows, K] float64 (inf on empty slots), rows sorted by (distance, point index).
+  """
+  p = points.shape[0]
+  num_rows = p if num_rows is None else num_rows
+  idx, dist = np.full((num_rows, k), p, np.int64), np.full((num_rows, k), np.inf)
+  row_of_sorted = order if rows is None else rows[order]  # [P] output row, -1 = source only
+  # Work in "sorted space" (points permuted by `order`), where the candidates of sorted target t
+  # are the contiguous ranges [starts[t, r], starts[t, r] + counts[t, r]) and neighbouring points
+  # sit close in memory.
+  coords = [np.ascontiguousarray(points[order, axis]) for axis in range(3)]  # 3 x [P]
+  counts = np.where(row_of_sorted[:, None] >= 0, counts, 0)  # source-only points search nothing
+  per_target = counts.sum(axis=1)  # [P]
   for lo, hi in _chunks(per_target):
-    targets = np.repeat(np.arange(lo, hi), per_target[lo:hi])  # [P] sorted space
-    sources = _ragged_arange(starts[lo:hi].ravel(), counts[lo:hi].ravel())  # [P] sorted space
-    d2 = np.zeros(len(targets))  # [P]
+    targets = np.repeat(np.arange(lo, hi), per_target[lo:hi])  # [C] sorted space
+    sources = _ragged_arange(starts[lo:hi].ravel(), counts[lo:hi].ravel())  # [C] sorted space
+    d2 = np.zeros(len(targets))  # [C]
     for c in coords:
       delta = np.repeat(c[lo:hi], per_target[lo:hi]) - c[sources]
       d2 += delta * delta
@@ -121,8 +180,67 @@ def neighbor_list(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
     keep = (d2 <= cutoff * cutoff * (1.0 + _CELL_SLACK)) & (targets != sources)
     targets, sources, d = targets[keep], sources[keep], np.sqrt(d2[keep])
     keep = d <= cutoff
-    _select_nearest(targets[keep] - lo, order[sources[keep]], d[keep], order[lo:hi], out)
-  return out
+    _select_nearest(targets[keep] - lo, order[sources[keep]], d[keep], row_of_sorted[lo:hi], idx,
+                    dist, sentinel=p)
+  return idx, dist
+
+
+def _periodic_neighbor_list(positions: np.ndarray, cutoff: float, k: int, cell: np.ndarray,
+                            pbc: np.ndarray) -> NeighborList:
+  """:func:`neighbor_list` of one periodic structure (arguments already checked)."""
+  n = positions.shape[0]
+  if n == 0:
+    return _neighbor_list_from(np.zeros((0, k), np.int64), np.zeros((0, k)))
+  points, atom, image, images, offsets = _periodic_points(positions, cutoff, cell, pbc)
+  home = np.flatnonzero(~images.any(axis=1))[0]  # index of the zero shift
+  rows = np.where(image == home, atom, -1)  # [P] the wrapped atoms are the targets
+  if n * len(points) <= DENSE_PAIR_LIMIT:
+    p = len(points)
+    order, starts, counts = np.arange(p), np.zeros((p, 1), np.int64), np.full((p, 1), p)
+  else:
+    order, starts, counts = _cell_ranges(points, cutoff, np.zeros(len(points), np.int64))
+  point, dist = _nearest(points, cutoff, k, order, starts, counts, rows=rows, num_rows=n)
+  valid = np.isfinite(dist)  # [n, K]
+  point = np.where(valid, point, 0)
+  source = atom[point]  # [n, K]
+  # The image was found between wrapped atoms x_i - o_i @ cell and x_j - o_j @ cell; relative to the
+  # positions as given its shift is image + o_i - o_j.
+  shifts = images[image[point]] + offsets[:, None, :] - offsets[source]  # [n, K, 3]
+  return _neighbor_list_from(np.where(valid, source, n), dist,
+                             np.where(valid[..., None], shifts, 0))
+
+
+def _periodic_points(positions: np.ndarray, cutoff: float, cell: np.ndarray, pbc: np.ndarray):
+  """The wrapped atoms and every lattice image that can lie within the cutoff of the cell.
+
+  Returns:
+    points [P, 3] Cartesian coordinates, atom [P] and image [P] (index into ``images``) of each
+    point, in increasing (atom, image) order; images [T, 3] int64, the candidate lattice shifts in
+    lexicographic order; offsets [n, 3] int64, the lattice translation that wraps each atom into
+    the cell (zero along non-periodic axes).
+  """
+  frac = positions @ np.linalg.inv(cell)  # [n, 3]
+  offsets = np.where(pbc, np.floor(frac), 0.0).astype(np.int64)  # [n, 3]
+  frac = frac - offsets
+  wrapped = positions - offsets @ cell  # [n, 3]
+  # The cutoff in fractional units along each axis: an image farther than this (in fractional
+  # coordinates) from the cell [0, 1) is farther than the cutoff from every wrapped atom.
+  reach = cutoff * (1.0 + _CELL_SLACK) / lattice.plane_spacings(cell)  # [3]
+  extent = np.where(pbc, np.ceil(reach), 0).astype(np.int64)  # [3]
+  num_images = int(np.prod(2 * extent + 1))
+  if len(positions) * num_images > MAX_IMAGE_PAIRS:
+    raise ValueError(f"cell too narrow for the cutoff {cutoff} A: plane spacings "
+                     f"{lattice.plane_spacings(cell).round(4).tolist()} A need {num_images} image "
+                     f"cells for each of {len(positions)} atoms")
+  images = np.stack(np.meshgrid(*[np.arange(-e, e + 1) for e in extent], indexing="ij"),
+                    axis=-1).reshape(-1, 3)  # [T, 3] lexicographic
+  near = np.ones((len(positions), len(images)), bool)  # [n, T]
+  for axis in np.flatnonzero(pbc):
+    f = frac[:, axis, None] + images[None, :, axis]  # [n, T]
+    near &= (f >= -reach[axis]) & (f <= 1.0 + reach[axis])
+  atom, image = np.nonzero(near)  # row-major: increasing (atom, image)
+  points = wrapped[atom] + images[image] @ cell  # [P, 3]
+  return points, atom, image, images, offsets
 
 
 def _dense_pair_count(segments: np.ndarray) -> int:
@@ -199,41 +317,43 @@ def _ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _select_nearest(rows: np.ndarray, sources: np.ndarray, d: np.ndarray, row_atoms: np.ndarray,
-                    out: NeighborList) -> None:
-  """Writes the K nearest in-cutoff neighbours of a chunk of target atoms into ``out``.
+                    idx_out: np.ndarray, dist_out: np.ndarray, sentinel: int) -> None:
+  """Writes the K nearest in-cutoff sources of a chunk of targets into ``idx_out``/``dist_out``.
 
   Args:
-    rows: [P] row of each pair in the chunk, non-decreasing, in [0, len(row_atoms)).
-    sources: [P] source atom of each pair (atom index).
-    d: [P] distance of each pair (all within the cutoff, no self pairs).
-    row_atoms: [C] target atom of each row.
-    out: the neighbour list; rows ``row_atoms`` are written in full.
+    rows: [C] row of each pair in the chunk, non-decreasing, in [0, len(row_atoms)).
+    sources: [C] source point of each pair.
+    d: [C] distance of each pair (all within the cutoff, no self pairs).
+    row_atoms: [R] output row of each chunk row; -1 for rows that are not targets (no pairs).
+    idx_out: [n, K] source of each slot, the sentinel (number of points) on empty slots.
+    dist_out: [n, K] distances, inf on empty slots. Rows ``row_atoms`` are written in full.
+    sentinel: source index of empty slots.
   """
-  n, k = out.idx.shape
+  k = idx_out.shape[1]
   num_rows = len(row_atoms)
-  per_row = np.bincount(rows, minlength=num_rows)  # [C]
+  per_row = np.bincount(rows, minlength=num_rows)  # [R]
   width = int(per_row.max(initial=0))
   if width == 0:
     return
-  col = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)  # [P]
-  src = np.full((num_rows, width), n, np.int64)  # [C, W]
-  dist = np.full((num_rows, width), np.inf)  # [C, W]
+  col = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)  # [C]
+  src = np.full((num_rows, width), sentinel, np.int64)  # [R, W]
+  dist = np.full((num_rows, width), np.inf)  # [R, W]
   src[rows, col] = sources
   dist[rows, col] = d
   # Order each row by (distance, source): stable sort by source, then stable sort by distance.
   by_source = np.argsort(src, axis=1, kind="stable")
   src, dist = np.take_along_axis(src, by_source, 1), np.take_along_axis(dist, by_source, 1)
-  nearest = np.argsort(dist, axis=1, kind="stable")[:, :k]  # [C, min(W, K)]
+  nearest = np.argsort(dist, axis=1, kind="stable")[:, :k]  # [R, min(W, K)]
   src, dist = np.take_along_axis(src, nearest, 1), np.take_along_axis(dist, nearest, 1)
   width = src.shape[1]
-  out.idx[row_atoms, :width] = src
-  out.mask[row_atoms, :width] = np.isfinite(dist)
-  out.distances[row_atoms, :width] = dist
+  targets = row_atoms >= 0
+  idx_out[row_atoms[targets], :width] = src[targets]
+  dist_out[row_atoms[targets], :width] = dist[targets]
 
 
 def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbors: int,
                 num_nodes: int | None = None, num_molecules: int | None = None,
-                dtype: np.dtype = np.float32) -> Graph:
+                dtype: np.dtype = np.float32, periodic: bool | None = None) -> Graph:
   """Packs structures into one padded :class:`Graph` (host numpy arrays) with static shapes.
 
   Real atoms fill the first slots in order (molecule 0's atoms, then molecule 1's, ...). Padding:
@@ -242,25 +362,36 @@ def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbo
     ``molecule_index = num_molecules - 1`` (the last molecule slot; when every molecule slot is real
     that slot is a real molecule, so every per-molecule reduction must weight atoms by
     ``node_mask``; leaving one spare molecule slot makes padding land on a padded molecule);
-  * molecule slots beyond the structures: charge 0, spin 0, ``molecule_mask`` False;
-  * neighbour slots: sentinel ``num_nodes``, ``nbr_mask`` False; ``nbr_shift`` is all zeros.
+  * molecule slots beyond the structures: charge 0, spin 0, ``molecule_mask`` False, zero cell;
+  * neighbour slots: sentinel ``num_nodes``, ``nbr_mask`` False, zero ``nbr_shift``.
 
-  Structures are not validated here (see :func:`e2former_jax.structure.validate_structure`).
+  A structure is periodic when its ``pbc`` is True along some axis; its neighbours are periodic
+  images (``nbr_shift = S @ cell``, positions kept as given, not wrapped) and its cell goes to
+  ``Graph.cell``. Every other structure is a molecule and gets exactly the graph it would get
+  without this feature (its ``cell``, if any, is ignored).
+
+  Structures are not validated here (see :func:`e2former_jax.structure.validate_structure`); a
+  periodic structure's cell is checked by the neighbour search.
 
   Args:
-    structures: the molecules, each a :class:`~e2former_jax.structure.Structure`.
+    structures: the molecules and periodic cells, each a
+      :class:`~e2former_jax.structure.Structure`.
     cutoff: neighbour cutoff in angstrom (inclusive).
     max_neighbors: K, neighbour slots per atom.
     num_nodes: N, atom slots (default: the total number of atoms).
     num_molecules: B, molecule slots (default: the number of structures).
-    dtype: float dtype of positions and shifts.
+    dtype: float dtype of positions, shifts and cells.
+    periodic: whether the Graph carries ``cell`` (the model then adds the image-shift term, see
+      docs/decisions.md D11). None: only when some structure is periodic; True: always (zero cells
+      for molecules), which keeps one pytree structure, hence one compilation, for a data set that
+      mixes molecules and cells; False: never, and a periodic structure is an error.
 
   Returns:
     The padded Graph, N = num_nodes, K = max_neighbors, B = num_molecules.
 
   Raises:
-    ValueError: when the atoms or molecules do not fit the requested padding.
-    NotImplementedError: for a periodic structure (pbc True along any axis).
+    ValueError: when the atoms or molecules do not fit the requested padding, on a bad cell, or on
+      a periodic structure with ``periodic=False``.
   """
   sizes = np.array([len(s.numbers) for s in structures], np.int64)  # [M]
   total = int(sizes.sum())
@@ -270,24 +401,38 @@ def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbo
     raise ValueError(f"{total} atoms do not fit num_nodes={n_pad}")
   if len(structures) > b_pad or b_pad < 1:
     raise ValueError(f"{len(structures)} structures do not fit num_molecules={b_pad}")
-  for s in structures:
-    if s.pbc is not None and any(s.pbc):
-      raise NotImplementedError(f"periodic structure {s.key or ''!r}: pbc={s.pbc} is not "
-                                f"supported yet")
+  is_periodic = np.array([s.pbc is not None and any(s.pbc) for s in structures], bool)  # [M]
+  if periodic is False and is_periodic.any():
+    s = structures[int(np.argmax(is_periodic))]
+    raise ValueError(f"periodic structure {s.key or ''!r} (pbc={s.pbc}) in a build_graph call "
+                     f"with periodic=False")
   k = int(max_neighbors)
 
   molecule = np.repeat(np.arange(len(structures)), sizes)  # [total]
+  starts = np.cumsum(sizes) - sizes  # [M]
   if structures:
     positions = np.concatenate([np.asarray(s.positions, np.float64).reshape(-1, 3)
                                 for s in structures])
     species = np.concatenate([np.asarray(s.numbers) for s in structures]).astype(np.int32)
   else:
     positions, species = np.zeros((0, 3)), np.zeros(0, np.int32)
-  nbrs = neighbor_list(positions, cutoff, k, segments=molecule)
   nbr_idx = np.full((n_pad, k), n_pad, np.int32)
-  nbr_idx[:total] = np.where(nbrs.mask, nbrs.idx, n_pad)
   nbr_mask = np.zeros((n_pad, k), bool)
-  nbr_mask[:total] = nbrs.mask
+  nbr_shift = np.zeros((n_pad, k, 3), np.float64)
+  cell = np.zeros((b_pad, 3, 3), np.float64)
+  # Molecules: one search over all of them, segments keeping them apart.
+  atoms = np.flatnonzero(~is_periodic[molecule]) if structures else np.zeros(0, np.int64)
+  nbrs = neighbor_list(positions[atoms], cutoff, k, segments=molecule[atoms])
+  nbr_idx[atoms] = np.where(nbrs.mask, atoms[np.where(nbrs.mask, nbrs.idx, 0)], n_pad)
+  nbr_mask[atoms] = nbrs.mask
+  # Periodic cells: one search each.
+  for m in np.flatnonzero(is_periodic):
+    s, rows = structures[m], slice(starts[m], starts[m] + sizes[m])
+    nbrs = neighbor_list(positions[rows], cutoff, k, cell=s.cell, pbc=s.pbc)
+    cell[m] = s.cell
+    nbr_idx[rows] = np.where(nbrs.mask, nbrs.idx + starts[m], n_pad)
+    nbr_mask[rows] = nbrs.mask
+    nbr_shift[rows] = nbrs.shifts @ cell[m]
 
   pos = np.zeros((n_pad, 3), dtype)
   pos[:total] = positions
@@ -303,6 +448,8 @@ def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbo
   spin[:len(structures)] = [s.spin for s in structures]
   molecule_mask = np.zeros(b_pad, bool)
   molecule_mask[:len(structures)] = True
+  with_cell = is_periodic.any() if periodic is None else periodic
   return Graph(positions=pos, species=spec, node_mask=node_mask, molecule_index=molecule_index,
-               nbr_idx=nbr_idx, nbr_mask=nbr_mask, nbr_shift=np.zeros((n_pad, k, 3), dtype),
-               charge=charge, spin=spin, molecule_mask=molecule_mask)
+               nbr_idx=nbr_idx, nbr_mask=nbr_mask, nbr_shift=nbr_shift.astype(dtype), charge=charge,
+               spin=spin, molecule_mask=molecule_mask,
+               cell=cell.astype(dtype) if with_cell else None)

@@ -1,4 +1,4 @@
-"""One molecular structure on the host, and the checks every input must pass before the model.
+"""One structure (a molecule or a periodic cell) on the host, and the checks every input must pass.
 
 A :class:`Structure` is what the data readers, the ASE calculator and the JAX MD interface hand to
 :func:`e2former_jax.neighbors.build_graph`. :func:`validate_structure` rejects, with one clear
@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 
+from e2former_jax import lattice
 from e2former_jax.neighbors import neighbor_list
 
 # Largest atomic number of a known element (oganesson).
@@ -23,15 +24,16 @@ MIN_DISTANCE = 0.1
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Structure:
-  """A molecule (or, later, a periodic cell): atoms, positions and its total charge and spin.
+  """A molecule or a periodic cell: atoms, positions and its total charge and spin.
 
   Attributes:
     numbers: [n] int atomic numbers.
     positions: [n, 3] float64 Cartesian coordinates in angstrom.
     charge: total charge in units of e.
     spin: spin multiplicity 2S + 1 (1 = singlet, 2 = doublet; 0 = unspecified).
-    cell: optional [3, 3] lattice vectors (rows) in angstrom, kept for periodic support.
-    pbc: optional periodicity along the three cell vectors.
+    cell: optional [3, 3] lattice vectors (rows) in angstrom; used only when pbc is set.
+    pbc: optional periodicity along the three cell vectors; True along any axis makes the
+      structure periodic (its atoms interact with their lattice images).
     key: optional name of the structure (record key of a dataset), used in error messages.
   """
 
@@ -55,6 +57,10 @@ class Structure:
   def num_atoms(self) -> int:
     return int(self.numbers.shape[0]) if self.numbers.ndim else 0
 
+  @property
+  def periodic(self) -> bool:
+    return self.pbc is not None and any(self.pbc)
+
   @classmethod
   def from_ase(cls, atoms, *, charge: int | None = None, spin: int | None = None,
                key: str | None = None) -> "Structure":
@@ -71,17 +77,21 @@ class Structure:
                cell=cell if np.any(cell) else None, pbc=pbc if any(pbc) else None, key=key)
 
 
-def validate_structure(structure: Structure, *, num_species: int | None = None) -> None:
+def validate_structure(structure: Structure, *, num_species: int | None = None,
+                       allow_left_handed: bool = True) -> None:
   """Raises ValueError with one clear message if the structure cannot be fed to the model.
 
   Checks, in order: shapes and dtypes, empty structure, atomic numbers in 1..118 (and below
-  ``num_species``), finite coordinates (and cell), integer charge and spin with a multiplicity
+  ``num_species``), finite coordinates, the cell (shape, finite; for a periodic structure also
+  non-singular and, unless allowed, right-handed), integer charge and spin with a multiplicity
   consistent with the electron count, and no two atoms closer than :data:`MIN_DISTANCE`
-  (found with the cell-list neighbour search, so large structures need no n x n matrix).
+  (found with the cell-list neighbour search, so large structures need no n x n matrix; in a
+  periodic cell the distances to every lattice image count, an atom's own images included).
 
   Args:
     structure: the structure to check.
     num_species: size of the model's atom-type tables (``E2FormerConfig.num_species``), if known.
+    allow_left_handed: accept a periodic cell with det < 0.
 
   Raises:
     ValueError: naming the structure's key and the first problem found.
@@ -108,25 +118,31 @@ def validate_structure(structure: Structure, *, num_species: int | None = None) 
   if not np.isfinite(positions).all():
     i = int(np.argmax(~np.isfinite(positions).all(axis=1)))
     raise ValueError(f"{name}non-finite coordinates (NaN or inf) at atom {i}: {positions[i]}")
-  _validate_cell(structure, name)
+  _validate_cell(structure, name, allow_left_handed)
   _validate_charge_spin(structure, name)
-  nbrs = neighbor_list(positions, MIN_DISTANCE, 1)  # the nearest other atom within MIN_DISTANCE
+  # The nearest other atom (or image) within MIN_DISTANCE.
+  nbrs = neighbor_list(positions, MIN_DISTANCE, 1, cell=structure.cell, pbc=structure.pbc)
   d = np.where(nbrs.mask[:, 0], nbrs.distances[:, 0], np.inf)  # [n]
   if d.min() < MIN_DISTANCE:  # the search is inclusive, the limit is not
     i = int(np.argmin(d))
-    i, j = sorted((i, int(nbrs.idx[i, 0])))
-    raise ValueError(f"{name}atoms {i} and {j} are {d.min():.4g} A apart, closer than MIN_DISTANCE="
+    j, shift = int(nbrs.idx[i, 0]), nbrs.shifts[i, 0]
+    what = f"atoms {min(i, j)} and {max(i, j)} are" if i != j else f"atom {i} and its own image are"
+    image = f" (lattice image {shift.tolist()})" if shift.any() else ""
+    raise ValueError(f"{name}{what} {d.min():.4g} A apart{image}, closer than MIN_DISTANCE="
                      f"{MIN_DISTANCE} A (coincident or overlapping atoms)")
 
 
-def _validate_cell(structure: Structure, name: str) -> None:
+def _validate_cell(structure: Structure, name: str, allow_left_handed: bool) -> None:
   if structure.cell is not None:
     if structure.cell.shape != (3, 3):
       raise ValueError(f"{name}cell must have shape [3, 3], got {structure.cell.shape}")
     if not np.isfinite(structure.cell).all():
       raise ValueError(f"{name}cell contains NaN or inf")
-  if structure.pbc is not None and any(structure.pbc) and structure.cell is None:
-    raise ValueError(f"{name}pbc={structure.pbc} needs a cell")
+  if structure.periodic:
+    try:
+      lattice.check_cell(structure.cell, structure.pbc, allow_left_handed=allow_left_handed)
+    except ValueError as error:
+      raise ValueError(f"{name}{error}") from None
 
 
 def _validate_charge_spin(structure: Structure, name: str) -> None:

@@ -138,6 +138,131 @@ def test_build_graph_defaults_and_errors(rng):
     build_graph([s, s], cutoff=2.0, max_neighbors=3, num_nodes=9)
   with pytest.raises(ValueError, match="num_molecules"):
     build_graph([s, s], cutoff=2.0, max_neighbors=3, num_molecules=1)
+  assert graph.cell is None  # molecules only: the model's molecular path
   periodic = Structure(numbers=z, positions=x, cell=np.eye(3) * 10, pbc=(True, True, True))
-  with pytest.raises(NotImplementedError, match="periodic"):
-    build_graph([periodic], cutoff=2.0, max_neighbors=3)
+  with pytest.raises(ValueError, match="periodic=False"):
+    build_graph([periodic], cutoff=2.0, max_neighbors=3, periodic=False)
+
+
+# ------------------------------------------------------------------------------------ periodic
+
+
+def brute_periodic(positions, cell, pbc, cutoff):
+  """Every (distance, source, shift) within the cutoff of each atom, sorted, from an explicit
+  enumeration of lattice images (wide enough for unwrapped positions)."""
+  frac = positions @ np.linalg.inv(cell)
+  spacing = neighbors.lattice.plane_spacings(cell)
+  ranges = []
+  for axis in range(3):
+    e = int(np.ceil(cutoff / spacing[axis] + np.ptp(frac[:, axis]))) + 1 if pbc[axis] else 0
+    ranges.append(np.arange(-e, e + 1))
+  shifts = np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, 3)  # [T, 3]
+  rows = []
+  for i in range(len(positions)):
+    sources = positions[:, None] + (shifts @ cell)[None]  # [n, T, 3]
+    d = np.linalg.norm(positions[i] - sources, axis=-1)  # [n, T]
+    d[i, ~shifts.any(axis=1)] = np.inf
+    j, t = np.nonzero(d <= cutoff)
+    rows.append(sorted(zip(d[j, t], j, map(tuple, shifts[t].tolist()))))
+  return rows
+
+
+def random_cell(rng, scale):
+  """A right- or left-handed triclinic cell with angles well away from degenerate."""
+  while True:
+    cell = np.eye(3) * scale + rng.normal(size=(3, 3)) * 0.3 * scale
+    if abs(np.linalg.det(cell)) > 0.5 * np.prod(np.linalg.norm(cell, axis=1)):
+      return cell * rng.choice([-1, 1])
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_periodic_matches_brute_force(search_path, case):
+  rng = np.random.default_rng(100 + case)
+  n = int(rng.integers(1, 10))
+  cutoff = 3.0
+  # Cells from 0.6 to 2.5 cutoffs wide: narrow ones hold several images of one atom, itself
+  # included; positions up to a few cells outside the cell (not wrapped).
+  cell = random_cell(rng, cutoff * rng.uniform(0.6, 2.5))
+  pbc = [(True, True, True), (True, True, False), (False, True, False),
+         (True, False, True)][case % 4]
+  positions = rng.uniform(-2.0, 3.0, (n, 3)) @ cell
+  full = brute_periodic(positions, cell, pbc, cutoff)
+  for k in (4, 200):  # truncating and not
+    nl = neighbor_list(positions, cutoff, k, cell=cell, pbc=pbc)
+    assert nl.shifts.shape == (n, k, 3) and nl.shifts.dtype == np.int32
+    for i in range(n):
+      expected = full[i][:k]
+      count = int(nl.mask[i].sum())
+      assert count == len(expected) and nl.mask[i, :count].all()
+      np.testing.assert_allclose(nl.distances[i, :count], [e[0] for e in expected], atol=1e-9)
+      vectors = positions[i] - (positions[nl.idx[i, :count]] + nl.shifts[i, :count] @ cell)
+      np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), nl.distances[i, :count],
+                                 atol=1e-9)
+      if len(full[i]) <= k:  # no truncation: the same (source, shift) set
+        got = {(int(j), tuple(s)) for j, s in zip(nl.idx[i, :count], nl.shifts[i, :count].tolist())}
+        assert got == {e[1:] for e in expected}
+      assert np.all(nl.idx[i, count:] == n) and not nl.shifts[i, count:].any()
+    for axis in np.flatnonzero(~np.asarray(pbc)):
+      assert not nl.shifts[..., axis].any()
+
+
+def test_periodic_single_atom_sees_its_own_images():
+  # Simple cubic, a = 2 with cutoff 2: the 6 face images of the atom itself, ties broken by shift.
+  # Dyadic coordinates: every distance is exact, so the six are exact ties.
+  nl = neighbor_list(np.array([[0.5, 0.25, 0.125]]), 2.0, 8, cell=np.eye(3) * 2.0, pbc=True)
+  assert nl.mask.sum() == 6 and np.all(nl.idx[0, :6] == 0)
+  np.testing.assert_allclose(nl.distances[0, :6], 2.0)
+  assert nl.shifts[0, :6].tolist() == [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, 1], [0, 1, 0],
+                                       [1, 0, 0]]
+
+
+def test_periodic_large_cell_uses_cell_list(rng):
+  # Liquid density, 1500 atoms: the cell-list path, checked against brute force on sampled atoms.
+  n, cutoff = 1500, 4.5
+  cell = random_cell(rng, (n / 0.1) ** (1 / 3))
+  positions = rng.uniform(0, 1, (n, 3)) @ cell
+  nl = neighbor_list(positions, cutoff, 32, cell=cell, pbc=True)
+  images = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
+  for i in rng.choice(n, 10, replace=False):
+    d = np.linalg.norm(positions[i] - (positions[:, None] + (images @ cell)[None]), axis=-1)
+    d[i, 13] = np.inf  # images[13] is the zero shift
+    j, t = np.nonzero(d <= cutoff)
+    expected = sorted(zip(d[j, t], j, map(tuple, images[t].tolist())))[:32]
+    assert nl.mask[i].sum() == len(expected)
+    np.testing.assert_allclose(nl.distances[i, :len(expected)], [e[0] for e in expected], atol=1e-9)
+
+
+def test_periodic_bad_input():
+  positions = np.zeros((2, 3))
+  with pytest.raises(ValueError, match="needs a cell"):
+    neighbor_list(positions, 1.0, 4, pbc=True)
+  with pytest.raises(ValueError, match="singular"):
+    neighbor_list(positions, 1.0, 4, cell=np.diag([1.0, 1.0, 0.0]), pbc=True)
+  with pytest.raises(ValueError, match="segments"):
+    neighbor_list(positions, 1.0, 4, cell=np.eye(3), pbc=True, segments=np.zeros(2, int))
+  with pytest.raises(ValueError, match="too narrow"):
+    neighbor_list(positions, 1.0, 4, cell=np.eye(3) * 1e-3, pbc=True)
+
+
+def test_build_graph_periodic(rng):
+  z, x = random_molecule(rng, 6)
+  molecule = Structure(numbers=z, positions=x)
+  cell = random_cell(rng, 5.0)
+  crystal = Structure(numbers=np.array([8, 1, 1]), positions=rng.uniform(0, 1, (3, 3)) @ cell,
+                      cell=cell, pbc=(True, True, True))
+  graph = build_graph([molecule, crystal], cutoff=3.0, max_neighbors=40, num_nodes=12,
+                      num_molecules=3, dtype=np.float64)
+  np.testing.assert_array_equal(graph.cell, np.stack([np.zeros((3, 3)), cell, np.zeros((3, 3))]))
+  # The molecule's rows are exactly those of a molecules-only graph.
+  alone = build_graph([molecule], cutoff=3.0, max_neighbors=40, num_nodes=12, dtype=np.float64)
+  assert alone.cell is None
+  for field in ("nbr_idx", "nbr_mask", "nbr_shift"):
+    np.testing.assert_array_equal(getattr(graph, field)[:6], getattr(alone, field)[:6])
+  # The crystal's slots: its own atoms, Cartesian shifts = S @ cell, edge lengths from the search.
+  nl = neighbor_list(crystal.positions, 3.0, 40, cell=cell, pbc=True)
+  np.testing.assert_array_equal(graph.nbr_idx[6:9], np.where(nl.mask, nl.idx + 6, 12))
+  np.testing.assert_allclose(graph.nbr_shift[6:9], nl.shifts @ cell, atol=1e-12)
+  lengths = np.linalg.norm(graph.edge_vectors(), axis=-1)[6:9]
+  np.testing.assert_allclose(np.where(nl.mask, lengths, np.inf), nl.distances, atol=1e-12)
+  forced = build_graph([molecule], cutoff=3.0, max_neighbors=40, periodic=True)
+  np.testing.assert_array_equal(forced.cell, np.zeros((1, 3, 3)))
