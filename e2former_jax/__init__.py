@@ -11,9 +11,12 @@ from e2former_jax.config import tiny_config
 from e2former_jax.graph import Graph
 from e2former_jax.neighbors import build_graph
 from e2former_jax.neighbors import neighbor_list
+from e2former_jax.neighbors_device import cell_grid
+from e2former_jax.neighbors_device import device_neighbor_list
 from e2former_jax.nn.model import E2Former
 from e2former_jax.nn.model import ModelOutput
 from e2former_jax.potential import energy_and_forces
+from e2former_jax.potential import energy_forces_stress
 from e2former_jax.structure import Structure
 from e2former_jax.structure import validate_structure
 
@@ -26,7 +29,10 @@ __all__ = [
     "ModelOutput",
     "Structure",
     "build_graph",
+    "cell_grid",
+    "device_neighbor_list",
     "energy_and_forces",
+    "energy_forces_stress",
     "neighbor_list",
     "paper_config",
     "tiny_config",

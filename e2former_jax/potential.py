@@ -1,8 +1,9 @@
-"""Energies and forces from a model and its parameters."""
+"""Energies, forces and stresses from a model and its parameters."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from e2former_jax.graph import Graph
 from e2former_jax.nn.model import E2Former
@@ -31,3 +32,48 @@ def energy_and_forces(model: E2Former, params, graph: Graph, *, conservative: bo
   grad, energy = jax.grad(total_energy, has_aux=True)(graph.positions)
   forces = -grad * graph.node_mask[:, None].astype(grad.dtype)
   return energy, forces
+
+
+def energy_forces_stress(model: E2Former, params, graph: Graph
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Energy [B], conservative forces [N, 3] and stress [B, 3, 3] of a periodic batch.
+
+  The stress is the derivative of the energy with respect to a homogeneous symmetric strain eps
+  applied to each structure's positions and cell together, x -> x (1 + eps), divided by the cell
+  volume: sigma = (1 / V) dE/d eps, in energy units per A^3 (eV/A^3 for a model trained in eV),
+  with ASE's sign convention (positive under tension, negative for a compressed cell). Cartesian
+  image shifts are integer combinations of the cell vectors, so they are strained like the cell.
+  Molecules (zero cell) and padding get zero stress.
+
+  Args:
+    model: the network.
+    params: its parameters (``{"params": ...}`` variables dict).
+    graph: padded periodic batch (``graph.cell`` is not None).
+
+  Raises:
+    ValueError: on a graph without cells.
+  """
+  if not graph.periodic:
+    raise ValueError("stress needs a periodic graph (Graph.cell is None): build it from structures "
+                     "with pbc and a cell")
+  b = graph.num_molecules
+  of_atom = graph.molecule_index  # [N]
+
+  def total_energy(positions, strain):
+    symmetric = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))  # [B, 3, 3]
+    deformation = jnp.eye(3, dtype=strain.dtype) + symmetric  # [B, 3, 3]
+    strained = graph.replace(
+        positions=jnp.einsum("na,nab->nb", positions, deformation[of_atom]),
+        nbr_shift=jnp.einsum("nka,nab->nkb", graph.nbr_shift, deformation[of_atom]),
+        cell=jnp.einsum("mia,mab->mib", graph.cell, deformation))
+    energy = model.apply(params, strained).energy
+    return energy.sum(), energy
+
+  strain = jnp.zeros((b, 3, 3), graph.positions.dtype)
+  (grad_x, grad_strain), energy = jax.grad(total_energy, argnums=(0, 1), has_aux=True)(
+      graph.positions, strain)
+  forces = -grad_x * graph.node_mask[:, None].astype(grad_x.dtype)
+  volume = jnp.abs(jnp.linalg.det(graph.cell))  # [B]
+  periodic = graph.molecule_mask & (volume > 0)
+  stress = grad_strain / jnp.where(periodic, volume, 1.0)[:, None, None]
+  return energy, forces, jnp.where(periodic[:, None, None], stress, 0.0)

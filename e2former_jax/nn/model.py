@@ -37,7 +37,8 @@ def centre_positions(graph: Graph, positions: jax.Array) -> jax.Array:
   """Subtract each molecule's mean real-atom position: [N, 3] -> [N, 3].
 
   The energy is translation invariant either way; centring keeps |r_i| small so that the node-centric
-  difference T(A_i, r_i) - B_i does not cancel large numbers (spec 14.5).
+  difference T(A_i, r_i) - B_i does not cancel large numbers (spec 14.5). Periodic positions are
+  centred too, not wrapped: a common translation leaves the image shifts valid.
   """
   weights = graph.node_mask.astype(positions.dtype)
   num = jax.ops.segment_sum(positions * weights[:, None], graph.molecule_index, graph.num_molecules)
@@ -59,6 +60,7 @@ def edge_geometry(config: E2FormerConfig, graph: Graph, positions: jax.Array) ->
       envelope=jnp.where(mask, envelope(dist, config.cutoff), 0.0),
       inv_dist=inv_dist,
       positions=centred,
+      shifts=jnp.where(mask[..., None], graph.nbr_shift, 0.0) if graph.periodic else None,
   )
 
 

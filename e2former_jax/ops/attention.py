@@ -2,7 +2,9 @@
 
 The model calls :func:`node_attention` with model-layout arrays; this module converts them to the
 kernels' head-last layout and selects the implementation. Nothing else in ``e2former_jax`` imports
-``pallas_kernels``.
+``pallas_kernels``. Periodic cells also need the attention weights themselves and weighted
+neighbour sums of other per-edge weights (:func:`node_attention_weights`, :func:`neighbor_sum`;
+docs/decisions.md D11).
 """
 
 from __future__ import annotations
@@ -63,4 +65,50 @@ def node_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax
     out = pallas_kernels.node_attention_reference(*args, **kwargs)
   else:
     out = pallas_kernels.node_attention(*args, **kwargs, interpret=impl is AttentionImpl.PALLAS_INTERPRET)
+  return out.reshape(n, r, c)
+
+
+def node_attention_weights(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
+                           envelope: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array, *,
+                           impl: AttentionImpl) -> jax.Array:
+  """a_ikh = alpha_ikh post_ikh, the weights :func:`node_attention` applies, as an [N, K, H] array.
+
+  The q.k products come from the ``edge_dot`` primitive, so no per-edge vector is formed and every
+  derivative stays in the kernels (linear memory).
+
+  Args:
+    q: [N, H, D]. k: [M, H, D]. gate, post_weight: [N, K, H]. envelope: [N, K].
+    nbr_idx: [N, K] int32 in [0, M]. nbr_mask: [N, K] bool.
+    impl: implementation.
+  Returns:
+    [N, K, H], zero on masked slots.
+  """
+  head_dim = q.shape[2]
+  args = (q.transpose(0, 2, 1), k.transpose(0, 2, 1), nbr_idx, nbr_mask)
+  if impl is AttentionImpl.XLA:
+    dots = pallas_kernels.edge_dot_reference(*args)
+  else:
+    dots = pallas_kernels.edge_dot(*args, interpret=impl is AttentionImpl.PALLAS_INTERPRET)
+  return attention_weights(dots, gate, post_weight, envelope, nbr_mask, head_dim=head_dim)
+
+
+def neighbor_sum(weights: jax.Array, values: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array, *,
+                 impl: AttentionImpl) -> jax.Array:
+  """out_i[r, c] = sum_k weights_ikh values[idx_ik, r, c] over valid slots, h = c mod H.
+
+  Args:
+    weights: [N, K, H] per-edge weights. values: [M, R, C] source rows, channel c in head c % H.
+    nbr_idx: [N, K] int32 in [0, M]. nbr_mask: [N, K] bool.
+    impl: implementation (the ``gather_sum`` primitive or its reference).
+  Returns:
+    [N, R, C]
+  """
+  n, _, h = weights.shape
+  m, r, c = values.shape
+  assert c % h == 0, (c, h)
+  args = (weights, values.reshape(m, r * (c // h), h), nbr_idx, nbr_mask)
+  if impl is AttentionImpl.XLA:
+    out = pallas_kernels.gather_sum_reference(*args)
+  else:
+    out = pallas_kernels.gather_sum(*args, interpret=impl is AttentionImpl.PALLAS_INTERPRET)
   return out.reshape(n, r, c)
