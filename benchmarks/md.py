@@ -1,0 +1,277 @@
+"""Molecular-dynamics throughput of E2Former in JAX MD: MD steps/s and atom-steps/s against system size.
+
+System: a cube of water-like molecules (O-H 0.9572 A, H-O-H 104.52 deg, random orientations on a
+jittered grid) at liquid density, 0.0334 molecules/A^3 (0.100 atoms/A^3), in free space, so N = 3 x
+molecules (e.g. 999 for --sizes 1000). Model: random weights (throughput does not depend on them) at
+the paper configuration (``--config paper``: 4 blocks, 256 channels, lmax 2, 128 heads, K = 32,
+r_c = 4.5 A) or ``tiny``; the Pallas attention kernels on GPU, the XLA reference elsewhere.
+
+Dynamics: ``jax_md.simulate.nve`` (or ``nvt_langevin``) at 0.5 fs, 300 K initial velocities, through
+``e2former_jax.interop.jax_md``: a JAX MD Dense neighbour list (cell list, skin ``--skin``) updated
+every step inside the compiled loop, the model's K nearest selected on device, conservative forces.
+Steps run in compiled chunks of ``--chunk`` (``interop.jax_md.run``; a candidate-list overflow
+re-allocates and redoes the chunk). The first chunk compiles and is not timed; the state starts with
+zero forces, which that first chunk corrects (it saves compiling a separate initial force call).
+
+Sizes run in increasing order in this process: each size's peak device memory
+(``memory_stats()["peak_bytes_in_use"]``, a process-lifetime maximum) is then that of the largest
+system so far, i.e. its own. Out-of-memory and other errors are recorded per size.
+
+Writes JSON to ``--out`` and appends one line to ``--results-md`` (device, commit, date).
+
+Usage:
+  python benchmarks/md.py [--sizes 1000,10000,100000] [--config paper|tiny] [--ensemble nve|nvt]
+                          [--steps 40] [--chunk 10] [--budget-s 540] [--out PATH]
+  python benchmarks/md.py --sizes 64 --config tiny --steps 20      # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from e2former_jax.config import AttentionImpl, paper_config, tiny_config  # noqa: E402
+from e2former_jax.interop import jax_md as e2f_md  # noqa: E402
+from e2former_jax.interop.predictor import Predictor  # noqa: E402
+from e2former_jax.neighbors import build_graph  # noqa: E402
+from e2former_jax.nn.model import E2Former  # noqa: E402
+from e2former_jax.structure import Structure  # noqa: E402
+
+# Liquid water: 0.997 g/cm^3 / 18.015 g/mol = 0.0334 molecules per cubic angstrom.
+WATER_DENSITY = 0.0334
+OH_BOND = 0.9572  # angstrom (TIP3P geometry)
+HOH_ANGLE = np.deg2rad(104.52)
+# Grid jitter (angstrom): breaks the lattice symmetry while keeping every O-O distance above ~2.5 A.
+JITTER = 0.15
+# Empty space around the cluster inside the cell-list box (angstrom): atoms must stay inside the
+# box (checked at the end); a random-weight model heats the system, so this is generous.
+MARGIN = 10.0
+# A random network's forces (~1-10 eV/A) heat water to thousands of kelvin within ~100 fs; the
+# density fluctuations that follow overflow the neighbour buffers again and again, and every
+# re-allocation recompiles, which a trained potential would not cause. Scaling the last layer by
+# this factor gives thermal-sized forces; it changes no shape and no cost.
+ENERGY_SCALE = 0.01
+TIMESTEP_FS = 0.5
+TEMPERATURE_K = 300.0
+LANGEVIN_FRICTION_PER_FS = 0.01
+
+
+def water_box(num_atoms: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(numbers [3M], positions [3M, 3]) of M = num_atoms // 3 water molecules at liquid density."""
+  rng = np.random.default_rng(seed)
+  molecules = max(1, num_atoms // 3)
+  side = (molecules / WATER_DENSITY) ** (1 / 3)
+  per_side = int(np.ceil(molecules ** (1 / 3)))
+  spacing = side / per_side
+  grid = np.stack(np.meshgrid(*[np.arange(per_side)] * 3, indexing="ij"), -1).reshape(-1, 3)
+  oxygen = (grid[rng.permutation(len(grid))[:molecules]] + 0.5) * spacing
+  oxygen = oxygen + rng.uniform(-JITTER, JITTER, oxygen.shape)  # [M, 3]
+  half = HOH_ANGLE / 2
+  local = OH_BOND * np.array([[np.sin(half), np.cos(half), 0.0], [-np.sin(half), np.cos(half), 0.0]])
+  q = rng.normal(size=(molecules, 4))
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  w, x, y, z = q.T
+  rotation = np.stack([  # [M, 3, 3] from random unit quaternions: uniform orientations
+      np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+      np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+      np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], 1)
+  hydrogen = oxygen[:, None, :] + np.einsum("mab,hb->mha", rotation, local)  # [M, 2, 3]
+  positions = np.concatenate([oxygen[:, None], hydrogen], axis=1).reshape(-1, 3)
+  numbers = np.tile(np.array([8, 1, 1], np.int32), molecules)
+  return numbers, positions
+
+
+def random_predictor(config) -> Predictor:
+  """Random weights for ``config`` with the energy read-out scaled by ``ENERGY_SCALE``.
+
+  Initialised on one water molecule (the shapes do not depend on N).
+  """
+  numbers, positions = water_box(3)
+  graph = build_graph([Structure(numbers, positions)], cutoff=config.cutoff,
+                      max_neighbors=config.max_neighbors)
+  model = E2Former(config)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, graph))
+  params["params"]["energy_out"]["kernel"] = params["params"]["energy_out"]["kernel"] * ENERGY_SCALE
+  return Predictor(model=model, params=params)
+
+
+def _peak_bytes(device) -> int | None:
+  stats = device.memory_stats()  # None on CPU
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def bench_size(predictor: Predictor, num_atoms: int, args, deadline: float) -> dict:
+  """One system size: allocate, compile (first chunk), then timed chunks until --steps or the deadline."""
+  from jax_md import simulate, space
+
+  device = jax.devices()[0]
+  numbers, positions = water_box(num_atoms, seed=args.seed)
+  n = len(numbers)
+  positions = positions + MARGIN
+  box = float(positions.max() + MARGIN)
+  result = {"requested_atoms": num_atoms, "num_atoms": n, "box_A": box, "ensemble": args.ensemble,
+            "timestep_fs": TIMESTEP_FS, "chunk": args.chunk, "skin_A": args.skin}
+  displacement, shift = space.free()
+  neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(displacement, box, predictor, numbers,
+                                                         dr_threshold=args.skin)
+  position = jnp.asarray(positions, jnp.float32)
+  start = time.perf_counter()
+  nbrs = neighbor_fn.allocate(position)
+  jax.block_until_ready(nbrs.idx)
+  result["allocate_s"] = time.perf_counter() - start
+  result["candidates_per_atom"] = int(nbrs.max_occupancy)
+
+  dt = TIMESTEP_FS * e2f_md.FEMTOSECOND
+  kT = TEMPERATURE_K * e2f_md.BOLTZMANN
+  mass = jnp.asarray(e2f_md.masses(numbers), jnp.float32)[:, None]
+  rng = np.random.default_rng(args.seed)
+  momentum = np.sqrt(np.asarray(mass) * kT) * rng.normal(size=(n, 3))
+  momentum = jnp.asarray(momentum - momentum.mean(axis=0), jnp.float32)
+  zeros = jnp.zeros_like(position)
+  if args.ensemble == "nve":
+    _, apply_fn = simulate.nve(energy_fn, shift, dt)
+    state = simulate.NVEState(position, momentum, zeros, mass)
+  else:
+    _, apply_fn = simulate.nvt_langevin(energy_fn, shift, dt, kT,
+                                        gamma=LANGEVIN_FRICTION_PER_FS / e2f_md.FEMTOSECOND)
+    state = simulate.NVTLangevinState(position, momentum, zeros, mass, jax.random.PRNGKey(args.seed))
+
+  def observe(state, nbrs):
+    kinetic = 0.5 * jnp.sum(state.momentum**2 / state.mass)
+    return {"temperature_K": 2 * kinetic / (3 * n * e2f_md.BOLTZMANN),
+            "max_force": jnp.max(jnp.abs(state.force))}
+
+  chunks = e2f_md.run(apply_fn, state, num_chunks=1 + max(1, args.steps // args.chunk),
+                      steps_per_chunk=args.chunk, neighbors=nbrs, neighbor_fn=neighbor_fn,
+                      observe_fn=observe)
+  def buffers(nbrs):
+    return nbrs.max_occupancy, nbrs.cell_list_capacity
+
+  start = time.perf_counter()
+  _, state, new_nbrs, obs = next(chunks)  # compiles; not timed
+  jax.block_until_ready(state.position)
+  result["compile_and_first_chunk_s"] = time.perf_counter() - start
+  reallocations = int(buffers(new_nbrs) != buffers(nbrs))
+  nbrs = new_nbrs
+  timed_steps, start = 0, time.perf_counter()
+  for _, state, new_nbrs, obs in chunks:
+    # A re-allocation (and its recompilation) inside the timed loop is part of the cost.
+    reallocations += int(buffers(new_nbrs) != buffers(nbrs))
+    nbrs = new_nbrs
+    timed_steps += args.chunk
+    if time.perf_counter() > deadline:
+      result["stopped_early"] = "time budget"
+      break
+  jax.block_until_ready(state.position)
+  elapsed = time.perf_counter() - start
+  final = jax.device_get(obs)
+  result.update({
+      "timed_steps": timed_steps, "timed_s": elapsed,
+      "steps_per_s": timed_steps / elapsed, "atom_steps_per_s": n * timed_steps / elapsed,
+      "ns_per_day": timed_steps / elapsed * TIMESTEP_FS * 86400 / 1e6,
+      "ms_per_step": 1e3 * elapsed / timed_steps,
+      "final_temperature_K": float(final["temperature_K"]), "final_max_force": float(final["max_force"]),
+      "final_candidates_per_atom": int(nbrs.max_occupancy), "reallocations": reallocations,
+      "inside_box": bool((np.asarray(state.position) >= 0).all()
+                         & (np.asarray(state.position) < box).all()),
+      "peak_bytes": _peak_bytes(device),
+  })
+  return result
+
+
+def _commit() -> str:
+  if os.environ.get("GIT_COMMIT"):
+    return os.environ["GIT_COMMIT"]
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def results_line(report: dict) -> str:
+  """One Markdown line for benchmarks/RESULTS.md with the key numbers."""
+  parts = [report["date"], report["device"], f"commit {report['commit']}",
+           f"md ({report['config_name']} config, {report['attention_impl']}, {report['ensemble']}, "
+           f"{TIMESTEP_FS} fs, K={report['max_neighbors']}, f32)"]
+  for r in report["sizes"]:
+    if "steps_per_s" in r:
+      peak = f", peak {r['peak_bytes'] / 1e9:.1f} GB" if r.get("peak_bytes") else ""
+      parts.append(f"N={r['num_atoms']}: {r['steps_per_s']:.3g} steps/s, "
+                   f"{r['atom_steps_per_s']:.3g} atom-steps/s{peak}")
+    else:
+      parts.append(f"N={r.get('num_atoms', r['requested_atoms'])}: {r.get('error', 'skipped')[:60]}")
+  return "| " + " | ".join(parts) + " |"
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default="1000,10000,100000", help="atoms per system (rounded to 3M)")
+  parser.add_argument("--config", choices=("paper", "tiny"), default="paper")
+  parser.add_argument("--ensemble", choices=("nve", "nvt"), default="nve")
+  parser.add_argument("--steps", type=int, default=40, help="timed steps per size (after the first chunk)")
+  parser.add_argument("--chunk", type=int, default=10, help="steps per compiled chunk")
+  parser.add_argument("--skin", type=float, default=e2f_md.DEFAULT_SKIN, help="neighbour-list skin (A)")
+  parser.add_argument("--attention-impl", choices=[i.value for i in AttentionImpl], default=None,
+                      help="default: pallas on GPU, xla otherwise")
+  parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of all sizes")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--commit", default=None, help="default: $GIT_COMMIT or git rev-parse")
+  parser.add_argument("--out", default="", help="JSON output (default benchmarks/results/md_<device>.json)")
+  parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
+  args = parser.parse_args(argv)
+  deadline = time.perf_counter() + args.budget_s
+
+  device = jax.devices()[0]
+  impl = AttentionImpl(args.attention_impl) if args.attention_impl else (
+      AttentionImpl.PALLAS if device.platform == "gpu" else AttentionImpl.XLA)
+  make_config = paper_config if args.config == "paper" else tiny_config
+  config = make_config(attention_impl=impl, direct_force_head=False)
+  report = {"device": device.device_kind, "platform": device.platform, "commit": args.commit or _commit(),
+            "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+            "config_name": args.config, "attention_impl": impl.value, "ensemble": args.ensemble,
+            "max_neighbors": config.max_neighbors, "cutoff": config.cutoff, "sizes": []}
+  out_path = Path(args.out or REPO / "benchmarks" / "results" /
+                  f"md_{device.device_kind.replace(' ', '_')}.json")
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  predictor = random_predictor(config)
+  for size in sorted(int(s) for s in args.sizes.split(",")):
+    if time.perf_counter() > deadline:
+      report["sizes"].append({"requested_atoms": size, "error": "skipped: time budget"})
+      continue
+    try:
+      row = bench_size(predictor, size, args, deadline)
+    except Exception as e:  # recorded per size: an out-of-memory must not lose the smaller sizes
+      message = repr(e)
+      kind = "OOM" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower() else "error"
+      row = {"requested_atoms": size, "error": f"{kind}: {message[:300]}",
+             "traceback": traceback.format_exc()[-1500:]}
+    report["sizes"].append(row)
+    print("md", json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+    out_path.write_text(json.dumps(report, indent=1))
+    jax.clear_caches()
+  out_path.write_text(json.dumps(report, indent=1))
+  with open(args.results_md, "a") as f:
+    f.write(results_line(report) + "\n")
+  print(results_line(report), flush=True)
+  print("wrote", out_path, flush=True)
+  return report
+
+
+if __name__ == "__main__":
+  main()
