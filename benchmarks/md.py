@@ -66,6 +66,9 @@ MARGIN = 10.0
 # re-allocation recompiles, which a trained potential would not cause. Scaling the last layer by
 # this factor gives thermal-sized forces; it changes no shape and no cost.
 ENERGY_SCALE = 0.01
+# A size starts only if the budget left exceeds this multiple of the previous size's compilation
+# (compilation does not depend much on N; the larger system also needs its steps).
+COMPILE_MARGIN = 1.5
 TIMESTEP_FS = 0.5
 TEMPERATURE_K = 300.0
 LANGEVIN_FRICTION_PER_FS = 0.01
@@ -250,8 +253,9 @@ def main(argv=None) -> dict:
                   f"md_{device.device_kind.replace(' ', '_')}.json")
   out_path.parent.mkdir(parents=True, exist_ok=True)
   predictor = random_predictor(config)
+  compile_s = 0.0  # the last size's compilation: a lower bound on the next one's
   for size in sorted(int(s) for s in args.sizes.split(",")):
-    if time.perf_counter() > deadline:
+    if time.perf_counter() + COMPILE_MARGIN * compile_s > deadline:
       report["sizes"].append({"requested_atoms": size, "error": "skipped: time budget"})
       continue
     try:
@@ -261,6 +265,7 @@ def main(argv=None) -> dict:
       kind = "OOM" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower() else "error"
       row = {"requested_atoms": size, "error": f"{kind}: {message[:300]}",
              "traceback": traceback.format_exc()[-1500:]}
+    compile_s = row.get("compile_and_first_chunk_s", compile_s)
     report["sizes"].append(row)
     print("md", json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
     out_path.write_text(json.dumps(report, indent=1))

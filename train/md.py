@@ -1,7 +1,8 @@
 """``e2former md``: a short molecular dynamics run of a trained checkpoint, plus checkpoint loaders.
 
-The simulation runs in JAX MD (:mod:`e2former_jax.interop.jax_md`) in free space: NVE, or NVT with
-a Langevin or Nose-Hoover thermostat. Written to the output folder:
+The simulation runs in JAX MD (:mod:`e2former_jax.interop.jax_md`), in free space for a molecule or
+in a periodic box for a structure file with a lattice (``--structure cell.extxyz``): NVE, or NVT
+with a Langevin or Nose-Hoover thermostat. Written to the output folder:
 
 * ``TRAJECTORY_FILENAME``: extended XYZ, one frame every ``record_every`` steps (positions,
   momenta, forces, total potential energy, and ``step``, ``time_fs``, ``kinetic_energy``,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -192,13 +194,12 @@ def simulate(predictor: Predictor, structure: Structure, settings: MDSettings, o
     The summary (also written to ``SUMMARY_FILENAME``).
 
   Raises:
-    ValueError: for a structure the model cannot take (see ``validate_structure``).
-    NotImplementedError: for a periodic structure.
+    ValueError: for a structure the model cannot take (see ``validate_structure``), or a periodic
+      cell JAX MD cannot simulate (see :func:`_periodic_box`).
   """
-  if structure.pbc is not None and any(structure.pbc):
-    raise NotImplementedError(f"structure {structure.key!r} is periodic (pbc={structure.pbc}); "
-                              "the model supports molecules only so far")
   validate_structure(structure, num_species=predictor.config.num_species)
+  if structure.periodic:
+    _periodic_box(structure, predictor.config.cutoff)
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   if settings.float64:
@@ -219,17 +220,27 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
   species = predictor.check_species(structure.numbers)
   n = len(species)
   reference = predictor.reference_energy(species)
-  displacement, shift = space.free()
   positions = np.asarray(structure.positions, np.float64)
-  box = None
+  free_box, to_cartesian = None, None
   common = dict(charge=structure.charge, spin=structure.spin, include_references=False)
-  if n <= ALL_PAIRS_MAX_ATOMS:
+  if structure.periodic:
+    # Fractional coordinates in a periodic_general box: JAX MD's cell list handles triclinic cells
+    # only this way. Positions are wrapped into the cell; forces and momenta stay Cartesian.
+    box = jnp.asarray(_periodic_box(structure, predictor.config.cutoff), dtype)
+    displacement, shift = space.periodic_general(box, fractional_coordinates=True)
+    positions = np.mod(positions @ np.linalg.inv(structure.cell), 1.0)
+    neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(
+        displacement, box, predictor, species, periodic=True, fractional_coordinates=True, **common)
+    to_cartesian = functools.partial(space.transform, box)
+  elif n <= ALL_PAIRS_MAX_ATOMS:
+    displacement, shift = space.free()
     neighbor_fn = None
     energy_fn = e2f_md.e2former_energy(displacement, predictor, species, **common)
   else:
-    box = float((positions.max(0) - positions.min(0)).max() + 2 * BOX_MARGIN)
+    displacement, shift = space.free()
+    free_box = float((positions.max(0) - positions.min(0)).max() + 2 * BOX_MARGIN)
     positions = positions - positions.min(0) + BOX_MARGIN
-    neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(displacement, box, predictor, species,
+    neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(displacement, free_box, predictor, species,
                                                            **common)
   position = jnp.asarray(positions, dtype)
   neighbors = neighbor_fn.allocate(position) if neighbor_fn is not None else None
@@ -245,13 +256,12 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
     init_fn, apply_fn = jmd_simulate.nvt_nose_hoover(energy_fn, shift, dt, kT,
                                                      tau=settings.tau_fs * e2f_md.FEMTOSECOND)
   mass = e2f_md.masses(species).astype(dtype)
-  state = jax.jit(init_fn)(jax.random.PRNGKey(settings.seed), position, kT=kT, mass=mass,
-                          neighbor=neighbors)
 
   def observe(state, nbrs):
     kinetic = 0.5 * jnp.sum(state.momentum**2 / state.mass)  # mass is [N, 1] in JAX MD states
+    position = state.position if to_cartesian is None else to_cartesian(state.position)
     out = {"potential": energy_fn(state.position, neighbor=nbrs), "kinetic": kinetic,
-           "forces": state.force, "position": state.position, "momentum": state.momentum}
+           "forces": state.force, "position": position, "momentum": state.momentum}
     if settings.ensemble == "nvt" and settings.thermostat == "nose-hoover":
       out["conserved"] = jmd_simulate.nvt_nose_hoover_invariant(energy_fn, state, kT, neighbor=nbrs)
     return out
@@ -273,9 +283,15 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
     if not np.isfinite([row["potential_energy"], row["kinetic_energy"]]).all():
       raise FloatingPointError(f"non-finite energy at step {step}: {row}")
     rows.append(row)
-    _write_frame(trajectory, species, obs, row, box)
+    _write_frame(trajectory, species, obs, row, structure.cell if structure.periodic else None)
 
-  record(0, jax.jit(observe)(state, neighbors))
+  @jax.jit
+  def start(key, nbrs):  # one compilation for the initial forces and the first frame
+    state = init_fn(key, position, kT=kT, mass=mass, neighbor=nbrs)
+    return state, observe(state, nbrs)
+
+  state, first = start(jax.random.PRNGKey(settings.seed), neighbors)
+  record(0, first)
   bar = tqdm(total=chunks * settings.record_every, unit="step", disable=not progress,
              desc=f"md {settings.label}")
   start = None
@@ -284,8 +300,8 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
       neighbors=neighbors, neighbor_fn=neighbor_fn, observe_fn=observe):
     record(step, observation)
     start = start or (time.perf_counter(), step)  # the first chunk includes the compilation
-    if box is not None:
-      _check_inside(np.asarray(observation["position"]), box, step)
+    if free_box is not None:
+      _check_inside(np.asarray(observation["position"]), free_box, step)
     bar.update(settings.record_every)
     bar.set_postfix(E_tot=f"{rows[-1]['total_energy']:.4f}", T=f"{rows[-1]['temperature_K']:.0f}")
   bar.close()
@@ -299,14 +315,37 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
   return summary
 
 
-def _write_frame(path: Path, species: np.ndarray, obs, row: dict, box: float | None) -> None:
+def _periodic_box(structure: Structure, cutoff: float) -> np.ndarray:
+  """JAX MD's box (lattice vectors as columns, upper triangular) of a periodic structure.
+
+  Raises:
+    ValueError: unless periodic along all three vectors, in the standard (lower-triangular) cell
+      orientation, and wider than twice the cutoff (JAX MD's minimum image convention).
+  """
+  from e2former_jax.interop.jax_md import check_box
+
+  name = f"structure {structure.key!r}"
+  if not all(structure.pbc):
+    raise ValueError(f"{name}: pbc={structure.pbc}; JAX MD simulates cells periodic along all three "
+                     "vectors (or molecules, pbc=False)")
+  cell = np.asarray(structure.cell, np.float64)
+  if np.abs(np.triu(cell, k=1)).max() > 1e-9 * np.abs(cell).max():
+    raise ValueError(f"{name}: cell {cell.round(4).tolist()} is not in the standard orientation "
+                     "(a along x, b in the xy plane) JAX MD's cell list needs; rotate it with "
+                     "atoms.set_cell(atoms.cell.standard_form()[0], scale_atoms=True)")
+  check_box(cell.T, cutoff)
+  return cell.T
+
+
+def _write_frame(path: Path, species: np.ndarray, obs, row: dict, cell: np.ndarray | None) -> None:
   import ase
   import ase.io
   from ase.calculators.singlepoint import SinglePointCalculator
 
   positions = np.asarray(obs["position"], np.float64)
   atoms = ase.Atoms(numbers=species, positions=positions,
-                    momenta=np.asarray(obs["momentum"], np.float64))
+                    momenta=np.asarray(obs["momentum"], np.float64), cell=cell,
+                    pbc=cell is not None)
   atoms.info.update({k: v for k, v in row.items() if k != "potential_energy"})
   atoms.calc = SinglePointCalculator(atoms, energy=row["potential_energy"],
                                      forces=np.asarray(obs["forces"], np.float64))

@@ -1,4 +1,4 @@
-"""ASE calculator: energies and forces of a trained E2Former for ``ase.Atoms``.
+"""ASE calculator: energies, forces and (periodic cells) stresses of a trained E2Former for ``ase.Atoms``.
 
 Typical use::
 
@@ -11,7 +11,9 @@ The structure is checked (:func:`~e2former_jax.structure.validate_structure`), i
 are searched on the host (:func:`~e2former_jax.neighbors.build_graph`) and the atoms are padded to a
 size bucket, so one compiled executable serves every structure of that bucket: MD and relaxations
 compile once. Energies are in eV (network energy plus the per-element reference energies, added in
-float64), forces in eV/angstrom (conservative, -dE/dx).
+float64), forces in eV/angstrom (conservative, -dE/dx). Atoms with ``pbc`` are periodic cells
+(lattice images are neighbours, any cell size); they also get the stress in eV/A^3 (ASE's Voigt
+order xx, yy, zz, yz, xz, xy and sign: positive under tension). Molecules have no stress.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from e2former_jax.interop.predictor import Predictor
 from e2former_jax.neighbors import build_graph
-from e2former_jax.potential import energy_and_forces
+from e2former_jax.potential import energy_and_forces, energy_forces_stress
 from e2former_jax.structure import Structure, validate_structure
 
 # Smallest size bucket (atom slots): below it padding costs nothing worth another compilation.
@@ -38,6 +40,9 @@ CHARGE_SPIN_CHANGE = "charge_spin"
 # Shared by every calculator: the model (hashable by its config) is static, so all calculators of
 # one architecture reuse one executable per size bucket.
 _energy_and_forces = jax.jit(energy_and_forces, static_argnums=0)
+_energy_forces_stress = jax.jit(energy_forces_stress, static_argnums=0)
+# ASE's Voigt order of the six independent stress components.
+VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
 
 def size_bucket(num_atoms: int) -> int:
@@ -54,7 +59,7 @@ def charge_and_spin(atoms) -> tuple[int, int]:
 
 
 class E2FormerCalculator(Calculator):
-  """Energy, free energy (equal to the energy) and forces from a trained E2Former.
+  """Energy, free energy (equal to the energy), forces and (periodic) stress from a trained E2Former.
 
   Charge and spin multiplicity come from ``atoms.info["charge"]`` and ``atoms.info["spin"]``
   (defaults 0 and 1); changing them triggers a new calculation.
@@ -64,7 +69,7 @@ class E2FormerCalculator(Calculator):
     **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``).
   """
 
-  implemented_properties = ["energy", "free_energy", "forces"]
+  implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
   def __init__(self, predictor: Predictor, **kwargs):
     super().__init__(**kwargs)
@@ -79,9 +84,6 @@ class E2FormerCalculator(Calculator):
   def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
     super().calculate(atoms, properties, system_changes)
     atoms = self.atoms
-    if atoms.pbc.any():
-      raise NotImplementedError(f"periodic Atoms (pbc={atoms.pbc.tolist()}) are not supported yet: "
-                                "the model handles molecules (pbc=False) only")
     charge, spin = charge_and_spin(atoms)
     structure = Structure.from_ase(atoms, charge=charge, spin=spin)
     validate_structure(structure, num_species=self.predictor.config.num_species)
@@ -91,8 +93,13 @@ class E2FormerCalculator(Calculator):
     graph = build_graph([structure], cutoff=config.cutoff, max_neighbors=config.max_neighbors,
                         num_nodes=size_bucket(n), num_molecules=1,
                         dtype=jax.dtypes.canonicalize_dtype(np.float64))
-    energy, forces = jax.device_get(
-        _energy_and_forces(self.predictor.model, self.predictor.params, graph))
+    model, params = self.predictor.model, self.predictor.params
+    if graph.periodic:
+      energy, forces, stress = jax.device_get(_energy_forces_stress(model, params, graph))
+    else:
+      (energy, forces), stress = jax.device_get(_energy_and_forces(model, params, graph)), None
     total = float(energy[0]) + self.predictor.reference_energy(numbers)
     self.results = {"energy": total, "free_energy": total,
                     "forces": np.asarray(forces[:n], dtype=np.float64)}
+    if stress is not None:
+      self.results["stress"] = np.array([stress[0, a, b] for a, b in VOIGT], dtype=np.float64)

@@ -36,11 +36,17 @@ atoms are within the cutoff, for callers who want to watch for it.
 Without a neighbour list (``neighbor=None``) every other atom is a candidate: O(N^2) memory, the
 simplest choice for a molecule of a few hundred atoms.
 
-Periodic spaces. Edge vectors come from the displacement function and image shifts are stored as
-``nbr_shift = x_i - x_j - displacement(x_i, x_j)`` (exactly zero in free space), which is the
-``Graph`` convention, so ``space.periodic`` and ``space.periodic_general(...,
-fractional_coordinates=False)`` plug in once the model supports periodic images; positions must be
-Cartesian (fractional coordinates are not converted here).
+Periodic spaces. Pass the box to the factories (``box=`` / ``periodic=True``, in JAX MD's
+convention: a side length, [3] side lengths, or a [3, 3] matrix whose columns are the lattice
+vectors). Edge vectors come from the displacement function and the image shifts are stored as
+``nbr_shift = x_i - x_j - displacement(x_i, x_j)`` (exactly zero in free space), the ``Graph``
+convention, with the cell in ``Graph.cell`` so the model adds its image-shift term. Works with
+``space.periodic``, and ``space.periodic_general`` with real or (``fractional_coordinates=True``)
+fractional positions; a ``box=`` keyword at call time (NPT, ``quantity.stress``) replaces the
+box, and ``perturbation=`` strains the displacements, so ``quantity.stress`` works too. A JAX MD
+neighbour list holds one (minimum) image per pair, which is the model's relation only when every
+lattice plane spacing exceeds twice the cutoff; the factories check that and ask for a supercell
+otherwise (the model itself also handles narrower cells: ``e2former_jax.neighbors``).
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax_md import partition
+from jax_md import space
 
+from e2former_jax import lattice
 from e2former_jax.graph import Graph
 from e2former_jax.interop.predictor import Predictor
 
@@ -98,17 +106,47 @@ def masses(species) -> jax.Array:
   return jnp.asarray(ase.data.atomic_masses[np.asarray(species)])
 
 
+def box_to_cell(box) -> jax.Array:
+  """JAX MD box (side, [3] sides, or [3, 3] with lattice vectors as columns) -> [3, 3] cell (rows)."""
+  box = jnp.asarray(box)
+  if box.ndim == 0:
+    return box * jnp.eye(3, dtype=box.dtype)
+  if box.shape == (3,):
+    return jnp.diag(box)
+  if box.shape == (3, 3):
+    return box.T
+  raise ValueError(f"box must be a scalar, [3] or [3, 3], got shape {box.shape}")
+
+
+def check_box(box, cutoff: float) -> None:
+  """Raises ValueError unless the minimum image is the model's neighbour relation in this box.
+
+  A JAX MD neighbour list and displacement hold one image per atom pair; the model takes every
+  image within the cutoff (several when a lattice plane spacing is below twice the cutoff).
+  """
+  cell, _ = lattice.check_cell(np.asarray(box_to_cell(np.asarray(box, np.float64))), True)
+  spacing = lattice.plane_spacings(cell)
+  if spacing.min() <= 2 * cutoff:
+    raise ValueError(f"periodic box with lattice plane spacings {np.round(spacing, 3).tolist()} A: "
+                     f"the minimum image convention of JAX MD needs every spacing above 2 x cutoff "
+                     f"= {2 * cutoff} A; simulate a supercell (e.g. ase.Atoms.repeat)")
+
+
 def select_neighbors(position: jax.Array, candidates: jax.Array | None, displacement_fn,
-                     *, cutoff: float, max_neighbors: int, **kwargs) -> ModelNeighbors:
+                     *, cutoff: float, max_neighbors: int, cartesian: jax.Array | None = None,
+                     **kwargs) -> ModelNeighbors:
   """The K nearest atoms within the cutoff among candidates: [N, M] -> [N, K] slots; jittable.
 
   Args:
-    position: [N, 3] Cartesian positions.
+    position: [N, 3] positions in the displacement function's coordinates.
     candidates: [N, M] int candidate sources per atom with sentinel N (a JAX MD ``Dense`` neighbour
       list's ``idx``), or None for all other atoms.
-    displacement_fn: JAX MD displacement ``d(Ra, Rb) = Ra - Rb`` (minimum image if periodic).
+    displacement_fn: JAX MD displacement ``d(Ra, Rb) = Ra - Rb`` (minimum image if periodic),
+      returning Cartesian vectors.
     cutoff: neighbour radius in angstrom (inclusive).
     max_neighbors: K.
+    cartesian: [N, 3] Cartesian positions when ``position`` is fractional (default: ``position``);
+      the image shifts refer to them.
     **kwargs: passed to ``displacement_fn`` (e.g. ``box``, ``perturbation``).
 
   Returns:
@@ -136,24 +174,28 @@ def select_neighbors(position: jax.Array, candidates: jax.Array | None, displace
   mask = jnp.take_along_axis(within, slot, axis=1)  # [N, K]
   idx = jnp.where(mask, jnp.take_along_axis(candidates, slot, axis=1), n)  # [N, K]
   vec = jnp.take_along_axis(vectors, slot[..., None], axis=1)  # [N, K, 3]
-  source = jnp.take_along_axis(sources, slot[..., None], axis=1)  # [N, K, 3]
+  x = position if cartesian is None else cartesian
+  source = jnp.take(x, jnp.where(mask, idx, 0), axis=0)  # [N, K, 3]
   # x_i - (x_j + shift) = displacement(x_i, x_j): the Graph's image-shift convention.
-  shift = jnp.where(mask[..., None], position[:, None, :] - source - vec, 0.0)  # [N, K, 3]
+  shift = jnp.where(mask[..., None], x[:, None, :] - source - vec, 0.0)  # [N, K, 3]
   assert idx.shape == mask.shape == (n, max_neighbors), idx.shape
   return ModelNeighbors(idx=idx, mask=mask, shift=shift, count=within.sum(axis=1).astype(jnp.int32))
 
 
-def system_graph(position: jax.Array, species: jax.Array, nbrs: ModelNeighbors, charge, spin) -> Graph:
-  """One system of N real atoms as a Graph (B = 1), for the model."""
+def system_graph(position: jax.Array, species: jax.Array, nbrs: ModelNeighbors, charge, spin,
+                 cell: jax.Array | None = None) -> Graph:
+  """One system of N real atoms as a Graph (B = 1), for the model; ``cell`` [3, 3] if periodic."""
   n = position.shape[0]
   return Graph(positions=position, species=species, node_mask=jnp.ones(n, bool),
                molecule_index=jnp.zeros(n, jnp.int32), nbr_idx=nbrs.idx, nbr_mask=nbrs.mask,
                nbr_shift=nbrs.shift.astype(position.dtype),
                charge=jnp.reshape(jnp.asarray(charge, jnp.int32), (1,)),
-               spin=jnp.reshape(jnp.asarray(spin, jnp.int32), (1,)), molecule_mask=jnp.ones(1, bool))
+               spin=jnp.reshape(jnp.asarray(spin, jnp.int32), (1,)), molecule_mask=jnp.ones(1, bool),
+               cell=None if cell is None else cell.astype(position.dtype)[None])
 
 
-def e2former_energy(displacement_fn, predictor: Predictor, species, *, charge: int = 0, spin: int = 1,
+def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
+                    fractional_coordinates: bool = False, charge: int = 0, spin: int = 1,
                     include_references: bool = True) -> EnergyFn:
   """``energy_fn(position, neighbor=None, **kwargs) -> scalar`` in JAX MD's conventions.
 
@@ -161,6 +203,9 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, charge: i
     displacement_fn: from ``jax_md.space`` (``free()`` for molecules).
     predictor: network, weights and reference energies.
     species: [N] atomic numbers of the particles.
+    box: None in free space; the periodic box of ``space.periodic`` / ``periodic_general`` (JAX MD
+      convention, see :func:`box_to_cell`). Checked with :func:`check_box`.
+    fractional_coordinates: positions are fractional (``periodic_general``'s default).
     charge: default total charge (``charge=`` at call time overrides it).
     spin: default spin multiplicity 2S + 1 (``spin=`` at call time overrides it).
     include_references: add sum_i ref[Z_i] (a constant) so the result is the total energy; without
@@ -171,12 +216,17 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, charge: i
     at least ``predictor.config.cutoff`` (see :func:`e2former_neighbor_list`), or None.
 
   Raises:
-    ValueError: for unknown elements or elements without a reference energy.
+    ValueError: for unknown elements or elements without a reference energy, or a box too small
+      for the minimum image convention.
   """
   species_np = predictor.check_species(np.asarray(species), where="jax_md species")
   species = jnp.asarray(species_np)
   config = predictor.config
   reference = predictor.reference_energy(species_np) if include_references else 0.0
+  if box is not None:
+    check_box(box, config.cutoff)
+  elif fractional_coordinates:
+    raise ValueError("fractional_coordinates needs the periodic box")
 
   def energy_fn(position: jax.Array, neighbor=None, **kwargs) -> jax.Array:
     if position.shape != (species.shape[0], 3):
@@ -189,16 +239,23 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, charge: i
       if neighbor.format is not partition.NeighborListFormat.Dense:
         raise ValueError(f"e2former energy needs a Dense neighbour list, got {neighbor.format}")
       candidates = neighbor.idx
+    cell, cartesian = None, position
+    if box is not None:
+      current = kwargs.get("box", box)
+      cell = box_to_cell(current).astype(position.dtype)
+      if fractional_coordinates:
+        cartesian = space.transform(current, position)
     nbrs = select_neighbors(position, candidates, displacement_fn, cutoff=config.cutoff,
-                            max_neighbors=config.max_neighbors, **kwargs)
-    graph = system_graph(position, species, nbrs, q, s)
+                            max_neighbors=config.max_neighbors, cartesian=cartesian, **kwargs)
+    graph = system_graph(cartesian, species, nbrs, q, s, cell)
     return predictor.model_energy(graph)[0] + jnp.asarray(reference, position.dtype)
 
   return energy_fn
 
 
-def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, *, charge: int = 0,
-                           spin: int = 1, include_references: bool = True,
+def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, *,
+                           periodic: bool = False, fractional_coordinates: bool = False,
+                           charge: int = 0, spin: int = 1, include_references: bool = True,
                            dr_threshold: float = DEFAULT_SKIN,
                            capacity_multiplier: float = DEFAULT_CAPACITY_MULTIPLIER,
                            disable_cell_list: bool = False) -> tuple[partition.NeighborListFns, EnergyFn]:
@@ -213,6 +270,8 @@ def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, 
     displacement_fn: from ``jax_md.space``.
     box: the box JAX MD's cell list covers. In free space, atoms must stay inside [0, box) along
       every axis for the cell list to find all pairs (or pass ``disable_cell_list=True``).
+    periodic: the space is periodic with this box (``space.periodic`` / ``periodic_general``).
+    fractional_coordinates: positions are fractional (periodic only), as in JAX MD.
     predictor, species, charge, spin, include_references: as in :func:`e2former_energy`.
     dr_threshold: skin in angstrom (candidates within cutoff + skin; rebuilt after a move of skin/2).
     capacity_multiplier: headroom of the candidate buffer.
@@ -224,8 +283,9 @@ def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, 
   neighbor_fn = partition.neighbor_list(
       displacement_fn, box, predictor.config.cutoff, dr_threshold=dr_threshold,
       capacity_multiplier=capacity_multiplier, disable_cell_list=disable_cell_list,
-      format=partition.NeighborListFormat.Dense)
-  energy_fn = e2former_energy(displacement_fn, predictor, species, charge=charge, spin=spin,
+      fractional_coordinates=fractional_coordinates, format=partition.NeighborListFormat.Dense)
+  energy_fn = e2former_energy(displacement_fn, predictor, species, box=box if periodic else None,
+                              fractional_coordinates=fractional_coordinates, charge=charge, spin=spin,
                               include_references=include_references)
   return neighbor_fn, energy_fn
 

@@ -105,6 +105,46 @@ def test_md_command_writes_trajectory_plot_and_summary(run_dir, tmp_path):
   assert summary["mean_temperature_K"] > 0 and summary["steps_per_s"] > 0
 
 
+def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
+  """--structure with a lattice: a periodic box in fractional coordinates, frames keep the cell."""
+  rng = np.random.default_rng(4)
+  cell = np.array([[10.0, 0.0, 0.0], [1.0, 10.0, 0.0], [0.0, 0.5, 10.0]])
+  while True:
+    atoms = ase.Atoms(numbers=rng.choice([1, 6, 8], 40), cell=cell, pbc=True,
+                      scaled_positions=rng.uniform(0.0, 1.0, (40, 3)))
+    if atoms.get_all_distances(mic=True)[np.triu_indices(40, 1)].min() > 1.0:
+      break
+  atoms.info.update(charge=0, spin=1 + int(atoms.numbers.sum()) % 2)
+  path = tmp_path / "cell.extxyz"
+  ase.io.write(path, atoms)
+  out = tmp_path / "md"
+  assert cli_main(["md", str(run_dir), "--structure", str(path), "--steps", "20", "--record-every",
+                   "10", "--timestep", "0.25", "--out", str(out), "--quiet"]) == 0
+  frames = ase.io.read(out / md.TRAJECTORY_FILENAME, index=":")
+  assert len(frames) == 3
+  for frame in frames:
+    np.testing.assert_allclose(frame.cell[:], cell)
+    assert frame.pbc.all()
+    scaled = np.linalg.solve(cell.T, frame.positions.T).T
+    assert (scaled > -1e-6).all() and (scaled < 1 + 1e-6).all()  # wrapped into the cell
+  np.testing.assert_allclose(frames[0].get_scaled_positions(), atoms.get_scaled_positions(), atol=1e-5)
+  summary = json.loads((out / md.SUMMARY_FILENAME).read_text())
+  assert summary["num_atoms"] == 40 and summary["max_drift_eV_per_atom"] < 1e-2
+
+  predictor = md.load_predictor(run_dir)
+  spin = atoms.info["spin"]
+  small = Structure(numbers=atoms.numbers, positions=0.85 * atoms.positions, cell=0.85 * cell,
+                    pbc=True, spin=spin)
+  with pytest.raises(ValueError, match="2 x cutoff"):
+    md.simulate(predictor, small, md.MDSettings(), tmp_path / "small")
+  c, s = np.cos(0.5), np.sin(0.5)
+  rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+  rotated = Structure(numbers=atoms.numbers, positions=atoms.positions @ rotation.T,
+                      cell=cell @ rotation.T, pbc=True, spin=spin)
+  with pytest.raises(ValueError, match="standard orientation"):
+    md.simulate(predictor, rotated, md.MDSettings(), tmp_path / "rotated")
+
+
 def test_structure_selection_errors(run_dir, tmp_path):
   data = run_dir.parent / "data.hdf5"
   assert md.dataset_structure(data).key == "mol0/0"

@@ -21,7 +21,7 @@ MICRO = dict(num_layers=1, channels=8, num_heads=2, head_dim=4, num_rbf=8, max_n
 REFERENCES = {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster() -> tuple[np.ndarray, np.ndarray]:
   """(numbers [6], positions [6, 3]): every pair within the 4.5 A cutoff, none closer than 1 A."""
   numbers = np.array([6, 8, 7, 6, 1, 1])
@@ -30,9 +30,9 @@ def cluster() -> tuple[np.ndarray, np.ndarray]:
   return numbers, positions
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def predictor(cluster) -> Predictor:
-  """The MICRO model with random weights and REFERENCES."""
+  """The MICRO model with random weights and REFERENCES (initialised once: it compiles)."""
   config = tiny_config(**MICRO)
   model = E2Former(config)
   graph = build_graph([Structure(*cluster)], cutoff=config.cutoff, max_neighbors=config.max_neighbors)

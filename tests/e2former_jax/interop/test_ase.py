@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.build import molecule
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.calculators.mixing import SumCalculator
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
@@ -94,10 +94,37 @@ def test_calculator_equals_the_model(predictor, ethanol):
   assert energies[0] != energies[1]  # the info change triggered a new calculation
   with pytest.raises(ValueError, match="no reference energy"):
     calc.get_potential_energy(molecule("CH3SH"))
-  periodic = ethanol.copy()
-  periodic.cell, periodic.pbc = np.eye(3) * 12.0, True
-  with pytest.raises(NotImplementedError, match="periodic"):
-    calc.get_potential_energy(periodic)
+  with pytest.raises(PropertyNotImplementedError):  # a molecule has no stress
+    ethanol.get_stress()
+
+
+def test_periodic_stress_is_the_strain_derivative(x64, predictor):
+  """A small periodic cell (several images of each atom within the cutoff): the stress equals the
+  finite-difference strain derivative of the calculator's own energy, in ASE's Voigt order and sign."""
+  rng = np.random.default_rng(3)
+  cell = np.array([[5.0, 0.0, 0.0], [0.7, 5.2, 0.0], [-0.4, 0.3, 5.4]])
+  while True:
+    atoms = ase.Atoms(numbers=rng.choice([1, 6, 8], 10), cell=cell, pbc=True,
+                      scaled_positions=rng.uniform(0.0, 1.0, (10, 3)))
+    if atoms.get_all_distances(mic=True)[np.triu_indices(10, 1)].min() > 1.0:
+      break
+  atoms.info.update(charge=0, spin=1 + int(atoms.numbers.sum()) % 2)
+  atoms.calc = E2FormerCalculator(predictor.with_dtype(jnp.float64))
+  stress = atoms.get_stress()  # Voigt: xx, yy, zz, yz, xz, xy
+  assert stress.shape == (6,) and np.abs(stress).max() > 1e-4
+  step, volume = 1e-5, atoms.get_volume()
+  for component, (a, b) in enumerate(e2f_ase.VOIGT):
+    energies = []
+    for sign in (1, -1):
+      strain = np.eye(3)
+      strain[a, b] += sign * step / (2 if a != b else 1)
+      strain[b, a] += sign * step / 2 if a != b else 0.0
+      strained = atoms.copy()
+      strained.set_cell(cell @ strain, scale_atoms=True)
+      strained.calc = atoms.calc
+      energies.append(strained.get_potential_energy())
+    derivative = (energies[0] - energies[1]) / (2 * step) / volume
+    np.testing.assert_allclose(stress[component], derivative, rtol=1e-6, atol=1e-9)
 
 
 def test_bfgs_relaxes_a_distorted_molecule(predictor, ethanol):
