@@ -103,7 +103,11 @@ def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, dat
   run_config = apply_overrides(run_config, overrides)
   data = open_run_data(run_config.data, references=references_from_mapping(references))
   mesh = sharding.make_mesh(num_devices)
-  local_batches = sharding.local_batches_per_step(mesh, mesh.devices.size)
+  params = jax.device_put(params, sharding.replicated(mesh))  # laid out as in training: one executable
+  per_step = run_config.data.batches_per_step
+  if per_step is None or per_step % mesh.devices.size:  # the run's value, if this mesh can take it
+    per_step = mesh.devices.size
+  local_batches = sharding.local_batches_per_step(mesh, per_step)
   eval_step = make_eval_step(model_config, run_config.loss.forces, mesh)
   results = {}
   for split in splits:

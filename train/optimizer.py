@@ -1,8 +1,15 @@
-"""AdamW with the spec-9.2 weight-decay mask, gradient clipping and the spec-9.3 schedule."""
+"""AdamW with the spec-9.2 weight-decay mask, gradient clipping and the spec-9.3 schedule.
+
+The optimiser acts on the parameters raveled into one flat vector (``ravel_pytree`` order), so an
+update is a handful of fused element-wise operations instead of a dozen per parameter array: XLA
+compiles the training step much faster (the tiny model has ~100 arrays, the paper model ~500) and
+launches fewer kernels per step.
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from train.run_config import OptimConfig
@@ -28,19 +35,40 @@ def decay_mask(params) -> object:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: OptimConfig, decay_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """clip_by_global_norm(clip_norm) -> AdamW(schedule, masked weight decay), and the schedule.
+def masked_weight_decay(weight_decay: float, params) -> optax.GradientTransformation:
+  """updates + weight_decay * m * x on the flat vector x of ``params``; m = 1 on decayed entries.
 
-  With ``weight_decay == 0`` this is Adam, as in the reference (spec 9.2).
+  The same decoupled decay as ``optax.add_decayed_weights(weight_decay, mask=decay_mask)`` applied
+  to the parameter tree, expressed on the flat vector. The 0/1 vector is rebuilt inside the step
+  from per-array constants (no parameter-sized constant is baked into the program).
+  """
+  flags = [bool(f) for f in jax.tree.leaves(decay_mask(params))]
+  sizes = [int(leaf.size) for leaf in jax.tree.leaves(params)]
+
+  def update(updates, state, flat_params):
+    mask = jnp.concatenate([jnp.full((size,), float(flag), flat_params.dtype)
+                            for flag, size in zip(flags, sizes)])  # [P]
+    return updates + weight_decay * mask * flat_params, state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(config: OptimConfig, decay_steps: int, params
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """clip_by_global_norm -> Adam -> masked decoupled weight decay -> schedule, and the schedule.
+
+  This is ``optax.adamw(schedule, mask=decay_mask)`` after global-norm clipping, for the flat vector
+  ``jax.flatten_util.ravel_pytree(params)[0]`` (``params`` gives the structure; values unused).
+  With ``weight_decay == 0`` it is Adam, as in the reference (spec 9.2).
   """
   schedule = warmup_cosine_schedule(config.lr, warmup_steps=config.warmup_steps,
                                     warmup_factor=config.warmup_factor, decay_steps=decay_steps,
                                     lr_min_factor=config.lr_min_factor)
+  decay = [masked_weight_decay(config.weight_decay, params)] if config.weight_decay else []
   transform = optax.chain(
       optax.clip_by_global_norm(config.clip_norm),
-      optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                  weight_decay=config.weight_decay, mask=decay_mask),
+      optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+      *decay,
+      optax.scale_by_learning_rate(schedule),
   )
   return transform, schedule
-

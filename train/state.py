@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 # Warm-up of the EMA decay, min(decay, (1 + t) / (EMA_WARMUP + t)): early averages are not dominated
 # by the random initial weights (the usual num_updates correction of moving averages).
@@ -18,7 +19,7 @@ class TrainState:
     opt_step: [] int32, optimiser updates applied (skipped non-finite steps excluded); the
       schedule's and the EMA's step.
     params: model variables ``{"params": ...}``.
-    opt_state: optax state.
+    opt_state: optax state of the flat parameter vector (``ravel_pytree(params)[0]``).
     ema_params: exponential moving average of ``params`` (evaluation and export).
     rng: [2] uint32 raw key data of the run's random stream, advanced once per iteration; the
       stream for stochastic layers (the current architecture has none) so that a resumed run draws
@@ -38,8 +39,10 @@ class TrainState:
 
 
 def create_train_state(params, optimizer, seed: int) -> TrainState:
+  """Initial state; ``optimizer`` acts on the flat parameter vector (``train.optimizer``)."""
   zero = jnp.zeros((), jnp.int32)
-  state = TrainState(step=zero, opt_step=zero, params=params, opt_state=optimizer.init(params),
+  opt_state = optimizer.init(ravel_pytree(params)[0])
+  state = TrainState(step=zero, opt_step=zero, params=params, opt_state=opt_state,
                      ema_params=params, rng=jax.random.key_data(jax.random.key(seed)),
                      nonfinite_total=zero, nonfinite_run=zero)
   # The jitted step donates the state: every leaf must own its buffer (a buffer reached twice, like

@@ -18,7 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
 from e2former_jax.config import E2FormerConfig
@@ -49,8 +49,8 @@ def make_train_step(model_config: E2FormerConfig, loss_config: LossConfig, optim
                     decay_steps: int, mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
-  The optimiser is :func:`train.optimizer.make_optimizer` ``(optim_config, decay_steps)``; ``state``
-  must have been created with it. ``batch`` is a stacked :class:`~train.data.batch.Batch` [S, ...]
+  The optimiser is :func:`train.optimizer.make_optimizer` ``(optim_config, decay_steps, params)``;
+  ``state`` must have been created with it. ``batch`` is a stacked :class:`~train.data.batch.Batch` [S, ...]
   sharded by :func:`train.sharding.shard_batch`; the state is replicated.
 
   Metrics (replicated scalars): loss, energy_loss, force_loss (means over the S sub-batches),
@@ -58,7 +58,6 @@ def make_train_step(model_config: E2FormerConfig, loss_config: LossConfig, optim
   nonfinite_run and nonfinite_total (the state's counters after the step).
   """
   model = E2Former(model_config)
-  optimizer, schedule = make_optimizer(optim_config, decay_steps)
 
   def sub_batch_loss(params, batch: Batch):
     energy, forces = predict(model, params, batch.graph, loss_config.forces)
@@ -69,28 +68,31 @@ def make_train_step(model_config: E2FormerConfig, loss_config: LossConfig, optim
     return loss.mean(), jax.tree.map(jnp.mean, terms)
 
   def step(state: TrainState, batch: Batch):
+    optimizer, schedule = make_optimizer(optim_config, decay_steps, state.params)
     (loss, terms), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params, batch)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, state.opt_step, optim_config.ema_decay)
+    # Optimiser, EMA and the finiteness test run on flat [P] vectors: a few fused operations.
+    flat_params, unravel = ravel_pytree(state.params)  # [P]
+    flat_grads = ravel_pytree(grads)[0]  # [P]
+    flat_ema = ravel_pytree(state.ema_params)[0]  # [P]
+    finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(flat_grads))
+    updates, opt_state = optimizer.update(flat_grads, state.opt_state, flat_params)
+    new_params = flat_params + updates
+    new_ema = ema_update(flat_ema, new_params, state.opt_step, optim_config.ema_decay)
     keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     key = jax.random.wrap_key_data(state.rng)
     new_state = TrainState(
         step=state.step + 1,
         opt_step=state.opt_step + finite.astype(jnp.int32),
-        params=keep_if_finite(params, state.params),
+        params=unravel(keep_if_finite(new_params, flat_params)),
         opt_state=keep_if_finite(opt_state, state.opt_state),
-        ema_params=keep_if_finite(ema, state.ema_params),
+        ema_params=unravel(keep_if_finite(new_ema, flat_ema)),
         rng=jax.random.key_data(jax.random.split(key)[0]),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
     )
-    metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": schedule(state.opt_step),
-               "finite": finite.astype(jnp.float32), "nonfinite_run": new_state.nonfinite_run,
-               "nonfinite_total": new_state.nonfinite_total}
+    metrics = {"loss": loss, **terms, "grad_norm": jnp.linalg.norm(flat_grads),
+               "lr": schedule(state.opt_step), "finite": finite.astype(jnp.float32),
+               "nonfinite_run": new_state.nonfinite_run, "nonfinite_total": new_state.nonfinite_total}
     return new_state, metrics
 
   # The state sharding is a prefix (replicated everywhere); sharding parameters later means passing

@@ -115,7 +115,7 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   if config.train.init_from:
     params = _params_from_checkpoint(config.train.init_from, params)
     say(f"initialised from the EMA weights of {config.train.init_from}")
-  optimizer, _ = make_optimizer(config.optim, config.decay_steps)
+  optimizer, _ = make_optimizer(config.optim, config.decay_steps, params)
   state = create_train_state(params, optimizer, config.train.seed)
   state_shardings = sharding.state_sharding(mesh, state)
   state = jax.device_put(state, state_shardings)

@@ -7,6 +7,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
 
 from e2former_jax.config import tiny_config
 from e2former_jax.graph import Graph
@@ -41,12 +43,12 @@ def test_schedule_matches_spec_at_key_steps():
 
 def test_optimizer_uses_the_schedule_and_clips():
   config = OptimConfig(lr=1e-2, warmup_steps=10, weight_decay=0.0, clip_norm=1.0, decay_steps=100)
-  optimizer, schedule = make_optimizer(config, decay_steps=100)
   params = {"w": jnp.ones(3)}
-  state = optimizer.init(params)
+  optimizer, schedule = make_optimizer(config, 100, params)
+  flat = ravel_pytree(params)[0]
   # A huge gradient is clipped to norm 1; Adam's first step is then lr * sign(g) (up to eps).
-  updates, _ = optimizer.update({"w": jnp.array([1e6, 0.0, -1e6])}, state, params)
-  np.testing.assert_allclose(updates["w"], [-float(schedule(0)), 0.0, float(schedule(0))], rtol=1e-4)
+  updates, _ = optimizer.update(jnp.array([1e6, 0.0, -1e6]), optimizer.init(flat), flat)
+  np.testing.assert_allclose(updates, [-float(schedule(0)), 0.0, float(schedule(0))], rtol=1e-4)
   assert np.isclose(float(schedule(0)), 0.2 * 1e-2)
 
 
@@ -78,15 +80,24 @@ def test_decay_mask_excludes_biases_norms_embeddings_and_vectors():
 
 
 def test_adamw_decays_only_masked_parameters():
-  """Zero gradient: only decoupled weight decay moves parameters, and only those the mask selects."""
-  params = {"params": {"dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
+  """Equals optax.adamw(mask=decay_mask) on the tree; with zero gradient only the decay moves."""
+  params = {"params": {"dense": {"kernel": jnp.full((3, 3), 2.0), "bias": jnp.ones(3)},
                        "source_table": jnp.ones((5, 3)), "final_norm": {"scale": jnp.ones((3, 8))},
-                       "linear": {"weight": jnp.ones((3, 8, 8))}}}
-  optimizer, _ = make_optimizer(OptimConfig(lr=1.0, warmup_steps=0, weight_decay=0.5, decay_steps=10), 10)
-  updates, _ = jax.jit(optimizer.update)(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+                       "linear": {"weight": jnp.full((3, 8, 8), 3.0)}}}
+  config = OptimConfig(lr=0.1, warmup_steps=0, weight_decay=0.5, decay_steps=10, clip_norm=1e9)
+  optimizer, schedule = make_optimizer(config, 10, params)
+  flat, unravel = ravel_pytree(params)
+  grads = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), params)
+  reference = optax.adamw(schedule, weight_decay=0.5, mask=decay_mask)
+  state, ref_state = optimizer.init(flat), reference.init(params)
+  for _ in range(3):
+    updates, state = jax.jit(optimizer.update)(ravel_pytree(grads)[0], state, flat)
+    ref_updates, ref_state = jax.jit(reference.update)(grads, ref_state, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), unravel(updates),
+                 ref_updates)
+  zero, _ = optimizer.update(jnp.zeros_like(flat), optimizer.init(flat), flat)
   moved = {jax.tree_util.keystr(p): bool(jnp.any(u != 0))
-           for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+           for p, u in jax.tree_util.tree_flatten_with_path(unravel(zero))[0]}
   assert moved == {"['params']['dense']['bias']": False, "['params']['dense']['kernel']": True,
                    "['params']['final_norm']['scale']": False, "['params']['linear']['weight']": True,
                    "['params']['source_table']": False}
-  np.testing.assert_allclose(updates["params"]["dense"]["kernel"], -0.5)  # -lr * wd * w

@@ -218,11 +218,11 @@ def test_nonfinite_step_is_skipped_without_moving_the_optimizer(dataset):
   model_config = config.model_config()
   batches = list(make_iterator(data, "train", config.data, model_config, training=True, seed=0).iterate())[:4]
   params = make_init(model_config)(jax.random.key(0), jax.tree.map(jnp.asarray, batches[0].graph))
-  optimizer, _ = make_optimizer(config.optim, config.decay_steps)
+  optimizer, _ = make_optimizer(config.optim, config.decay_steps, params)
   mesh = sharding.make_mesh(1)
   step = make_train_step(model_config, config.loss, config.optim, config.decay_steps, mesh)
   state = create_train_state(params, optimizer, 0)
-  state = jax.device_put(state, sharding.state_sharding(mesh, state))  # as in the loop: same executable
+  state = jax.device_put(state, sharding.state_sharding(mesh, state))  # as in the loop: one executable
   good = sharding.shard_batch(mesh, sharding.stack(batches))
   state, metrics = step(state, good)
   assert metrics["finite"] == 1.0
@@ -231,11 +231,11 @@ def test_nonfinite_step_is_skipped_without_moving_the_optimizer(dataset):
   with jax.debug_nans(False):
     after, metrics = step(state, sharding.shard_batch(mesh, sharding.stack(batches)))
   assert metrics["finite"] == 0.0 and not np.isfinite(float(metrics["loss"]))
-  after = jax.device_get(after)
+  host = jax.device_get(after)
   for field in ("params", "opt_state", "ema_params", "opt_step"):
-    jax.tree.map(np.testing.assert_array_equal, getattr(after, field), getattr(before, field))
-  assert int(after.step) == int(before.step) + 1
-  assert int(after.nonfinite_total) == 1 and int(after.nonfinite_run) == 1
+    jax.tree.map(np.testing.assert_array_equal, getattr(host, field), getattr(before, field))
+  assert int(host.step) == int(before.step) + 1
+  assert int(host.nonfinite_total) == 1 and int(host.nonfinite_run) == 1
   after, metrics = step(after, good)
   assert metrics["finite"] == 1.0 and int(after.nonfinite_run) == 0 and int(after.opt_step) == 2
 
