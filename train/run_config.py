@@ -141,8 +141,11 @@ class TrainConfig:
   Attributes:
     steps: optimiser steps of the run (also T of the schedule unless ``optim.decay_steps`` is set).
     max_minutes: wall-clock budget of one invocation, counted from its start (dataset build and
-      compilation included); training stops at the first step boundary past it, then the run
-      evaluates and saves as if it had reached ``steps`` (None = no budget).
+      compilation included); training stops at the first step boundary past it (but not before
+      ``min_steps``), then the run evaluates and saves as if it had reached ``steps`` (None = no
+      budget).
+    min_steps: steps trained even past ``max_minutes``, so that a slow start (first-time dataset
+      build on a busy machine) still leaves a learning curve.
     seed: seed of parameter initialisation, of the data order and of the saved random state.
     log_every: steps per training-metrics record (a window average).
     eval_every: steps between validation passes (EMA weights); also selects the best checkpoint.
@@ -154,6 +157,7 @@ class TrainConfig:
 
   steps: int = 1_400_000  # spec 9.6 (e2formerv2 stage 1 and 2)
   max_minutes: float | None = None
+  min_steps: int = 0
   seed: int = 6666  # spec 9.4
   log_every: int = 100  # spec 11: log_interval 100 (demo yaml)
   eval_every: int = 10_000  # spec 11: val_batch_interval 10000 (demo yaml)

@@ -72,7 +72,8 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   Args:
     config: the run configuration.
     workdir: output folder (checkpoints, metrics, plot, tables); created if needed.
-    resume: continue from ``workdir``'s last checkpoint if there is one (else start fresh).
+    resume: continue from ``workdir``'s last checkpoint if there is one; with False, a ``workdir``
+      that holds checkpoints is an error.
     num_devices: use the first ``num_devices`` devices (default: all).
     progress: show the progress bar and messages (process 0 only).
     final_eval: evaluate the validation and test splits at the end and write the tables.
@@ -95,7 +96,10 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   local_batches = sharding.local_batches_per_step(mesh, batches_per_step)
   model_config = config.model_config()
   checkpointer = Checkpointer(workdir / CHECKPOINT_DIRNAME)
-  saved = checkpointer.predictor_info(LAST) if resume else None
+  saved = checkpointer.predictor_info(LAST)
+  if saved is not None and not resume:
+    raise ValueError(f"{workdir} already holds a run (checkpoints in {checkpointer.directory}); resume it, "
+                     "or start over in an empty folder")
 
   data = open_run_data(config.data, references=None if saved is None else
                        references_from_mapping(saved.reference_energies))
@@ -200,7 +204,7 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   deadline = (call_start + 60.0 * config.train.max_minutes
               if config.train.max_minutes is not None else None)
   try:
-    while step < total_steps and not _past(deadline):
+    while step < total_steps and (step < config.train.min_steps or not _past(deadline)):
       items = [next(stream) for _ in range(local_batches)]
       position = items[-1][0]
       stacked = sharding.stack([batch for _, batch in items])

@@ -270,8 +270,10 @@ def test_consecutive_nonfinite_steps_halt_and_keep_last_good_checkpoint(dataset,
 
 def test_cli_train_and_eval_smoke(dataset, tmp_path, capsys):
   workdir = tmp_path / "cli_run"
+  # A zero time budget stops training right after min_steps (the budget is checked per step).
   code = cli_main(["train", "--data", str(dataset), "--workdir", str(workdir), "--quiet",
-                   "--set", *TINY, "train.steps=5", "train.eval_every=5", "train.checkpoint_every=5"])
+                   "--set", *TINY, "train.steps=8", "train.max_minutes=0", "train.min_steps=5",
+                   "train.eval_every=5", "train.checkpoint_every=5"])
   assert code == 0
   assert (workdir / "checkpoints" / "last").is_dir() and (workdir / "checkpoints" / "best").is_dir()
   assert (workdir / CURVE_FILENAME).stat().st_size > 1000
