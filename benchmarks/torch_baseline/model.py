@@ -120,6 +120,17 @@ def gather_sources(x: torch.Tensor, nbr_idx: torch.Tensor) -> torch.Tensor:
   return padded[nbr_idx]
 
 
+def segment_sum(data: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+  """out[b] = sum of data[i] over i with segment_ids[i] = b: [N, ...] -> [num_segments, ...].
+
+  One segment is a plain sum: the same numbers, and it avoids a scatter into a single row, which
+  torch.compile's inductor (2.13, CPU) fails to generate code for.
+  """
+  if num_segments == 1:
+    return data.sum(dim=0, keepdim=True)
+  return data.new_zeros((num_segments, *data.shape[1:])).index_add(0, segment_ids, data)
+
+
 def safe_norm(x: torch.Tensor) -> torch.Tensor:
   """|x| over the last axis with value and gradients finite (0) at x = 0: [..., 3] -> [...]."""
   squared = (x * x).sum(-1)
@@ -173,9 +184,8 @@ def envelope(distances: torch.Tensor, cutoff: float) -> torch.Tensor:
 def centre_positions(graph: TorchGraph, positions: torch.Tensor) -> torch.Tensor:
   """Subtract each molecule's mean real-atom position: [N, 3] -> [N, 3]."""
   weights = graph.node_mask.to(positions.dtype)
-  num = positions.new_zeros(graph.num_molecules, 3).index_add(
-      0, graph.molecule_index, positions * weights[:, None])
-  count = positions.new_zeros(graph.num_molecules).index_add(0, graph.molecule_index, weights)
+  num = segment_sum(positions * weights[:, None], graph.molecule_index, graph.num_molecules)
+  count = segment_sum(weights, graph.molecule_index, graph.num_molecules)
   mean = num / torch.clamp(count, min=1.0)[:, None]  # [B, 3]
   return positions - mean[graph.molecule_index]
 
@@ -222,6 +232,38 @@ def attention_weights(dots, gate, post_weight, envelope_weights, nbr_mask, *, sc
   denom = e.sum(dim=1) + sink * torch.exp(-shift)  # [N, H]
   denom = torch.where(denom > 0, denom, torch.ones_like(denom))
   return e / denom[:, None] * post_weight
+
+
+def neighbor_sum(weights: torch.Tensor, rows: torch.Tensor, nbr_idx: torch.Tensor) -> torch.Tensor:
+  """out[n, r, c] = sum_k weights[n, k, c % H] rows[nbr_idx[n, k], r, c] (node-centric aggregation).
+
+  Eager: the rows are gathered head-major, [H, N, K, X] with X = R C / H, so that the sum over
+  slots is one batched matrix product with no further copy of the gathered tensor (which autograd
+  keeps for the backward). Under torch.compile: a broadcast product and sum, which inductor can
+  fuse with the gather.
+
+  Args:
+    weights: [N, K, H]. rows: [M, R, C], channel c in head c % H. nbr_idx: [N, K] (M = empty).
+  Returns:
+    [N, R, C]
+  """
+  n, k, h = weights.shape
+  m, r, c = rows.shape
+  if torch.compiler.is_compiling():
+    weights_c = weights.repeat(1, 1, c // h)  # [N, K, C]
+    return (weights_c[:, :, None, :] * gather_sources(rows, nbr_idx)).sum(dim=1)
+  per_head = rows.reshape(m, r * (c // h), h).permute(2, 0, 1)  # [H, M, X], c = g H + h
+  per_head = torch.cat([per_head, per_head.new_zeros((h, 1, per_head.shape[-1]))], dim=1)
+  gathered = per_head[:, nbr_idx]  # [H, N, K, X]
+  out = torch.matmul(weights.permute(2, 0, 1).unsqueeze(2), gathered)  # [H, N, 1, X]
+  return out[:, :, 0].permute(1, 2, 0).reshape(n, r, c)
+
+
+def slot_sum(weights_c: torch.Tensor, per_slot: torch.Tensor) -> torch.Tensor:
+  """sum_k weights_c[n, k, c] per_slot[n, k, r, c]: [N, K, C] x [N, K, R, C] -> [N, R, C]."""
+  if torch.compiler.is_compiling():
+    return (weights_c[:, :, None, :] * per_slot).sum(dim=1)
+  return torch.einsum("nkc,nkrc->nrc", weights_c, per_slot)
 
 
 # ------------------------------------------------------------------------------------- modules
@@ -443,19 +485,18 @@ class E2Attention(nn.Module):
     dots = torch.einsum("nhd,nkhd->nkh", q, gather_sources(k, graph.nbr_idx))  # [N, K, H]
     weights = attention_weights(dots, gate, post_weight, geometry.envelope, graph.nbr_mask,
                                 scale=d**-0.5)  # [N, K, H]
-    weights_c = weights.repeat(1, 1, c // h)  # [N, K, C]: channel c uses head c % H
     v = self.value(x)  # [N, S, C]
     if cfg.message_path is MessagePath.NODE_CENTRIC:
       stack = torch.cat([tensor_product_vector(v, geometry.positions, coupling), v], dim=1)
-      agg = torch.einsum("nkc,nkrc->nrc", weights_c,
-                         gather_sources(stack, graph.nbr_idx))  # [N, R+S, C]
+      agg = neighbor_sum(weights, stack, graph.nbr_idx)  # [N, R+S, C]
       num_tp_rows = agg.shape[1] - s
       message = (tensor_product_vector(agg[:, num_tp_rows:], geometry.positions, coupling)
                  - agg[:, :num_tp_rows])  # [N, R, C]
     else:
       edge_tp = tensor_product_vector(gather_sources(v, graph.nbr_idx), geometry.vectors,
                                       coupling)  # [N, K, R, C]
-      message = torch.einsum("nkc,nkrc->nrc", weights_c, edge_tp)  # [N, R, C]
+      weights_c = weights.repeat(1, 1, c // h)  # [N, K, C]: channel c uses head c % H
+      message = slot_sum(weights_c, edge_tp)  # [N, R, C]
     return self.proj(self.path_mix(message))
 
 
@@ -512,7 +553,7 @@ class E2FormerTorch(nn.Module):
     node_mask = graph.node_mask.to(x.dtype)
     h = F.silu(self.energy_hidden_1(F.silu(self.energy_hidden_0(x[:, 0]))))
     atom_energy = self.energy_out(h)[:, 0] * node_mask  # [N]
-    energy = atom_energy.new_zeros(graph.num_molecules).index_add(0, graph.molecule_index, atom_energy)
+    energy = segment_sum(atom_energy, graph.molecule_index, graph.num_molecules)  # [B]
     energy = energy * graph.molecule_mask.to(x.dtype)
     direct_forces = None
     if self.force_head is not None:
