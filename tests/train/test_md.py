@@ -78,7 +78,8 @@ def test_load_predictor_and_calculator(run_dir):
 def test_md_command_writes_trajectory_plot_and_summary(run_dir, tmp_path):
   out = tmp_path / "md"
   assert cli_main(["md", str(run_dir), "--molecule", "mol1", "--conformer", "1", "--ensemble", "nvt",
-                   "--temperature", "200", "--steps", "35", "--record-every", "10", "--out", str(out),
+                   "--thermostat", "nose-hoover", "--temperature", "200", "--timestep", "0.1",
+                   "--float64", "--steps", "35", "--record-every", "10", "--out", str(out),
                    "--quiet"]) == 0
   frames = ase.io.read(out / md.TRAJECTORY_FILENAME, index=":")
   assert [f.info["step"] for f in frames] == [0, 10, 20, 30, 40]  # 35 rounded up to whole chunks
@@ -101,8 +102,11 @@ def test_md_command_writes_trajectory_plot_and_summary(run_dir, tmp_path):
   assert (out / md.PLOT_FILENAME).stat().st_size > 10_000
   summary = json.loads((out / md.SUMMARY_FILENAME).read_text())
   assert summary["structure"] == "mol1/1" and summary["num_atoms"] == 7 and summary["steps"] == 40
-  assert summary["settings"]["ensemble"] == "nvt" and summary["settings"]["thermostat"] == "langevin"
+  assert summary["settings"]["ensemble"] == "nvt" and summary["settings"]["thermostat"] == "nose-hoover"
   assert summary["mean_temperature_K"] > 0 and summary["steps_per_s"] > 0
+  # Nose-Hoover's extended energy is conserved (float64, 0.1 fs steps of a random-weight model).
+  assert summary["max_drift_eV_per_atom"] < 1e-4, summary["max_drift_eV_per_atom"]
+  assert {"conserved_energy", "temperature_K"} <= set(frames[-1].info)
 
 
 def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
@@ -118,8 +122,8 @@ def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
   path = tmp_path / "cell.extxyz"
   ase.io.write(path, atoms)
   out = tmp_path / "md"
-  assert cli_main(["md", str(run_dir), "--structure", str(path), "--steps", "20", "--record-every",
-                   "10", "--timestep", "0.25", "--out", str(out), "--quiet"]) == 0
+  assert cli_main(["md", str(run_dir), "--structure", str(path), "--ensemble", "nvt", "--steps", "20",
+                   "--record-every", "10", "--out", str(out), "--quiet"]) == 0
   frames = ase.io.read(out / md.TRAJECTORY_FILENAME, index=":")
   assert len(frames) == 3
   for frame in frames:
@@ -129,7 +133,8 @@ def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
     assert (scaled > -1e-6).all() and (scaled < 1 + 1e-6).all()  # wrapped into the cell
   np.testing.assert_allclose(frames[0].get_scaled_positions(), atoms.get_scaled_positions(), atol=1e-5)
   summary = json.loads((out / md.SUMMARY_FILENAME).read_text())
-  assert summary["num_atoms"] == 40 and summary["max_drift_eV_per_atom"] < 1e-2
+  assert summary["num_atoms"] == 40 and summary["settings"]["thermostat"] == "langevin"
+  assert "max_drift_eV_per_atom" not in summary  # Langevin conserves nothing
 
   predictor = md.load_predictor(run_dir)
   spin = atoms.info["spin"]
