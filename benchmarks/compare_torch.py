@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -110,7 +109,7 @@ class StructureSpec:
     return f"{self.molecules}x{self.atoms_per_molecule} molecules"
 
   @classmethod
-  def parse(cls, text: str) -> "StructureSpec":
+  def parse(cls, text: str) -> StructureSpec:
     """'10000' (one structure) or '64x30' (a batch)."""
     if "x" in text:
       b, m = text.split("x")
@@ -275,7 +274,7 @@ def _phase(result: dict, name: str, body) -> bool:
   try:
     result[name] = {"status": "ok", **body()}
     return True
-  except Exception as e:  # noqa: BLE001 - every failure is recorded, OOM separately
+  except Exception as e:
     result[name] = {"status": "oom" if _is_oom(e) else "error",
                     "error": "".join(traceback.format_exception_only(e))[-1500:]}
     return False
@@ -334,8 +333,7 @@ def jax_worker(spec: dict) -> dict:
     return optax.apply_updates(p, updates), opt_state, loss
 
   step = jax.jit(step, donate_argnums=(0, 1))
-  state = {"params": params, "opt": tx.init(params)}
-  del params
+  state = {"params": params, "opt": tx.init(params)}  # params are donated to the first step
 
   def run_step():
     state["params"], state["opt"], loss = jax.block_until_ready(
@@ -353,8 +351,12 @@ def jax_worker(spec: dict) -> dict:
 def torch_worker(spec: dict) -> dict:
   import torch
 
-  from benchmarks.torch_baseline import (E2FormerTorch, energy_and_forces,
-                                         flax_to_torch_state_dict, graph_to_torch)
+  from benchmarks.torch_baseline import (
+    E2FormerTorch,
+    energy_and_forces,
+    flax_to_torch_state_dict,
+    graph_to_torch,
+  )
 
   torch.set_float32_matmul_precision("high" if spec["precision"] == "tf32" else "highest")
   device = torch.device(spec["device"])
@@ -392,14 +394,13 @@ def torch_worker(spec: dict) -> dict:
     grad, energy = torch.func.grad(total, has_aux=True)(positions)
     return energy, -grad * node_mask
 
-  if compiled:
-    compiled_ef = torch.compile(functional_energy_forces)
-    energy_forces = lambda create_graph: compiled_ef(graph.positions)  # noqa: E731
-  else:
-    energy_forces = functools.partial(energy_and_forces, model, graph)
+  compiled_ef = torch.compile(functional_energy_forces) if compiled else None
 
   def run_ef():
-    outputs = energy_forces(create_graph=False)
+    if compiled:
+      outputs = compiled_ef(graph.positions)
+    else:
+      outputs = energy_and_forces(model, graph)
     sync()
     return outputs
 
@@ -450,7 +451,7 @@ def worker_main(spec_json: str) -> None:
   spec = json.loads(spec_json)
   try:
     result = (jax_worker if spec["impl"] in JAX_IMPLS else torch_worker)(spec)
-  except Exception as e:  # noqa: BLE001 - reported to the driver
+  except Exception as e:
     result = {"status": "error", "error": "".join(traceback.format_exception(e))[-2500:]}
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -561,10 +562,18 @@ class Driver:
     return f"torch-compile-{min(best, key=best.get) if best else 'node'}"
 
   def bench(self, structures: list[StructureSpec], impls: list[str]) -> None:
+    """Every (structure, implementation) in order; runs kept from --resume are not repeated."""
     failed_at: dict[str, int] = {}  # impl -> fewest atoms that ran out of memory
+    done = set()
+    for row in self.report["runs"]:
+      if row["status"] == "oom":
+        failed_at[row["impl"]] = min(failed_at.get(row["impl"], row["atoms"]), row["atoms"])
+      done.add((row["impl"], row["structure"]))
     for spec in structures:
       for impl in impls:
         if impl.startswith("torch-compile") and spec.atoms not in self.args.compile_atoms_set:
+          continue
+        if (impl, spec.name) in done:
           continue
         if impl in failed_at and spec.atoms > failed_at[impl]:
           row = {"impl": impl, "structure": spec.name, "atoms": spec.atoms,
@@ -587,10 +596,12 @@ class Driver:
     ends it without a bound.
     """
     for impl in impls:
-      known = [r for r in self.report["runs"] if r["impl"] == impl and r["molecules"] == 1]
-      lo = max((r["atoms"] for r in known if r["status"] == "ok"), default=0)
-      hi = min((r["atoms"] for r in known if r["status"] == "oom" and r["atoms"] > lo), default=None)
       entry = self.report["fit"].setdefault(impl, {"probes": []})
+      known = [r for r in self.report["runs"] if r["impl"] == impl and r["molecules"] == 1]
+      known += entry["probes"]
+      lo = max((r["atoms"] for r in known if r["status"] == "ok"), default=0)
+      hi = min((r["atoms"] for r in known if r["status"] in ("oom", "error") and r["atoms"] > lo),
+               default=None)
       start = self.args.fit_start or (100_000 if impl in JAX_IMPLS else 10_000)
       size = 2 * lo if lo else start
       while self.remaining() >= self.args.min_worker_s:
@@ -687,7 +698,8 @@ def summarize(report: dict) -> dict:
   theirs = [r for r in headline if r["impl"].startswith("torch")]
   if mine and theirs:
     best = min(theirs, key=lambda r: r["ef"]["ms"])
-    summary["speedup_at_10k"] = {"jax_ms": mine["ef"]["ms"], "best_torch": best["impl"],
+    summary["speedup_at_10k"] = {"jax_ms": mine["ef"]["ms"],
+                                 "best_torch": best.get("resolved_impl", best["impl"]),
                                  "torch_ms": best["ef"]["ms"],
                                  "speedup": best["ef"]["ms"] / mine["ef"]["ms"], "target": 2.0}
 
@@ -906,6 +918,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "compare_torch"))
   parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"),
                       help="append the table here ('' for no append)")
+  parser.add_argument("--resume", default="",
+                      help="continue the report of an earlier run (its JSON): its ok and "
+                           "out-of-memory runs and fit probes are kept, the rest is run")
   parser.add_argument("--report-from", default="",
                       help="re-render PNG and table from this JSON (no runs)")
   parser.add_argument("--commit", default=None)
@@ -957,6 +972,13 @@ def main(argv=None) -> None:
                      "argv": " ".join(sys.argv[1:]), "jax": jax.__version__,
                      "torch": torch_version, "memory_fraction": GPU_MEMORY_FRACTION},
             "runs": [], "fit": {}}
+  if args.resume:
+    earlier = json.loads(Path(args.resume).read_text())
+    report["runs"] = [r for r in earlier["runs"] if r["status"] in ("ok", "oom")]
+    report["fit"] = earlier.get("fit", {})
+    report["meta"]["resumed_from"] = earlier["meta"]
+    for key in ("device_name", "memory_limit_bytes"):
+      report["meta"][key] = earlier["meta"].get(key)
   driver = Driver(args, out, report)
   try:
     driver.prepare()

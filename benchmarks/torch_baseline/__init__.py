@@ -4,12 +4,13 @@ Optional (needs torch; nothing in ``e2former_jax`` imports it). Mirrors ``e2form
 for module; :func:`flax_to_torch_state_dict` converts the Flax parameters.
 """
 
-from benchmarks.torch_baseline.convert import flax_to_torch_state_dict
-from benchmarks.torch_baseline.convert import graph_to_torch
-from benchmarks.torch_baseline.model import E2FormerTorch
-from benchmarks.torch_baseline.model import ModelOutput
-from benchmarks.torch_baseline.model import TorchGraph
-from benchmarks.torch_baseline.model import energy_and_forces
+from benchmarks.torch_baseline.convert import flax_to_torch_state_dict, graph_to_torch
+from benchmarks.torch_baseline.model import (
+    E2FormerTorch,
+    ModelOutput,
+    TorchGraph,
+    energy_and_forces,
+)
 
 __all__ = [
     "E2FormerTorch",

@@ -29,7 +29,7 @@ def flax_to_torch_state_dict(params: Mapping) -> dict[str, torch.Tensor]:
   Returns:
     name -> float tensor (CPU, the leaves' dtype).
   """
-  tree = params["params"] if "params" in params else params
+  tree = params.get("params", params)
   state = {}
 
   def visit(node: Mapping, prefix: str) -> None:

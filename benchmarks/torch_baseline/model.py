@@ -77,7 +77,7 @@ class TorchGraph:
   def num_molecules(self) -> int:
     return self.charge.shape[0]
 
-  def to(self, device=None, dtype: torch.dtype | None = None) -> "TorchGraph":
+  def to(self, device=None, dtype: torch.dtype | None = None) -> TorchGraph:
     """Moves every tensor to ``device``; float tensors are cast to ``dtype`` when given."""
     def move(t):
       return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
@@ -247,7 +247,7 @@ def neighbor_sum(weights: torch.Tensor, rows: torch.Tensor, nbr_idx: torch.Tenso
   Returns:
     [N, R, C]
   """
-  n, k, h = weights.shape
+  n, _, h = weights.shape
   m, r, c = rows.shape
   if torch.compiler.is_compiling():
     weights_c = weights.repeat(1, 1, c // h)  # [N, K, C]

@@ -9,18 +9,20 @@ torch = pytest.importorskip(
     "torch", reason="PyTorch is not installed: the torch baseline is an optional benchmark "
     "dependency (pip install -e '.[torch]'); this parity test runs wherever torch is present")
 
-import jax  # noqa: E402
+import jax
+from e2f_testing import brute_force_graph, random_molecule
 
-from benchmarks.torch_baseline import (  # noqa: E402
-    E2FormerTorch,
-    energy_and_forces as torch_energy_and_forces,
-    flax_to_torch_state_dict,
-    graph_to_torch,
+from benchmarks.torch_baseline import (
+  E2FormerTorch,
+  flax_to_torch_state_dict,
+  graph_to_torch,
 )
-from e2f_testing import brute_force_graph, random_molecule  # noqa: E402
-from e2former_jax.config import MessagePath, paper_config, tiny_config  # noqa: E402
-from e2former_jax.nn.model import E2Former  # noqa: E402
-from e2former_jax.potential import energy_and_forces  # noqa: E402
+from benchmarks.torch_baseline import (
+  energy_and_forces as torch_energy_and_forces,
+)
+from e2former_jax.config import MessagePath, paper_config, tiny_config
+from e2former_jax.nn.model import E2Former
+from e2former_jax.potential import energy_and_forces
 
 CUTOFF = 4.5
 # float32 parity budget of the issue: the same weights give the same energies and forces to 1e-5
