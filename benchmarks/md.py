@@ -15,7 +15,9 @@ zero forces, which that first chunk corrects (it saves compiling a separate init
 
 Sizes run in increasing order in this process: each size's peak device memory
 (``memory_stats()["peak_bytes_in_use"]``, a process-lifetime maximum) is then that of the largest
-system so far, i.e. its own. Out-of-memory and other errors are recorded per size.
+system so far, i.e. its own. Out-of-memory and other errors are recorded per size. (Energy plus
+forces of the paper configuration held 15 GB at 10k atoms on an H100 in benchmarks/compare_torch.py,
+so 100k atoms needs ~150 GB without rematerialisation: expect "OOM" there on one 80 GB card.)
 
 Writes JSON to ``--out`` and appends one line to ``--results-md`` (device, commit, date).
 
@@ -41,6 +43,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Let the largest system use the whole GPU (JAX reserves 75 % by default); set before jax starts.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
