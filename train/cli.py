@@ -22,7 +22,16 @@ DEFAULT_RUNS_DIR = Path("runs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command; a bad configuration or dataset prints one ``error:`` line and returns 2."""
   args = _parser().parse_args(argv)
+  try:
+    return _run(args)
+  except ValueError as err:  # invalid config, missing/corrupt dataset, unusable checkpoint
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def _run(args) -> int:
   # Before anything touches a device: a multi-process launch must initialise the runtime first.
   sharding.maybe_initialize_distributed(getattr(args, "coordinator_address", None),
                                         getattr(args, "num_processes", None),

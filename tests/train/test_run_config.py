@@ -71,3 +71,11 @@ def test_bad_yaml_names_the_file(tmp_path):
     load_run_config(path)
   with pytest.raises(ValueError, match="does not exist"):
     load_run_config(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_a_bad_override_in_one_line(capsys):
+  from train.cli import main
+
+  assert main(["train", "--set", "optim.lrr=1", "--quiet"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error:") and "optim.lrr" in err[0]
