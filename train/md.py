@@ -386,14 +386,15 @@ def _plot(rows: list[dict], path: Path, *, title: str) -> None:
   t = np.array([r["time_fs"] for r in rows])
   e0 = rows[0]["total_energy"]
   fig, (ax_e, ax_t) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
-  for key, label in (("potential_energy", "potential"), ("kinetic_energy", "kinetic"),
-                     ("total_energy", "total"), ("conserved_energy", "conserved (Nose-Hoover)")):
+  for key, label in (("potential_energy", "potential - E(0)"), ("kinetic_energy", "kinetic"),
+                     ("total_energy", "total - E(0)"),
+                     ("conserved_energy", "Nose-Hoover conserved - E(0)")):
     if key in rows[0]:
       values = np.array([r[key] for r in rows])
-      shift = e0 if key != "kinetic_energy" else 0.0
-      ax_e.plot(t, values - shift, label=label)
-  ax_e.set_ylabel(f"energy (eV; potential, total relative to E_tot(0) = {e0:.4f})")
-  ax_e.legend()
+      ax_e.plot(t, values - (e0 if key != "kinetic_energy" else 0.0), label=label)
+  ax_e.set_ylabel("energy (eV)")
+  ax_e.set_title(f"E(0) = total energy at t = 0 = {e0:.4f} eV", fontsize="small")
+  ax_e.legend(fontsize="small")
   ax_t.plot(t, [r["temperature_K"] for r in rows], color="tab:red")
   ax_t.set_ylabel("temperature (K)")
   ax_t.set_xlabel("time (fs)")
