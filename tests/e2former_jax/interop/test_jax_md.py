@@ -17,6 +17,9 @@ from e2former_jax.neighbors import build_graph, neighbor_list
 from e2former_jax.potential import energy_and_forces, energy_forces_stress
 from e2former_jax.structure import Structure
 
+# JAX MD's all-pairs candidate search scatters int64 indices into its int32 list under x64.
+JAX_MD_X64_SCATTER = pytest.mark.filterwarnings(
+    "ignore:scatter inputs have incompatible types:FutureWarning")
 # Free-space systems sit at this offset inside a cell-list box of side BOX (angstrom).
 OFFSET = 10.0
 BOX = 40.0
@@ -65,6 +68,7 @@ def _random_crystal(rng, cell: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarr
       return rng.choice([1, 6, 7, 8], n), positions
 
 
+@JAX_MD_X64_SCATTER
 def test_periodic_energy_forces_and_stress_equal_the_models(x64, predictor, rng):
   """periodic_general with fractional coordinates in a triclinic cell, against the model.
 
@@ -126,8 +130,7 @@ NVE_MAX_DRIFT_EV_PER_ATOM = 1e-4
 SPRING_EV_PER_A2 = 20.0
 
 
-# JAX MD's all-pairs candidate search scatters int64 indices into its int32 list under x64.
-@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
+@JAX_MD_X64_SCATTER
 def test_nve_conserves_energy_and_starts_at_the_models_energy(x64, predictor, cluster):
   """simulate.nve on energy_fn with a neighbour list: energy and forces at t = 0 equal the model's on
   the host-built graph (charge and spin passed at call time), and the total energy is conserved."""
