@@ -525,6 +525,9 @@ class Driver:
       env["JAX_PLATFORMS"] = "cpu"  # torch owns the GPU; jax only supplies tables there
     else:
       env.pop("JAX_PLATFORMS", None)
+    if worker_impl in TORCH_IMPLS:
+      # PyTorch's own advice against fragmentation near the memory limit: its best chance to fit.
+      env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     start = time.time()
     try:
       proc = subprocess.run([sys.executable, __file__, "--worker", spec_json], capture_output=True,
@@ -896,7 +899,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="sizes at which torch.compile variants run (default: 10000 with --quick, "
                            "every size otherwise)")
   parser.add_argument("--fit-impls", default=None,
-                      help="default: jax-pallas and the eager torch paths")
+                      help="default: the eager torch paths, then jax-pallas")
   parser.add_argument("--fit-start", type=int, default=None,
                       help="first probe when the bench phase gave no size (default 100000 for jax, "
                            "10000 for torch)")
@@ -988,8 +991,9 @@ def main(argv=None) -> None:
                     + [StructureSpec.parse(b) for b in args.batches.split(",") if b])
       driver.bench(structures, args.impls.split(","))
     if "fit" in phases:
+      # The eager torch searches are short (out of memory comes fast), so they go first.
       eager = [i for i in ("torch-node", "torch-edge") if i in args.impls.split(",")]
-      driver.fit(args.fit_impls.split(",") if args.fit_impls else ["jax-pallas", *eager])
+      driver.fit(args.fit_impls.split(",") if args.fit_impls else [*eager, "jax-pallas"])
   finally:
     driver.close()
   write_outputs(report, out, results_md)
