@@ -26,14 +26,12 @@ Usage: python benchmarks/attention.py [--phases ...] [--sizes 1000,10000,100000]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path

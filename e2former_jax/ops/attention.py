@@ -19,6 +19,20 @@ from e2former_jax.config import AttentionImpl
 SOFTMAX_SINK = 1e-3
 
 
+def _call(impl: AttentionImpl, kernel, reference, *args, **kwargs) -> jax.Array:
+  """One kernel op under the selected implementation (XLA = the op's jnp reference)."""
+  if impl is AttentionImpl.XLA:
+    return reference(*args, **kwargs)
+  return kernel(*args, **kwargs, interpret=impl is AttentionImpl.PALLAS_INTERPRET)
+
+
+def _head_last(values: jax.Array, num_heads: int) -> jax.Array:
+  """[M, R, C] -> the kernels' [M, R * C/H, H]: head h = c % H becomes the fast index."""
+  m, r, c = values.shape
+  assert c % num_heads == 0, (c, num_heads)
+  return values.reshape(m, r * (c // num_heads), num_heads)
+
+
 def attention_weights(dots: jax.Array, gate: jax.Array, post_weight: jax.Array, envelope: jax.Array,
                       nbr_mask: jax.Array, *, head_dim: int) -> jax.Array:
   """a_ikh = alpha_ikh * post_ikh from the raw products q_i . k_j (for the per-edge message path).
@@ -56,15 +70,9 @@ def node_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax
   m, r, c = values.shape
   assert k.shape == (m, h, d), (k.shape, q.shape)
   assert gate.shape == post_weight.shape == (n, nbr_idx.shape[1], h)
-  assert c % h == 0, (c, h)
-  # Head-last layout: values [M, R, C] -> [M, R * C/H, H], head = c % H the fast index.
-  args = (q.transpose(0, 2, 1), k.transpose(0, 2, 1), gate, post_weight, envelope,
-          values.reshape(m, r * (c // h), h), nbr_idx, nbr_mask)
-  kwargs = dict(scale=d**-0.5, sink=SOFTMAX_SINK)
-  if impl is AttentionImpl.XLA:
-    out = pallas_kernels.node_attention_reference(*args, **kwargs)
-  else:
-    out = pallas_kernels.node_attention(*args, **kwargs, interpret=impl is AttentionImpl.PALLAS_INTERPRET)
+  out = _call(impl, pallas_kernels.node_attention, pallas_kernels.node_attention_reference,
+              q.transpose(0, 2, 1), k.transpose(0, 2, 1), gate, post_weight, envelope,
+              _head_last(values, h), nbr_idx, nbr_mask, scale=d**-0.5, sink=SOFTMAX_SINK)
   return out.reshape(n, r, c)
 
 
@@ -83,13 +91,9 @@ def node_attention_weights(q: jax.Array, k: jax.Array, gate: jax.Array, post_wei
   Returns:
     [N, K, H], zero on masked slots.
   """
-  head_dim = q.shape[2]
-  args = (q.transpose(0, 2, 1), k.transpose(0, 2, 1), nbr_idx, nbr_mask)
-  if impl is AttentionImpl.XLA:
-    dots = pallas_kernels.edge_dot_reference(*args)
-  else:
-    dots = pallas_kernels.edge_dot(*args, interpret=impl is AttentionImpl.PALLAS_INTERPRET)
-  return attention_weights(dots, gate, post_weight, envelope, nbr_mask, head_dim=head_dim)
+  dots = _call(impl, pallas_kernels.edge_dot, pallas_kernels.edge_dot_reference,
+               q.transpose(0, 2, 1), k.transpose(0, 2, 1), nbr_idx, nbr_mask)  # [N, K, H]
+  return attention_weights(dots, gate, post_weight, envelope, nbr_mask, head_dim=q.shape[2])
 
 
 def neighbor_sum(weights: jax.Array, values: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array, *,
@@ -104,11 +108,7 @@ def neighbor_sum(weights: jax.Array, values: jax.Array, nbr_idx: jax.Array, nbr_
     [N, R, C]
   """
   n, _, h = weights.shape
-  m, r, c = values.shape
-  assert c % h == 0, (c, h)
-  args = (weights, values.reshape(m, r * (c // h), h), nbr_idx, nbr_mask)
-  if impl is AttentionImpl.XLA:
-    out = pallas_kernels.gather_sum_reference(*args)
-  else:
-    out = pallas_kernels.gather_sum(*args, interpret=impl is AttentionImpl.PALLAS_INTERPRET)
+  _, r, c = values.shape
+  out = _call(impl, pallas_kernels.gather_sum, pallas_kernels.gather_sum_reference,
+              weights, _head_last(values, h), nbr_idx, nbr_mask)
   return out.reshape(n, r, c)
