@@ -50,6 +50,10 @@ class E2FormerConfig:
     attention_impl: kernel implementation of the node-centric attention.
     direct_force_head: add a linear l=1 -> force head (stage-1 training); conservative forces
       -dE/dx are always available.
+    remat: rematerialise each transformer block in the backward pass (``flax.linen.remat``): the
+      gradient keeps only the block inputs [N, S, C] and recomputes one block's activations at a
+      time, so forces (and training) need ~1/num_layers of the activation memory for one more
+      forward pass. Same numbers, same parameters; only memory and time change.
   """
 
   num_layers: int = 4
@@ -67,6 +71,7 @@ class E2FormerConfig:
   message_path: MessagePath = MessagePath.NODE_CENTRIC
   attention_impl: AttentionImpl = AttentionImpl.XLA
   direct_force_head: bool = True
+  remat: bool = False
 
   def __post_init__(self):
     if self.channels % self.num_heads:

@@ -83,8 +83,9 @@ class E2Former(nn.Module):
     assert x.shape == (n, cfg.num_rows, cfg.channels), x.shape
     molecule_signal = MoleculeEmbedding(cfg.channels, name="molecule")(graph.charge, graph.spin)
     atom_signal = molecule_signal[graph.molecule_index]  # [N, C]
+    block = nn.remat(TransformerBlock) if cfg.remat else TransformerBlock
     for layer in range(cfg.num_layers):
-      x = TransformerBlock(cfg, name=f"block_{layer}")(x, atom_signal, graph, geometry)
+      x = block(cfg, name=f"block_{layer}")(x, atom_signal, graph, geometry)
     x = RMSNormSH(name="final_norm")(x)
 
     node_mask = graph.node_mask.astype(x.dtype)
