@@ -43,28 +43,47 @@ vectors). Edge vectors come from the displacement function and the image shifts 
 convention, with the cell in ``Graph.cell`` so the model adds its image-shift term. Works with
 ``space.periodic``, and ``space.periodic_general`` with real or (``fractional_coordinates=True``)
 fractional positions; a ``box=`` keyword at call time (NPT, ``quantity.stress``) replaces the
-box, and ``perturbation=`` strains the displacements, so ``quantity.stress`` works too. A JAX MD
-neighbour list holds one (minimum) image per pair, which is the model's relation only when every
-lattice plane spacing exceeds twice the cutoff; the factories check that and ask for a supercell
-otherwise (the model itself also handles narrower cells: ``e2former_jax.neighbors``).
+box, and ``perturbation=`` strains the displacements, so ``quantity.stress`` works too.
+
+Small periodic cells (all images). A JAX MD neighbour list holds one (minimum) image per pair,
+which is the model's relation only when every lattice plane spacing exceeds twice the cutoff. In a
+narrower cell one atom has several images within the cutoff (its own included), and
+:func:`e2former_neighbor_list` with ``periodic=True`` then returns an :class:`ImageNeighborList`
+instead (``all_images=None``, the default, decides from the box; ``all_images=True`` forces it for
+any periodic box, ``all_images=False`` forces JAX MD's list and raises in a narrow box). It is
+JAX MD-shaped: ``neighbor_fn.allocate(position, extra_capacity=0, box=...)`` on the host,
+``nbrs.update(position, box=...)`` inside ``jit``, ``nbrs.did_buffer_overflow``, so :func:`run`
+and JAX MD's integrators use it unchanged. Its candidates are lattice images ``(j, S)`` within
+``cutoff + skin`` from the on-device periodic search (:mod:`e2former_jax.neighbors_device`), with
+integer image shifts S; the energy function keeps the K nearest within the cutoff at the current
+positions and passes ``nbr_shift = S @ cell`` (the cell of the current box, so ``box=`` and
+``perturbation=`` strain the shifts with the positions: NPT and ``quantity.stress`` work).
+Positions wrapped back into the box between rebuilds are followed: S is corrected by the whole
+lattice translations of both atoms since the rebuild. :func:`e2former_energy` takes the image list
+only with ``all_images=True``; without it a narrow box is an error, since a ``Dense`` list or the
+all-pairs search would miss images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import ase.data
 import ase.units
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import partition
-from jax_md import space
+from jax_md import partition, space
 
 from e2former_jax import lattice
 from e2former_jax.graph import Graph
 from e2former_jax.interop.predictor import Predictor
+from e2former_jax.neighbors import NeighborList, neighbor_list
+from e2former_jax.neighbors_device import CellGrid, cell_grid, device_neighbor_list
 
 # One femtosecond and Boltzmann's constant (eV/K) in the eV-angstrom-amu unit system, the one JAX MD
 # simulations of this model run in (the same as ASE's internal units).
@@ -81,6 +100,11 @@ DEFAULT_CAPACITY_MULTIPLIER = 1.25
 MIN_EXTRA_CAPACITY = 4
 # Re-allocations of the candidate list allowed for one chunk of steps before :func:`run` gives up.
 MAX_REALLOCATIONS = 8
+# JAX MD's periodic spaces are periodic along every axis.
+PERIODIC = (True, True, True)
+# First slot count of the host search that fills a new image list (doubled until no row is full):
+# about the images within 5 A at a liquid's density.
+INITIAL_HOST_SLOTS = 64
 
 EnergyFn = Callable[..., jax.Array]
 
@@ -122,14 +146,27 @@ def check_box(box, cutoff: float) -> None:
   """Raises ValueError unless the minimum image is the model's neighbour relation in this box.
 
   A JAX MD neighbour list and displacement hold one image per atom pair; the model takes every
-  image within the cutoff (several when a lattice plane spacing is below twice the cutoff).
+  image within the cutoff (several when a lattice plane spacing is below twice the cutoff), which
+  :class:`ImageNeighborList` provides.
   """
   cell, _ = lattice.check_cell(np.asarray(box_to_cell(np.asarray(box, np.float64))), True)
   spacing = lattice.plane_spacings(cell)
   if spacing.min() <= 2 * cutoff:
     raise ValueError(f"periodic box with lattice plane spacings {np.round(spacing, 3).tolist()} A: "
                      f"the minimum image convention of JAX MD needs every spacing above 2 x cutoff "
-                     f"= {2 * cutoff} A; simulate a supercell (e.g. ase.Atoms.repeat)")
+                     f"= {2 * cutoff} A; use the all-images neighbour list (e2former_neighbor_list("
+                     f"..., periodic=True) picks it for such a box; e2former_energy(..., "
+                     f"all_images=True) takes its ImageNeighborList)")
+
+
+def needs_all_images(box, cutoff: float) -> bool:
+  """Whether some lattice plane spacing of the box is at most twice the cutoff (host; validates it).
+
+  Raises:
+    ValueError: on a bad box (wrong shape, non-finite, singular).
+  """
+  cell, _ = lattice.check_cell(np.asarray(box_to_cell(np.asarray(box, np.float64))), True)
+  return bool(lattice.plane_spacings(cell).min() <= 2 * cutoff)
 
 
 def select_neighbors(position: jax.Array, candidates: jax.Array | None, displacement_fn,
@@ -182,6 +219,273 @@ def select_neighbors(position: jax.Array, candidates: jax.Array | None, displace
   return ModelNeighbors(idx=idx, mask=mask, shift=shift, count=within.sum(axis=1).astype(jnp.int32))
 
 
+@flax.struct.dataclass
+class ImageNeighborList:
+  """Candidate lattice images of every atom, for periodic cells of any width (a jit-able pytree).
+
+  Every image ``x_j + S @ cell`` within ``cutoff + skin`` of atom i at the last rebuild (other
+  atoms' and its own): from the host search (:mod:`e2former_jax.neighbors`) at allocation, from
+  :func:`~e2former_jax.neighbors_device.device_neighbor_list` at every rebuild inside ``update``.
+  The energy function selects the model's K nearest within the cutoff among them at the current
+  positions (edge vectors ``x_i - x_j - S @ cell``; the displacement function is not used). Build
+  it with :func:`image_neighbor_list`.
+
+  Attributes:
+    idx: [N, M] int32 candidate source atoms; N (sentinel) on empty slots.
+    shifts: [N, M, 3] int32 lattice image S of each candidate, relative to ``reference``.
+    reference: [N, 3] fractional positions at the last rebuild, as given (wrapped or not).
+    reference_cell: [3, 3] cell (lattice vectors as rows) at the last rebuild.
+    cell: [3, 3] cell of the factory's box, used when ``update`` gets no ``box=``.
+    did_buffer_overflow: [] bool, set (and kept) once a rebuild lost candidates: a bin of the grid
+      or a row of M slots was full, or the cell shrank below the grid; re-allocate then.
+    grid: static binning of the device search (:func:`~e2former_jax.neighbors_device.cell_grid`).
+    cutoff: the model's cutoff in angstrom (static).
+    skin: extra search radius in angstrom (static); rebuilt once it may have been used up.
+    fractional_coordinates: positions are fractional (static).
+  """
+
+  idx: jax.Array
+  shifts: jax.Array
+  reference: jax.Array
+  reference_cell: jax.Array
+  cell: jax.Array
+  did_buffer_overflow: jax.Array
+  grid: CellGrid = flax.struct.field(pytree_node=False)
+  cutoff: float = flax.struct.field(pytree_node=False)
+  skin: float = flax.struct.field(pytree_node=False)
+  fractional_coordinates: bool = flax.struct.field(pytree_node=False)
+
+  @property
+  def max_occupancy(self) -> int:
+    """M, the candidate slots per atom (static)."""
+    return self.idx.shape[1]
+
+  def update(self, position: jax.Array, **kwargs) -> ImageNeighborList:
+    """The list at new positions (jittable): rebuilt only once the skin may have been used up.
+
+    Args:
+      position: [N, 3] positions in the list's coordinates.
+      **kwargs: ``box=`` the current box (NPT); anything else is ignored.
+    """
+    return update_image_neighbors(position, self, **kwargs)
+
+  def needs_rebuild(self, position: jax.Array, **kwargs) -> jax.Array:
+    """[] bool (jittable): some pair image may have entered the cutoff from beyond cutoff + skin.
+
+    True once twice the largest displacement since the rebuild (modulo lattice vectors) plus
+    (cutoff + skin) times the relative deformation of the cell exceeds the skin; ``update`` then
+    rebuilds. ``box=`` as in ``update``.
+    """
+    return _staleness(position, self, kwargs.get("box"))[0]
+
+
+class ImageNeighborListFns(NamedTuple):
+  """``allocate`` (host) and ``update`` (jittable) of an :class:`ImageNeighborList`, as JAX MD's
+  ``NeighborListFns``: ``allocate(position, extra_capacity=0, box=None)``,
+  ``update(position, neighbors, box=None)``."""
+
+  allocate: Callable[..., ImageNeighborList]
+  update: Callable[..., ImageNeighborList]
+
+
+def _cell_of(box, default: jax.Array) -> jax.Array:
+  """[3, 3] cell of a JAX MD box (None: ``default``) in ``default``'s dtype."""
+  return default if box is None else box_to_cell(box).astype(default.dtype)
+
+
+def _fractional_and_cartesian(position: jax.Array, cell: jax.Array, fractional: bool
+                              ) -> tuple[jax.Array, jax.Array]:
+  """[N, 3] fractional and Cartesian positions (no gradients: for bookkeeping only)."""
+  position = jax.lax.stop_gradient(position)
+  if fractional:
+    return position, position @ cell
+  return position @ jnp.linalg.inv(cell), position
+
+
+def _rebuild(frac: jax.Array, cartesian: jax.Array, cell: jax.Array, grid: CellGrid, cutoff: float,
+             skin: float, max_occupancy: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(idx [N, M], shifts [N, M, 3], overflow []) of the candidates within cutoff + skin."""
+  found = device_neighbor_list(cartesian, cell, pbc=PERIODIC, cutoff=cutoff + skin,
+                               max_neighbors=max_occupancy, grid=grid)
+  # Rows keep a spare slot: one with every slot used may have lost candidates.
+  full = jnp.any(jnp.all(found.mask, axis=1))
+  return found.idx, found.shifts, found.overflow | full
+
+
+def _staleness(position: jax.Array, neighbors: ImageNeighborList, box
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(stale [] bool, fractional [N, 3], Cartesian [N, 3], cell [3, 3]) at the given positions.
+
+  A pair image at distance r0 > cutoff + skin at the rebuild is within the cutoff now only if
+  2 max|dx| + (cutoff + skin) |F - 1| > skin, with dx the atoms' displacements since the rebuild
+  (modulo whole lattice vectors: wrapping is no motion) and F = cell0^-1 cell the deformation of
+  the cell (Frobenius norm, which bounds the spectral one); below that bound the list is complete.
+  """
+  cell = _cell_of(box, neighbors.cell)
+  frac, cartesian = _fractional_and_cartesian(position, cell, neighbors.fractional_coordinates)
+  moved = frac - neighbors.reference
+  step = (moved - jnp.round(moved)) @ cell  # [N, 3]
+  max_move = jnp.sqrt(jnp.max(jnp.sum(step * step, axis=-1)))
+  deformation = jnp.linalg.solve(neighbors.reference_cell, cell) - jnp.eye(3, dtype=cell.dtype)
+  strain = jnp.sqrt(jnp.sum(deformation * deformation))
+  stale = 2 * max_move + (neighbors.cutoff + neighbors.skin) * strain > neighbors.skin
+  return stale, frac, cartesian, cell
+
+
+def update_image_neighbors(position: jax.Array, neighbors: ImageNeighborList, **kwargs
+                           ) -> ImageNeighborList:
+  """:meth:`ImageNeighborList.update`: rebuilds the candidates when some pair may have crossed the
+  skin (:meth:`ImageNeighborList.needs_rebuild`), else returns them unchanged."""
+  stale, frac, cartesian, cell = _staleness(position, neighbors, kwargs.get("box"))
+  # Module-level branches: eager calls (outside jit) find the compiled cond in JAX's cache.
+  return jax.lax.cond(stale, _rebuilt, _kept, neighbors, frac, cartesian, cell)
+
+
+def _rebuilt(neighbors: ImageNeighborList, frac: jax.Array, cartesian: jax.Array, cell: jax.Array
+             ) -> ImageNeighborList:
+  idx, shifts, overflow = _rebuild(frac, cartesian, cell, neighbors.grid, neighbors.cutoff,
+                                   neighbors.skin, neighbors.max_occupancy)
+  return neighbors.replace(idx=idx, shifts=shifts, reference=frac.astype(neighbors.reference.dtype),
+                           reference_cell=cell,
+                           did_buffer_overflow=neighbors.did_buffer_overflow | overflow)
+
+
+def _kept(neighbors: ImageNeighborList, *_) -> ImageNeighborList:
+  return neighbors
+
+
+def image_neighbor_list(box, cutoff: float, *, dr_threshold: float = DEFAULT_SKIN,
+                        capacity_multiplier: float = DEFAULT_CAPACITY_MULTIPLIER,
+                        fractional_coordinates: bool = False) -> ImageNeighborListFns:
+  """The all-images neighbour list of a periodic box (any width), in JAX MD's style.
+
+  Args:
+    box: the periodic box (JAX MD convention, see :func:`box_to_cell`); ``box=`` at allocate or
+      update time replaces it.
+    cutoff: the model's cutoff in angstrom.
+    dr_threshold: skin in angstrom (candidates within cutoff + skin).
+    capacity_multiplier: headroom of the candidate slots M over the most candidates of an atom at
+      allocation (the grid's bins get ``neighbors_device.CAPACITY_FACTOR``).
+    fractional_coordinates: positions are fractional (``periodic_general``'s default).
+
+  Returns:
+    :class:`ImageNeighborListFns`. ``allocate(position, extra_capacity=0, box=None)`` sizes the
+    device search's grid and M and fills the list on the host (``extra_capacity`` adds to both the
+    bin capacity and M); ``update`` refills it with the device search inside ``jit``.
+
+  Raises:
+    ValueError: on a bad box, cutoff or skin (checked again at every allocation).
+  """
+  if not np.isfinite(cutoff) or cutoff <= 0:
+    raise ValueError(f"cutoff must be positive and finite, got {cutoff}")
+  if not np.isfinite(dr_threshold) or dr_threshold < 0:
+    raise ValueError(f"dr_threshold (skin) must be finite and >= 0, got {dr_threshold}")
+  if not capacity_multiplier >= 1:
+    raise ValueError(f"capacity_multiplier must be >= 1, got {capacity_multiplier}")
+  _checked_cell(box, dr_threshold)
+  skin = float(dr_threshold)
+
+  def allocate(position, extra_capacity: int = 0, **kwargs) -> ImageNeighborList:
+    if int(extra_capacity) != extra_capacity or extra_capacity < 0:
+      raise ValueError(f"extra_capacity must be a non-negative integer, got {extra_capacity}")
+    dtype = jnp.asarray(position).dtype
+    position = np.asarray(position, np.float64)
+    if position.ndim != 2 or position.shape[1] != 3:
+      raise ValueError(f"position must be [N, 3], got shape {position.shape}")
+    if not np.isfinite(position).all():
+      raise ValueError("position contains NaN or inf")
+    cell = _checked_cell(kwargs.get("box", box), skin)
+    default_cell = _checked_cell(box, skin)
+    frac, cartesian = ((position, position @ cell) if fractional_coordinates
+                       else (position @ np.linalg.inv(cell), position))
+    grid = cell_grid(cartesian, cell, PERIODIC, cutoff + skin)
+    grid = dataclasses.replace(grid, capacity=grid.capacity + int(extra_capacity))
+    # The host search (the same relation as the device one) fills the first list: allocation then
+    # compiles nothing, and the device search compiles once, inside the caller's jitted update.
+    found = _all_images_within(cartesian, cell, cutoff + skin)
+    n = position.shape[0]
+    most = int(found.mask.sum(axis=1).max(initial=0))
+    slots = int(most * capacity_multiplier) + int(extra_capacity) + 1  # + the spare slot
+    pad = max(slots - found.idx.shape[1], 0)
+    idx = np.pad(found.idx, ((0, 0), (0, pad)), constant_values=n)[:, :slots]  # nearest first
+    shifts = np.pad(found.shifts, ((0, 0), (0, pad), (0, 0)))[:, :slots]
+    return ImageNeighborList(
+        idx=jnp.asarray(idx, jnp.int32), shifts=jnp.asarray(shifts, jnp.int32),
+        reference=jnp.asarray(frac, dtype), reference_cell=jnp.asarray(cell, dtype),
+        cell=jnp.asarray(default_cell, dtype), did_buffer_overflow=jnp.asarray(False),
+        grid=grid, cutoff=float(cutoff), skin=skin, fractional_coordinates=fractional_coordinates)
+
+  return ImageNeighborListFns(allocate=allocate, update=update_image_neighbors)
+
+
+def _all_images_within(cartesian: np.ndarray, cell: np.ndarray, radius: float) -> NeighborList:
+  """Every image within ``radius`` of every atom (host search, K doubled until no row is full)."""
+  slots = INITIAL_HOST_SLOTS
+  while True:
+    found = neighbor_list(cartesian, radius, slots, cell=cell, pbc=True)
+    if not found.mask.all(axis=1).any():
+      return found
+    slots *= 2
+
+
+def _checked_cell(box, skin: float) -> np.ndarray:
+  """[3, 3] float64 cell of a box, validated on the host (wrapping needs a skin below the spacings)."""
+  if box is None:
+    raise ValueError("the all-images neighbour list needs the periodic box")
+  cell, _ = lattice.check_cell(np.asarray(box_to_cell(np.asarray(box, np.float64))), True)
+  spacing = lattice.plane_spacings(cell)
+  if not spacing.min() > skin:
+    raise ValueError(f"lattice plane spacings {np.round(spacing, 3).tolist()} A must exceed the skin "
+                     f"{skin} A (atoms are followed across the box modulo a lattice vector)")
+  return cell
+
+
+def select_image_neighbors(cartesian: jax.Array, cell: jax.Array, frac: jax.Array,
+                           neighbors: ImageNeighborList, *, cutoff: float, max_neighbors: int
+                           ) -> ModelNeighbors:
+  """The K nearest images within the cutoff among an :class:`ImageNeighborList`'s candidates; jittable.
+
+  Args:
+    cartesian: [N, 3] Cartesian positions now (strained if the caller strains).
+    cell: [3, 3] cell now, strained like ``cartesian``.
+    frac: [N, 3] fractional positions now (unstrained; only their whole lattice translations since
+      the rebuild are used, to follow wrapped atoms).
+    neighbors: the candidates.
+    cutoff: neighbour radius in angstrom (inclusive).
+    max_neighbors: K.
+
+  Returns:
+    :class:`ModelNeighbors` with ``shift = S @ cell``: derivatives with respect to the positions and
+    the cell flow through the shifts, as in the model's stress.
+  """
+  n = cartesian.shape[0]
+  candidates = neighbors.idx  # [N, M]
+  if candidates.shape[0] != n:
+    raise ValueError(f"image neighbour list of {candidates.shape[0]} atoms for {n} positions")
+  if candidates.shape[1] < max_neighbors:
+    pad = max_neighbors - candidates.shape[1]
+    candidates = jnp.pad(candidates, ((0, 0), (0, pad)), constant_values=n)
+    image = jnp.pad(neighbors.shifts, ((0, 0), (0, pad), (0, 0)))
+  else:
+    image = neighbors.shifts  # [N, M, 3]
+  real = candidates < n  # [N, M]
+  source = jnp.where(real, candidates, 0)  # [N, M]
+  # An atom wrapped by whole lattice vectors since the rebuild keeps its images: x_j + S @ cell
+  # stays put when S absorbs the translations of both atoms.
+  wrapped = jnp.round(jax.lax.stop_gradient(frac - neighbors.reference)).astype(jnp.int32)  # [N, 3]
+  image = jnp.where(real[..., None], image + wrapped[:, None, :] - wrapped[source], 0)  # [N, M, 3]
+  shift = image.astype(cartesian.dtype) @ cell  # [N, M, 3]
+  vectors = cartesian[:, None, :] - jnp.take(cartesian, source, axis=0) - shift  # [N, M, 3]
+  dist2 = jax.lax.stop_gradient(jnp.sum(vectors * vectors, axis=-1))  # [N, M]
+  within = real & (dist2 <= cutoff * cutoff)  # [N, M]
+  _, slot = jax.lax.top_k(jnp.where(within, -dist2, -jnp.inf), max_neighbors)  # [N, K]
+  mask = jnp.take_along_axis(within, slot, axis=1)  # [N, K]
+  idx = jnp.where(mask, jnp.take_along_axis(candidates, slot, axis=1), n)  # [N, K]
+  shift = jnp.where(mask[..., None], jnp.take_along_axis(shift, slot[..., None], axis=1), 0.0)
+  return ModelNeighbors(idx=idx.astype(jnp.int32), mask=mask, shift=shift,
+                        count=within.sum(axis=1).astype(jnp.int32))
+
+
 def system_graph(position: jax.Array, species: jax.Array, nbrs: ModelNeighbors, charge, spin,
                  cell: jax.Array | None = None) -> Graph:
   """One system of N real atoms as a Graph (B = 1), for the model; ``cell`` [3, 3] if periodic."""
@@ -196,7 +500,7 @@ def system_graph(position: jax.Array, species: jax.Array, nbrs: ModelNeighbors, 
 
 def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
                     fractional_coordinates: bool = False, charge: int = 0, spin: int = 1,
-                    include_references: bool = True) -> EnergyFn:
+                    include_references: bool = True, all_images: bool = False) -> EnergyFn:
   """``energy_fn(position, neighbor=None, **kwargs) -> scalar`` in JAX MD's conventions.
 
   Args:
@@ -210,21 +514,28 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
     spin: default spin multiplicity 2S + 1 (``spin=`` at call time overrides it).
     include_references: add sum_i ref[Z_i] (a constant) so the result is the total energy; without
       it the energy is the network's alone (same forces; more significant digits in float32).
+    all_images: accept a box narrower than twice the cutoff, for use with an
+      :class:`ImageNeighborList` (the only neighbour argument that works in such a box).
 
   Returns:
     The energy function; ``neighbor`` is a JAX MD ``Dense`` neighbour list built with a cutoff of
-    at least ``predictor.config.cutoff`` (see :func:`e2former_neighbor_list`), or None.
+    at least ``predictor.config.cutoff`` (see :func:`e2former_neighbor_list`), None, or (periodic
+    box) an :class:`ImageNeighborList` with the model's cutoff.
 
   Raises:
-    ValueError: for unknown elements or elements without a reference energy, or a box too small
-      for the minimum image convention.
+    ValueError: for unknown elements or elements without a reference energy, a bad box, or
+      (without ``all_images``) a box too small for the minimum image convention.
   """
   species_np = predictor.check_species(np.asarray(species), where="jax_md species")
   species = jnp.asarray(species_np)
   config = predictor.config
   reference = predictor.reference_energy(species_np) if include_references else 0.0
+  narrow = False
   if box is not None:
-    check_box(box, config.cutoff)
+    if all_images:
+      narrow = needs_all_images(box, config.cutoff)
+    else:
+      check_box(box, config.cutoff)
   elif fractional_coordinates:
     raise ValueError("fractional_coordinates needs the periodic box")
 
@@ -234,6 +545,10 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
                        f"{position.shape}")
     q = kwargs.pop("charge", charge)
     s = kwargs.pop("spin", spin)
+    if isinstance(neighbor, ImageNeighborList):
+      return image_energy(position, neighbor, q, s, **kwargs)
+    if narrow:
+      check_box(box, config.cutoff)  # raises: only the image list holds every image here
     candidates = None
     if neighbor is not None:
       if neighbor.format is not partition.NeighborListFormat.Dense:
@@ -250,6 +565,31 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
     graph = system_graph(cartesian, species, nbrs, q, s, cell)
     return predictor.model_energy(graph)[0] + jnp.asarray(reference, position.dtype)
 
+  def image_energy(position: jax.Array, neighbor: ImageNeighborList, q, s, **kwargs) -> jax.Array:
+    if box is None:
+      raise ValueError("an ImageNeighborList needs a periodic energy function (box=...)")
+    if neighbor.fractional_coordinates != fractional_coordinates:
+      raise ValueError(f"image neighbour list with fractional_coordinates="
+                       f"{neighbor.fractional_coordinates} for an energy function with "
+                       f"fractional_coordinates={fractional_coordinates}")
+    if neighbor.cutoff < config.cutoff:
+      raise ValueError(f"image neighbour list cutoff {neighbor.cutoff} A is below the model's "
+                       f"{config.cutoff} A")
+    current = kwargs.get("box", box)
+    cell = box_to_cell(current).astype(position.dtype)
+    # space.transform's derivative passes fractional gradients through as Cartesian ones (JAX MD's
+    # convention for forces in fractional coordinates) and carries the box's.
+    cartesian = space.transform(current, position) if fractional_coordinates else position
+    frac, _ = _fractional_and_cartesian(position, cell, fractional_coordinates)
+    perturbation = kwargs.get("perturbation")
+    if perturbation is not None:  # a homogeneous strain of positions and cell alike, as JAX MD's
+      cartesian = space.raw_transform(perturbation, cartesian)
+      cell = space.raw_transform(perturbation, cell)
+    nbrs = select_image_neighbors(cartesian, cell, frac, neighbor, cutoff=config.cutoff,
+                                  max_neighbors=config.max_neighbors)
+    graph = system_graph(cartesian, species, nbrs, q, s, cell)
+    return predictor.model_energy(graph)[0] + jnp.asarray(reference, position.dtype)
+
   return energy_fn
 
 
@@ -258,8 +598,13 @@ def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, 
                            charge: int = 0, spin: int = 1, include_references: bool = True,
                            dr_threshold: float = DEFAULT_SKIN,
                            capacity_multiplier: float = DEFAULT_CAPACITY_MULTIPLIER,
-                           disable_cell_list: bool = False) -> tuple[partition.NeighborListFns, EnergyFn]:
-  """A JAX MD ``Dense`` neighbour list at the model's cutoff and the energy function that uses it.
+                           disable_cell_list: bool = False, all_images: bool | None = None
+                           ) -> tuple[partition.NeighborListFns | ImageNeighborListFns, EnergyFn]:
+  """A neighbour list at the model's cutoff and the energy function that uses it.
+
+  A JAX MD ``Dense`` list, or in a periodic box with a lattice plane spacing at most twice the
+  cutoff (or with ``all_images=True``) an :class:`ImageNeighborList` (:func:`image_neighbor_list`),
+  which holds every image within the cutoff; both allocate, update and overflow alike.
 
   The counterpart of ``jax_md.energy.*_neighbor_list`` for a trained model (weights given, so no
   init function). ``neighbor_fn.allocate`` (not jittable) sizes the candidate buffer;
@@ -275,13 +620,31 @@ def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, 
     predictor, species, charge, spin, include_references: as in :func:`e2former_energy`.
     dr_threshold: skin in angstrom (candidates within cutoff + skin; rebuilt after a move of skin/2).
     capacity_multiplier: headroom of the candidate buffer.
-    disable_cell_list: all-pairs candidate search (O(N^2); small systems).
+    disable_cell_list: all-pairs candidate search (O(N^2); small systems; Dense list only).
+    all_images: None (default): the image list exactly when the periodic box needs it; True: the
+      image list in any periodic box; False: JAX MD's list (an error in a narrow box).
 
   Returns:
     ``(neighbor_fn, energy_fn)``.
+
+  Raises:
+    ValueError: on a bad box, ``all_images=True`` without ``periodic``, or as
+      :func:`e2former_energy`.
   """
+  cutoff = predictor.config.cutoff
+  if all_images and not periodic:
+    raise ValueError("all_images=True needs a periodic space (periodic=True with its box)")
+  if all_images is None:
+    all_images = periodic and needs_all_images(box, cutoff)
+  if all_images:
+    energy_fn = e2former_energy(displacement_fn, predictor, species, box=box,
+                                fractional_coordinates=fractional_coordinates, charge=charge, spin=spin,
+                                include_references=include_references, all_images=True)
+    return image_neighbor_list(box, cutoff, dr_threshold=dr_threshold,
+                               capacity_multiplier=capacity_multiplier,
+                               fractional_coordinates=fractional_coordinates), energy_fn
   neighbor_fn = partition.neighbor_list(
-      displacement_fn, box, predictor.config.cutoff, dr_threshold=dr_threshold,
+      displacement_fn, box, cutoff, dr_threshold=dr_threshold,
       capacity_multiplier=capacity_multiplier, disable_cell_list=disable_cell_list,
       fractional_coordinates=fractional_coordinates, format=partition.NeighborListFormat.Dense)
   energy_fn = e2former_energy(displacement_fn, predictor, species, box=box if periodic else None,
@@ -291,7 +654,7 @@ def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, 
 
 
 def run(apply_fn, state, *, num_chunks: int, steps_per_chunk: int, neighbors=None,
-        neighbor_fn: partition.NeighborListFns | None = None,
+        neighbor_fn: partition.NeighborListFns | ImageNeighborListFns | None = None,
         observe_fn: Callable[[Any, Any], Any] | None = None,
         **apply_kwargs) -> Iterator[tuple[int, Any, Any, Any]]:
   """Runs ``num_chunks x steps_per_chunk`` steps of a JAX MD integrator, one compiled chunk at a time.
@@ -307,7 +670,8 @@ def run(apply_fn, state, *, num_chunks: int, steps_per_chunk: int, neighbors=Non
     state: its initial state (from its ``init_fn``).
     num_chunks: chunks to run.
     steps_per_chunk: steps per compiled chunk.
-    neighbors: a JAX MD neighbour list (None for the all-pairs energy).
+    neighbors: a JAX MD neighbour list or an :class:`ImageNeighborList` (None for the all-pairs
+      energy).
     neighbor_fn: its allocate/update pair; required with ``neighbors``.
     observe_fn: ``observe_fn(state, neighbors) -> pytree`` evaluated on device at the end of every
       chunk (e.g. the potential energy), returned with it.
