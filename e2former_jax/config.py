@@ -50,10 +50,10 @@ class E2FormerConfig:
     attention_impl: kernel implementation of the node-centric attention.
     direct_force_head: add a linear l=1 -> force head (stage-1 training); conservative forces
       -dE/dx are always available.
-    remat: rematerialise each transformer block in the backward pass (``flax.linen.remat``): the
-      gradient keeps only the block inputs [N, S, C] and recomputes one block's activations at a
-      time, so forces (and training) need ~1/num_layers of the activation memory for one more
-      forward pass. Same numbers, same parameters; only memory and time change.
+    remat: rematerialise in the backward pass (``flax.linen.remat``) each transformer block and,
+      inside, every per-edge radial MLP: the gradient keeps the block inputs [N, S, C] and the
+      MLP outputs instead of their [N, K, hidden] activations, for one or two more forward passes.
+      Same numbers, same parameters; only memory and time change (for the largest systems).
   """
 
   num_layers: int = 4

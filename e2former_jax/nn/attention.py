@@ -95,7 +95,8 @@ class E2Attention(nn.Module):
 
     target_table = self.param("target_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     source_table = self.param("source_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
-    edge = RadialMLP(cfg.edge_hidden, 2 * h, name="edge_gates")(
+    radial_mlp = nn.remat(RadialMLP) if cfg.remat else RadialMLP
+    edge = radial_mlp(cfg.edge_hidden, 2 * h, name="edge_gates")(
         geometry.rbf, target_table[graph.species], source_table[graph.species], graph.nbr_idx)
     gate, inputhead = edge[..., :h], edge[..., h:]  # [N, K, H] each
     post_weight = inputhead * geometry.inv_dist[..., None]  # [N, K, H]

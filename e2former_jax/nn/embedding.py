@@ -45,6 +45,8 @@ class EdgeDegreeEmbedding(nn.Module):
     hidden: radial MLP hidden width.
     num_species: rows of the type tables.
     avg_degree: constant normaliser of the neighbour sum.
+    remat: recompute each degree's radial MLP and neighbour sum in the backward pass instead of
+      keeping their [N, K, hidden] activations (E2FormerConfig.remat).
   """
 
   channels: int
@@ -52,6 +54,7 @@ class EdgeDegreeEmbedding(nn.Module):
   hidden: int
   num_species: int
   avg_degree: float
+  remat: bool = False
 
   @nn.compact
   def __call__(self, species, rbf, envelope_weights, edge_sh, nbr_idx) -> jax.Array:
@@ -70,10 +73,14 @@ class EdgeDegreeEmbedding(nn.Module):
     source_table = self.param("source_table", embedding_init, (self.num_species, num_rbf))
     target_types, source_types = target_table[species], source_table[species]  # [N, num_rbf]
     degrees = row_degrees(self.lmax)
-    blocks = []
-    for l in range(self.lmax + 1):
-      radial = RadialMLP(self.hidden, self.channels, name=f"radial_l{l}")(
-          rbf, target_types, source_types, nbr_idx)  # [N, K, C]
-      sh_l = edge_sh[..., degrees == l] * envelope_weights[..., None]  # [N, K, 2l+1]
-      blocks.append(jnp.einsum("nkm,nkc->nmc", sh_l, radial))
+    degree_sum = nn.remat(_degree_sum) if self.remat else _degree_sum
+    blocks = [degree_sum(RadialMLP(self.hidden, self.channels, name=f"radial_l{l}"), rbf, target_types,
+                         source_types, nbr_idx, edge_sh[..., degrees == l] * envelope_weights[..., None])
+              for l in range(self.lmax + 1)]
     return jnp.concatenate(blocks, axis=-2) / self.avg_degree  # [N, S, C]
+
+
+def _degree_sum(radial_mlp: RadialMLP, rbf, target_types, source_types, nbr_idx, sh_l) -> jax.Array:
+  """sum_k sh_ik[m] R_l(f_ik)[c] for one degree l: [N, K, 2l+1] -> [N, 2l+1, C]."""
+  radial = radial_mlp(rbf, target_types, source_types, nbr_idx)  # [N, K, C]
+  return jnp.einsum("nkm,nkc->nmc", sh_l, radial)
