@@ -319,11 +319,10 @@ def _periodic_box(structure: Structure, cutoff: float) -> np.ndarray:
   """JAX MD's box (lattice vectors as columns, upper triangular) of a periodic structure.
 
   Raises:
-    ValueError: unless periodic along all three vectors, in the standard (lower-triangular) cell
-      orientation, and wider than twice the cutoff (JAX MD's minimum image convention).
+    ValueError: unless periodic along all three vectors and in the standard (lower-triangular) cell
+      orientation. Cells narrower than twice the cutoff are fine: the JAX MD interface then uses
+      its all-images neighbour list (several images of one atom).
   """
-  from e2former_jax.interop.jax_md import check_box
-
   name = f"structure {structure.key!r}"
   if not all(structure.pbc):
     raise ValueError(f"{name}: pbc={structure.pbc}; JAX MD simulates cells periodic along all three "
@@ -333,7 +332,6 @@ def _periodic_box(structure: Structure, cutoff: float) -> np.ndarray:
     raise ValueError(f"{name}: cell {cell.round(4).tolist()} is not in the standard orientation "
                      "(a along x, b in the xy plane) JAX MD's cell list needs; rotate it with "
                      "atoms.set_cell(atoms.cell.standard_form()[0], scale_atoms=True)")
-  check_box(cell.T, cutoff)
   return cell.T
 
 
