@@ -58,7 +58,7 @@ def default_attention_impl() -> AttentionImpl:
 
 
 def load_predictor(checkpoint: str | Path, *, which: str | None = None,
-                   attention_impl: AttentionImpl | None = None) -> Predictor:
+                   attention_impl: AttentionImpl | None = None, remat: bool = False) -> Predictor:
   """The EMA weights, architecture and reference energies of a checkpoint as a Predictor.
 
   Args:
@@ -66,25 +66,27 @@ def load_predictor(checkpoint: str | Path, *, which: str | None = None,
     which: "best" or "last" (default: best if present, else last).
     attention_impl: attention implementation to run with (default: :func:`default_attention_impl`;
       the weights do not depend on it, so a GPU-trained checkpoint runs on CPU).
+    remat: rematerialise in the force pass (large systems; see ``E2FormerConfig.remat``).
   """
   from train.checkpoint import load_predictor as load_checkpoint
 
-  return _predictor(load_checkpoint(checkpoint, which), attention_impl)
+  return _predictor(load_checkpoint(checkpoint, which), attention_impl, remat)
 
 
-def _predictor(loaded: tuple, attention_impl: AttentionImpl | None) -> Predictor:
+def _predictor(loaded: tuple, attention_impl: AttentionImpl | None, remat: bool) -> Predictor:
   """Predictor from the tuple of ``train.checkpoint.load_predictor``."""
   model, params, _, references, _ = loaded
   predictor = Predictor(model=model, params=params, reference_energies=dict(references))
-  return predictor.with_attention_impl(attention_impl or default_attention_impl())
+  return predictor.with_compute(attention_impl=attention_impl or default_attention_impl(), remat=remat)
 
 
 def load_calculator(checkpoint: str | Path, *, which: str | None = None,
-                    attention_impl: AttentionImpl | None = None):
+                    attention_impl: AttentionImpl | None = None, remat: bool = False):
   """An :class:`~e2former_jax.interop.ase.E2FormerCalculator` for a checkpoint (see load_predictor)."""
   from e2former_jax.interop.ase import E2FormerCalculator
 
-  return E2FormerCalculator(load_predictor(checkpoint, which=which, attention_impl=attention_impl))
+  return E2FormerCalculator(load_predictor(checkpoint, which=which, attention_impl=attention_impl,
+                                           remat=remat))
 
 
 def molecule_key(name: str) -> str:
@@ -434,6 +436,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--float64", action="store_true", help="double precision")
   parser.add_argument("--attention-impl", choices=[i.value for i in AttentionImpl], default=None,
                       help="attention implementation (default: pallas on GPU, xla otherwise)")
+  parser.add_argument("--remat", action="store_true",
+                      help="recompute activations in the force pass: about half the memory, slower "
+                           "(large systems)")
   parser.add_argument("--out", type=Path, default=None,
                       help="output folder (default: <run folder>/md/<molecule>_<ensemble>)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -448,7 +453,7 @@ def run_command(args: argparse.Namespace) -> int:
   directory = resolve_checkpoint_dir(args.checkpoint, args.which)
   impl = AttentionImpl(args.attention_impl) if args.attention_impl else None
   loaded = load_checkpoint(directory)
-  predictor = _predictor(loaded, impl)
+  predictor = _predictor(loaded, impl, args.remat)
   if args.structure is not None:
     structure = read_structure(args.structure, index=args.index, charge=args.charge, spin=args.spin)
   else:

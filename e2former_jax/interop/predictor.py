@@ -41,9 +41,17 @@ class Predictor:
   def config(self) -> E2FormerConfig:
     return self.model.config
 
-  def with_attention_impl(self, impl: AttentionImpl) -> "Predictor":
-    """The same weights with another attention implementation (the parameters do not depend on it)."""
-    return dataclasses.replace(self, model=E2Former(self.config.replace(attention_impl=impl)))
+  def with_compute(self, *, attention_impl: AttentionImpl | None = None, remat: bool | None = None
+                   ) -> "Predictor":
+    """The same weights computed another way (neither choice changes the parameters or the numbers).
+
+    Args:
+      attention_impl: attention implementation (e.g. Pallas on GPU, XLA on CPU); None keeps it.
+      remat: rematerialise blocks and radial MLPs in the force pass (less memory for large
+        systems, slower; ``E2FormerConfig.remat``); None keeps it.
+    """
+    changes = {k: v for k, v in (("attention_impl", attention_impl), ("remat", remat)) if v is not None}
+    return dataclasses.replace(self, model=E2Former(self.config.replace(**changes)))
 
   def with_dtype(self, dtype) -> "Predictor":
     """The weights cast to ``dtype`` (e.g. float64 for energy-conservation checks)."""

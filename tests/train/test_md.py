@@ -68,9 +68,10 @@ def test_load_predictor_and_calculator(run_dir):
   assert predictor.reference_energies == REFERENCES
   assert predictor.config.replace(attention_impl=AttentionImpl.PALLAS) == tiny_config(
       **MICRO, attention_impl=AttentionImpl.PALLAS)
-  calculator = md.load_calculator(run_dir, attention_impl=AttentionImpl.PALLAS_INTERPRET)
+  calculator = md.load_calculator(run_dir, attention_impl=AttentionImpl.PALLAS_INTERPRET, remat=True)
   assert isinstance(calculator, E2FormerCalculator)
   assert calculator.predictor.config.attention_impl is AttentionImpl.PALLAS_INTERPRET
+  assert calculator.predictor.config.remat and not predictor.config.remat
   same = jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
                             predictor.params, calculator.predictor.params)
   assert all(jax.tree.leaves(same))
@@ -129,7 +130,7 @@ def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
   ase.io.write(path, atoms)
   out = tmp_path / "md"
   assert cli_main(["md", str(run_dir), "--structure", str(path), "--ensemble", "nvt", "--steps", "20",
-                   "--record-every", "10", "--out", str(out), "--quiet"]) == 0
+                   "--record-every", "10", "--remat", "--out", str(out), "--quiet"]) == 0
   frames = ase.io.read(out / md.TRAJECTORY_FILENAME, index=":")
   assert len(frames) == 3
   for frame in frames:
