@@ -42,7 +42,7 @@ class Predictor:
     return self.model.config
 
   def with_compute(self, *, attention_impl: AttentionImpl | None = None, remat: bool | None = None
-                   ) -> "Predictor":
+                   ) -> Predictor:
     """The same weights computed another way (neither choice changes the parameters or the numbers).
 
     Args:
@@ -53,7 +53,7 @@ class Predictor:
     changes = {k: v for k, v in (("attention_impl", attention_impl), ("remat", remat)) if v is not None}
     return dataclasses.replace(self, model=E2Former(self.config.replace(**changes)))
 
-  def with_dtype(self, dtype) -> "Predictor":
+  def with_dtype(self, dtype) -> Predictor:
     """The weights cast to ``dtype`` (e.g. float64 for energy-conservation checks)."""
     def cast(p):
       return jnp.asarray(p, dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
