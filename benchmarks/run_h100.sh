@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every H100 measurement of this repository in one device call (the `device` tool of this workplace):
+# Every H100 measurement of this repository, as steps of one or more device calls (the `device` tool of
+# this workplace; one call runs at most 10 minutes, so pick a few steps per call):
 #   STEPS="train attention torch md" bash benchmarks/run_h100.sh OUT_DIR
+#   STEPS="torch_large md_large" bash benchmarks/run_h100.sh OUT_DIR    # the rematerialised large systems
 # Expects: the carried wheels in .whl/ (packages missing on the GPU image: jraph, ase, ase-db-backends,
 # lmdb, jax-md and its pure-Python needs, e3nn-jax; flax/orbax at our pins), and the SPICE sample in
 # .gpu_data/ (a copy of ../shared/data, never committed). Each step has its own wall-clock limit so that
@@ -29,7 +31,13 @@ for step in $STEPS; do case "$step" in
            --sizes 100000 --budget-s 100 --commit "$commit" --out "$OUT_DIR/results/attention_unroll.json" ;;
   torch) run torch "${TORCH_LIMIT:-250}" python3 benchmarks/compare_torch.py --quick --budget-s 230 \
            --commit "$commit" --out "$OUT_DIR/results/compare_torch" ;;
-  md) run md "${MD_LIMIT:-200}" python3 benchmarks/md.py --out "$OUT_DIR/results/md.json" ;;
+  torch_large) run torch_large "${TORCH_LARGE_LIMIT:-280}" python3 benchmarks/compare_torch.py --quick \
+           --budget-s 270 --impls jax-pallas-remat --sizes 100000 --batches '' --train-impls none \
+           --fit-resolution 1.5 --commit "$commit" --out "$OUT_DIR/results/compare_torch_remat" ;;
+  md) run md "${MD_LIMIT:-280}" python3 benchmarks/md.py --sizes 1000,10000 --steps 30 --budget-s 265 \
+           --commit "$commit" --out "$OUT_DIR/results/md.json" ;;
+  md_large) run md_large "${MD_LARGE_LIMIT:-280}" python3 benchmarks/md.py --remat --sizes 100000 \
+           --steps 10 --chunk 5 --budget-s 265 --commit "$commit" --out "$OUT_DIR/results/md_large.json" ;;
 esac; done
 cp benchmarks/RESULTS.md "$OUT_DIR/results/RESULTS.md"
 tar czf "$OUT_DIR/results.tar.gz" -C "$OUT_DIR" results && rm -rf "$OUT_DIR/results"
