@@ -14,8 +14,8 @@ at liquid density, 0.0334 molecules/A^3 (0.100 atoms/A^3):
 Model: random weights (throughput does not depend on them) at the paper configuration
 (``--config paper``: 4 blocks, 256 channels, lmax 2, 128 heads, K = 32, r_c = 4.5 A) or ``tiny``;
 the Pallas attention kernels on GPU, the XLA reference elsewhere. ``--remat`` rematerialises each
-transformer block in the backward pass (``E2FormerConfig.remat``): forces then hold about one
-block's activations instead of all of them, for one more forward pass per step.
+transformer block and per-edge radial MLP in the backward pass (``E2FormerConfig.remat``): forces
+then hold about half the memory, for one or two more forward passes per step.
 
 Dynamics: ``jax_md.simulate.nve`` (or ``nvt_langevin`` with ``--ensemble nvt``) at 0.5 fs, 300 K
 initial velocities, through ``e2former_jax.interop.jax_md``: a JAX MD Dense neighbour list (cell
@@ -29,9 +29,9 @@ Runs go in increasing size, both systems at each size (cluster, then box), in th
 run's peak device memory (``memory_stats()["peak_bytes_in_use"]``, a process-lifetime maximum) is
 then that of the largest system so far, i.e. its own (at equal N the second system reports at least
 the first's). Out-of-memory and other errors are recorded per run; when the time budget is spent,
-the remaining runs are recorded as not run. (Energy plus forces of the paper configuration held
-15 GB at 10k atoms on an H100 in benchmarks/compare_torch.py, so 100k atoms needs ~150 GB without
-rematerialisation: expect "OOM" there on one 80 GB card unless ``--remat``.)
+the remaining runs are recorded as not run. (On an H100, 10k atoms held 15 GB (clusters)
+and 22 GB (boxes) without ``--remat``; 100k atoms ran out of memory even with ``--remat`` at commit
+ed35151, see benchmarks/RESULTS.md.)
 
 Writes JSON to ``--out`` (one row per system and size) and appends one line to ``--results-md``
 (device, commit, date, systems, sizes, ensemble, remat).
@@ -289,7 +289,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--config", choices=("paper", "tiny"), default="paper")
   parser.add_argument("--ensemble", choices=("nve", "nvt"), default="nve", help="nvt: Langevin, 300 K")
   parser.add_argument("--remat", action="store_true",
-                      help="rematerialise each transformer block in the backward pass (less memory)")
+                      help="rematerialise blocks and radial MLPs in the backward pass (less memory)")
   parser.add_argument("--steps", type=int, default=40, help="timed steps per size (after the first chunk)")
   parser.add_argument("--chunk", type=int, default=10, help="steps per compiled chunk")
   parser.add_argument("--skin", type=float, default=e2f_md.DEFAULT_SKIN, help="neighbour-list skin (A)")
