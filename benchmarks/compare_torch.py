@@ -271,6 +271,16 @@ def _time_calls(call, repeats: int, time_limit_s: float, finite) -> dict:
   return {**timing, "finite": bool(finite(outputs))}
 
 
+def _memory_plan(compiled, device) -> dict:
+  """XLA's buffer sizes of a compiled executable, and what the device held before running it."""
+  analysis = compiled.memory_analysis()
+  plan = {key: int(getattr(analysis, f"{key}_size_in_bytes"))
+          for key in ("temp", "argument", "output", "alias", "generated_code")} if analysis else {}
+  stats = device.memory_stats()  # None on the CPU
+  plan["bytes_in_use_before"] = int(stats["bytes_in_use"]) if stats else None
+  return plan
+
+
 def _phase(result: dict, name: str, body) -> bool:
   """Runs one measured phase into result[name]; False when it failed (OOM or error)."""
   try:
@@ -309,7 +319,12 @@ def jax_worker(spec: dict) -> dict:
     stats = device.memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats else None
 
-  ef = jax.jit(lambda p, g: energy_and_forces(model, p, g))
+  # Compiled ahead of time so that XLA's own memory plan is on record even when the run fails
+  # (an out-of-memory error names one allocation, not what else was held).
+  start = time.perf_counter()
+  ef = jax.jit(lambda p, g: energy_and_forces(model, p, g)).lower(params, graph).compile()
+  compile_s = time.perf_counter() - start
+  result["ef_plan"] = _memory_plan(ef, device)
 
   def all_finite(tree) -> bool:
     return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
@@ -317,6 +332,7 @@ def jax_worker(spec: dict) -> dict:
   def measure_ef():
     timing = _time_calls(lambda: jax.block_until_ready(ef(params, graph)), spec["repeats"],
                          spec["time_limit_s"], all_finite)
+    timing["first_call_s"] += compile_s
     return {**timing, "peak_bytes": peak()}
 
   if not _phase(result, "ef", measure_ef) or not spec["train"]:
@@ -645,6 +661,10 @@ def _row_line(row: dict) -> str:
     parts.append(f"train {tr['ms']:.2f} ms, peak {_gb(tr.get('peak_bytes'))}")
   elif tr:
     parts.append(f"train {tr.get('status')}")
+  plan = row.get("ef_plan")
+  if plan and plan.get("temp") is not None:
+    parts.append(f"XLA plan: temp {_gb(plan['temp'])}, arguments {_gb(plan['argument'])}, "
+                 f"in use before {_gb(plan['bytes_in_use_before'])}")
   error = row.get("error") or ef.get("error") or tr.get("error") or row.get("reason")
   if error:
     parts.append(error.strip().splitlines()[-1][:200])
