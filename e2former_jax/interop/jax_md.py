@@ -142,6 +142,17 @@ def box_to_cell(box) -> jax.Array:
   raise ValueError(f"box must be a scalar, [3] or [3, 3], got shape {box.shape}")
 
 
+def _host_cell(box) -> tuple[np.ndarray, np.ndarray]:
+  """The [3, 3] float64 cell (rows) of a JAX MD box, validated on the host, and its [3] lattice plane
+  spacings in angstrom.
+
+  Raises:
+    ValueError: on a bad box (wrong shape, non-finite, singular).
+  """
+  cell, _ = lattice.check_cell(np.asarray(box_to_cell(np.asarray(box, np.float64))), True)
+  return cell, lattice.plane_spacings(cell)
+
+
 def check_box(box, cutoff: float) -> None:
   """Raises ValueError unless the minimum image is the model's neighbour relation in this box.
 
@@ -149,8 +160,7 @@ def check_box(box, cutoff: float) -> None:
   image within the cutoff (several when a lattice plane spacing is below twice the cutoff), which
   :class:`ImageNeighborList` provides.
   """
-  cell, _ = lattice.check_cell(np.asarray(box_to_cell(np.asarray(box, np.float64))), True)
-  spacing = lattice.plane_spacings(cell)
+  _, spacing = _host_cell(box)
   if spacing.min() <= 2 * cutoff:
     raise ValueError(f"periodic box with lattice plane spacings {np.round(spacing, 3).tolist()} A: "
                      f"the minimum image convention of JAX MD needs every spacing above 2 x cutoff "
@@ -165,8 +175,7 @@ def needs_all_images(box, cutoff: float) -> bool:
   Raises:
     ValueError: on a bad box (wrong shape, non-finite, singular).
   """
-  cell, _ = lattice.check_cell(np.asarray(box_to_cell(np.asarray(box, np.float64))), True)
-  return bool(lattice.plane_spacings(cell).min() <= 2 * cutoff)
+  return bool(_host_cell(box)[1].min() <= 2 * cutoff)
 
 
 def select_neighbors(position: jax.Array, candidates: jax.Array | None, displacement_fn,
@@ -432,8 +441,7 @@ def _checked_cell(box, skin: float) -> np.ndarray:
   """[3, 3] float64 cell of a box, validated on the host (wrapping needs a skin below the spacings)."""
   if box is None:
     raise ValueError("the all-images neighbour list needs the periodic box")
-  cell, _ = lattice.check_cell(np.asarray(box_to_cell(np.asarray(box, np.float64))), True)
-  spacing = lattice.plane_spacings(cell)
+  cell, spacing = _host_cell(box)
   if not spacing.min() > skin:
     raise ValueError(f"lattice plane spacings {np.round(spacing, 3).tolist()} A must exceed the skin "
                      f"{skin} A (atoms are followed across the box modulo a lattice vector)")
