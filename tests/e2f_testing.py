@@ -65,3 +65,18 @@ def random_molecule(rng: np.random.Generator, num_atoms: int, *, min_dist: float
     if np.linalg.norm(p) <= radius and all(np.linalg.norm(p - q) >= min_dist for q in pos):
       pos.append(p)
   return rng.choice(elements, num_atoms).astype(np.int32), np.asarray(pos)
+
+
+def random_periodic_atoms(rng: np.random.Generator, cell: np.ndarray, num_atoms: int, *,
+                          min_dist: float = 1.0, elements=(1, 6, 8)):
+  """ase.Atoms of random H/C/O in a periodic cell, no pair (minimum image) closer than min_dist;
+  charge 0 and the lowest spin multiplicity of the electron count in ``info``."""
+  import ase
+
+  while True:
+    atoms = ase.Atoms(numbers=rng.choice(elements, num_atoms), cell=cell, pbc=True,
+                      scaled_positions=rng.uniform(0.0, 1.0, (num_atoms, 3)))
+    if atoms.get_all_distances(mic=True)[np.triu_indices(num_atoms, 1)].min() > min_dist:
+      break
+  atoms.info.update(charge=0, spin=1 + int(atoms.numbers.sum()) % 2)
+  return atoms

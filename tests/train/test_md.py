@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from e2f_testing import random_molecule
+from e2f_testing import random_molecule, random_periodic_atoms
 
 from e2former_jax import lattice
 from e2former_jax.config import AttentionImpl, tiny_config
@@ -120,12 +120,7 @@ def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
   rng = np.random.default_rng(4)
   cell = np.array([[8.5, 0.0, 0.0], [0.85, 8.5, 0.0], [0.0, 0.4, 8.5]])
   assert lattice.plane_spacings(cell).max() < 2 * md.load_predictor(run_dir).config.cutoff
-  while True:
-    atoms = ase.Atoms(numbers=rng.choice([1, 6, 8], 40), cell=cell, pbc=True,
-                      scaled_positions=rng.uniform(0.0, 1.0, (40, 3)))
-    if atoms.get_all_distances(mic=True)[np.triu_indices(40, 1)].min() > 1.0:
-      break
-  atoms.info.update(charge=0, spin=1 + int(atoms.numbers.sum()) % 2)
+  atoms = random_periodic_atoms(rng, cell, 40)
   path = tmp_path / "cell.extxyz"
   ase.io.write(path, atoms)
   out = tmp_path / "md"

@@ -15,6 +15,7 @@ from ase.calculators.mixing import SumCalculator
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
+from e2f_testing import random_periodic_atoms
 
 from e2former_jax.interop import ase as e2f_ase
 from e2former_jax.interop.ase import E2FormerCalculator, size_bucket
@@ -103,12 +104,7 @@ def test_periodic_stress_is_the_strain_derivative(x64, predictor):
   finite-difference strain derivative of the calculator's own energy, in ASE's Voigt order and sign."""
   rng = np.random.default_rng(3)
   cell = np.array([[5.0, 0.0, 0.0], [0.7, 5.2, 0.0], [-0.4, 0.3, 5.4]])
-  while True:
-    atoms = ase.Atoms(numbers=rng.choice([1, 6, 8], 10), cell=cell, pbc=True,
-                      scaled_positions=rng.uniform(0.0, 1.0, (10, 3)))
-    if atoms.get_all_distances(mic=True)[np.triu_indices(10, 1)].min() > 1.0:
-      break
-  atoms.info.update(charge=0, spin=1 + int(atoms.numbers.sum()) % 2)
+  atoms = random_periodic_atoms(rng, cell, 10)
   atoms.calc = E2FormerCalculator(predictor.with_dtype(jnp.float64))
   stress = atoms.get_stress()  # Voigt: xx, yy, zz, yz, xz, xy
   assert stress.shape == (6,) and np.abs(stress).max() > 1e-4
