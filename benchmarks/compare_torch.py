@@ -70,6 +70,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
+from benchmarks.provenance import git_commit  # noqa: E402
+
 # Structures.
 DENSITY = 0.1  # atoms per A^3: liquid water (33.4 molecules per nm^3, 3 atoms each)
 LATTICE_JITTER = 0.25  # uniform displacement, as a fraction of the lattice spacing, per axis
@@ -675,14 +677,6 @@ def _gb(value) -> str:
   return f"{value / 1e9:.2f} GB" if isinstance(value, (int, float)) else "-"
 
 
-def _git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 # ------------------------------------------------------------------------------------- analysis
 
 
@@ -994,7 +988,7 @@ def main(argv=None) -> None:
   except ImportError:
     torch_version = None
   report = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                     "commit": args.commit or _git_commit(), "device": args.device,
+                     "commit": args.commit or git_commit(), "device": args.device,
                      "config": args.config, "precision": args.precision,
                      "argv": " ".join(sys.argv[1:]), "jax": jax.__version__,
                      "torch": torch_version, "memory_fraction": GPU_MEMORY_FRACTION},

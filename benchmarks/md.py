@@ -49,7 +49,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -65,6 +64,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import jax
 import jax.numpy as jnp
 
+from benchmarks.provenance import git_commit
 from e2former_jax.config import AttentionImpl, paper_config, tiny_config
 from e2former_jax.interop import jax_md as e2f_md
 from e2former_jax.interop.predictor import Predictor
@@ -254,16 +254,6 @@ def bench_size(predictor: Predictor, system: str, num_atoms: int, args, deadline
   return result
 
 
-def _commit() -> str:
-  if os.environ.get("GIT_COMMIT"):
-    return os.environ["GIT_COMMIT"]
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def results_line(report: dict) -> str:
   """One Markdown line for benchmarks/RESULTS.md with the key numbers."""
   parts = [report["date"], report["device"], f"commit {report['commit']}",
@@ -317,7 +307,7 @@ def main(argv=None) -> dict:
     config = config.replace(remat=True)
   if "box" in systems:
     check_box_sizes(sizes, config.cutoff)
-  report = {"device": device.device_kind, "platform": device.platform, "commit": args.commit or _commit(),
+  report = {"device": device.device_kind, "platform": device.platform, "commit": args.commit or os.environ.get("GIT_COMMIT") or git_commit(),
             "date": datetime.date.today().isoformat(), "jax": jax.__version__,
             "config_name": args.config, "attention_impl": impl.value, "ensemble": args.ensemble,
             "remat": args.remat, "systems": systems, "requested_sizes": sizes,
