@@ -41,7 +41,7 @@ class EdgeGeometry:
 
   Attributes:
     vectors: [N, K, 3] r_ij = x_i - x_j (target minus source), zero on empty slots.
-    rbf: [N, K, num_rbf] Gaussian basis of |r_ij|.
+    distances: [N, K] |r_ij| (safe norm: finite value and gradient on empty slots).
     envelope: [N, K] phi(|r_ij|), zero on empty slots.
     inv_dist: [N, K] 1 / |r_ij|, zero on empty slots.
     positions: [N, 3] centred atom positions (the absolute positions of the node-centric identity).
@@ -50,7 +50,7 @@ class EdgeGeometry:
   """
 
   vectors: jax.Array
-  rbf: jax.Array
+  distances: jax.Array
   envelope: jax.Array
   inv_dist: jax.Array
   positions: jax.Array
@@ -87,6 +87,11 @@ class E2Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, graph: Graph, geometry: EdgeGeometry) -> jax.Array:
     cfg = self.config
+    # A no-op forward; its transpose fences the cotangents of x and of this layer's edge lengths,
+    # so the backward of the per-edge radial MLP (which ends in the edge lengths) completes before
+    # the previous block's backward starts. Without it XLA defers every block's [N, K, 2H] gate
+    # cotangent to the end of the backward pass (benchmarks/notes_memory.md).
+    x, distances = jax.lax.optimization_barrier((x, geometry.distances))
     n, s, c = x.shape
     h, d, _k_slots = cfg.num_heads, cfg.head_dim, graph.num_neighbors
     qk_width = h * d
@@ -96,8 +101,8 @@ class E2Attention(nn.Module):
     target_table = self.param("target_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     source_table = self.param("source_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     radial_mlp = nn.remat(RadialMLP) if cfg.remat else RadialMLP
-    edge = radial_mlp(cfg.edge_hidden, 2 * h, name="edge_gates")(
-        geometry.rbf, target_table[graph.species], source_table[graph.species], graph.nbr_idx)
+    edge = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, name="edge_gates")(
+        distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)
     gate, inputhead = edge[..., :h], edge[..., h:]  # [N, K, H] each
     post_weight = inputhead * geometry.inv_dist[..., None]  # [N, K, H]
 

@@ -45,6 +45,8 @@ class EdgeDegreeEmbedding(nn.Module):
     hidden: radial MLP hidden width.
     num_species: rows of the type tables.
     avg_degree: constant normaliser of the neighbour sum.
+    cutoff: radial basis range (angstrom).
+    num_rbf: radial basis size, also the width of the type tables.
     remat: recompute each degree's radial MLP and neighbour sum in the backward pass instead of
       keeping their [N, K, hidden] activations (E2FormerConfig.remat).
   """
@@ -54,33 +56,44 @@ class EdgeDegreeEmbedding(nn.Module):
   hidden: int
   num_species: int
   avg_degree: float
+  cutoff: float
+  num_rbf: int
   remat: bool = False
 
   @nn.compact
-  def __call__(self, species, rbf, envelope_weights, edge_sh, nbr_idx) -> jax.Array:
+  def __call__(self, species, distances, envelope_weights, edge_sh, nbr_idx) -> jax.Array:
     """
     Args:
       species: [N] atomic numbers.
-      rbf: [N, K, num_rbf].
+      distances: [N, K] edge lengths.
       envelope_weights: [N, K] phi(d), zero on empty slots.
       edge_sh: [N, K, S] spherical harmonics of the unit edge vectors.
       nbr_idx: [N, K].
     Returns:
       [N, S, C] initial node features.
     """
-    num_rbf = rbf.shape[-1]
-    target_table = self.param("target_table", embedding_init, (self.num_species, num_rbf))
-    source_table = self.param("source_table", embedding_init, (self.num_species, num_rbf))
+    target_table = self.param("target_table", embedding_init, (self.num_species, self.num_rbf))
+    source_table = self.param("source_table", embedding_init, (self.num_species, self.num_rbf))
     target_types, source_types = target_table[species], source_table[species]  # [N, num_rbf]
     degrees = row_degrees(self.lmax)
     degree_sum = nn.remat(_degree_sum) if self.remat else _degree_sum
-    blocks = [degree_sum(RadialMLP(self.hidden, self.channels, name=f"radial_l{l}"), rbf, target_types,
-                         source_types, nbr_idx, edge_sh[..., degrees == l] * envelope_weights[..., None])
-              for l in range(self.lmax + 1)]
+    blocks = []
+    for l in range(self.lmax + 1):
+      if blocks:
+        # No-op forward. Its transpose fences degree l's edge-length cotangent with degree l-1's
+        # output cotangent, so the backward handles one degree's per-edge MLP at a time (l = lmax
+        # first) instead of all of them at once.
+        d_l, blocks[-1] = jax.lax.optimization_barrier((distances, blocks[-1]))
+      else:
+        d_l = distances
+      radial_mlp = RadialMLP(self.hidden, self.channels, self.cutoff, self.num_rbf, name=f"radial_l{l}")
+      blocks.append(degree_sum(radial_mlp, d_l, target_types, source_types, nbr_idx,
+                               edge_sh[..., degrees == l] * envelope_weights[..., None]))  # [N, 2l+1, C]
     return jnp.concatenate(blocks, axis=-2) / self.avg_degree  # [N, S, C]
 
 
-def _degree_sum(radial_mlp: RadialMLP, rbf, target_types, source_types, nbr_idx, sh_l) -> jax.Array:
+def _degree_sum(radial_mlp: RadialMLP, distances, target_types, source_types, nbr_idx, sh_l
+                ) -> jax.Array:
   """sum_k sh_ik[m] R_l(f_ik)[c] for one degree l: [N, K, 2l+1] -> [N, 2l+1, C]."""
-  radial = radial_mlp(rbf, target_types, source_types, nbr_idx)  # [N, K, C]
+  radial = radial_mlp(distances, target_types, source_types, nbr_idx)  # [N, K, C]
   return jnp.einsum("nkm,nkc->nmc", sh_l, radial)

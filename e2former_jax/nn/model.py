@@ -15,7 +15,7 @@ from e2former_jax.nn.block import TransformerBlock
 from e2former_jax.nn.embedding import EdgeDegreeEmbedding, MoleculeEmbedding
 from e2former_jax.nn.init import kaiming_uniform
 from e2former_jax.nn.norm import RMSNormSH
-from e2former_jax.nn.radial import envelope, gaussian_rbf
+from e2former_jax.nn.radial import envelope
 
 
 @flax.struct.dataclass
@@ -56,7 +56,7 @@ def edge_geometry(config: E2FormerConfig, graph: Graph, positions: jax.Array) ->
   inv_dist = jnp.where(mask, 1.0 / jnp.where(mask, dist, 1.0), 0.0)
   return EdgeGeometry(
       vectors=vectors,
-      rbf=gaussian_rbf(dist, config.cutoff, config.num_rbf),
+      distances=dist,
       envelope=jnp.where(mask, envelope(dist, config.cutoff), 0.0),
       inv_dist=inv_dist,
       positions=centred,
@@ -78,8 +78,8 @@ class E2Former(nn.Module):
     edge_sh = jnp.where(graph.nbr_mask[..., None], edge_sh, 0.0)
 
     x = EdgeDegreeEmbedding(cfg.channels, cfg.lmax, cfg.edge_hidden, cfg.num_species, cfg.avg_degree,
-                            cfg.remat, name="edge_degree")(graph.species, geometry.rbf, geometry.envelope,
-                                                edge_sh, graph.nbr_idx)  # [N, S, C]
+                            cfg.cutoff, cfg.num_rbf, cfg.remat, name="edge_degree")(
+        graph.species, geometry.distances, geometry.envelope, edge_sh, graph.nbr_idx)  # [N, S, C]
     assert x.shape == (n, cfg.num_rows, cfg.channels), x.shape
     molecule_signal = MoleculeEmbedding(cfg.channels, name="molecule")(graph.charge, graph.spin)
     atom_signal = molecule_signal[graph.molecule_index]  # [N, C]

@@ -41,26 +41,37 @@ class RadialMLP(nn.Module):
   [N, K, num_rbf + 2 * type_dim] concatenation; the function and parameter count are those of one
   Linear on the concatenation.
 
+  The Gaussian basis is evaluated here from the edge lengths rather than passed in: it is cheap
+  (num_rbf exponentials per edge against a num_rbf x hidden product), and this way nothing of size
+  [N, K, num_rbf] outlives one MLP. Shared between the blocks, the basis and the sum of its
+  cotangents over every MLP were the largest per-edge buffers of energy + forces on the GPU
+  (benchmarks/notes_memory.md); each MLP now reduces its basis cotangent to [N, K] at once.
+
   Attributes:
     hidden: hidden width.
     out: output width.
+    cutoff: the basis spans [0, cutoff] (angstrom).
+    num_rbf: number of Gaussians.
   """
 
   hidden: int
   out: int
+  cutoff: float
+  num_rbf: int
 
   @nn.compact
-  def __call__(self, rbf: jax.Array, target_types: jax.Array, source_types: jax.Array,
+  def __call__(self, distances: jax.Array, target_types: jax.Array, source_types: jax.Array,
                nbr_idx: jax.Array) -> jax.Array:
     """
     Args:
-      rbf: [N, K, num_rbf] radial basis of every slot.
+      distances: [N, K] edge lengths of every slot (any finite value on empty slots).
       target_types: [N, T] type embedding of each target atom.
       source_types: [N, T] type embedding of each atom as a source (gathered per slot).
       nbr_idx: [N, K] source atom of each slot (sentinel N on empty slots reads zeros).
     Returns:
       [N, K, out]
     """
+    rbf = gaussian_rbf(distances, self.cutoff, self.num_rbf)  # [N, K, num_rbf]
     h = nn.Dense(self.hidden, kernel_init=kaiming_uniform, name="rbf_in")(rbf)  # [N, K, hidden]
     h = h + nn.Dense(self.hidden, use_bias=False, kernel_init=kaiming_uniform,
                      name="target_in")(target_types)[:, None, :]
