@@ -53,6 +53,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -168,13 +169,26 @@ def check_box_sizes(sizes: list[int], cutoff: float) -> None:
                        f"{water_side(size):.2f} A wide; {e}") from None
 
 
-def bench_size(predictor: Predictor, system: str, num_atoms: int, args, deadline: float) -> dict:
-  """One system and size: allocate, compile (first chunk), then timed chunks until --steps or the deadline."""
+class MDSystem(NamedTuple):
+  """A water system ready for JAX MD: the allocated neighbour list and the integrator's first state."""
+
+  num_atoms: int
+  box: float
+  periodic: bool
+  energy_fn: Callable
+  neighbor_fn: Any
+  apply_fn: Callable
+  state: Any
+  neighbors: Any
+
+
+def make_system(predictor: Predictor, system: str, num_atoms: int, *, seed: int, skin: float,
+                ensemble: str) -> MDSystem:
+  """Water ``system`` ("cluster" or "box") of ~num_atoms atoms with 300 K momenta and zero forces."""
   from jax_md import simulate, space
 
-  device = jax.devices()[0]
   periodic = system == "box"
-  numbers, positions, side = water_box(num_atoms, seed=args.seed, periodic=periodic)
+  numbers, positions, side = water_box(num_atoms, seed=seed, periodic=periodic)
   n = len(numbers)
   if periodic:
     box = side
@@ -183,40 +197,46 @@ def bench_size(predictor: Predictor, system: str, num_atoms: int, args, deadline
     positions = positions + MARGIN
     box = float(positions.max() + MARGIN)
     displacement, shift = space.free()
-  result = {"system": system, "requested_atoms": num_atoms, "num_atoms": n, "box_A": box,
-            "periodic": periodic, "ensemble": args.ensemble, "timestep_fs": TIMESTEP_FS,
-            "chunk": args.chunk, "skin_A": args.skin}
   neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(displacement, box, predictor, numbers,
-                                                         periodic=periodic, dr_threshold=args.skin)
+                                                         periodic=periodic, dr_threshold=skin)
   position = jnp.asarray(positions, jnp.float32)
-  start = time.perf_counter()
   nbrs = neighbor_fn.allocate(position)
-  jax.block_until_ready(nbrs.idx)
-  result["allocate_s"] = time.perf_counter() - start
-  result["candidates_per_atom"] = int(nbrs.max_occupancy)
-
   dt = TIMESTEP_FS * e2f_md.FEMTOSECOND
   kT = TEMPERATURE_K * e2f_md.BOLTZMANN
   mass = jnp.asarray(e2f_md.masses(numbers), jnp.float32)[:, None]
-  rng = np.random.default_rng(args.seed)
+  rng = np.random.default_rng(seed)
   momentum = np.sqrt(np.asarray(mass) * kT) * rng.normal(size=(n, 3))
   momentum = jnp.asarray(momentum - momentum.mean(axis=0), jnp.float32)
   zeros = jnp.zeros_like(position)
-  if args.ensemble == "nve":
+  if ensemble == "nve":
     _, apply_fn = simulate.nve(energy_fn, shift, dt)
     state = simulate.NVEState(position, momentum, zeros, mass)
   else:
     _, apply_fn = simulate.nvt_langevin(energy_fn, shift, dt, kT,
                                         gamma=LANGEVIN_FRICTION_PER_FS / e2f_md.FEMTOSECOND)
-    state = simulate.NVTLangevinState(position, momentum, zeros, mass, jax.random.PRNGKey(args.seed))
+    state = simulate.NVTLangevinState(position, momentum, zeros, mass, jax.random.PRNGKey(seed))
+  return MDSystem(n, box, periodic, energy_fn, neighbor_fn, apply_fn, state, nbrs)
+
+
+def bench_size(predictor: Predictor, system: str, num_atoms: int, args, deadline: float) -> dict:
+  """One system and size: allocate, compile (first chunk), then timed chunks until --steps or the deadline."""
+  device = jax.devices()[0]
+  start = time.perf_counter()
+  md = make_system(predictor, system, num_atoms, seed=args.seed, skin=args.skin, ensemble=args.ensemble)
+  jax.block_until_ready(md.neighbors.idx)
+  n, periodic, box, nbrs, state = md.num_atoms, md.periodic, md.box, md.neighbors, md.state
+  result = {"system": system, "requested_atoms": num_atoms, "num_atoms": n, "box_A": box,
+            "periodic": periodic, "ensemble": args.ensemble, "timestep_fs": TIMESTEP_FS,
+            "chunk": args.chunk, "skin_A": args.skin,
+            "allocate_s": time.perf_counter() - start, "candidates_per_atom": int(nbrs.max_occupancy)}
 
   def observe(state, nbrs):
     kinetic = 0.5 * jnp.sum(state.momentum**2 / state.mass)
     return {"temperature_K": 2 * kinetic / (3 * n * e2f_md.BOLTZMANN),
             "max_force": jnp.max(jnp.abs(state.force))}
 
-  chunks = e2f_md.run(apply_fn, state, num_chunks=1 + max(1, args.steps // args.chunk),
-                      steps_per_chunk=args.chunk, neighbors=nbrs, neighbor_fn=neighbor_fn,
+  chunks = e2f_md.run(md.apply_fn, state, num_chunks=1 + max(1, args.steps // args.chunk),
+                      steps_per_chunk=args.chunk, neighbors=nbrs, neighbor_fn=md.neighbor_fn,
                       observe_fn=observe)
   def buffers(nbrs):
     return nbrs.max_occupancy, nbrs.cell_list_capacity

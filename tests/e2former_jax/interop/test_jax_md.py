@@ -294,3 +294,16 @@ def test_energy_fn_rejects_bad_inputs(predictor, cluster):
     energy_fn(position, neighbor=sparse_fn.allocate(position))
   with pytest.raises(ValueError, match="position must be"):
     energy_fn(position[:3])
+
+
+def test_compiled_forces_hold_no_per_atom_constants(predictor, rng):
+  """The closed-over species must not be folded into [N, C] embedding constants of the executable."""
+  numbers, positions = random_molecule(rng, 40)
+  displacement, _ = space.free()
+  neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(displacement, BOX, predictor, numbers)
+  position = jnp.asarray(positions + OFFSET, jnp.float32)
+  hlo = jax.jit(jax.grad(energy_fn)).lower(position, neighbor=neighbor_fn.allocate(position)
+                                           ).compile().as_text()
+  constants = [line for line in hlo.splitlines() if " constant(" in line]
+  per_atom = [line.strip()[:120] for line in constants if "[40," in line]
+  assert constants and not per_atom, per_atom
