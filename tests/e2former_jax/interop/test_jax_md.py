@@ -307,3 +307,16 @@ def test_compiled_forces_hold_no_per_atom_constants(predictor, rng):
   constants = [line for line in hlo.splitlines() if " constant(" in line]
   per_atom = [line.strip()[:120] for line in constants if "[40," in line]
   assert constants and not per_atom, per_atom
+
+
+def test_spatial_order_is_a_permutation_that_keeps_consecutive_atoms_close(rng):
+  _, positions, _ = water_box(3000, seed=1)
+  positions = positions[rng.permutation(len(positions))]
+  order = np.asarray(e2f_md.spatial_order(jnp.asarray(positions, jnp.float32)))
+  assert sorted(order.tolist()) == list(range(len(positions)))
+
+  def mean_step(p):
+    return float(np.linalg.norm(np.diff(p, axis=0), axis=1).mean())
+
+  # Random order: steps of about the box size (31 A); Morton order: a few angstrom.
+  assert mean_step(positions[order]) < 0.2 * mean_step(positions)
