@@ -30,8 +30,8 @@ run's peak device memory (``memory_stats()["peak_bytes_in_use"]``, a process-lif
 then that of the largest system so far, i.e. its own (at equal N the second system reports at least
 the first's). Out-of-memory and other errors are recorded per run; when the time budget is spent,
 the remaining runs are recorded as not run. (On an H100, 10k atoms held 15 GB (clusters)
-and 22 GB (boxes) without ``--remat``; 100k atoms ran out of memory even with ``--remat`` at commit
-ed35151, see benchmarks/RESULTS.md.)
+and 22 GB (boxes) without ``--remat``; 100k atoms need ``--remat``: 58 GB and 77 GB, see
+benchmarks/RESULTS.md.)
 
 Writes JSON to ``--out`` (one row per system and size) and appends one line to ``--results-md``
 (device, commit, date, systems, sizes, ensemble, remat).
