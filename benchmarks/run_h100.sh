@@ -3,6 +3,7 @@
 # this workplace; one call runs at most 10 minutes, so pick a few steps per call):
 #   STEPS="train attention torch md" bash benchmarks/run_h100.sh OUT_DIR
 #   STEPS="torch_large md_large" bash benchmarks/run_h100.sh OUT_DIR    # the rematerialised large systems
+#   STEPS="memory" bash benchmarks/run_h100.sh OUT_DIR    # XLA memory plans, peaks, times of the JAX MD forces
 # Expects: the carried wheels in .whl/ (packages missing on the GPU image: jraph, ase, ase-db-backends,
 # lmdb, jax-md and its pure-Python needs, e3nn-jax; flax/orbax at our pins), and the SPICE sample in
 # .gpu_data/ (a copy of ../shared/data, never committed). Each step has its own wall-clock limit so that
@@ -36,6 +37,8 @@ for step in $STEPS; do case "$step" in
            --fit-resolution 1.5 --commit "$commit" --out "$OUT_DIR/results/compare_torch_remat" ;;
   md) run md "${MD_LIMIT:-280}" python3 benchmarks/md.py --sizes 1000,10000 --steps 30 --budget-s 265 \
            --commit "$commit" --out "$OUT_DIR/results/md.json" ;;
+  memory) run memory "${MEMORY_LIMIT:-330}" python3 benchmarks/memory_plan.py --remat --sizes 10000,100000 \
+           --programs forces,step --run --commit "$commit" --out "$OUT_DIR/results/memory_plan.json" ;;
   md_large) run md_large "${MD_LARGE_LIMIT:-280}" python3 benchmarks/md.py --remat --sizes 100000 \
            --steps 10 --chunk 5 --budget-s 265 --commit "$commit" --out "$OUT_DIR/results/md_large.json" ;;
 esac; done
