@@ -71,6 +71,7 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 from benchmarks.provenance import git_commit  # noqa: E402
+from benchmarks.xla_memory import compiled_memory  # noqa: E402
 
 # Structures.
 DENSITY = 0.1  # atoms per A^3: liquid water (33.4 molecules per nm^3, 3 atoms each)
@@ -275,9 +276,7 @@ def _time_calls(call, repeats: int, time_limit_s: float, finite) -> dict:
 
 def _memory_plan(compiled, device) -> dict:
   """XLA's buffer sizes of a compiled executable, and what the device held before running it."""
-  analysis = compiled.memory_analysis()
-  plan = {key: int(getattr(analysis, f"{key}_size_in_bytes"))
-          for key in ("temp", "argument", "output", "alias", "generated_code")} if analysis else {}
+  plan = compiled_memory(compiled)
   stats = device.memory_stats()  # None on the CPU
   plan["bytes_in_use_before"] = int(stats["bytes_in_use"]) if stats else None
   return plan

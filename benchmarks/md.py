@@ -53,7 +53,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 

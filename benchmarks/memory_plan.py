@@ -39,25 +39,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import jax  # noqa: E402  (benchmarks.md sets the allocator fraction before jax starts)
-
+# First: benchmarks.md sets the allocator fraction before jax starts.
 from benchmarks import md as md_bench  # noqa: E402
+
+import jax  # noqa: E402
+
 from benchmarks.provenance import git_commit  # noqa: E402
+from benchmarks.xla_memory import compiled_memory  # noqa: E402
 from e2former_jax.config import AttentionImpl, paper_config, tiny_config  # noqa: E402
 from e2former_jax.interop import jax_md as e2f_md  # noqa: E402
-
-PLAN_FIELDS = ("temp", "argument", "output", "alias", "generated_code")
-
-
-def memory_plan(compiled) -> dict:
-  """Bytes of each buffer class in XLA's plan of a compiled executable."""
-  analysis = compiled.memory_analysis()
-  return {key: int(getattr(analysis, f"{key}_size_in_bytes")) for key in PLAN_FIELDS} if analysis else {}
 
 
 def plan_system(predictor, system: str, size: int, args) -> dict:
   """Compiles forces, step and chunk for one system and size; optionally runs each once."""
-  md = md_bench.make_system(predictor, system, size, seed=args.seed, skin=md_bench.e2f_md.DEFAULT_SKIN,
+  md = md_bench.make_system(predictor, system, size, seed=args.seed, skin=e2f_md.DEFAULT_SKIN,
                             ensemble="nve")
   device = jax.devices()[0]
   row = {"system": system, "requested_atoms": size, "num_atoms": md.num_atoms,
@@ -79,7 +74,7 @@ def plan_system(predictor, system: str, size: int, args) -> dict:
     start = time.perf_counter()
     try:
       compiled = fn.lower(*fn_args).compile()
-      plan = memory_plan(compiled)
+      plan = compiled_memory(compiled)
       entry = {**plan, "compile_s": time.perf_counter() - start,
                "temp_per_atom_kb": plan.get("temp", 0) / md.num_atoms / 1e3}
       if args.run:
