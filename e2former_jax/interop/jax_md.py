@@ -529,12 +529,12 @@ def system_graph(position: jax.Array, species: jax.Array, nbrs: ModelNeighbors, 
   position, species = position[order], species[order]
   nbrs = ModelNeighbors(idx=new_index[nbrs.idx[order]], mask=nbrs.mask[order], shift=nbrs.shift[order],
                         count=nbrs.count[order])
-  # The energy function closes over species, so under jit they (and the all-ones mask, all-zero
-  # molecule index) are constants, and XLA would fold every per-atom embedding lookup into an
-  # [N, C] constant of the executable (1.15 GB at 100k atoms in the paper configuration, per
-  # compiled function). The barrier keeps them as plain [N] values.
-  species, node_mask, molecule_index = jax.lax.optimization_barrier(
-      (species, jnp.ones(n, bool), jnp.zeros(n, jnp.int32)))
+  # Under jit the closed-over species, the all-ones mask and the all-zero molecule index are
+  # constants, and with the closed-over weights XLA would fold every per-atom embedding lookup into
+  # an [N, C] constant of the executable (1.15 GB at 100k atoms in the paper configuration, per
+  # compiled function). Species are gathered by the position-dependent order above; the barrier
+  # keeps the mask and index plain [N] values too.
+  node_mask, molecule_index = jax.lax.optimization_barrier((jnp.ones(n, bool), jnp.zeros(n, jnp.int32)))
   return Graph(positions=position, species=species, node_mask=node_mask,
                molecule_index=molecule_index, nbr_idx=nbrs.idx, nbr_mask=nbrs.mask,
                nbr_shift=nbrs.shift.astype(position.dtype),
