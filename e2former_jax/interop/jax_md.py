@@ -217,19 +217,32 @@ def select_neighbors(position: jax.Array, candidates: jax.Array | None, displace
   sources = jnp.take(position, jnp.where(real, candidates, 0), axis=0)  # [N, M, 3]
   displacement = functools.partial(displacement_fn, **kwargs)
   vectors = jax.vmap(jax.vmap(displacement, (None, 0)), (0, 0))(position, sources)  # [N, M, 3]
-  dist2 = jax.lax.stop_gradient(jnp.sum(vectors * vectors, axis=-1))  # [N, M]
-  within = real & (dist2 <= cutoff * cutoff)  # [N, M]
-  # top_k of -d^2: the K nearest, in increasing distance; excluded candidates sort last as -inf.
-  _, slot = jax.lax.top_k(jnp.where(within, -dist2, -jnp.inf), max_neighbors)  # [N, K]
-  mask = jnp.take_along_axis(within, slot, axis=1)  # [N, K]
-  idx = jnp.where(mask, jnp.take_along_axis(candidates, slot, axis=1), n)  # [N, K]
+  slot, idx, mask, count = _nearest_within(vectors, candidates, real, cutoff, max_neighbors)
   vec = jnp.take_along_axis(vectors, slot[..., None], axis=1)  # [N, K, 3]
   x = position if cartesian is None else cartesian
   source = jnp.take(x, jnp.where(mask, idx, 0), axis=0)  # [N, K, 3]
   # x_i - (x_j + shift) = displacement(x_i, x_j): the Graph's image-shift convention.
   shift = jnp.where(mask[..., None], x[:, None, :] - source - vec, 0.0)  # [N, K, 3]
+  return ModelNeighbors(idx=idx, mask=mask, shift=shift, count=count)
+
+
+def _nearest_within(vectors: jax.Array, candidates: jax.Array, real: jax.Array, cutoff: float,
+                    max_neighbors: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The K nearest real candidates within the cutoff, from their [N, M, 3] edge vectors.
+
+  Returns:
+    (slot [N, K] chosen candidate columns, then :class:`ModelNeighbors`' idx [N, K], mask [N, K]
+    and count [N]).
+  """
+  n = candidates.shape[0]
+  dist2 = jax.lax.stop_gradient(jnp.sum(vectors * vectors, axis=-1))  # [N, M]
+  within = real & (dist2 <= cutoff * cutoff)  # [N, M]
+  # top_k of -d^2: the K nearest, in increasing distance; excluded candidates sort last as -inf.
+  _, slot = jax.lax.top_k(jnp.where(within, -dist2, -jnp.inf), max_neighbors)  # [N, K]
+  mask = jnp.take_along_axis(within, slot, axis=1)  # [N, K]
+  idx = jnp.where(mask, jnp.take_along_axis(candidates, slot, axis=1), n).astype(jnp.int32)  # [N, K]
   assert idx.shape == mask.shape == (n, max_neighbors), idx.shape
-  return ModelNeighbors(idx=idx, mask=mask, shift=shift, count=within.sum(axis=1).astype(jnp.int32))
+  return slot, idx, mask, within.sum(axis=1).astype(jnp.int32)
 
 
 @flax.struct.dataclass
@@ -488,14 +501,9 @@ def select_image_neighbors(cartesian: jax.Array, cell: jax.Array, frac: jax.Arra
   image = jnp.where(real[..., None], image + wrapped[:, None, :] - wrapped[source], 0)  # [N, M, 3]
   shift = image.astype(cartesian.dtype) @ cell  # [N, M, 3]
   vectors = cartesian[:, None, :] - jnp.take(cartesian, source, axis=0) - shift  # [N, M, 3]
-  dist2 = jax.lax.stop_gradient(jnp.sum(vectors * vectors, axis=-1))  # [N, M]
-  within = real & (dist2 <= cutoff * cutoff)  # [N, M]
-  _, slot = jax.lax.top_k(jnp.where(within, -dist2, -jnp.inf), max_neighbors)  # [N, K]
-  mask = jnp.take_along_axis(within, slot, axis=1)  # [N, K]
-  idx = jnp.where(mask, jnp.take_along_axis(candidates, slot, axis=1), n)  # [N, K]
+  slot, idx, mask, count = _nearest_within(vectors, candidates, real, cutoff, max_neighbors)
   shift = jnp.where(mask[..., None], jnp.take_along_axis(shift, slot[..., None], axis=1), 0.0)
-  return ModelNeighbors(idx=idx.astype(jnp.int32), mask=mask, shift=shift,
-                        count=within.sum(axis=1).astype(jnp.int32))
+  return ModelNeighbors(idx=idx, mask=mask, shift=shift, count=count)
 
 
 def spatial_order(position: jax.Array) -> jax.Array:
