@@ -17,6 +17,8 @@ Phases (``--phases``, comma separated, run in the given order while the time bud
   runs in a fresh subprocess so that peak memory is per configuration; out-of-memory is recorded.
 * ``pytest``: the compiled (GPU) variants of tests/pallas_kernels/test_node_attention.py.
 * ``tune_bwd``: a sweep of the backward primitives' tilings at the largest size.
+* ``profile``: one forward call at the largest size (``--blocks`` or the default tiling), compiled
+  and run once, for a profiler wrapped around this script (``benchmarks/profile_attention.sh``).
 
 Writes JSON to ``--out`` and appends one line to ``--results-md``.
 
@@ -369,20 +371,21 @@ def _blocks(t) -> pk.BlockSizes:
                        unroll=bool(t[5]) if len(t) > 5 else False)
 
 
-def tune_forward(report: dict, num_atoms: int, deadline: float) -> tuple | None:
-  """Times forward tilings at one size; returns the fastest."""
-  inputs = make_inputs(num_atoms, jnp.float32)
+def tune_forward(report: dict, num_atoms: int, deadline: float, candidates: list[tuple],
+                 dtype_name: str = "float32") -> tuple | None:
+  """Times forward tilings at one size and input dtype; returns the fastest."""
+  inputs = make_inputs(num_atoms, jnp.dtype(dtype_name))
   args = args_for("pallas", inputs)
   timed = []
-  for cand in FORWARD_CANDIDATES:
+  for cand in candidates:
     if time.time() > deadline:
       break
     try:
       seconds = time_fn(make_fn("pallas", _blocks(cand), False), args, samples=5)
       timed.append((seconds, cand))
-      entry = {"blocks": cand, "ms": seconds * 1e3}
+      entry = {"blocks": cand, "dtype": dtype_name, "ms": seconds * 1e3}
     except Exception as e:  # a tiling Triton rejects (e.g. too many registers) is data, not a crash
-      entry = {"blocks": cand, "error": repr(e)[:300]}
+      entry = {"blocks": cand, "dtype": dtype_name, "error": repr(e)[:300]}
     report.setdefault("tune_forward", []).append(entry)
     print("tune fwd", json.dumps(entry), flush=True)
   return min(timed)[1] if timed else None
@@ -538,6 +541,8 @@ def main() -> None:
   parser.add_argument("--impls", default=",".join(IMPLS))
   parser.add_argument("--validate-size", type=int, default=4096)
   parser.add_argument("--blocks", default="", help="forward tiling h,k,n,warps,stages for bench")
+  parser.add_argument("--candidates", default="",
+                      help="tilings for tune_fwd, 'h,k,n,warps,stages[,unroll];...' (default: built in)")
   parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of all phases")
   parser.add_argument("--pytest-timeout-s", type=int, default=150)
   parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
@@ -549,6 +554,8 @@ def main() -> None:
   global INTERPRET
   INTERPRET = args.interpret
   blocks = tuple(int(v) for v in args.blocks.split(",")) if args.blocks else None
+  candidates = ([tuple(int(v) for v in c.split(",")) for c in args.candidates.split(";")]
+                if args.candidates else FORWARD_CANDIDATES)
 
   if args.worker:
     num_atoms, impl, dtype_name = args.worker.split(",")
@@ -579,7 +586,9 @@ def main() -> None:
       if phase == "validate":
         validate(report, args.validate_size, blocks)
       elif phase == "tune_fwd":
-        best = tune_forward(report, largest, deadline)
+        # The fastest tiling for the first dtype is the one bench uses.
+        best, *_ = [tune_forward(report, largest, deadline, candidates, dtype_name)
+                    for dtype_name in args.dtypes.split(",")]
         report["tuned_forward_blocks"] = best
         blocks = blocks or best
       elif phase == "bench":
@@ -590,6 +599,10 @@ def main() -> None:
         run_pytest(report, min(args.pytest_timeout_s, int(deadline - time.time())))
       elif phase == "tune_bwd":
         tune_backward(report, largest, deadline)
+      elif phase == "profile":
+        inputs = make_inputs(largest, jnp.dtype(args.dtypes.split(",")[0]))
+        fn = make_fn("pallas", _blocks(blocks) if blocks else None, False)
+        jax.block_until_ready(fn(*args_for("pallas", inputs)))
       else:
         raise ValueError(f"unknown phase {phase!r}")
     except Exception:
