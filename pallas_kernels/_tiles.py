@@ -58,6 +58,21 @@ def _store(ref, indices: tuple[jax.Array, ...], value: jax.Array, mask: jax.Arra
     plt.store(ref.at[indices], value.astype(ref.dtype), mask=mask)
 
 
+def fma(a: jax.Array, b: jax.Array, c: jax.Array, interpret: bool) -> jax.Array:
+  """a * b + c in one fused multiply-add per float32 element (all three of one shape).
+
+  The Triton pipeline behind Pallas does not contract a multiply and an add into an FMA (an
+  H100 profile showed separate FMUL and FADD for every gathered element), so the instruction is
+  written out. The interpreter runs the plain expression.
+  """
+  if interpret:
+    return a * b + c
+  [out] = plt.elementwise_inline_asm(
+      "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)])
+  return out
+
+
 def for_each_row(block_n: int, num_rows: int, body) -> None:
   """Runs ``body(row)`` for this program's rows, ``block_n`` consecutive ones, in order.
 
@@ -117,10 +132,10 @@ def load_rows(ref, rows, row_mask, heads, head_mask, row_pad: int) -> jax.Array:
   return _load(ref, indices, mask).astype(jnp.float32)
 
 
-def load_row(ref, row, heads, head_mask, row_pad: int, valid: jax.Array | None = None) -> jax.Array:
-  """``ref[row]`` for a scalar row: float32 [row_pad, block_h]; zero where ``valid`` ([1]) is False."""
+def load_row(ref, row, heads, head_mask, row_pad: int) -> jax.Array:
+  """``ref[row]`` for a scalar row: float32 [row_pad, block_h]."""
   rows = jnp.full((1,), row, jnp.int32)
-  return load_rows(ref, rows, valid, heads, head_mask, row_pad).reshape(row_pad, heads.shape[0])
+  return load_rows(ref, rows, None, heads, head_mask, row_pad).reshape(row_pad, heads.shape[0])
 
 
 def store_row(ref, row, heads, head_mask, value: jax.Array) -> None:
@@ -165,36 +180,6 @@ def load_vector(ref, row, cols, col_mask) -> jax.Array:
   """``ref[row, cols]`` of a 2-d ref as float32 [B]; zero on masked lanes."""
   indices = (jnp.full(cols.shape, row, jnp.int32), cols)
   return _load(ref, indices, col_mask).astype(jnp.float32)
-
-
-def slot_source(slots_ref, row, slot) -> tuple[jax.Array, jax.Array]:
-  """Source and validity of one neighbour slot (``slot`` a Python or traced int, may be >= K).
-
-  Returns:
-    (source, valid), both [1]: the source row (0 on invalid slots: safe to form an address from,
-    never dereferenced) and whether the slot is a real edge.
-  """
-  num_slots = slots_ref.shape[1]
-  indices = (jnp.full((1,), row, jnp.int32), jnp.full((1,), slot, jnp.int32))
-  if isinstance(slot, int) and slot < num_slots:
-    source = plt.load(slots_ref.at[indices])
-  else:
-    in_range = indices[1] < num_slots
-    indices = (indices[0], jnp.minimum(indices[1], num_slots - 1))
-    source = plt.load(slots_ref.at[indices], mask=in_range, other=-1)
-  valid = source >= 0
-  return jnp.maximum(source, 0), valid
-
-
-def load_slot(ref, row, slot, valid, heads, head_mask) -> jax.Array:
-  """``ref[row, slot, heads]`` of a [N, K, H] ref for one slot (valid: [1]) as float32 [block_h]."""
-  slots = jnp.full((1,), slot, jnp.int32)
-  return load_slots(ref, row, slots, valid, heads, head_mask).reshape(heads.shape[0])
-
-
-def load_entry(ref, row, slot, valid) -> jax.Array:
-  """``ref[row, slot]`` of a 2-d ref as float32 [1]; zero unless ``valid`` ([1])."""
-  return load_vector(ref, row, jnp.full((1,), slot, jnp.int32), valid)
 
 
 def neighbor_block(slots_ref, row, step, block_k: int):

@@ -87,63 +87,57 @@ def attention_weights(dots, gate, post_weight, envelope, valid, *, scale: float,
 
 
 def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, out_ref, *,
-                    scale: float, sink: float, block_sizes: BlockSizes, d_pad: int, x_pad: int):
-  """One program: block_n targets in turn, a block of heads; a two-pass softmax over the slots.
+                    scale: float, sink: float, block_sizes: BlockSizes, d_pad: int, x_pad: int,
+                    interpret: bool):
+  """One program: block_n targets in turn, a block of heads; a two-pass softmax over slot blocks.
 
-  Slots are visited one at a time (``block_k`` of them unrolled per loop step) with a scalar source
-  index, so every gathered row is one [X, block_h] tile at a single base address and the
-  aggregation is one fused multiply-add per element. Pass 1 finds the softmax maximum and
-  denominator, pass 2 accumulates with the final weights: no running rescale of the accumulator.
-  When the whole slot range is one unrolled step, pass 2 reuses pass 1's logits; otherwise it
-  recomputes them (the key rows are then read twice, mostly from L1).
+  Pass 1 gathers the key rows and finds the softmax maximum and denominator; pass 2 gathers them
+  again (the key rows are an eighth of the value bytes) with the value rows and accumulates with
+  the final weights, so the [X, block_h] accumulator is never rescaled: with one slot per step
+  that is one fused multiply-add per gathered element.
   """
   num_targets, num_slots, num_heads = gate_ref.shape
-  block_h = block_sizes.block_h
-  chunk = min(block_sizes.block_k, num_slots)  # slots unrolled per loop step
-  num_chunks = pl.cdiv(num_slots, chunk)
+  block_h, block_k = block_sizes.block_h, block_sizes.block_k
+  num_steps = pl.cdiv(num_slots, block_k)
   heads, head_mask = _tiles.head_block(block_h, num_heads)
 
   def target(n):
     q = _tiles.load_row(q_ref, n, heads, head_mask, d_pad)  # [DP, BH]
 
-    def edges(step):  # [(source, valid, logit [BH])] of this step's slots
-      out = []
-      for u in range(chunk):
-        slot = step * chunk + u
-        source, valid = _tiles.slot_source(slots_ref, n, slot)  # [1], [1]
-        keys = _tiles.load_row(k_ref, source, heads, head_mask, d_pad, valid)  # [DP, BH]
-        gate = _tiles.load_slot(gate_ref, n, slot, valid, heads, head_mask)  # [BH]
-        logit = jnp.where(valid, gate * scale * jnp.sum(keys * q, axis=0), _tiles.NEG_INF)
-        out.append((slot, source, valid, logit))
-      return out
+    def logits(i):
+      k, _, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
+      keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
+      gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+      logit = jnp.where(valid[:, None], gate * scale * jnp.sum(keys * q[None], axis=1),
+                        _tiles.NEG_INF)  # [BK, BH]
+      envelope = _tiles.load_vector(env_ref, n, k, valid)  # [BK]
+      return k, sources, valid, logit, envelope
 
-    def normaliser(step_edges, m, l):  # online max (>= 0) and envelope-weighted sum, [BH] each
-      m_new = functools.reduce(jnp.maximum, [logit for *_, logit in step_edges], m)
-      l = l * jnp.exp(m - m_new)
-      for slot, _, valid, logit in step_edges:
-        l = l + jnp.exp(logit - m_new) * _tiles.load_entry(env_ref, n, slot, valid)
-      return m_new, l
-
-    def aggregate(step_edges, m, acc):  # acc [XP, BH] += weight * value row, per slot
-      for slot, source, valid, logit in step_edges:
-        weight = (jnp.exp(logit - m) * _tiles.load_entry(env_ref, n, slot, valid)
-                  * _tiles.load_slot(pw_ref, n, slot, valid, heads, head_mask))  # [BH]
-        vals = _tiles.load_row(v_ref, source, heads, head_mask, x_pad, valid)  # [XP, BH]
-        acc = acc + weight[None] * vals
-      return acc
+    def normaliser(i, carry):  # running max (>= 0) and envelope-weighted sum of exp, [BH] each
+      m, l = carry
+      _, _, _, logit, envelope = logits(i)
+      m_new = jnp.maximum(m, jnp.max(logit, axis=0))
+      p = jnp.exp(logit - m_new[None]) * envelope[:, None]  # [BK, BH]
+      return m_new, l * jnp.exp(m - m_new) + jnp.sum(p, axis=0)
 
     zeros = jnp.zeros((block_h,), jnp.float32)
-    acc = jnp.zeros((x_pad, block_h), jnp.float32)
-    if num_chunks == 1 or block_sizes.unroll:
-      all_edges = [e for step in range(num_chunks) for e in edges(step)]
-      m, l = normaliser(all_edges, zeros, zeros)
-      acc = aggregate(all_edges, m, acc)
-    else:
-      m, l = lax.fori_loop(0, num_chunks, lambda i, c: normaliser(edges(i), *c), (zeros, zeros))
-      acc = lax.fori_loop(0, num_chunks, lambda i, a: aggregate(edges(i), m, a), acc)
+    m, l = _tiles.slot_loop(num_steps, normaliser, (zeros, zeros), block_sizes.unroll)
     denom = l + sink * jnp.exp(-m)  # [BH]
-    denom = jnp.where(denom > 0, denom, 1.0)
-    _tiles.store_row(out_ref, n, heads, head_mask, acc / denom[None])
+    inv_denom = 1.0 / jnp.where(denom > 0, denom, 1.0)
+
+    def aggregate(i, acc):  # acc [XP, BH] += sum over the step's slots of weight * value row
+      k, sources, valid, logit, envelope = logits(i)
+      weights = (jnp.exp(logit - m[None]) * (envelope[:, None] * inv_denom[None])
+                 * _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask))  # [BK, BH]
+      vals = _tiles.load_rows(v_ref, sources, valid, heads, head_mask, x_pad)  # [BK, XP, BH]
+      if block_k == 1:
+        shape = (x_pad, block_h)
+        return _tiles.fma(jnp.broadcast_to(weights, shape), vals.reshape(shape), acc, interpret)
+      return acc + jnp.sum(weights[:, None, :] * vals, axis=0)
+
+    acc = _tiles.slot_loop(num_steps, aggregate, jnp.zeros((x_pad, block_h), jnp.float32),
+                           block_sizes.unroll)
+    _tiles.store_row(out_ref, n, heads, head_mask, acc)
 
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
@@ -161,7 +155,8 @@ def _forward_call(static: _AttentionStatic, q, k, gate, post_weight, envelope, v
   block_sizes = _forward_block_sizes(static, values, gate.shape[1])
   kernel = functools.partial(
       _forward_kernel, scale=static.scale, sink=static.sink, block_sizes=block_sizes,
-      d_pad=pl.next_power_of_2(head_dim), x_pad=pl.next_power_of_2(row_dim))
+      d_pad=pl.next_power_of_2(head_dim), x_pad=pl.next_power_of_2(row_dim),
+      interpret=static.interpret)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_targets, row_dim, num_heads), values.dtype),
