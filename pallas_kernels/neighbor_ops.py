@@ -85,9 +85,10 @@ class BlockSizes:
       raise ValueError(f"BlockSizes.num_stages must be >= 1; got {self.num_stages}")
 
   @classmethod
-  def get_default(cls, row_dim: int, num_slots: int, num_heads: int) -> BlockSizes:
+  def get_default(cls, row_dim: int, num_slots: int, num_heads: int,
+                  max_block_h: int = _DEFAULT_BLOCK_H) -> BlockSizes:
     """A tiling for rows of ``row_dim`` (X) with ``num_slots`` (K) slots and ``num_heads`` heads."""
-    block_h = min(_DEFAULT_BLOCK_H, pl.next_power_of_2(num_heads))
+    block_h = min(max_block_h, pl.next_power_of_2(num_heads))
     block_k = _DEFAULT_TILE_ELEMENTS // (pl.next_power_of_2(row_dim) * block_h)
     block_k = max(1, min(block_k, pl.next_power_of_2(num_slots)))
     return cls(block_h=block_h, block_k=block_k)

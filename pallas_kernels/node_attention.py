@@ -53,6 +53,10 @@ from pallas_kernels.neighbor_ops import (
 )
 
 BackwardImpl = Literal["pallas", "xla"]
+# Heads per forward program by default. At the paper sizes this gives [1, 64, 128] value tiles (one
+# slot per loop step): on an H200 at N = 100k, 16.3 ms in float32 and 13.3 ms in bf16 against
+# 17.3 / 17.2 ms for 32 heads x 4 slots (benchmarks/notes_attention.md, run 5).
+_FORWARD_MAX_BLOCK_H = 128
 _BACKWARD_IMPLS = ("pallas", "xla")
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -87,57 +91,37 @@ def attention_weights(dots, gate, post_weight, envelope, valid, *, scale: float,
 
 
 def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, out_ref, *,
-                    scale: float, sink: float, block_sizes: BlockSizes, d_pad: int, x_pad: int,
-                    interpret: bool):
-  """One program: block_n targets in turn, a block of heads; a two-pass softmax over slot blocks.
-
-  Pass 1 gathers the key rows and finds the softmax maximum and denominator; pass 2 gathers them
-  again (the key rows are an eighth of the value bytes) with the value rows and accumulates with
-  the final weights, so the [X, block_h] accumulator is never rescaled: with one slot per step
-  that is one fused multiply-add per gathered element.
-  """
+                    scale: float, sink: float, block_sizes: BlockSizes, d_pad: int, x_pad: int):
+  """One program: block_n targets in turn, a block of heads; online softmax over slot blocks."""
   num_targets, num_slots, num_heads = gate_ref.shape
   block_h, block_k = block_sizes.block_h, block_sizes.block_k
-  num_steps = pl.cdiv(num_slots, block_k)
   heads, head_mask = _tiles.head_block(block_h, num_heads)
 
   def target(n):
     q = _tiles.load_row(q_ref, n, heads, head_mask, d_pad)  # [DP, BH]
 
-    def logits(i):
+    def step(i, carry):
+      m, l, acc = carry  # [BH], [BH], [XP, BH]
       k, _, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
       keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
+      dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
       gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)  # [BK, BH]
-      logit = jnp.where(valid[:, None], gate * scale * jnp.sum(keys * q[None], axis=1),
-                        _tiles.NEG_INF)  # [BK, BH]
+      logits = jnp.where(valid[:, None], gate * scale * dots, _tiles.NEG_INF)
+      m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [BH]
       envelope = _tiles.load_vector(env_ref, n, k, valid)  # [BK]
-      return k, sources, valid, logit, envelope
-
-    def normaliser(i, carry):  # running max (>= 0) and envelope-weighted sum of exp, [BH] each
-      m, l = carry
-      _, _, _, logit, envelope = logits(i)
-      m_new = jnp.maximum(m, jnp.max(logit, axis=0))
-      p = jnp.exp(logit - m_new[None]) * envelope[:, None]  # [BK, BH]
-      return m_new, l * jnp.exp(m - m_new) + jnp.sum(p, axis=0)
-
-    zeros = jnp.zeros((block_h,), jnp.float32)
-    m, l = _tiles.slot_loop(num_steps, normaliser, (zeros, zeros), block_sizes.unroll)
-    denom = l + sink * jnp.exp(-m)  # [BH]
-    inv_denom = 1.0 / jnp.where(denom > 0, denom, 1.0)
-
-    def aggregate(i, acc):  # acc [XP, BH] += sum over the step's slots of weight * value row
-      k, sources, valid, logit, envelope = logits(i)
-      weights = (jnp.exp(logit - m[None]) * (envelope[:, None] * inv_denom[None])
-                 * _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask))  # [BK, BH]
+      p = jnp.exp(logits - m_new[None]) * envelope[:, None]  # [BK, BH]
+      rescale = jnp.exp(m - m_new)  # [BH]
+      weights = p * _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)  # [BK, BH]
       vals = _tiles.load_rows(v_ref, sources, valid, heads, head_mask, x_pad)  # [BK, XP, BH]
-      if block_k == 1:
-        shape = (x_pad, block_h)
-        return _tiles.fma(jnp.broadcast_to(weights, shape), vals.reshape(shape), acc, interpret)
-      return acc + jnp.sum(weights[:, None, :] * vals, axis=0)
+      acc = acc * rescale[None] + jnp.sum(weights[:, None, :] * vals, axis=0)
+      return m_new, l * rescale + jnp.sum(p, axis=0), acc
 
-    acc = _tiles.slot_loop(num_steps, aggregate, jnp.zeros((x_pad, block_h), jnp.float32),
-                           block_sizes.unroll)
-    _tiles.store_row(out_ref, n, heads, head_mask, acc)
+    init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),
+            jnp.zeros((x_pad, block_h), jnp.float32))
+    m, l, acc = _tiles.slot_loop(pl.cdiv(num_slots, block_k), step, init, block_sizes.unroll)
+    denom = l + sink * jnp.exp(-m)  # [BH]
+    denom = jnp.where(denom > 0, denom, 1.0)
+    _tiles.store_row(out_ref, n, heads, head_mask, acc / denom[None])
 
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
@@ -145,7 +129,8 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, o
 def _forward_block_sizes(static: _AttentionStatic, values: jax.Array, num_slots: int) -> BlockSizes:
   if static.block_sizes is not None:
     return static.block_sizes
-  return BlockSizes.get_default(values.shape[1], num_slots, values.shape[2])
+  return BlockSizes.get_default(values.shape[1], num_slots, values.shape[2],
+                                max_block_h=_FORWARD_MAX_BLOCK_H)
 
 
 def _forward_call(static: _AttentionStatic, q, k, gate, post_weight, envelope, values,
@@ -155,8 +140,7 @@ def _forward_call(static: _AttentionStatic, q, k, gate, post_weight, envelope, v
   block_sizes = _forward_block_sizes(static, values, gate.shape[1])
   kernel = functools.partial(
       _forward_kernel, scale=static.scale, sink=static.sink, block_sizes=block_sizes,
-      d_pad=pl.next_power_of_2(head_dim), x_pad=pl.next_power_of_2(row_dim),
-      interpret=static.interpret)
+      d_pad=pl.next_power_of_2(head_dim), x_pad=pl.next_power_of_2(row_dim))
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_targets, row_dim, num_heads), values.dtype),
