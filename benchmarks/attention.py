@@ -391,7 +391,7 @@ def tune_forward(report: dict, num_atoms: int, deadline: float, candidates: list
   return min(timed)[1] if timed else None
 
 
-def tune_backward(report: dict, num_atoms: int, deadline: float) -> None:
+def tune_backward(report: dict, num_atoms: int, deadline: float, candidates: list[tuple]) -> None:
   """Times tilings of the backward's primitives on value rows (X = 58) and key rows (D = 8)."""
   inputs = make_inputs(num_atoms, jnp.float32)
   w = inputs["gate"]
@@ -406,7 +406,7 @@ def tune_backward(report: dict, num_atoms: int, deadline: float) -> None:
                                                          block_sizes=bs, interpret=INTERPRET),
     }
     for op_name, op in ops.items():
-      for cand in PRIMITIVE_CANDIDATES:
+      for cand in candidates:
         if time.time() > deadline:
           return
         entry = {"op": op_name, "rows": row_name, "blocks": cand}
@@ -542,7 +542,8 @@ def main() -> None:
   parser.add_argument("--validate-size", type=int, default=4096)
   parser.add_argument("--blocks", default="", help="forward tiling h,k,n,warps,stages for bench")
   parser.add_argument("--candidates", default="",
-                      help="tilings for tune_fwd, 'h,k,n,warps,stages[,unroll];...' (default: built in)")
+                      help="tilings for tune_fwd/tune_bwd, 'h,k,n,warps,stages[,unroll];...' "
+                      "(default: each phase's built-in list)")
   parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of all phases")
   parser.add_argument("--pytest-timeout-s", type=int, default=150)
   parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
@@ -598,7 +599,8 @@ def main() -> None:
       elif phase == "pytest":
         run_pytest(report, min(args.pytest_timeout_s, int(deadline - time.time())))
       elif phase == "tune_bwd":
-        tune_backward(report, largest, deadline)
+        tune_backward(report, largest, deadline,
+                      candidates if args.candidates else PRIMITIVE_CANDIDATES)
       elif phase == "profile":
         inputs = make_inputs(largest, jnp.dtype(args.dtypes.split(",")[0]))
         fn = make_fn("pallas", _blocks(blocks) if blocks else None, False)
