@@ -52,13 +52,14 @@ _DEFAULT_TILE_ELEMENTS = 8192
 _DEFAULT_BLOCK_H = 32
 _DEFAULT_NUM_WARPS = 4
 _DEFAULT_NUM_STAGES = 2
-# Rows of at most this many (padded) elements, such as the D = 8 keys, take up to this many heads
-# per program, one slot per step: on an H100 at N = 100k (K = 32, H = 128) that cut key-row
-# edge_dot from 3.7 to 2.8 ms, gather_sum from 2.8 to 1.9 ms and scatter_sum from 3.5 to 2.3 ms
-# against 32 heads x 4 slots, while for the 58 value rows 32 x 4 stayed the fastest
+# Rows of at most _SHORT_ROW_PAD (padded) elements, such as the D = 8 keys, take up to
+# _SHORT_ROW_BLOCK_H heads and _SHORT_ROW_BLOCK_K slots per step: on an H100 at N = 100k (K = 32,
+# H = 128) key-row edge_dot, gather_sum and scatter_sum took 2.5, 1.8 and 2.2 ms against 3.7, 2.8
+# and 3.5 ms with 32 heads x 4 slots, while for the 58 value rows 32 x 4 stayed the fastest
 # (benchmarks/notes_attention.md, run 6).
 _SHORT_ROW_PAD = 8
 _SHORT_ROW_BLOCK_H = 128
+_SHORT_ROW_BLOCK_K = 4
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,7 +98,8 @@ class BlockSizes:
     """A tiling for rows of ``row_dim`` (X) with ``num_slots`` (K) slots and ``num_heads`` heads."""
     row_pad = pl.next_power_of_2(row_dim)
     if row_pad <= _SHORT_ROW_PAD:
-      return cls(block_h=min(_SHORT_ROW_BLOCK_H, pl.next_power_of_2(num_heads)), block_k=1)
+      return cls(block_h=min(_SHORT_ROW_BLOCK_H, pl.next_power_of_2(num_heads)),
+                 block_k=min(_SHORT_ROW_BLOCK_K, pl.next_power_of_2(num_slots)))
     block_h = min(max_block_h, pl.next_power_of_2(num_heads))
     block_k = _DEFAULT_TILE_ELEMENTS // (row_pad * block_h)
     block_k = max(1, min(block_k, pl.next_power_of_2(num_slots)))
