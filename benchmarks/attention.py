@@ -17,8 +17,9 @@ Phases (``--phases``, comma separated, run in the given order while the time bud
   runs in a fresh subprocess so that peak memory is per configuration; out-of-memory is recorded.
 * ``pytest``: the compiled (GPU) variants of tests/pallas_kernels/test_node_attention.py.
 * ``tune_bwd``: a sweep of the backward primitives' tilings at the largest size.
-* ``profile``: one forward call at the largest size (``--blocks`` or the default tiling), compiled
-  and run once, for a profiler wrapped around this script (``benchmarks/profile_attention.sh``).
+* ``profile``: one forward and one forward+backward call at the largest size (``--blocks`` or the
+  default tiling), each compiled and run once, for a profiler wrapped around this script
+  (``benchmarks/profile_attention.sh``).
 
 Writes JSON to ``--out`` and appends one line to ``--results-md``.
 
@@ -350,13 +351,11 @@ def run_pytest(report: dict, timeout_s: int) -> None:
 
 
 FORWARD_CANDIDATES = [
-    # (block_h, block_k, block_n, num_warps, num_stages, unroll). H100 runs 1-2 (notes): block_n > 1
-    # is slower, and among looped variants (32, 4, 1, 4, 2) is best (~18 ms at N = 100k) and bf16
-    # is no faster, i.e. the loop is latency-bound. Run 4 (notes): unrolling the slot loop is slower
-    # still (19.4-34.8 ms); the list stays so the next card or Triton version can be checked.
-    (32, 4, 1, 4, 2, 0), (32, 4, 1, 4, 2, 1), (32, 8, 1, 4, 2, 1), (32, 2, 1, 4, 2, 1),
-    (32, 4, 1, 8, 2, 1), (64, 4, 1, 8, 2, 1), (128, 1, 1, 4, 2, 1), (16, 8, 1, 4, 2, 1),
-    (32, 4, 1, 4, 1, 1),
+    # (block_h, block_k, block_n, num_warps, num_stages, unroll). Notes, runs 1-6: block_n > 1 and
+    # unrolling are slower; 128 heads x 1 slot (the default) and 32 x 4 tie in float32 (~17.6 ms at
+    # N = 100k on an H100) and 128 x 1 or 64 x 2 are fastest in bf16 (~13.3 ms against 17.7).
+    (128, 1, 1, 4, 2, 0), (32, 4, 1, 4, 2, 0), (64, 2, 1, 4, 2, 0), (128, 1, 1, 4, 3, 0),
+    (32, 4, 1, 4, 2, 1), (16, 8, 1, 4, 2, 0), (128, 1, 1, 8, 2, 0),
 ]
 # One (size, implementation) subprocess may not take longer than this.
 _WORKER_TIMEOUT_S = 90
@@ -603,8 +602,9 @@ def main() -> None:
                       candidates if args.candidates else PRIMITIVE_CANDIDATES)
       elif phase == "profile":
         inputs = make_inputs(largest, jnp.dtype(args.dtypes.split(",")[0]))
-        fn = make_fn("pallas", _blocks(blocks) if blocks else None, False)
-        jax.block_until_ready(fn(*args_for("pallas", inputs)))
+        for with_grad in (False, True):
+          fn = make_fn("pallas", _blocks(blocks) if blocks else None, with_grad)
+          jax.block_until_ready(fn(*args_for("pallas", inputs)))
       else:
         raise ValueError(f"unknown phase {phase!r}")
     except Exception:
