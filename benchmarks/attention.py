@@ -337,10 +337,10 @@ def run_pytest(report: dict, timeout_s: int) -> None:
   except ImportError:
     report["pytest"] = "pytest not installed"
     return
-  # The compiled (GPU) variants of the node_attention tests: ragged sizes, duplicates, empty rows,
-  # second order and bf16 through every kernel, forward and backward.
-  cmd = [sys.executable, "-m", "pytest", "tests/pallas_kernels/test_node_attention.py", "-q",
-         "-k", "TestNodeAttention and not Interpret", "-p", "no:cacheprovider"]
+  # The compiled (GPU) variants of the kernel tests: ragged sizes, duplicates, empty rows, second
+  # order and bf16 through every kernel, forward and backward.
+  cmd = [sys.executable, "-m", "pytest", "tests/pallas_kernels", "-q", "-k", "not Interpret",
+         "-p", "no:cacheprovider"]
   try:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]

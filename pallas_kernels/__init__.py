@@ -6,6 +6,8 @@ Public ops (each with a pure-jnp ``*_reference`` of the same signature):
 * ``edge_dot``, ``gather_sum``, ``scatter_sum``: the neighbour gather-reduce primitives its
   backward is built from; closed under differentiation, so reverse-mode derivatives of any order
   stay in Pallas kernels with linear memory.
+* ``attention_weights_vjp``: the softmax weights and their VJP fused in one kernel (the rest of
+  that backward); ``attention_weights`` is the plain jnp definition of the weights.
 """
 
 from pallas_kernels.neighbor_ops import BlockSizes
@@ -15,13 +17,17 @@ from pallas_kernels.neighbor_ops import gather_sum
 from pallas_kernels.neighbor_ops import gather_sum_reference
 from pallas_kernels.neighbor_ops import scatter_sum
 from pallas_kernels.neighbor_ops import scatter_sum_reference
-from pallas_kernels.node_attention import attention_weights
+from pallas_kernels.attention_weights import attention_weights
+from pallas_kernels.attention_weights import attention_weights_vjp
+from pallas_kernels.attention_weights import attention_weights_vjp_reference
 from pallas_kernels.node_attention import node_attention
 from pallas_kernels.node_attention import node_attention_reference
 
 __all__ = [
     "BlockSizes",
     "attention_weights",
+    "attention_weights_vjp",
+    "attention_weights_vjp_reference",
     "edge_dot",
     "edge_dot_reference",
     "gather_sum",

@@ -17,10 +17,11 @@ blocks of slots, with the running maximum initialised at 0, so that a target wit
 gives exactly 0. It gathers key rows [D, H] and value rows [X, H] straight from the node arrays and
 never materialises per-edge tensors.
 
-The backward recomputes the [N, K, H] logits with ``edge_dot``, runs the softmax backward
-elementwise in jnp, and forms every input cotangent with the three gather primitives of
-``neighbor_ops`` (whose own derivatives are those primitives again), so the backward is itself
-differentiable (force training) and memory stays linear: the largest per-edge arrays are [N, K, H].
+The backward recomputes the [N, K, H] logits with ``edge_dot``, runs the softmax backward in one
+fused kernel (``attention_weights_vjp``), and forms every input cotangent with the three gather
+primitives of ``neighbor_ops`` (whose own derivatives are those primitives again), so the backward
+is itself differentiable (force training) and memory stays linear: the largest per-edge arrays are
+[N, K, H].
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _tiles
+from pallas_kernels.attention_weights import attention_weights, attention_weights_vjp
 from pallas_kernels._neighbors import (
     Neighbors,
     check_neighbor_list,
@@ -68,23 +70,6 @@ class _AttentionStatic:
   block_sizes: BlockSizes | None  # forward kernel tiling; None = default for the value rows
   interpret: bool
   backward_impl: BackwardImpl
-
-
-def attention_weights(dots, gate, post_weight, envelope, valid, *, scale: float, sink: float):
-  """alpha * post_weight from the raw q.k products (>= float32): all [N, K, H] but envelope [N, K].
-
-  Shared by the reference and by the kernel's backward (which differentiates it with jax.vjp).
-  Invalid slots give exactly 0 and receive exactly 0 cotangent.
-  """
-  valid_h = valid[..., None]  # [N, K, 1]
-  logits = jnp.where(valid_h, upcast(gate) * scale * dots, 0)  # [N, K, H]
-  shift = lax.stop_gradient(jnp.max(logits, axis=1, where=valid_h, initial=0.0))  # [N, H]
-  e = jnp.where(valid_h, jnp.exp(logits - shift[:, None]), 0)
-  e = e * upcast(envelope)[..., None]  # [N, K, H]
-  denom = jnp.sum(e, axis=1) + sink * jnp.exp(-shift)  # [N, H]
-  # Only sink == 0 with no valid slot gives 0 here; the numerator is then 0 as well.
-  denom = jnp.where(denom > 0, denom, 1.0)
-  return e / denom[:, None] * upcast(post_weight)  # [N, K, H]
 
 
 # ----------------------------------------------------------------------------------- forward
@@ -182,13 +167,11 @@ def _node_attention_bwd(static: _AttentionStatic, residuals, g):
   rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1])
 
   dots = edge_dot_prepared(qk_f32, q, k, nbrs)  # [N, K, H]
-  valid = nbrs.slots >= 0
-  weights, weights_vjp = jax.vjp(
-      functools.partial(attention_weights, valid=valid, scale=static.scale, sink=static.sink),
-      dots, gate, post_weight, envelope)  # [N, K, H]
   d_weights = edge_dot_prepared(rows_f32, g, values, nbrs)  # [N, K, H]
+  weights, d_dots, d_gate, d_post_weight, d_envelope = attention_weights_vjp(
+      dots, gate, post_weight, envelope, nbrs.slots >= 0, d_weights, scale=static.scale,
+      sink=static.sink, interpret=static.interpret)  # [N, K, H] but d_envelope [N, K]
   d_values = scatter_sum_prepared(rows_f32.with_dtype(values.dtype), weights, g, nbrs)
-  d_dots, d_gate, d_post_weight, d_envelope = weights_vjp(d_weights)
   d_q = gather_sum_prepared(qk_f32.with_dtype(q.dtype), d_dots, k, nbrs)  # [N, D, H]
   d_k = scatter_sum_prepared(qk_f32.with_dtype(k.dtype), d_dots, q, nbrs)  # [M, D, H]
   return (d_q, d_k, d_gate.astype(gate.dtype), d_post_weight.astype(post_weight.dtype),

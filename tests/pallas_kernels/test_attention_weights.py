@@ -1,0 +1,94 @@
+"""The fused attention_weights_vjp kernel against jax.vjp of the jnp attention weights."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+F32_RTOL = 2e-5
+SECOND_ORDER_RTOL = 1e-4
+SCALE = 0.35
+SINK = 1e-3
+# More heads than one 32-head program holds, the second block partial: d_envelope is summed over
+# head blocks.
+MANY_HEADS = 40
+NUM_DIFF_INPUTS = 5  # dots, gate, post_weight, envelope, d_weights
+
+
+def _inputs(kt, rng, neighbors, num_heads, dtype=jnp.float32, logit_scale=1.0):
+  """dots, gate, post_weight, envelope, valid, d_weights on the ragged neighbour case."""
+  n, k = kt.N, kt.K
+  envelope = jnp.asarray(rng.uniform(0.05, 1.0, (n, k)).astype(np.float32))
+  if logit_scale == 1.0:
+    # An edge exactly at the cutoff. Not with large logits: if it held the largest logit, the
+    # denominator would underflow and the reference's VJP itself turn NaN (1 / denom**2).
+    envelope = envelope.at[3, 0].set(0.0)
+  return (logit_scale * kt.normal(rng, n, k, num_heads), kt.normal(rng, n, k, num_heads, dtype=dtype),
+          kt.normal(rng, n, k, num_heads, dtype=dtype), envelope.astype(dtype),
+          jnp.asarray(neighbors.valid), kt.normal(rng, n, k, num_heads))
+
+
+class TestAttentionWeightsVjp:
+  INTERPRET = False
+
+  @pytest.fixture(autouse=True)
+  def _backend(self):
+    if not self.INTERPRET and not HAS_GPU:
+      pytest.skip("compiled Triton kernels need a GPU; the *Interpret class runs them on CPU")
+
+  def _ops(self):
+    opts = dict(scale=SCALE, sink=SINK)
+    return (functools.partial(pk.attention_weights_vjp, interpret=self.INTERPRET, **opts),
+            functools.partial(pk.attention_weights_vjp_reference, **opts))
+
+  @pytest.mark.parametrize("num_heads", [6, MANY_HEADS])
+  @pytest.mark.parametrize("logit_scale", [1.0, 300.0], ids=["unit", "large-logits"])
+  def test_matches_reference(self, kt, rng, neighbors, num_heads, logit_scale):
+    inputs = _inputs(kt, rng, neighbors, num_heads, logit_scale=logit_scale)
+    kernel, reference = self._ops()
+    kt.assert_close(kernel(*inputs), reference(*inputs), F32_RTOL, "weights and cotangents")
+
+  def test_invalid_slots_are_exactly_zero(self, kt, rng, neighbors):
+    inputs = _inputs(kt, rng, neighbors, kt.H)
+    kernel, _ = self._ops()
+    invalid = ~neighbors.valid
+    for name, out in zip(("weights", "d_dots", "d_gate", "d_post_weight", "d_envelope"),
+                         kernel(*inputs)):
+      assert np.all(np.asarray(out)[invalid] == 0), name
+
+  def test_bf16_inputs(self, kt, rng, neighbors):
+    """Gate, post_weight and envelope in bf16 (the model's mixed precision), float32 out."""
+    inputs = _inputs(kt, rng, neighbors, kt.H, dtype=jnp.bfloat16)
+    kernel, reference = self._ops()
+    outputs = kernel(*inputs)
+    assert all(x.dtype == jnp.float32 for x in outputs)
+    # The kernel computes in float32 from the bf16 values: the reference on the same values upcast.
+    upcast = [x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in inputs]
+    kt.assert_close(outputs, reference(*upcast), F32_RTOL, "bf16 inputs")
+
+  def test_second_order_matches_reference(self, kt, rng, neighbors):
+    """Force training differentiates the backward: grads of <r, outputs> over every input."""
+    inputs = _inputs(kt, rng, neighbors, MANY_HEADS)
+    kernel, reference = self._ops()
+    valid = inputs[4]
+    directions = [kt.normal(rng, *x.shape) for x in reference(*inputs)]
+
+    def contracted(fn):
+      def loss(dots, gate, post_weight, envelope, d_weights):
+        outs = fn(dots, gate, post_weight, envelope, valid, d_weights)
+        return sum(jnp.sum(r * jnp.tanh(o)) for r, o in zip(directions, outs))
+      diff_inputs = (*inputs[:4], inputs[5])
+      return jax.grad(loss, argnums=range(NUM_DIFF_INPUTS))(*diff_inputs)
+
+    kt.assert_close(contracted(kernel), contracted(reference), SECOND_ORDER_RTOL, "second order")
+
+
+class TestAttentionWeightsVjpInterpret(TestAttentionWeightsVjp):
+  INTERPRET = True
