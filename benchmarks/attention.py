@@ -43,6 +43,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# The parent process only validates at small sizes; without this it would hold XLA's default 75 %
+# of the GPU memory and starve the bench and pytest subprocesses (seen: out of memory at 100k).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
