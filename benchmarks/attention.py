@@ -15,7 +15,7 @@ Phases (``--phases``, comma separated, run in the given order while the time bud
   that materialises the per-edge messages [T(v_j, r_ij); v_j], and the node-centric pipeline that
   replaces (b) with node-level tensor products around the kernel. Every (size, implementation)
   runs in a fresh subprocess so that peak memory is per configuration; out-of-memory is recorded.
-* ``pytest``: the compiled (GPU) variants of tests/pallas_kernels/test_node_attention.py.
+* ``pytest``: the compiled (GPU) variants of every test in tests/pallas_kernels.
 * ``tune_bwd``: a sweep of the backward primitives' tilings at the largest size.
 * ``profile``: one forward and one forward+backward call at the largest size (``--blocks`` or the
   default tiling), each compiled and run once, for a profiler wrapped around this script

@@ -11,9 +11,10 @@ are invariant to it). It is plain jnp: the reference attention and the model use
 
 ``attention_weights_vjp`` is what node_attention's backward needs from it: the weights and the
 cotangents of (dots, gate, post_weight, envelope) for a cotangent of the weights. Under XLA the
-jax.vjp of the jnp function takes ~8 passes over [N, K, H] arrays (13 ms at N = 100k, H = 128 on
-an H100, 30 % of the backward); the kernel does it in one program per (target, block of heads)
-that holds all K slots: 5 arrays read, 4 written. In closed form, with alpha = W / post_weight:
+jax.vjp of the jnp function took eight fusions over [N, K, H] arrays (13.3 ms at N = 100k,
+H = 128 on an H100, 30 % of the attention backward); the kernel does it in one program per
+(target, block of heads) that holds all K slots, 5 arrays read and 4 written (5.0 ms;
+benchmarks/notes_attention.md, run 7). In closed form, with alpha = W / post_weight:
 
   d post_weight = dW * alpha
   d e           = (dW * post_weight - sum_k alpha dW post_weight) / denominator
@@ -62,10 +63,7 @@ def attention_weights(dots, gate, post_weight, envelope, valid, *, scale: float,
 
 def attention_weights_vjp_reference(dots, gate, post_weight, envelope, valid, d_weights, *,
                                     scale: float, sink: float, interpret: bool = False):
-  """(weights, d_dots, d_gate, d_post_weight, d_envelope) by jax.vjp of ``attention_weights``.
-
-  As jax.vjp does, returns each cotangent in its primal's dtype (the kernel: all float32).
-  """
+  """(weights, d_dots, d_gate, d_post_weight, d_envelope) by jax.vjp of ``attention_weights``."""
   del interpret
   weights, vjp = jax.vjp(
       functools.partial(attention_weights, valid=valid, scale=scale, sink=sink),
@@ -127,19 +125,23 @@ def _vjp_call(static: _Static, dots, gate, post_weight, envelope, valid, d_weigh
   num_targets, num_slots, num_heads = dots.shape
   block_h = min(_BLOCK_H, pl.next_power_of_2(num_heads))
   num_head_blocks = pl.cdiv(num_heads, block_h)
-  edge = jax.ShapeDtypeStruct((num_targets, num_slots, num_heads), jnp.float32)
+  def edge(dtype):
+    return jax.ShapeDtypeStruct((num_targets, num_slots, num_heads), dtype)
+
   kernel = functools.partial(_vjp_kernel, scale=static.scale, sink=static.sink, block_h=block_h,
                              k_pad=pl.next_power_of_2(num_slots))
+  # Cotangents in their primal's dtype, as jax.vjp gives them; the weights and d_dots, which feed
+  # float32 kernels next, in float32.
   weights, d_dots, d_gate, d_post_weight, d_env = pl.pallas_call(
       kernel,
-      out_shape=(edge, edge, edge, edge,
+      out_shape=(edge(jnp.float32), edge(dots.dtype), edge(gate.dtype), edge(post_weight.dtype),
                  jax.ShapeDtypeStruct((num_targets, num_slots, num_head_blocks), jnp.float32)),
       grid=(num_targets, num_head_blocks),
       compiler_params=plt.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
       interpret=static.interpret,
       name="attention_weights_vjp",
   )(valid.astype(jnp.int32), dots, gate, post_weight, envelope, d_weights)
-  return weights, d_dots, d_gate, d_post_weight, jnp.sum(d_env, axis=-1)
+  return weights, d_dots, d_gate, d_post_weight, jnp.sum(d_env, axis=-1).astype(envelope.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -178,8 +180,9 @@ def attention_weights_vjp(dots, gate, post_weight, envelope, valid, d_weights, *
     interpret: run the kernel in the Pallas interpreter (CPU testing).
 
   Returns:
-    (weights, d_dots, d_gate, d_post_weight, d_envelope), float32, shaped like
-    (dots, dots, gate, post_weight, envelope). Differentiable (through the reference's VJP).
+    (weights, d_dots, d_gate, d_post_weight, d_envelope) shaped like (dots, dots, gate,
+    post_weight, envelope); the weights in float32 (>= dots' dtype for the reference), each
+    cotangent in its primal's dtype. Differentiable (through the reference's VJP).
   """
   static = _Static(float(scale), float(sink), bool(interpret))
   return _attention_weights_vjp(static, dots, gate, post_weight, envelope, valid, d_weights)

@@ -56,8 +56,8 @@ from pallas_kernels.neighbor_ops import (
 
 BackwardImpl = Literal["pallas", "xla"]
 # Heads per forward program by default. At the paper sizes this gives [1, 64, 128] value tiles (one
-# slot per loop step): on an H200 at N = 100k, 16.3 ms in float32 and 13.3 ms in bf16 against
-# 17.3 / 17.2 ms for 32 heads x 4 slots (benchmarks/notes_attention.md, run 5).
+# slot per loop step): on an H100 at N = 100k, 17.6 ms in float32 and 13.4 ms in bf16 against
+# 17.8 / 17.7 ms for 32 heads x 4 slots (benchmarks/notes_attention.md, runs 5-6).
 _FORWARD_MAX_BLOCK_H = 128
 _BACKWARD_IMPLS = ("pallas", "xla")
 _HIGHEST = lax.Precision.HIGHEST
