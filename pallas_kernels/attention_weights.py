@@ -125,6 +125,7 @@ def _vjp_call(static: _Static, dots, gate, post_weight, envelope, valid, d_weigh
   num_targets, num_slots, num_heads = dots.shape
   block_h = min(_BLOCK_H, pl.next_power_of_2(num_heads))
   num_head_blocks = pl.cdiv(num_heads, block_h)
+
   def edge(dtype):
     return jax.ShapeDtypeStruct((num_targets, num_slots, num_heads), dtype)
 
@@ -183,6 +184,17 @@ def attention_weights_vjp(dots, gate, post_weight, envelope, valid, d_weights, *
     (weights, d_dots, d_gate, d_post_weight, d_envelope) shaped like (dots, dots, gate,
     post_weight, envelope); the weights in float32 (>= dots' dtype for the reference), each
     cotangent in its primal's dtype. Differentiable (through the reference's VJP).
+
+  Raises:
+    ValueError: on shapes that do not match dots [N, K, H].
   """
+  if dots.ndim != 3:
+    raise ValueError(f"dots must be [N, K, H]; got {dots.shape=}")
+  named = dict(gate=gate, post_weight=post_weight, d_weights=d_weights, envelope=envelope,
+               valid=valid)
+  for name, x in named.items():
+    expected = dots.shape[:2] if name in ("envelope", "valid") else dots.shape
+    if x.shape != expected:
+      raise ValueError(f"{name} must be {expected} for dots {dots.shape}; got {x.shape}")
   static = _Static(float(scale), float(sink), bool(interpret))
   return _attention_weights_vjp(static, dots, gate, post_weight, envelope, valid, d_weights)

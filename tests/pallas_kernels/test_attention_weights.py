@@ -91,5 +91,12 @@ class TestAttentionWeightsVjp:
     kt.assert_close(contracted(kernel), contracted(reference), SECOND_ORDER_RTOL, "second order")
 
 
+def test_rejects_mismatched_shapes(kt, rng, neighbors):
+  dots, gate, post_weight, envelope, valid, d_weights = _inputs(kt, rng, neighbors, kt.H)
+  with pytest.raises(ValueError, match="envelope must be"):
+    pk.attention_weights_vjp(dots, gate, post_weight, envelope[:, :-1], valid, d_weights,
+                             scale=SCALE, sink=SINK, interpret=True)
+
+
 class TestAttentionWeightsVjpInterpret(TestAttentionWeightsVjp):
   INTERPRET = True
