@@ -4,6 +4,7 @@
 #   STEPS="train attention torch md" bash benchmarks/run_h100.sh OUT_DIR
 #   STEPS="torch_large md_large" bash benchmarks/run_h100.sh OUT_DIR    # the rematerialised large systems
 #   STEPS="memory" bash benchmarks/run_h100.sh OUT_DIR    # XLA memory plans, peaks, times of the JAX MD forces
+#   STEPS="attention attention_large attention_profile" bash benchmarks/run_h100.sh OUT_DIR    # the kernel
 # Expects: the carried wheels in .whl/ (packages missing on the GPU image: jraph, ase, ase-db-backends,
 # lmdb, jax-md and its pure-Python needs, e3nn-jax; flax/orbax at our pins), and the SPICE sample in
 # .gpu_data/ (a copy of ../shared/data, never committed). Each step has its own wall-clock limit so that
@@ -28,8 +29,15 @@ for step in $STEPS; do case "$step" in
            --data .gpu_data/spice_n2.hdf5 --workdir /tmp/run_paper --overwrite --no-final-eval \
            --set model.attention_impl=pallas train.steps="${TRAIN_STEPS:-150}" train.eval_every=1000000 \
            && cp /tmp/run_paper/*.jsonl /tmp/run_paper/*.png "$OUT_DIR/results/" 2>/dev/null ;;
-  attention) run attention "${ATTN_LIMIT:-110}" python3 benchmarks/attention.py --phases tune_fwd \
-           --sizes 100000 --budget-s 100 --commit "$commit" --out "$OUT_DIR/results/attention_unroll.json" ;;
+  attention) run attention "${ATTN_LIMIT:-330}" python3 benchmarks/attention.py \
+           --phases validate,bench,pytest --sizes 1000,10000 --budget-s 320 --commit "$commit" \
+           --out "$OUT_DIR/results/attention.json" ;;
+  attention_large) run attention_large "${ATTN_LARGE_LIMIT:-150}" python3 benchmarks/attention.py \
+           --phases bench --sizes 100000 --impls pallas,pipeline --dtypes float32,bfloat16 \
+           --budget-s 140 --commit "$commit" --out "$OUT_DIR/results/attention_100k.json" ;;
+  attention_profile) run attention_profile "${ATTN_PROFILE_LIMIT:-240}" \
+           bash benchmarks/profile_attention.sh "$OUT_DIR/results/attention_profile" 100000 \
+           && rm -f "$OUT_DIR/results/attention_profile/"*.ncu-rep ;;
   torch) run torch "${TORCH_LIMIT:-250}" python3 benchmarks/compare_torch.py --quick --budget-s 230 \
            --commit "$commit" --out "$OUT_DIR/results/compare_torch" ;;
   torch_large) run torch_large "${TORCH_LARGE_LIMIT:-280}" python3 benchmarks/compare_torch.py --quick \
