@@ -557,8 +557,7 @@ def main() -> None:
   global INTERPRET
   INTERPRET = args.interpret
   blocks = tuple(int(v) for v in args.blocks.split(",")) if args.blocks else None
-  candidates = ([tuple(int(v) for v in c.split(",")) for c in args.candidates.split(";")]
-                if args.candidates else FORWARD_CANDIDATES)
+  candidates = [tuple(int(v) for v in c.split(",")) for c in args.candidates.split(";") if c]
 
   if args.worker:
     num_atoms, impl, dtype_name = args.worker.split(",")
@@ -590,7 +589,8 @@ def main() -> None:
         validate(report, args.validate_size, blocks)
       elif phase == "tune_fwd":
         # The fastest tiling for the first dtype is the one bench uses.
-        best, *_ = [tune_forward(report, largest, deadline, candidates, dtype_name)
+        best, *_ = [tune_forward(report, largest, deadline, candidates or FORWARD_CANDIDATES,
+                                 dtype_name)
                     for dtype_name in args.dtypes.split(",")]
         report["tuned_forward_blocks"] = best
         blocks = blocks or best
@@ -601,8 +601,7 @@ def main() -> None:
       elif phase == "pytest":
         run_pytest(report, min(args.pytest_timeout_s, int(deadline - time.time())))
       elif phase == "tune_bwd":
-        tune_backward(report, largest, deadline,
-                      candidates if args.candidates else PRIMITIVE_CANDIDATES)
+        tune_backward(report, largest, deadline, candidates or PRIMITIVE_CANDIDATES)
       elif phase == "profile":
         inputs = make_inputs(largest, jnp.dtype(args.dtypes.split(",")[0]))
         for with_grad in (False, True):

@@ -12,13 +12,11 @@ N="${2:-100000}"
 BLOCKS="${3:-}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
+PROFILED=(python3 benchmarks/attention.py --phases profile --sizes "$N" ${BLOCKS:+--blocks "$BLOCKS"}
+          --out /tmp/attention_profile.json)
 ncu --set full --import-source no -k regex:"_forward_kernel|node_attention" --launch-count 1 -f \
-    -o "$OUT_DIR/attention_fwd" \
-    python3 benchmarks/attention.py --phases profile --sizes "$N" ${BLOCKS:+--blocks "$BLOCKS"} \
-    --out /tmp/attention_profile.json
+    -o "$OUT_DIR/attention_fwd" "${PROFILED[@]}"
 ncu -i "$OUT_DIR/attention_fwd.ncu-rep" --page details > "$OUT_DIR/details.txt"
 ncu -i "$OUT_DIR/attention_fwd.ncu-rep" --page source --print-source sass --csv > "$OUT_DIR/sass.csv"
 # Time of every kernel of one forward and one forward+backward call (the backward's breakdown).
-ncu --metrics gpu__time_duration.sum --csv \
-    python3 benchmarks/attention.py --phases profile --sizes "$N" ${BLOCKS:+--blocks "$BLOCKS"} \
-    --out /tmp/attention_profile.json > "$OUT_DIR/kernel_times.csv"
+ncu --metrics gpu__time_duration.sum --csv "${PROFILED[@]}" > "$OUT_DIR/kernel_times.csv"

@@ -112,13 +112,11 @@ def _vjp_kernel(valid_ref, dots_ref, gate_ref, pw_ref, env_ref, dw_ref,
   store(d_pw_ref, d_weights * alpha)
   store(d_dots_ref, d_logits * scale * gate)
   store(d_gate_ref, d_logits * scale * dots)
-  # This head block's share of d_envelope; the caller sums the blocks.
-  partial = jnp.sum(d_e * unit, axis=1)  # [KP]
-  indices = (jnp.full((k_pad,), n, jnp.int32), k, jnp.full((k_pad,), pl.program_id(1), jnp.int32))
-  if k_mask is None:
-    plt.store(d_env_ref.at[indices], partial)
-  else:
-    plt.store(d_env_ref.at[indices], partial, mask=k_mask)
+  # This head block's share of d_envelope, in column program_id(1) of [N, K, head blocks]; the
+  # caller sums the blocks.
+  partial = jnp.sum(d_e * unit, axis=1, keepdims=True)  # [KP, 1]
+  block = jnp.full((1,), pl.program_id(1), jnp.int32)
+  _tiles.store_slots(d_env_ref, n, k, k_mask, block, None, partial)
 
 
 def _vjp_call(static: _Static, dots, gate, post_weight, envelope, valid, d_weights):
