@@ -393,9 +393,10 @@ def tune_forward(report: dict, num_atoms: int, deadline: float, candidates: list
   return min(timed)[1] if timed else None
 
 
-def tune_backward(report: dict, num_atoms: int, deadline: float, candidates: list[tuple]) -> None:
+def tune_backward(report: dict, num_atoms: int, deadline: float, candidates: list[tuple],
+                  dtype_name: str = "float32") -> None:
   """Times tilings of the backward's primitives on value rows (X = 58) and key rows (D = 8)."""
-  inputs = make_inputs(num_atoms, jnp.float32)
+  inputs = make_inputs(num_atoms, jnp.dtype(dtype_name))
   w = inputs["gate"]
   nbr = (inputs["nbr_idx"], inputs["nbr_mask"])
   for row_name, rows in (("values", inputs["values"]), ("keys", inputs["k"])):
@@ -411,7 +412,7 @@ def tune_backward(report: dict, num_atoms: int, deadline: float, candidates: lis
       for cand in candidates:
         if time.time() > deadline:
           return
-        entry = {"op": op_name, "rows": row_name, "blocks": cand}
+        entry = {"op": op_name, "rows": row_name, "blocks": cand, "dtype": dtype_name}
         try:
           entry["ms"] = time_fn(lambda op=op, cand=cand: op(_blocks(cand)), (), samples=5) * 1e3
         except Exception as e:
@@ -601,7 +602,9 @@ def main() -> None:
       elif phase == "pytest":
         run_pytest(report, min(args.pytest_timeout_s, int(deadline - time.time())))
       elif phase == "tune_bwd":
-        tune_backward(report, largest, deadline, candidates or PRIMITIVE_CANDIDATES)
+        # bf16 halves the bytes per row, so its fastest tiling may differ from float32's.
+        for dtype_name in args.dtypes.split(","):
+          tune_backward(report, largest, deadline, candidates or PRIMITIVE_CANDIDATES, dtype_name)
       elif phase == "profile":
         inputs = make_inputs(largest, jnp.dtype(args.dtypes.split(",")[0]))
         for with_grad in (False, True):
