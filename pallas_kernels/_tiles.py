@@ -97,23 +97,28 @@ def head_block(block_h: int, num_heads: int) -> tuple[jax.Array, jax.Array | Non
 
 def row_tile_indices(
     rows: jax.Array, row_dim: int, row_pad: int, heads: jax.Array, head_mask: jax.Array | None,
-    row_mask: jax.Array | None,
+    row_mask: jax.Array | None, start: int = 0,
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array | None]:
-  """Indexers and mask of the tile ``ref[rows, :row_pad, heads]``: shape [B, row_pad, block_h]."""
+  """Indexers and mask of ``ref[rows, start:start + row_dim, heads]`` as a [B, row_pad, block_h] tile."""
   shape = (rows.shape[0], row_pad, heads.shape[0])
   x = iota(shape, 1)
   mask = _and(_bcast(row_mask, shape, (0,)), _bcast(head_mask, shape, (2,)))
   if row_dim < row_pad:
     mask = _and(mask, x < row_dim)
-  return (lax.broadcast_in_dim(rows, shape, (0,)), x, lax.broadcast_in_dim(heads, shape, (2,))), mask
+  indices = (lax.broadcast_in_dim(rows, shape, (0,)), x + start if start else x,
+             lax.broadcast_in_dim(heads, shape, (2,)))
+  return indices, mask
 
 
-def load_rows(ref, rows, row_mask, heads, head_mask, row_pad: int) -> jax.Array:
+def load_rows(ref, rows, row_mask, heads, head_mask, row_pad: int,
+              segment: tuple[int, int] | None = None) -> jax.Array:
   """Gathers ``ref[rows]`` ([R, X, H] -> float32 [B, row_pad, block_h]); zero on masked lanes.
 
+  ``segment = (start, length)`` gathers only ``ref[rows, start:start + length]`` (default: all X).
   Masked rows are never dereferenced, so ``rows`` may hold any in-range placeholder there.
   """
-  indices, mask = row_tile_indices(rows, ref.shape[1], row_pad, heads, head_mask, row_mask)
+  start, length = segment or (0, ref.shape[1])
+  indices, mask = row_tile_indices(rows, length, row_pad, heads, head_mask, row_mask, start)
   return _load(ref, indices, mask).astype(jnp.float32)
 
 
@@ -123,11 +128,14 @@ def load_row(ref, row, heads, head_mask, row_pad: int) -> jax.Array:
   return load_rows(ref, rows, None, heads, head_mask, row_pad).reshape(row_pad, heads.shape[0])
 
 
-def store_row(ref, row, heads, head_mask, value: jax.Array) -> None:
-  """``ref[row, :X, heads] = value[:X]`` for value [row_pad, block_h]."""
+def store_row(ref, row, heads, head_mask, value: jax.Array,
+              segment: tuple[int, int] | None = None) -> None:
+  """``ref[row, :X, heads] = value[:X]`` for value [row_pad, block_h] (or into ``segment``, as in
+  :func:`load_rows`)."""
   row_pad = value.shape[0]
   rows = jnp.full((1,), row, jnp.int32)
-  indices, mask = row_tile_indices(rows, ref.shape[1], row_pad, heads, head_mask, None)
+  start, length = segment or (0, ref.shape[1])
+  indices, mask = row_tile_indices(rows, length, row_pad, heads, head_mask, None, start)
   _store(ref, indices, value.reshape(1, *value.shape), mask)
 
 
@@ -161,9 +169,10 @@ def load_edges(ref, edges, edge_mask, heads, head_mask) -> jax.Array:
   return _load(ref, indices, mask).astype(jnp.float32)
 
 
-def load_vector(ref, row, cols, col_mask) -> jax.Array:
-  """``ref[row, cols]`` of a 2-d ref as float32 [B]; zero on masked lanes."""
-  indices = (jnp.full(cols.shape, row, jnp.int32), cols)
+def load_vector(ref, row, cols, col_mask, *trailing: int) -> jax.Array:
+  """``ref[row, cols, *trailing]`` (static trailing indices) as float32 [B]; zero on masked lanes."""
+  indices = (jnp.full(cols.shape, row, jnp.int32), cols,
+             *(jnp.full(cols.shape, t, jnp.int32) for t in trailing))
   return _load(ref, indices, col_mask).astype(jnp.float32)
 
 

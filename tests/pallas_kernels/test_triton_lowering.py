@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 import pallas_kernels as pk
+from e2former_jax import so3
 
 # Paper configuration (spec sections 6, 8): H = 128 heads of d = 8, 29 value rows x C/H = 2, K = 32.
 NUM_HEADS = 128
@@ -26,7 +27,8 @@ ROW_DIM = 58
 NUM_SLOTS = 32
 NUM_TARGETS = 96  # ragged for any block; the kernels' grid has one program per target row
 NUM_SOURCES = 80  # M != N
-NUM_INPUTS = 6
+GROUPS = 2  # C / H channel groups of message_attention's value rows
+COUPLING = so3.first_order_coupling(2)  # lmax = 2: S = 9 feature rows, R = 20 output rows
 TRITON_CALL = "__gpu$xla.gpu.triton"
 _TENSOR_TYPE = re.compile(r"tensor<((?:\d+x)+)[a-z]")
 
@@ -36,7 +38,7 @@ def _h100_mesh() -> AbstractMesh:
   return AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
 
 
-def _specs(dtype):
+def _node_specs(dtype):
   s = jax.ShapeDtypeStruct
   n, m, k, h = NUM_TARGETS, NUM_SOURCES, NUM_SLOTS, NUM_HEADS
   return (s((n, HEAD_DIM, h), dtype), s((m, HEAD_DIM, h), dtype), s((n, k, h), dtype),
@@ -44,25 +46,39 @@ def _specs(dtype):
           s((n, k), jnp.int32), s((n, k), jnp.bool_))
 
 
-def _forward(*args):
-  return pk.node_attention(*args, scale=HEAD_DIM ** -0.5)
+def _message_specs(dtype):
+  s = jax.ShapeDtypeStruct
+  n, m, k, h = NUM_TARGETS, NUM_SOURCES, NUM_SLOTS, NUM_HEADS
+  return (s((n, HEAD_DIM, h), dtype), s((m, HEAD_DIM, h), dtype), s((n, k, h), dtype),
+          s((n, k, h), dtype), s((n, k), dtype), s((n, k, 3), dtype),
+          s((m, COUPLING.shape[1] * GROUPS, h), dtype), s((n, k), jnp.int32), s((n, k), jnp.bool_))
 
 
-def _backward(*args):
-  inputs, nbr = args[:NUM_INPUTS], args[NUM_INPUTS:]
-  loss = lambda *xs: jnp.sum(_forward(*xs, *nbr).astype(jnp.float32) ** 2)
-  return jax.grad(loss, argnums=range(NUM_INPUTS))(*inputs)
+# op: (forward, number of differentiable inputs, input specs, per-edge [N, K, H] arrays the
+# backward may hold side by side: message_attention scatters its three moments in one call).
+OPS = {
+    "node": (lambda *a: pk.node_attention(*a, scale=HEAD_DIM ** -0.5), 6, _node_specs, 1),
+    "message": (lambda *a: pk.message_attention(*a, coupling=COUPLING, scale=HEAD_DIM ** -0.5),
+                7, _message_specs, 3),
+}
 
 
-def _double_backward(*args):
-  inputs, nbr = args[:NUM_INPUTS], args[NUM_INPUTS:]
-  loss = lambda *xs: sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in _backward(*xs, *nbr))
-  return jax.grad(loss, argnums=range(NUM_INPUTS))(*inputs)
+def _derivative(op: str, order: int):
+  forward, num_inputs, _, _ = OPS[op]
+  if order == 0:
+    return forward
+
+  def loss(*args):
+    inputs, nbr = args[:num_inputs], args[num_inputs:]
+    return sum(jnp.sum(y.astype(jnp.float32) ** 2) for y in jax.tree.leaves(
+        _derivative(op, order - 1)(*inputs, *nbr)))
+
+  return lambda *args: jax.grad(loss, argnums=range(num_inputs))(*args)
 
 
-def _lower(fn, dtype) -> str:
+def _lower(fn, specs) -> str:
   with use_abstract_mesh(_h100_mesh()):
-    return jax.jit(fn).trace(*_specs(dtype)).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def _largest_tensor(text: str) -> int:
@@ -71,13 +87,18 @@ def _largest_tensor(text: str) -> int:
 
 
 @pytest.mark.parametrize(
-    "fn, dtype, min_kernels",
-    [(_forward, jnp.float32, 1), (_backward, jnp.float32, 6), (_double_backward, jnp.float32, 12),
-     (_forward, jnp.bfloat16, 1), (_backward, jnp.bfloat16, 6)],
-    ids=["fwd-f32", "bwd-f32", "double-bwd-f32", "fwd-bf16", "bwd-bf16"])
-def test_lowers_for_h100_with_linear_memory(fn, dtype, min_kernels):
-  text = _lower(fn, dtype)
+    "op, order, dtype, min_kernels",
+    [("node", 0, jnp.float32, 1), ("node", 1, jnp.float32, 6), ("node", 2, jnp.float32, 12),
+     ("node", 0, jnp.bfloat16, 1), ("node", 1, jnp.bfloat16, 6),
+     ("message", 0, jnp.float32, 1), ("message", 1, jnp.float32, 8),
+     ("message", 2, jnp.float32, 16), ("message", 0, jnp.bfloat16, 1)],
+    ids=["fwd-f32", "bwd-f32", "double-bwd-f32", "fwd-bf16", "bwd-bf16", "message-fwd-f32",
+         "message-bwd-f32", "message-double-bwd-f32", "message-fwd-bf16"])
+def test_lowers_for_h100_with_linear_memory(op, order, dtype, min_kernels):
+  _, _, specs, edge_arrays = OPS[op]
+  text = _lower(_derivative(op, order), specs(dtype))
   assert text.count(TRITON_CALL) >= min_kernels
   # Per-edge scalars [N, K, H] and node rows [N or M, X, H] are the largest arrays allowed.
-  linear = max(NUM_TARGETS * NUM_SLOTS, NUM_TARGETS * ROW_DIM, NUM_SOURCES * ROW_DIM) * NUM_HEADS
+  linear = max(edge_arrays * NUM_TARGETS * NUM_SLOTS, NUM_TARGETS * ROW_DIM,
+               NUM_SOURCES * ROW_DIM) * NUM_HEADS
   assert _largest_tensor(text) <= linear

@@ -1,0 +1,323 @@
+"""Fused attention message with a first-order tensor product (E2Former-V2 spec sections 5.8, 6.5).
+
+For target atoms n with neighbour slots k pointing at sources j = idx[n, k], edge vectors r[n, k],
+attention weights a[n, k, h] (the softmax of ``node_attention``, times post_weight) and source
+features v[j, s, c] with channel c in head h = c mod H:
+
+  out[n, row, c] = sum_k a[n, k, h] T(v_j, r[n, k])[row, c],  T(v, r)[row, c] = sum_{s,b} G[row, s, b] v[s, c] r[b]
+
+for a static coupling G [R, S, 3] (the Clebsch-Gordan table of l1 (x) 1 -> l3). T is linear in r,
+so the kernel accumulates per target the three moments ``m_b = sum_k a r_b v_j`` ([S, C] each;
+only per-edge *scalars* a r_b multiply node rows) and applies G once per target:
+``out = sum_{s,b} G[:, s, b] m_b[s]``. Per edge it gathers the S rows of v_j (9 for lmax = 2), not
+the R + S = 29 rows of ``[T(v_j, x_j); v_j]`` that ``node_attention`` needs for the same message,
+and it uses the true edge vector (periodic images included), so no difference of two large node
+terms is formed.
+
+The backward is built from the primitives of ``neighbor_ops`` and the fused softmax VJP, like
+``node_attention``'s, so every derivative order keeps the linear-memory property.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _tiles
+from pallas_kernels._neighbors import (
+    Neighbors,
+    check_neighbor_list,
+    gather_sources,
+    prepare_neighbors,
+    upcast,
+    valid_slots,
+)
+from pallas_kernels.attention_weights import attention_weights, attention_weights_vjp
+from pallas_kernels.neighbor_ops import (
+    BlockSizes,
+    edge_dot_prepared,
+    gather_sum_prepared,
+    make_static,
+    scatter_sum_prepared,
+)
+
+# Components of an edge vector (x, y, z).
+_NUM_AXES = 3
+# Heads per forward program by default (as node_attention's forward, whose tiling study this follows).
+_FORWARD_MAX_BLOCK_H = 128
+_HIGHEST = lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class _MessageStatic:
+  """Hashable configuration: the coupling as its non-zero terms, softmax constants, tiling."""
+
+  shape: tuple[int, int, int]  # (R, S, 3) of the coupling
+  terms: tuple[tuple[int, int, int, float], ...]  # (row, s, b, G[row, s, b]) for G != 0
+  scale: float
+  sink: float
+  block_sizes: BlockSizes | None
+  interpret: bool
+
+  def dense(self, dtype) -> jax.Array:
+    coupling = np.zeros(self.shape)
+    for row, s, b, coef in self.terms:
+      coupling[row, s, b] = coef
+    return jnp.asarray(coupling, dtype)
+
+
+def _make_static(coupling, scale, sink, block_sizes, interpret) -> _MessageStatic:
+  coupling = np.asarray(coupling, np.float64)
+  if coupling.ndim != 3 or coupling.shape[2] != _NUM_AXES:
+    raise ValueError(f"coupling must be [R, S, 3]; got shape {coupling.shape}")
+  if not np.all(np.isfinite(coupling)):
+    raise ValueError("coupling must be finite")
+  terms = tuple((int(r), int(s), int(b), float(coupling[r, s, b]))
+                for r, s, b in zip(*np.nonzero(coupling)))
+  return _MessageStatic(tuple(coupling.shape), terms, float(scale), float(sink), block_sizes,
+                        bool(interpret))
+
+
+# ----------------------------------------------------------------------------------- forward
+
+
+def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, out_ref, *,
+                    static: _MessageStatic, block_sizes: BlockSizes, d_pad: int, group: int,
+                    g_pad: int):
+  """One program: block_n targets in turn, a block of heads; online softmax over slot blocks.
+
+  The accumulator is one [GP, BH] tile per (axis b, feature row s): value rows are gathered row by
+  row (each a contiguous [G, BH] segment of the source's [S*G, H] block), since a Triton tile
+  cannot be sliced into rows afterwards, and the coupling is applied to the tiles at the end.
+  """
+  num_targets, num_slots, num_heads = gate_ref.shape
+  num_out_rows, num_in_rows, _ = static.shape
+  block_h, block_k = block_sizes.block_h, block_sizes.block_k
+  heads, head_mask = _tiles.head_block(block_h, num_heads)
+
+  def target(n):
+    q = _tiles.load_row(q_ref, n, heads, head_mask, d_pad)  # [DP, BH]
+
+    def step(i, carry):
+      m, l, acc = carry  # [BH], [BH], (3*S) x [GP, BH] with index b*S + s
+      k, _, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
+      keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
+      dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
+      gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+      logits = jnp.where(valid[:, None], gate * static.scale * dots, _tiles.NEG_INF)
+      m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [BH]
+      envelope = _tiles.load_vector(env_ref, n, k, valid)  # [BK]
+      p = jnp.exp(logits - m_new[None]) * envelope[:, None]  # [BK, BH]
+      rescale = jnp.exp(m - m_new)[None]  # [1, BH]
+      weights = p * _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+      coefs = [(weights * _tiles.load_vector(vec_ref, n, k, valid, b)[:, None])[:, None, :]
+               for b in range(_NUM_AXES)]  # 3 x [BK, 1, BH]
+      rows = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, g_pad, (s * group, group))
+              for s in range(num_in_rows)]  # S x [BK, GP, BH]
+      acc = tuple(acc[b * num_in_rows + s] * rescale + jnp.sum(coefs[b] * rows[s], axis=0)
+                  for b in range(_NUM_AXES) for s in range(num_in_rows))
+      return m_new, l * rescale[0] + jnp.sum(p, axis=0), acc
+
+    zeros = jnp.zeros((g_pad, block_h), jnp.float32)
+    init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),
+            (zeros,) * (_NUM_AXES * num_in_rows))
+    m, l, acc = _tiles.slot_loop(pl.cdiv(num_slots, block_k), step, init, block_sizes.unroll)
+    denom = l + static.sink * jnp.exp(-m)  # [BH]
+    inv = (1.0 / jnp.where(denom > 0, denom, 1.0))[None]  # [1, BH]
+    for row in range(num_out_rows):
+      out = zeros
+      for r, s, b, coef in static.terms:
+        if r == row:
+          out = out + coef * acc[b * num_in_rows + s]
+      _tiles.store_row(out_ref, n, heads, head_mask, out * inv, (row * group, group))
+
+  _tiles.for_each_row(block_sizes.block_n, num_targets, target)
+
+
+def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
+                  nbrs: Neighbors) -> jax.Array:
+  num_targets, head_dim, num_heads = q.shape
+  num_out_rows, num_in_rows, _ = static.shape
+  group = values.shape[1] // num_in_rows
+  block_sizes = static.block_sizes or BlockSizes.get_default(
+      values.shape[1], gate.shape[1], num_heads, max_block_h=_FORWARD_MAX_BLOCK_H)
+  kernel = functools.partial(
+      _forward_kernel, static=static, block_sizes=block_sizes, d_pad=pl.next_power_of_2(head_dim),
+      group=group, g_pad=pl.next_power_of_2(group))
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((num_targets, num_out_rows * group, num_heads), values.dtype),
+      grid=block_sizes.grid(num_targets, num_heads),
+      compiler_params=block_sizes.compiler_params(),
+      interpret=static.interpret,
+      name="message_attention_fwd",
+  )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values)
+
+
+# ---------------------------------------------------------------------------------- backward
+
+
+def _pull_back_coupling(static: _MessageStatic, g: jax.Array) -> jax.Array:
+  """u[b] = G[:, :, b]^T g per target: [N, R*G, H] -> [3, N, S*G, H] (float32)."""
+  num_out_rows, num_in_rows, _ = static.shape
+  n, _, h = g.shape
+  g = upcast(g).reshape(n, num_out_rows, -1, h)  # [N, R, G, H]
+  u = jnp.einsum("rsb,nrgh->bnsgh", static.dense(g.dtype), g, precision=_HIGHEST)
+  return u.reshape(_NUM_AXES, n, -1, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _message_attention(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
+                       nbrs: Neighbors):
+  return _forward_call(static, q, k, gate, post_weight, envelope, vectors, values, nbrs)
+
+
+def _message_attention_fwd(static, q, k, gate, post_weight, envelope, vectors, values, nbrs):
+  # Through the custom_vjp so that outer derivatives (force training) of this output stay in kernels.
+  out = _message_attention(static, q, k, gate, post_weight, envelope, vectors, values, nbrs)
+  return out, (q, k, gate, post_weight, envelope, vectors, values, nbrs)
+
+
+def _message_attention_bwd(static: _MessageStatic, residuals, g):
+  """out = sum_k a sum_b r_b (G_b v_j): with u_b = G_b^T g and E_b[n,k,h] = <u_b[n], v_j>_h,
+  d a = sum_b r_b E_b, d r_b = sum_h a E_b, d v_j = sum_b scatter(a r_b, u_b)."""
+  q, k, gate, post_weight, envelope, vectors, values, nbrs = residuals
+  num_slots, num_heads = gate.shape[1], gate.shape[2]
+  by_rows = functools.partial(make_static, block_sizes=None, interpret=static.interpret,
+                              num_slots=num_slots, num_heads=num_heads)
+  qk_f32 = by_rows(jnp.float32, row_dim=q.shape[1])
+  rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1])
+
+  u = _pull_back_coupling(static, g)  # [3, N, S*G, H]
+  r = upcast(vectors)  # [N, K, 3]
+  dots = edge_dot_prepared(qk_f32, q, k, nbrs)  # [N, K, H]
+  e = [edge_dot_prepared(rows_f32, u[b], values, nbrs) for b in range(_NUM_AXES)]  # 3 x [N, K, H]
+  d_weights = sum(r[..., b, None] * e[b] for b in range(_NUM_AXES))  # [N, K, H]
+  weights, d_dots, d_gate, d_post_weight, d_envelope = attention_weights_vjp(
+      dots, gate, post_weight, envelope, nbrs.slots >= 0, d_weights, scale=static.scale,
+      sink=static.sink, interpret=static.interpret)  # [N, K, H] but d_envelope [N, K]
+  d_vectors = jnp.stack([jnp.sum(weights * e[b], axis=-1) for b in range(_NUM_AXES)], axis=-1)
+  # The three moments' scatters as one call: axis b becomes a block of H extra heads.
+  edge_weights = jnp.concatenate([weights * r[..., b, None] for b in range(_NUM_AXES)], axis=-1)
+  u_heads = jnp.concatenate(list(u), axis=-1)  # [N, S*G, 3H]
+  d_values = scatter_sum_prepared(
+      make_static(jnp.float32, None, static.interpret, row_dim=values.shape[1],
+                  num_slots=num_slots, num_heads=_NUM_AXES * num_heads),
+      edge_weights, u_heads, nbrs)  # [M, S*G, 3H]
+  d_values = d_values.reshape(*values.shape[:2], _NUM_AXES, num_heads).sum(axis=2)
+  d_q = gather_sum_prepared(qk_f32.with_dtype(q.dtype), d_dots, k, nbrs)  # [N, D, H]
+  d_k = scatter_sum_prepared(qk_f32.with_dtype(k.dtype), d_dots, q, nbrs)  # [M, D, H]
+  return (d_q, d_k, d_gate.astype(gate.dtype), d_post_weight.astype(post_weight.dtype),
+          d_envelope.astype(envelope.dtype), d_vectors.astype(vectors.dtype),
+          d_values.astype(values.dtype), None)
+
+
+_message_attention.defvjp(_message_attention_fwd, _message_attention_bwd)
+
+
+# -------------------------------------------------------------------------------- public API
+
+
+def _check_inputs(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
+                  nbr_idx, nbr_mask) -> None:
+  named = dict(q=q, k=k, gate=gate, post_weight=post_weight, envelope=envelope, vectors=vectors,
+               values=values)
+  for name, x in named.items():
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a float array; got {name}.dtype={x.dtype}")
+  if q.ndim != 3 or k.ndim != 3 or values.ndim != 3:
+    raise ValueError(f"q, k, values must be 3-d; got {q.shape=}, {k.shape=}, {values.shape=}")
+  num_targets, head_dim, num_heads = q.shape
+  num_sources = k.shape[0]
+  check_neighbor_list(nbr_idx, nbr_mask, num_targets)
+  num_slots = nbr_idx.shape[1]
+  expected = {
+      "k": (num_sources, head_dim, num_heads),
+      "gate": (num_targets, num_slots, num_heads),
+      "post_weight": (num_targets, num_slots, num_heads),
+      "envelope": (num_targets, num_slots),
+      "vectors": (num_targets, num_slots, _NUM_AXES),
+  }
+  for name, shape in expected.items():
+    if named[name].shape != shape:
+      raise ValueError(f"{name} must be {shape} given {q.shape=}, {k.shape=}, {nbr_idx.shape=}; "
+                       f"got {named[name].shape}")
+  num_in_rows = static.shape[1]
+  if (values.shape[0] != num_sources or values.shape[2] != num_heads
+      or values.shape[1] % num_in_rows):
+    raise ValueError(f"values must be [M={num_sources}, S*G, H={num_heads}] with S={num_in_rows} "
+                     f"the coupling's feature rows; got {values.shape=}")
+  if static.sink < 0:
+    raise ValueError(f"sink must be non-negative; got sink={static.sink}")
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _message_attention_jit(static, q, k, gate, post_weight, envelope, vectors, values, nbr_idx,
+                           nbr_mask):
+  nbrs = prepare_neighbors(nbr_idx, nbr_mask, k.shape[0])
+  return _message_attention(static, q, k, gate, post_weight, envelope, vectors, values, nbrs)
+
+
+def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
+                      envelope: jax.Array, vectors: jax.Array, values: jax.Array,
+                      nbr_idx: jax.Array, nbr_mask: jax.Array, *, coupling, scale: float,
+                      sink: float = 1e-3, block_sizes: BlockSizes | None = None,
+                      interpret: bool = False) -> jax.Array:
+  """Fused attention message ``sum_k a T(v_j, r)`` (see the module docstring for the formula).
+
+  Args:
+    q: [N, D, H] queries of the target atoms.
+    k: [M, D, H] keys of the source nodes.
+    gate: [N, K, H] per-edge multiplier of the logits.
+    post_weight: [N, K, H] per-edge multiplier applied after the softmax.
+    envelope: [N, K] smooth cutoff weight of each edge (multiplies exp(logits)).
+    vectors: [N, K, 3] edge vectors r (the vector argument of T).
+    values: [M, S*G, H] source features v in head-last layout: feature row s, channel group g sit
+      at row s*G + g (i.e. v[M, S, C] with channel c = g*H + h, reshaped).
+    nbr_idx: [N, K] int source of each slot (M, the sentinel, on empty slots).
+    nbr_mask: [N, K] bool, True on real edges.
+    coupling: [R, S, 3] static array G of T (e.g. the l1 (x) 1 -> l3 Clebsch-Gordan table).
+    scale: logit scale (1/sqrt(D) in the paper).
+    sink: strength of the attention sink (relative to logit 0); must be >= 0.
+    block_sizes: tiling of the forward kernel; None picks ``BlockSizes.get_default``. The
+      backward's gather kernels use their defaults.
+    interpret: run all kernels in the Pallas interpreter (CPU testing).
+
+  Returns:
+    [N, R*G, H] in the dtype of ``values`` (float32 accumulation): row r, group g at r*G + g.
+    Targets without a valid slot get 0.
+
+  Raises:
+    ValueError: on inconsistent shapes or dtypes, a malformed coupling or a negative sink.
+  """
+  static = _make_static(coupling, scale, sink, block_sizes, interpret)
+  _check_inputs(static, q, k, gate, post_weight, envelope, vectors, values, nbr_idx, nbr_mask)
+  return _message_attention_jit(static, q, k, gate, post_weight, envelope, vectors, values,
+                                nbr_idx, nbr_mask)
+
+
+def message_attention_reference(q, k, gate, post_weight, envelope, vectors, values, nbr_idx,
+                                nbr_mask, *, coupling, scale, sink=1e-3, block_sizes=None,
+                                interpret=False):
+  """Pure-jnp ``message_attention`` in (at least) float32; materialises the gathered v rows."""
+  del block_sizes, interpret
+  coupling = np.asarray(coupling)
+  num_in_rows = coupling.shape[1]
+  valid = valid_slots(nbr_idx, nbr_mask, k.shape[0])
+  dots = jnp.einsum("ndh,nkdh->nkh", upcast(q), gather_sources(k, nbr_idx, valid),
+                    precision=_HIGHEST)  # [N, K, H]
+  weights = attention_weights(dots, gate, post_weight, envelope, valid, scale=scale, sink=sink)
+  rows = gather_sources(values, nbr_idx, valid)  # [N, K, S*G, H]
+  n, num_slots, _, h = rows.shape
+  rows = rows.reshape(n, num_slots, num_in_rows, -1, h)  # [N, K, S, G, H]
+  moments = jnp.einsum("nkh,nkb,nksgh->nbsgh", weights, upcast(vectors), rows,
+                       precision=_HIGHEST)  # [N, 3, S, G, H]
+  out = jnp.einsum("rsb,nbsgh->nrgh", jnp.asarray(coupling, moments.dtype), moments,
+                   precision=_HIGHEST)
+  return out.reshape(n, -1, h).astype(values.dtype)

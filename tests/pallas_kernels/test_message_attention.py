@@ -1,0 +1,165 @@
+"""The fused message_attention kernel against its jnp reference, the reference against the per-edge
+message it replaces, and the input checks."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from e2former_jax import so3
+
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+RAGGED_BLOCKS = pk.BlockSizes(block_h=4, block_k=4, block_n=4)
+F32_RTOL = 2e-5
+SECOND_ORDER_RTOL = 1e-4
+BF16_ATOL = 1e-5
+SINK = 1e-3
+LMAX = 2  # S = 9 feature rows, R = 20 tensor-product rows: the paper's coupling
+COUPLING = so3.first_order_coupling(LMAX)
+NUM_OUT_ROWS, NUM_IN_ROWS, _ = COUPLING.shape
+NUM_INPUTS = 7  # q, k, gate, post_weight, envelope, vectors, values
+
+
+def _inputs(kt, rng, dtype=jnp.float32, groups=2):
+  """q, k, gate, post_weight, envelope, vectors, values; values carry C = groups * H channels."""
+  envelope = jnp.asarray(rng.uniform(0.0, 1.0, (kt.N, kt.K)).astype(np.float32))
+  envelope = envelope.at[3, 0].set(0.0)  # an edge exactly at the cutoff
+  return (kt.normal(rng, kt.N, kt.D, kt.H, dtype=dtype),
+          kt.normal(rng, kt.M, kt.D, kt.H, dtype=dtype),
+          kt.normal(rng, kt.N, kt.K, kt.H, dtype=dtype),
+          kt.normal(rng, kt.N, kt.K, kt.H, dtype=dtype),
+          envelope.astype(dtype),
+          kt.normal(rng, kt.N, kt.K, 3, dtype=dtype),
+          kt.normal(rng, kt.M, NUM_IN_ROWS * groups, kt.H, dtype=dtype))
+
+
+class TestMessageAttention:
+  INTERPRET = False
+
+  @pytest.fixture(autouse=True)
+  def _backend(self):
+    if not self.INTERPRET and not HAS_GPU:
+      pytest.skip("compiled Triton kernels need a GPU; the *Interpret class runs them on CPU")
+
+  def _ops(self, kt, neighbors, block_sizes=RAGGED_BLOCKS):
+    opts = dict(coupling=COUPLING, scale=kt.D ** -0.5, sink=SINK)
+    nbr = (neighbors.nbr_idx, neighbors.nbr_mask)
+    kernel = functools.partial(pk.message_attention, block_sizes=block_sizes,
+                               interpret=self.INTERPRET, **opts)
+    return ((lambda *xs: kernel(*xs, *nbr)),
+            (lambda *xs: pk.message_attention_reference(*xs, *nbr, **opts)))
+
+  @pytest.mark.parametrize("block_sizes, groups", [(RAGGED_BLOCKS, 2), (RAGGED_BLOCKS, 3),
+                                                   (None, 2)],
+                           ids=["ragged", "ragged-3-groups", "default"])
+  def test_forward_matches_reference(self, kt, rng, neighbors, block_sizes, groups):
+    inputs = _inputs(kt, rng, groups=groups)
+    run_kernel, run_reference = self._ops(kt, neighbors, block_sizes)
+    kt.assert_close(run_kernel(*inputs), run_reference(*inputs), F32_RTOL, "forward")
+
+  def test_vjp_matches_reference(self, kt, rng, neighbors):
+    inputs = _inputs(kt, rng)
+    run_kernel, run_reference = self._ops(kt, neighbors)
+    cotangent = kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H)
+
+    def grads(fn):
+      return jax.grad(lambda *xs: jnp.sum(fn(*xs) * cotangent), argnums=range(NUM_INPUTS))(*inputs)
+
+    kt.assert_close(grads(run_kernel), grads(run_reference), F32_RTOL, "vjp")
+
+  def test_second_order_matches_reference(self, kt, rng, neighbors):
+    """Force-training shape: grad over inputs of <r, grad of a nonlinear loss over inputs>."""
+    inputs = _inputs(kt, rng)
+    run_kernel, run_reference = self._ops(kt, neighbors)
+    cotangent = kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H)
+    directions = [kt.normal(rng, *x.shape) for x in inputs]
+
+    def second(fn):
+      def first(*xs):
+        return jax.grad(lambda *ys: jnp.sum(cotangent * fn(*ys) ** 2),
+                        argnums=range(NUM_INPUTS))(*xs)
+
+      def contracted(*xs):
+        return sum(jnp.sum(r * g) for r, g in zip(directions, first(*xs)))
+
+      return jax.grad(contracted, argnums=range(NUM_INPUTS))(*inputs)
+
+    kt.assert_close(second(run_kernel), second(run_reference), SECOND_ORDER_RTOL, "second order")
+
+  def test_invalid_slots_are_exactly_zero(self, kt, rng, neighbors):
+    inputs = _inputs(kt, rng)
+    run_kernel, _ = self._ops(kt, neighbors)
+    out = np.asarray(run_kernel(*inputs))
+    empty = [neighbors.empty_target, neighbors.masked_garbage_target]
+    assert np.all(out[empty] == 0)
+    cotangent = kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H)
+    d_q, d_k, d_gate, d_post, d_env, d_vectors, d_values = (np.asarray(g) for g in jax.grad(
+        lambda *xs: jnp.sum(run_kernel(*xs) * cotangent), argnums=range(NUM_INPUTS))(*inputs))
+    invalid = ~neighbors.valid
+    assert np.all(d_gate[invalid] == 0) and np.all(d_post[invalid] == 0)
+    assert np.all(d_env[invalid] == 0) and np.all(d_vectors[invalid] == 0)
+    assert np.all(d_q[empty] == 0)
+    assert np.all(d_k[neighbors.unused_source] == 0)
+    assert np.all(d_values[neighbors.unused_source] == 0)
+
+  def test_bf16_error_within_twice_reference_error(self, kt, rng, neighbors):
+    inputs = _inputs(kt, rng, dtype=jnp.bfloat16)
+    run_kernel, run_reference = self._ops(kt, neighbors)
+    cotangent = kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H)
+
+    def value_and_grads(fn, xs):
+      def loss(*ys):
+        return jnp.sum(fn(*ys).astype(jnp.float32) * cotangent)
+      return fn(*xs), jax.grad(loss, argnums=range(NUM_INPUTS))(*xs)
+
+    truth = value_and_grads(run_reference, kt.upcast(inputs))
+    baseline = value_and_grads(run_reference, inputs)
+    kernel = value_and_grads(run_kernel, inputs)
+    assert jax.tree.map(lambda x: x.dtype, kernel) == jax.tree.map(lambda x: x.dtype, baseline)
+    for got, base, true in zip(jax.tree.leaves(kernel), jax.tree.leaves(baseline),
+                               jax.tree.leaves(truth)):
+      assert kt.max_error(got, true) <= 2 * kt.max_error(base, true) + BF16_ATOL
+
+
+class TestMessageAttentionInterpret(TestMessageAttention):
+  INTERPRET = True
+
+
+def test_reference_matches_per_edge_message(kt, rng, neighbors):
+  """sum_k a T(v_j, r) with T formed per edge (so3.tensor_product_vector): the moment identity
+  behind the kernel is exact."""
+  q, k, gate, post_weight, envelope, vectors, values = _inputs(kt, rng)
+  nbr = (neighbors.nbr_idx, neighbors.nbr_mask)
+  out = pk.message_attention_reference(q, k, gate, post_weight, envelope, vectors, values, *nbr,
+                                       coupling=COUPLING, scale=kt.D ** -0.5, sink=SINK)
+  idx = np.asarray(neighbors.nbr_idx)
+  safe = np.where(neighbors.valid, idx, 0)
+  dots = jnp.einsum("ndh,nkdh->nkh", q, k[safe], precision="highest")
+  weights = pk.attention_weights(dots, gate, post_weight, envelope, jnp.asarray(neighbors.valid),
+                                 scale=kt.D ** -0.5, sink=SINK)  # [N, K, H]
+  features = values.reshape(kt.M, NUM_IN_ROWS, 2 * kt.H)[safe]  # [N, K, S, C], c = g H + h
+  edge_tp = so3.tensor_product_vector(features, vectors)  # [N, K, R, C]
+  expected = jnp.einsum("nkc,nkrc->nrc", jnp.tile(weights, (1, 1, 2)), edge_tp,
+                        precision="highest")
+  kt.assert_close(out.reshape(kt.N, NUM_OUT_ROWS, 2 * kt.H), expected, F32_RTOL, "per-edge message")
+
+
+def test_rejects_bad_inputs(kt, rng, neighbors):
+  inputs = list(_inputs(kt, rng))
+  nbr = (neighbors.nbr_idx, neighbors.nbr_mask)
+  opts = dict(coupling=COUPLING, scale=1.0, interpret=True)
+  bad_vectors = inputs[:5] + [inputs[5][..., :2]] + inputs[6:]
+  with pytest.raises(ValueError, match="vectors must be"):
+    pk.message_attention(*bad_vectors, *nbr, **opts)
+  bad_values = inputs[:6] + [inputs[6][:, :NUM_IN_ROWS * 2 - 1]]
+  with pytest.raises(ValueError, match="values must be"):
+    pk.message_attention(*bad_values, *nbr, **opts)
+  with pytest.raises(ValueError, match="coupling must be"):
+    pk.message_attention(*inputs, *nbr, **{**opts, "coupling": COUPLING[..., :2]})
+  with pytest.raises(ValueError, match="sink"):
+    pk.message_attention(*inputs, *nbr, **{**opts, "sink": -1.0})
