@@ -191,8 +191,8 @@ def _message_attention_bwd(static: _MessageStatic, residuals, g):
   num_slots, num_heads = gate.shape[1], gate.shape[2]
   by_rows = functools.partial(make_static, block_sizes=None, interpret=static.interpret,
                               num_slots=num_slots, num_heads=num_heads)
-  qk_f32 = by_rows(jnp.float32, row_dim=q.shape[1])
-  rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1])
+  qk_f32 = by_rows(jnp.float32, row_dim=q.shape[1], row_dtype=k.dtype)
+  rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1], row_dtype=values.dtype)
 
   u = _pull_back_coupling(static, g)  # [3, N, S*G, H]
   r = upcast(vectors)  # [N, K, 3]

@@ -52,14 +52,15 @@ _DEFAULT_TILE_ELEMENTS = 8192
 _DEFAULT_BLOCK_H = 32
 _DEFAULT_NUM_WARPS = 4
 _DEFAULT_NUM_STAGES = 2
-# Rows of at most _SHORT_ROW_PAD (padded) elements, such as the D = 8 keys, take up to
-# _SHORT_ROW_BLOCK_H heads and _SHORT_ROW_BLOCK_K slots per step: on an H100 at N = 100k (K = 32,
-# H = 128) key-row edge_dot, gather_sum and scatter_sum took 2.5, 1.8 and 2.2 ms against 3.7, 2.8
-# and 3.5 ms with 32 heads x 4 slots, while for the 58 value rows 32 x 4 stayed the fastest
-# (benchmarks/notes_attention.md, run 6).
+# Rows of at most _SHORT_ROW_PAD (padded) elements, such as the D = 8 keys, and rows of 2-byte
+# elements of any length take up to _WIDE_BLOCK_H heads and _WIDE_BLOCK_K slots per step. On an
+# H100 at N = 100k (K = 32, H = 128; benchmarks/notes_attention.md, runs 6 and 8): key-row edge_dot,
+# gather_sum and scatter_sum took 2.5, 1.8 and 2.2 ms against 3.7, 2.8 and 3.5 ms with 32 heads x 4
+# slots; on the 58 bf16 value rows 7.4, 7.2 and 7.9 ms against 17.3, 8.8 and 9.5 ms. For float32
+# value rows 32 x 4 stayed the fastest (12.2, 11.9, 12.5 ms).
 _SHORT_ROW_PAD = 8
-_SHORT_ROW_BLOCK_H = 128
-_SHORT_ROW_BLOCK_K = 4
+_WIDE_BLOCK_H = 128
+_WIDE_BLOCK_K = 4
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,12 +95,13 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, row_dim: int, num_slots: int, num_heads: int,
-                  max_block_h: int = _DEFAULT_BLOCK_H) -> BlockSizes:
-    """A tiling for rows of ``row_dim`` (X) with ``num_slots`` (K) slots and ``num_heads`` heads."""
+                  max_block_h: int = _DEFAULT_BLOCK_H, itemsize: int = 4) -> BlockSizes:
+    """A tiling for rows of ``row_dim`` (X) elements of ``itemsize`` bytes with ``num_slots`` (K)
+    slots and ``num_heads`` heads."""
     row_pad = pl.next_power_of_2(row_dim)
-    if row_pad <= _SHORT_ROW_PAD:
-      return cls(block_h=min(_SHORT_ROW_BLOCK_H, pl.next_power_of_2(num_heads)),
-                 block_k=min(_SHORT_ROW_BLOCK_K, pl.next_power_of_2(num_slots)))
+    if row_pad <= _SHORT_ROW_PAD or itemsize <= 2:
+      return cls(block_h=min(_WIDE_BLOCK_H, pl.next_power_of_2(num_heads)),
+                 block_k=min(_WIDE_BLOCK_K, pl.next_power_of_2(num_slots)))
     block_h = min(max_block_h, pl.next_power_of_2(num_heads))
     block_k = _DEFAULT_TILE_ELEMENTS // (row_pad * block_h)
     block_k = max(1, min(block_k, pl.next_power_of_2(num_slots)))
@@ -323,10 +325,12 @@ def _check_heads(num_heads: int, *arrays: tuple[str, jax.Array]) -> None:
 
 
 def make_static(out_dtype, block_sizes: BlockSizes | None, interpret: bool, *, row_dim: int,
-                num_slots: int, num_heads: int) -> _Static:
-  """Resolves the default tiling for rows of ``row_dim`` and bundles the static configuration."""
+                num_slots: int, num_heads: int, row_dtype=jnp.float32) -> _Static:
+  """Resolves the default tiling for gathered rows of ``row_dim`` elements of ``row_dtype`` and
+  bundles the static configuration."""
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(row_dim, num_slots, num_heads)
+    block_sizes = BlockSizes.get_default(row_dim, num_slots, num_heads,
+                                         itemsize=jnp.dtype(row_dtype).itemsize)
   return _Static(jnp.dtype(out_dtype), block_sizes, bool(interpret))
 
 
@@ -357,7 +361,7 @@ def edge_dot(a: jax.Array, b: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array
   check_neighbor_list(nbr_idx, nbr_mask, a.shape[0])
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, b.shape[0])
   static = make_static(jnp.result_type(a, b), block_sizes, interpret, row_dim=a.shape[1],
-                       num_slots=nbr_idx.shape[1], num_heads=a.shape[2])
+                       num_slots=nbr_idx.shape[1], num_heads=a.shape[2], row_dtype=b.dtype)
   return edge_dot_prepared(static, a, b, nbrs)
 
 
@@ -388,7 +392,7 @@ def gather_sum(w: jax.Array, b: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Arr
     raise ValueError(f"w must be [N, K, H] like nbr_idx; got {w.shape=}, {nbr_idx.shape=}")
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, b.shape[0])
   static = make_static(jnp.result_type(w, b), block_sizes, interpret, row_dim=b.shape[1],
-                       num_slots=nbr_idx.shape[1], num_heads=w.shape[2])
+                       num_slots=nbr_idx.shape[1], num_heads=w.shape[2], row_dtype=b.dtype)
   return gather_sum_prepared(static, w, b, nbrs)
 
 
@@ -425,7 +429,7 @@ def scatter_sum(w: jax.Array, a: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Ar
     raise ValueError(f"num_sources must be positive; got {num_sources}")
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, num_sources)
   static = make_static(jnp.result_type(w, a), block_sizes, interpret, row_dim=a.shape[1],
-                       num_slots=nbr_idx.shape[1], num_heads=w.shape[2])
+                       num_slots=nbr_idx.shape[1], num_heads=w.shape[2], row_dtype=a.dtype)
   return scatter_sum_prepared(static, w, a, nbrs)
 
 

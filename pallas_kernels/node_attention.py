@@ -163,8 +163,8 @@ def _node_attention_bwd(static: _AttentionStatic, residuals, g):
   num_slots, num_heads = gate.shape[1], gate.shape[2]
   by_rows = functools.partial(make_static, block_sizes=None, interpret=static.interpret,
                               num_slots=num_slots, num_heads=num_heads)
-  qk_f32 = by_rows(jnp.float32, row_dim=q.shape[1])
-  rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1])
+  qk_f32 = by_rows(jnp.float32, row_dim=q.shape[1], row_dtype=k.dtype)
+  rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1], row_dtype=values.dtype)
 
   dots = edge_dot_prepared(qk_f32, q, k, nbrs)  # [N, K, H]
   d_weights = edge_dot_prepared(rows_f32, g, values, nbrs)  # [N, K, H]

@@ -200,3 +200,16 @@ def test_rejects_mismatched_shapes(kt, rng, neighbors):
                 neighbors.nbr_idx, neighbors.nbr_mask.astype(jnp.int32), interpret=True)
   with pytest.raises(ValueError, match="power of two"):
     pk.BlockSizes(block_h=6, block_k=4)
+
+
+@pytest.mark.parametrize("row_dim, itemsize, expected", [
+    (58, 4, (32, 4)),  # float32 value rows: 8192-element tiles of 32 heads
+    (58, 2, (128, 4)),  # bf16 value rows: as wide as the short rows (notes, run 8)
+    (8, 4, (128, 4)),  # key rows
+])
+def test_default_tiling_by_row_length_and_dtype(row_dim, itemsize, expected):
+  blocks = pk.BlockSizes.get_default(row_dim, num_slots=32, num_heads=128, itemsize=itemsize)
+  assert (blocks.block_h, blocks.block_k) == expected
+  # Never wider than the problem: 6 heads and 3 slots round up to one 8-head, 4-slot tile.
+  small = pk.BlockSizes.get_default(row_dim, num_slots=3, num_heads=6, itemsize=itemsize)
+  assert small.block_h <= 8 and small.block_k <= 4
