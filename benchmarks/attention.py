@@ -64,7 +64,9 @@ SCALE = HEAD_DIM ** -0.5
 SINK = 1e-3
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet
 FP32_FLOPS_PER_S = 67e12  # H100 SXM datasheet, non-tensor FP32
-IMPLS = ("pallas", "reference", "per_edge", "pipeline")
+IMPLS = ("pallas", "reference", "per_edge", "pipeline", "message", "per_edge_message",
+         "pipeline_message")
+NUM_TP_ROWS = 20  # rows of T(v, r) for lmax = 2: the attention message the model needs
 # Set by --interpret: runs the kernels in the Pallas interpreter, to dry-run this script on a CPU.
 INTERPRET = False
 NUM_INPUTS = 6
@@ -151,6 +153,17 @@ def make_op(impl: str, block_sizes: pk.BlockSizes | None):
   return lambda *a: pk.node_attention_reference(*a, scale=SCALE, sink=SINK)
 
 
+def _per_edge_weights(q, k, gate, post_weight, envelope, positions, nbr_idx, nbr_mask):
+  """(weights [N, K, H], gather of source rows, edge vectors x_i - x_j [N, K, 3]) per edge."""
+  num_sources = positions.shape[0]
+  valid = nbr_mask & (nbr_idx < num_sources)
+  safe = jnp.where(valid, nbr_idx, num_sources)
+  take = lambda x: jnp.take(x, safe, axis=0, mode="fill", fill_value=0)  # noqa: E731
+  dots = jnp.einsum("ndh,nkdh->nkh", q, take(k), precision=jax.lax.Precision.HIGHEST)
+  weights = pk.attention_weights(dots, gate, post_weight, envelope, valid, scale=SCALE, sink=SINK)
+  return weights, take, positions[:, None, :] - take(positions)
+
+
 def per_edge_model(q, k, gate, post_weight, envelope, v9, positions, nbr_idx, nbr_mask):
   """The standard per-edge path: messages [T(v_j, x_i - x_j); v_j] per edge, weighted and summed.
 
@@ -158,19 +171,51 @@ def per_edge_model(q, k, gate, post_weight, envelope, v9, positions, nbr_idx, nb
   """
   from e2former_jax.so3 import tensor_product_vector
 
-  num_sources = positions.shape[0]
-  valid = nbr_mask & (nbr_idx < num_sources)
-  safe = jnp.where(valid, nbr_idx, num_sources)
-  take = lambda x: jnp.take(x, safe, axis=0, mode="fill", fill_value=0)  # noqa: E731
-  dots = jnp.einsum("ndh,nkdh->nkh", q, take(k), precision=jax.lax.Precision.HIGHEST)
-  weights = pk.attention_weights(dots, gate, post_weight, envelope, valid, scale=SCALE, sink=SINK)
+  weights, take, r_edge = _per_edge_weights(q, k, gate, post_weight, envelope, positions, nbr_idx,
+                                            nbr_mask)
   v_edge = take(v9)  # [N, K, 9, C]
-  r_edge = positions[:, None, :] - take(positions)  # [N, K, 3]
   messages = jnp.concatenate([tensor_product_vector(v_edge, r_edge), v_edge], axis=-2)
   messages = _to_heads(messages)  # [N, K, 58, H]
   out = jnp.einsum("nkh,nkxh->nxh", weights.astype(messages.dtype), messages,
                    precision=jax.lax.Precision.HIGHEST)
   return out.reshape(out.shape[0], NUM_ROWS, CHANNELS).astype(v9.dtype)
+
+
+def per_edge_message(q, k, gate, post_weight, envelope, v9, positions, nbr_idx, nbr_mask):
+  """(b) for the model's message alone: sum_k a T(v_j, x_i - x_j) per edge, [N, 20, C]."""
+  from e2former_jax.so3 import tensor_product_vector
+
+  weights, take, r_edge = _per_edge_weights(q, k, gate, post_weight, envelope, positions, nbr_idx,
+                                            nbr_mask)
+  messages = _to_heads(tensor_product_vector(take(v9), r_edge))  # [N, K, 40, H]
+  out = jnp.einsum("nkh,nkxh->nxh", weights.astype(messages.dtype), messages,
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(out.shape[0], NUM_TP_ROWS, CHANNELS).astype(v9.dtype)
+
+
+def _coupling():
+  from e2former_jax.so3 import first_order_coupling
+
+  return first_order_coupling(2)
+
+
+def _edge_vectors(positions, nbr_idx, nbr_mask):
+  """x_i - x_j per slot, 0 on invalid slots: [N, K, 3]."""
+  num_sources = positions.shape[0]
+  valid = nbr_mask & (nbr_idx < num_sources)
+  sources = jnp.take(positions, jnp.where(valid, nbr_idx, num_sources), axis=0, mode="fill",
+                     fill_value=0)
+  return jnp.where(valid[..., None], positions[:, None, :] - sources, 0)
+
+
+def fused_message(q, k, gate, post_weight, envelope, v9, positions, nbr_idx, nbr_mask, *,
+                  block_sizes=None):
+  """The same message from ``pk.message_attention``: only v_j (9 rows) gathered per edge."""
+  out = pk.message_attention(q, k, gate, post_weight, envelope,
+                             _edge_vectors(positions, nbr_idx, nbr_mask), _to_heads(v9), nbr_idx,
+                             nbr_mask, coupling=_coupling(), scale=SCALE, sink=SINK,
+                             block_sizes=block_sizes, interpret=INTERPRET)
+  return out.reshape(out.shape[0], NUM_TP_ROWS, CHANNELS)
 
 
 def node_pipeline(q, k, gate, post_weight, envelope, v9, positions, nbr_idx, nbr_mask, *,
@@ -200,6 +245,12 @@ def make_fn(impl: str, block_sizes, with_grad: bool):
     fn = make_op(impl, block_sizes)
   elif impl == "per_edge":
     fn = per_edge_model
+  elif impl == "per_edge_message":
+    fn = per_edge_message
+  elif impl == "message":
+    fn = lambda *a: fused_message(*a, block_sizes=block_sizes)  # noqa: E731
+  elif impl == "pipeline_message":  # the model's current node-centric message: T rows only
+    fn = lambda *a: node_pipeline(*a, block_sizes=block_sizes)[:, :NUM_TP_ROWS]  # noqa: E731
   else:
     fn = lambda *a: node_pipeline(*a, block_sizes=block_sizes)  # noqa: E731
   if not with_grad:
@@ -257,6 +308,24 @@ def traffic(num_atoms: int, itemsize: int) -> dict:
   )
 
 
+def message_traffic(num_atoms: int, itemsize: int) -> dict:
+  """``traffic`` for message_attention: v [M, 9, C] and edge vectors in, [N, 20, C] out."""
+  n = m = num_atoms
+  edges = n * NUM_SLOTS
+  h, d = NUM_HEADS, HEAD_DIM
+  v_rows = 9 * CHANNELS // NUM_HEADS  # 18 head-last rows of v
+  inputs = (n * d * h + m * d * h + m * v_rows * h + 2 * edges * h + 4 * edges) * itemsize \
+      + edges * 5
+  out = n * NUM_TP_ROWS * CHANNELS * itemsize
+  return dict(fwd_bytes=inputs + out, fwd_gathered_bytes=edges * (d + v_rows) * h * itemsize)
+
+
+FLOORS = {"pallas": traffic, "reference": traffic, "message": message_traffic}
+# (baseline, ours) pairs whose time ratios the summary reports.
+SPEEDUPS = (("reference", "pallas"), ("per_edge", "pipeline"), ("per_edge", "pallas"),
+            ("per_edge_message", "message"), ("pipeline_message", "message"))
+
+
 def rel_err(a, b) -> float:
   a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
   b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
@@ -270,6 +339,41 @@ def max_err(a, b) -> float:
 # -------------------------------------------------------------------------------- phases
 
 
+def _derivative_errors(kernel, reference, args, num_inputs: int, names, seed: int) -> dict:
+  """Relative errors of forward, gradient and second-order gradient of kernel vs reference.
+
+  The loss sum(c * out^2) is nonlinear so that the second order exercises the backward's own
+  derivative (force training); the second order is grad of <directions, gradient>.
+  """
+  inputs, nbr = args[:num_inputs], args[num_inputs:]
+  out_ref = jax.jit(reference)(*args)
+  cotangent = jax.random.normal(jax.random.key(seed), out_ref.shape)
+  directions = [jax.random.normal(jax.random.key(seed + 1 + i), x.shape)
+                for i, x in enumerate(inputs)]
+
+  def grads(fn):
+    def first(*xs):
+      return jax.grad(lambda *ys: jnp.sum(cotangent * fn(*ys, *nbr) ** 2),
+                      argnums=range(num_inputs))(*xs)
+    return first
+
+  def second(fn):
+    def contracted(*xs):
+      return sum(jnp.sum(r * g) for r, g in zip(directions, grads(fn)(*xs)))
+    return jax.grad(contracted, argnums=range(num_inputs))
+
+  out = {"fwd_rel_err": rel_err(jax.jit(kernel)(*args), out_ref)}
+  g_kernel = jax.jit(grads(kernel))(*inputs)
+  out["bwd_rel_err"] = {n: rel_err(a, b) for n, a, b in
+                        zip(names, g_kernel, jax.jit(grads(reference))(*inputs))}
+  out["double_bwd_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(
+      names, jax.jit(second(kernel))(*inputs), jax.jit(second(reference))(*inputs))}
+  g_again = jax.jit(grads(kernel))(*inputs)
+  out["bwd_bitwise_deterministic"] = all(
+      bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in zip(g_kernel, g_again))
+  return out
+
+
 def validate(report: dict, num_atoms: int, blocks: tuple | None) -> None:
   """Compiled kernels vs the float32 reference at paper sizes; bf16 budget; determinism."""
   inputs = make_inputs(num_atoms, jnp.float32, model=True)
@@ -277,33 +381,10 @@ def validate(report: dict, num_atoms: int, blocks: tuple | None) -> None:
   kernel = make_op("pallas", _blocks(blocks) if blocks else None)
   reference = make_op("reference", None)
   cotangent = jax.random.normal(jax.random.key(1), (num_atoms, ROW_DIM, NUM_HEADS))
-  directions = [jax.random.normal(jax.random.key(2 + i), x.shape) for i, x in
-                enumerate(args[:NUM_INPUTS])]
-
-  def grads(fn):
-    def first(*xs):
-      return jax.grad(lambda *ys: jnp.sum(cotangent * fn(*ys, *args[NUM_INPUTS:]) ** 2),
-                      argnums=range(NUM_INPUTS))(*xs)
-    return first
-
-  def second(fn):
-    def contracted(*xs):
-      return sum(jnp.sum(r * g) for r, g in zip(directions, grads(fn)(*xs)))
-    return jax.grad(contracted, argnums=range(NUM_INPUTS))
-
   names = ("q", "k", "gate", "post_weight", "envelope", "values")
   out = {"num_atoms": num_atoms, "edges": int(np.sum(np.asarray(inputs["nbr_mask"]))),
          "forward_blocks": blocks}
-  out["fwd_rel_err"] = rel_err(jax.jit(kernel)(*args), jax.jit(reference)(*args))
-  g_kernel = jax.jit(grads(kernel))(*args[:NUM_INPUTS])
-  g_ref = jax.jit(grads(reference))(*args[:NUM_INPUTS])
-  out["bwd_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(names, g_kernel, g_ref)}
-  h_kernel = jax.jit(second(kernel))(*args[:NUM_INPUTS])
-  h_ref = jax.jit(second(reference))(*args[:NUM_INPUTS])
-  out["double_bwd_rel_err"] = {n: rel_err(a, b) for n, a, b in zip(names, h_kernel, h_ref)}
-  g_again = jax.jit(grads(kernel))(*args[:NUM_INPUTS])
-  out["bwd_bitwise_deterministic"] = all(
-      bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in zip(g_kernel, g_again))
+  out.update(_derivative_errors(kernel, reference, args, NUM_INPUTS, names, seed=1))
 
   # bf16 inputs, float32 accumulation: error vs float32 truth against the bf16 reference's.
   low = tuple(x.astype(jnp.bfloat16) for x in args[:NUM_INPUTS])
@@ -330,6 +411,17 @@ def validate(report: dict, num_atoms: int, blocks: tuple | None) -> None:
   margs = (*model_args(inputs), *nbr)
   out["pipeline_vs_per_edge_rel_err"] = rel_err(jax.jit(node_pipeline)(*margs),
                                                 jax.jit(per_edge_model)(*margs))
+  # message_attention: against its reference, and the whole message against (b)'s.
+  message_inputs = (inputs["q"], inputs["k"], inputs["gate"], inputs["post_weight"],
+                    inputs["envelope"], _edge_vectors(inputs["positions"], *nbr),
+                    _to_heads(inputs["v9"]))
+  options = dict(coupling=_coupling(), scale=SCALE, sink=SINK)
+  out["message"] = _derivative_errors(
+      lambda *a: pk.message_attention(*a, **options, interpret=INTERPRET),
+      lambda *a: pk.message_attention_reference(*a, **options), (*message_inputs, *nbr), 7,
+      ("q", "k", "gate", "post_weight", "envelope", "vectors", "values"), seed=20)
+  out["message_vs_per_edge_rel_err"] = rel_err(jax.jit(fused_message)(*margs),
+                                               jax.jit(per_edge_message)(*margs))
   report["validation"] = out
   print(json.dumps(out, indent=1), flush=True)
 
@@ -362,6 +454,12 @@ FORWARD_CANDIDATES = [
 ]
 # One (size, implementation) subprocess may not take longer than this.
 _WORKER_TIMEOUT_S = 90
+# message_attention's forward: 18 value rows (9 x 2 groups, gathered as nine [G, block_h] segments)
+# and 27 [2, block_h] accumulators; its default is 128 heads x 2 slots.
+MESSAGE_CANDIDATES = [
+    (128, 2, 1, 4, 2, 0), (128, 1, 1, 4, 2, 0), (64, 2, 1, 4, 2, 0), (64, 4, 1, 4, 2, 0),
+    (32, 4, 1, 4, 2, 0), (128, 1, 1, 8, 2, 0), (128, 2, 1, 8, 2, 0), (128, 4, 1, 8, 2, 0),
+]
 PRIMITIVE_CANDIDATES = [
     (32, 4, 1, 4, 2, 0), (32, 4, 1, 4, 2, 1), (32, 2, 1, 4, 2, 1), (64, 2, 1, 4, 2, 1),
 ]
@@ -374,20 +472,21 @@ def _blocks(t) -> pk.BlockSizes:
 
 
 def tune_forward(report: dict, num_atoms: int, deadline: float, candidates: list[tuple],
-                 dtype_name: str = "float32") -> tuple | None:
-  """Times forward tilings at one size and input dtype; returns the fastest."""
-  inputs = make_inputs(num_atoms, jnp.dtype(dtype_name))
-  args = args_for("pallas", inputs)
+                 dtype_name: str = "float32", impl: str = "pallas") -> tuple | None:
+  """Times forward tilings of ``impl``'s kernel at one size and input dtype; returns the fastest."""
+  is_op = impl in ("pallas", "reference")
+  inputs = make_inputs(num_atoms, jnp.dtype(dtype_name), op=is_op, model=not is_op)
+  args = args_for(impl, inputs)
   timed = []
   for cand in candidates:
     if time.time() > deadline:
       break
     try:
-      seconds = time_fn(make_fn("pallas", _blocks(cand), False), args, samples=5)
+      seconds = time_fn(make_fn(impl, _blocks(cand), False), args, samples=5)
       timed.append((seconds, cand))
-      entry = {"blocks": cand, "dtype": dtype_name, "ms": seconds * 1e3}
+      entry = {"impl": impl, "blocks": cand, "dtype": dtype_name, "ms": seconds * 1e3}
     except Exception as e:  # a tiling Triton rejects (e.g. too many registers) is data, not a crash
-      entry = {"blocks": cand, "dtype": dtype_name, "error": repr(e)[:300]}
+      entry = {"impl": impl, "blocks": cand, "dtype": dtype_name, "error": repr(e)[:300]}
     report.setdefault("tune_forward", []).append(entry)
     print("tune fwd", json.dumps(entry), flush=True)
   return min(timed)[1] if timed else None
@@ -490,24 +589,22 @@ def summarize(report: dict) -> str:
     lines.append(f"[{dtype_name}] N | impl | fwd ms | fwd+bwd ms | fwd HBM% | fwd+bwd HBM% | "
                  "peak GB (fwd, fwd+bwd)")
     for (n, impl), r in sorted(by_key.items()):
-      t = traffic(n, itemsize)
       f, fb = r.get("fwd_ms"), r.get("fwd_bwd_ms")
-      frac = lambda ms, b: f"{b / (ms * 1e-3) / HBM_BYTES_PER_S * 100:.1f}" \
-          if isinstance(ms, float) and impl in ("pallas", "reference") else "-"  # noqa: E731
+      floor = FLOORS[impl](n, itemsize) if impl in FLOORS else {}
+      frac = lambda ms, key: f"{floor[key] / (ms * 1e-3) / HBM_BYTES_PER_S * 100:.1f}" \
+          if isinstance(ms, float) and key in floor else "-"  # noqa: E731
       peak = [r.get(k) for k in ("fwd_peak_bytes", "fwd_bwd_peak_bytes")]
       peak_s = ", ".join(f"{p / 1e9:.2f}" if isinstance(p, int) else "-" for p in peak)
       fmt = lambda ms: f"{ms:.3f}" if isinstance(ms, float) else str(ms)  # noqa: E731
-      lines.append(f"  {n} | {impl} | {fmt(f)} | {fmt(fb)} | {frac(f, t['fwd_bytes'])} | "
-                   f"{frac(fb, t['fwd_bwd_bytes'])} | {peak_s}")
+      lines.append(f"  {n} | {impl} | {fmt(f)} | {fmt(fb)} | {frac(f, 'fwd_bytes')} | "
+                   f"{frac(fb, 'fwd_bwd_bytes')} | {peak_s}")
     for n in sorted({k[0] for k in by_key}):
-      ours = by_key.get((n, "pallas"), {})
-      pipe = by_key.get((n, "pipeline"), {})
-      for base, mine in (("reference", ours), ("per_edge", pipe), ("per_edge", ours)):
-        other = by_key.get((n, base), {})
+      for base, mine in SPEEDUPS:
+        other, ours = by_key.get((n, base), {}), by_key.get((n, mine), {})
         for key in ("fwd_ms", "fwd_bwd_ms"):
-          a, b = other.get(key), mine.get(key)
+          a, b = other.get(key), ours.get(key)
           if isinstance(a, float) and isinstance(b, float):
-            label = f"{base}/{'pallas' if mine is ours else 'pipeline'}"
+            label = f"{base}/{mine}"
             report.setdefault("speedups", {}).setdefault(dtype_name, {}).setdefault(
                 str(n), {})[f"{label} {key}"] = a / b
             lines.append(f"  N={n} speed-up {label} {key}: {a / b:.1f}x")
@@ -530,9 +627,19 @@ def results_line(report: dict) -> str:
                    f"({t['fwd_bytes'] / (r['fwd_ms'] * 1e-3) / HBM_BYTES_PER_S * 100:.0f}% HBM)")
     if isinstance(r.get("fwd_bwd_ms"), float):
       parts.append(f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms")
-  for key, value in sorted(report.get("speedups", {}).get(dtype_name, {}).get(str(largest), {})
-                           .items()):
-    parts.append(f"{key} {value:.1f}x")
+  largest_msg = max((n for n, impl in by_key if impl == "message"), default=None)
+  if largest_msg is not None:
+    r = by_key[(largest_msg, "message")]
+    t = message_traffic(largest_msg, jnp.dtype(dtype_name).itemsize)
+    if isinstance(r.get("fwd_ms"), float):
+      parts.append(f"message_attention N={largest_msg}: fwd {r['fwd_ms']:.2f} ms "
+                   f"({t['fwd_bytes'] / (r['fwd_ms'] * 1e-3) / HBM_BYTES_PER_S * 100:.0f}% HBM)")
+    if isinstance(r.get("fwd_bwd_ms"), float):
+      parts.append(f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms")
+  for n in sorted({largest, largest_msg} - {None}):
+    for key, value in sorted(report.get("speedups", {}).get(dtype_name, {}).get(str(n), {})
+                             .items()):
+      parts.append(f"N={n} {key} {value:.1f}x")
   return "| " + " | ".join(parts) + " |"
 
 
@@ -595,6 +702,10 @@ def main() -> None:
                     for dtype_name in args.dtypes.split(",")]
         report["tuned_forward_blocks"] = best
         blocks = blocks or best
+      elif phase == "tune_msg":
+        for dtype_name in args.dtypes.split(","):
+          tune_forward(report, largest, deadline, candidates or MESSAGE_CANDIDATES, dtype_name,
+                       impl="message")
       elif phase == "bench":
         report["bench_forward_blocks"] = blocks
         for dtype_name in args.dtypes.split(","):
