@@ -455,10 +455,10 @@ FORWARD_CANDIDATES = [
 # One (size, implementation) subprocess may not take longer than this.
 _WORKER_TIMEOUT_S = 90
 # message_attention's forward: 18 value rows (9 x 2 groups, gathered as nine [G, block_h] segments)
-# and 27 [2, block_h] accumulators; its default is 128 heads x 2 slots.
+# and 27 [2, block_h] accumulators; its default is 64 heads x 1 slot x 2 warps (run 9).
 MESSAGE_CANDIDATES = [
-    (128, 2, 1, 4, 2, 0), (128, 1, 1, 4, 2, 0), (64, 2, 1, 4, 2, 0), (64, 4, 1, 4, 2, 0),
-    (32, 4, 1, 4, 2, 0), (128, 1, 1, 8, 2, 0), (128, 2, 1, 8, 2, 0), (128, 4, 1, 8, 2, 0),
+    (64, 1, 1, 2, 2, 0), (128, 1, 1, 4, 2, 0), (128, 1, 1, 2, 2, 0), (32, 1, 1, 1, 2, 0),
+    (64, 1, 1, 1, 2, 0), (64, 1, 1, 2, 3, 0), (32, 1, 1, 2, 2, 0), (64, 1, 1, 4, 2, 0),
 ]
 PRIMITIVE_CANDIDATES = [
     (32, 4, 1, 4, 2, 0), (32, 4, 1, 4, 2, 1), (32, 2, 1, 4, 2, 1), (64, 2, 1, 4, 2, 1),

@@ -49,8 +49,11 @@ from pallas_kernels.neighbor_ops import (
 
 # Components of an edge vector (x, y, z).
 _NUM_AXES = 3
-# Heads per forward program by default (as node_attention's forward, whose tiling study this follows).
-_FORWARD_MAX_BLOCK_H = 128
+# Default forward tiling: 64 heads, one slot per step, 2 warps. On an H100 at N = 100k (paper sizes,
+# benchmarks/notes_attention.md, run 9) it took 9.8 ms in float32 (10.0 in bf16) against 10.6 for
+# 128 x 1 at 4 warps, 16.4 for 64 x 1 at 4 warps and 31-47 ms for every tiling with several slots
+# per step (a reduction over slots per accumulator row).
+_FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=2)
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -145,8 +148,8 @@ def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
   num_targets, head_dim, num_heads = q.shape
   num_out_rows, num_in_rows, _ = static.shape
   group = values.shape[1] // num_in_rows
-  block_sizes = static.block_sizes or BlockSizes.get_default(
-      values.shape[1], gate.shape[1], num_heads, max_block_h=_FORWARD_MAX_BLOCK_H)
+  block_sizes = static.block_sizes or dataclasses.replace(
+      _FORWARD_BLOCKS, block_h=min(_FORWARD_BLOCKS.block_h, pl.next_power_of_2(num_heads)))
   kernel = functools.partial(
       _forward_kernel, static=static, block_sizes=block_sizes, d_pad=pl.next_power_of_2(head_dim),
       group=group, g_pad=pl.next_power_of_2(group))
@@ -285,8 +288,8 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     coupling: [R, S, 3] static array G of T (e.g. the l1 (x) 1 -> l3 Clebsch-Gordan table).
     scale: logit scale (1/sqrt(D) in the paper).
     sink: strength of the attention sink (relative to logit 0); must be >= 0.
-    block_sizes: tiling of the forward kernel; None picks ``BlockSizes.get_default``. The
-      backward's gather kernels use their defaults.
+    block_sizes: tiling of the forward kernel; None picks 64 heads (fewer if H is smaller) x 1
+      slot x 2 warps. The backward's gather kernels use their defaults.
     interpret: run all kernels in the Pallas interpreter (CPU testing).
 
   Returns:
