@@ -6,17 +6,13 @@ Per target atom i and neighbour slot k (source j):
   a_ikh     = alpha_ikh * inputhead_ikh / |r_ij|
   m_i       = sum_k a_ik T(v_j, r_ij)          T = channel-wise CG product l1 (x) 1 -> l3
 
-Node-centric evaluation (E2Former-V2): T is bilinear, so with absolute positions
-  sum_k a_ik T(v_j, r_i - r_j) = T(sum_k a_ik v_j, r_i) - sum_k a_ik T(v_j, r_j),
-and one gather-aggregate of the per-node stack [T(v_j, r_j); v_j] (R + S rows) gives both sums;
-edges carry only [N, K, H] scalars. The per-edge path forms T(v_j, r_ij) on every edge (the
-standard implementation; benchmark baseline and test oracle).
-
-Periodic cells (docs/decisions.md D11): a source may be a lattice image, r_ij = r_i - r_j - s_ik
-with the Cartesian shift s_ik of slot k, so the message gains
-  - sum_k a_ik T(v_j, s_ik) = - sum_{a in x,y,z} T(sum_k a_ik s_ik[a] v_j, e_a),
-three more weighted neighbour sums of v (S rows each) with per-edge weights a_ik s_ik[a]. It is
-added only when the graph is periodic (a static property), so molecules keep the code path above.
+Node-centric evaluation (E2Former-V2): T is linear in the vector, so
+  sum_k a_ik T(v_j, r_ij) = sum_{b in x,y,z} T(sum_k a_ik r_ij[b] v_j, e_b),
+three attention-weighted neighbour sums of v (S rows each) with per-edge *scalar* weights
+a_ik r_ij[b], and T applied once per node; edges carry only [N, K, H] scalars and the true edge
+vectors (so periodic images need no extra term, docs/decisions.md D11). One fused kernel evaluates
+it (ops.message_attention). The per-edge path forms T(v_j, r_ij) on every edge (the standard
+implementation; benchmark baseline and test oracle).
 """
 
 from __future__ import annotations
@@ -44,17 +40,12 @@ class EdgeGeometry:
     distances: [N, K] |r_ij| (safe norm: finite value and gradient on empty slots).
     envelope: [N, K] phi(|r_ij|), zero on empty slots.
     inv_dist: [N, K] 1 / |r_ij|, zero on empty slots.
-    positions: [N, 3] centred atom positions (the absolute positions of the node-centric identity).
-    shifts: [N, K, 3] Cartesian image shift s_ik of each slot's source (zero on empty slots), so
-      that vectors = positions_i - positions_j - shifts; None for molecules (no shift term).
   """
 
   vectors: jax.Array
   distances: jax.Array
   envelope: jax.Array
   inv_dist: jax.Array
-  positions: jax.Array
-  shifts: jax.Array | None = None
 
 
 class PathMix(nn.Module):
@@ -108,31 +99,14 @@ class E2Attention(nn.Module):
 
     v = SO3Linear(c, name="value")(x)  # [N, S, C]
     if cfg.message_path is MessagePath.NODE_CENTRIC:
-      stack = jnp.concatenate([so3.tensor_product_vector(v, geometry.positions), v], axis=1)  # [N, R+S, C]
-      agg = ops.node_attention(q, k, gate, post_weight, geometry.envelope, stack, graph.nbr_idx,
-                               graph.nbr_mask, impl=cfg.attention_impl)  # [N, R+S, C]
-      num_tp_rows = agg.shape[1] - s
-      message = so3.tensor_product_vector(agg[:, num_tp_rows:], geometry.positions) - agg[:, :num_tp_rows]
-      if geometry.shifts is not None:
-        message = message - _image_shift_term(q, k, gate, post_weight, v, graph, geometry,
-                                              cfg.attention_impl)
+      message = ops.message_attention(q, k, gate, post_weight, geometry.envelope, geometry.vectors,
+                                      v, graph.nbr_idx, graph.nbr_mask,
+                                      impl=cfg.attention_impl)  # [N, R, C]
     else:
       message = _per_edge_message(q, k, gate, post_weight, v, graph, geometry)
     assert message.shape[:1] + message.shape[2:] == (n, c), message.shape
     mixed = PathMix(c, cfg.lmax, name="path_mix")(message)  # [N, S, C]
     return SO3Linear(c, name="proj")(mixed)
-
-
-def _image_shift_term(q, k, gate, post_weight, v, graph: Graph, geometry: EdgeGeometry,
-                      impl) -> jax.Array:
-  """sum_k a_ik T(v_j, s_ik) = sum_a T(sum_k a_ik s_ik[a] v_j, e_a) in linear memory: [N, R, C]."""
-  weights = ops.node_attention_weights(q, k, gate, post_weight, geometry.envelope, graph.nbr_idx,
-                                       graph.nbr_mask, impl=impl)  # [N, K, H]
-  moments = jnp.stack([
-      ops.neighbor_sum(weights * geometry.shifts[..., axis, None], v, graph.nbr_idx, graph.nbr_mask,
-                       impl=impl) for axis in range(3)], axis=1)  # [N, 3, S, C]
-  axes = jnp.eye(3, dtype=moments.dtype)  # e_x, e_y, e_z
-  return so3.tensor_product_vector(moments, axes).sum(axis=1)  # [N, R, C]
 
 
 def _per_edge_message(q, k, gate, post_weight, v, graph: Graph, geometry: EdgeGeometry) -> jax.Array:

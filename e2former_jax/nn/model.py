@@ -33,24 +33,9 @@ class ModelOutput:
   features: jax.Array
 
 
-def centre_positions(graph: Graph, positions: jax.Array) -> jax.Array:
-  """Subtract each molecule's mean real-atom position: [N, 3] -> [N, 3].
-
-  The energy is translation invariant either way; centring keeps |r_i| small so that the node-centric
-  difference T(A_i, r_i) - B_i does not cancel large numbers (spec 14.5). Periodic positions are
-  centred too, not wrapped: a common translation leaves the image shifts valid.
-  """
-  weights = graph.node_mask.astype(positions.dtype)
-  num = jax.ops.segment_sum(positions * weights[:, None], graph.molecule_index, graph.num_molecules)
-  count = jax.ops.segment_sum(weights, graph.molecule_index, graph.num_molecules)
-  mean = num / jnp.maximum(count, 1.0)[:, None]  # [B, 3]
-  return positions - mean[graph.molecule_index]
-
-
 def edge_geometry(config: E2FormerConfig, graph: Graph, positions: jax.Array) -> EdgeGeometry:
   """Per-slot geometry shared by every block; NaN-free (value and gradient) on empty slots."""
-  centred = centre_positions(graph, positions)
-  vectors = graph.edge_vectors(centred)  # [N, K, 3]
+  vectors = graph.edge_vectors(positions)  # [N, K, 3]
   dist = so3.safe_norm(vectors)  # [N, K]
   mask = graph.nbr_mask
   inv_dist = jnp.where(mask, 1.0 / jnp.where(mask, dist, 1.0), 0.0)
@@ -59,8 +44,6 @@ def edge_geometry(config: E2FormerConfig, graph: Graph, positions: jax.Array) ->
       distances=dist,
       envelope=jnp.where(mask, envelope(dist, config.cutoff), 0.0),
       inv_dist=inv_dist,
-      positions=centred,
-      shifts=jnp.where(mask[..., None], graph.nbr_shift, 0.0) if graph.periodic else None,
   )
 
 

@@ -1,10 +1,8 @@
 """Dispatcher of the fused node-centric attention (spec 6.3-6.5, 8).
 
-The model calls :func:`node_attention` with model-layout arrays; this module converts them to the
-kernels' head-last layout and selects the implementation. Nothing else in ``e2former_jax`` imports
-``pallas_kernels``. Periodic cells also need the attention weights themselves and weighted
-neighbour sums of other per-edge weights (:func:`node_attention_weights`, :func:`neighbor_sum`;
-docs/decisions.md D11).
+The model calls :func:`message_attention` with model-layout arrays; this module converts them to
+the kernels' head-last layout and selects the implementation. Nothing else in ``e2former_jax``
+imports ``pallas_kernels``.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from __future__ import annotations
 import jax
 
 import pallas_kernels
+from e2former_jax import so3
 from e2former_jax.config import AttentionImpl
 
 # Strength of the attention sink in the softmax denominator (authors' value, spec 6.4; see
@@ -49,66 +48,31 @@ def attention_weights(dots: jax.Array, gate: jax.Array, post_weight: jax.Array, 
                                           scale=head_dim**-0.5, sink=SOFTMAX_SINK)
 
 
-def node_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
-                   envelope: jax.Array, values: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array,
-                   *, impl: AttentionImpl) -> jax.Array:
-  """Agg_i[r, c] = sum_k alpha_ikh post_ikh values[idx_ik, r, c], h = c mod H.
+def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
+                      envelope: jax.Array, vectors: jax.Array, v: jax.Array, nbr_idx: jax.Array,
+                      nbr_mask: jax.Array, *, impl: AttentionImpl) -> jax.Array:
+  """m_i[r, c] = sum_k a_ikh T(v_j, r_ik)[r, c], h = c mod H: the attention message.
 
-  alpha_ikh = exp(l_ikh) phi_ik / (sum_k' exp(l_ik'h) phi_ik' + sink) over valid slots, with
-  l_ikh = gate_ikh (q_ih . k_jh) / sqrt(d).
+  a_ikh = alpha_ikh post_ikh with alpha_ikh = exp(l_ikh) phi_ik / (sum_k' exp(l_ik'h) phi_ik' + sink)
+  over valid slots and l_ikh = gate_ikh (q_ih . k_jh) / sqrt(d); T = so3.tensor_product_vector.
 
   Args:
     q: [N, H, D] queries. k: [M, H, D] keys of the source nodes.
     gate: [N, K, H] per-edge logit gates. post_weight: [N, K, H] post-softmax weights.
-    envelope: [N, K] phi(d). values: [M, R, C] source rows, channel c in head c % H.
+    envelope: [N, K] phi(d). vectors: [N, K, 3] edge vectors r_ik.
+    v: [M, S, C] source features, S = (lmax+1)^2, channel c in head c % H.
     nbr_idx: [N, K] int32 in [0, M] (M = empty). nbr_mask: [N, K] bool.
     impl: implementation.
   Returns:
-    [N, R, C]
+    [N, R, C] in the l3-sequential layout of T (R = 20 for lmax = 2).
   """
   n, h, d = q.shape
-  m, r, c = values.shape
+  m, s, c = v.shape
   assert k.shape == (m, h, d), (k.shape, q.shape)
   assert gate.shape == post_weight.shape == (n, nbr_idx.shape[1], h)
-  out = _call(impl, pallas_kernels.node_attention, pallas_kernels.node_attention_reference,
-              q.transpose(0, 2, 1), k.transpose(0, 2, 1), gate, post_weight, envelope,
-              _head_last(values, h), nbr_idx, nbr_mask, scale=d**-0.5, sink=SOFTMAX_SINK)
-  return out.reshape(n, r, c)
-
-
-def node_attention_weights(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
-                           envelope: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array, *,
-                           impl: AttentionImpl) -> jax.Array:
-  """a_ikh = alpha_ikh post_ikh, the weights :func:`node_attention` applies, as an [N, K, H] array.
-
-  The q.k products come from the ``edge_dot`` primitive, so no per-edge vector is formed and every
-  derivative stays in the kernels (linear memory).
-
-  Args:
-    q: [N, H, D]. k: [M, H, D]. gate, post_weight: [N, K, H]. envelope: [N, K].
-    nbr_idx: [N, K] int32 in [0, M]. nbr_mask: [N, K] bool.
-    impl: implementation.
-  Returns:
-    [N, K, H], zero on masked slots.
-  """
-  dots = _call(impl, pallas_kernels.edge_dot, pallas_kernels.edge_dot_reference,
-               q.transpose(0, 2, 1), k.transpose(0, 2, 1), nbr_idx, nbr_mask)  # [N, K, H]
-  return attention_weights(dots, gate, post_weight, envelope, nbr_mask, head_dim=q.shape[2])
-
-
-def neighbor_sum(weights: jax.Array, values: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array, *,
-                 impl: AttentionImpl) -> jax.Array:
-  """out_i[r, c] = sum_k weights_ikh values[idx_ik, r, c] over valid slots, h = c mod H.
-
-  Args:
-    weights: [N, K, H] per-edge weights. values: [M, R, C] source rows, channel c in head c % H.
-    nbr_idx: [N, K] int32 in [0, M]. nbr_mask: [N, K] bool.
-    impl: implementation (the ``gather_sum`` primitive or its reference).
-  Returns:
-    [N, R, C]
-  """
-  n, _, h = weights.shape
-  _, r, c = values.shape
-  out = _call(impl, pallas_kernels.gather_sum, pallas_kernels.gather_sum_reference,
-              weights, _head_last(values, h), nbr_idx, nbr_mask)
-  return out.reshape(n, r, c)
+  coupling = so3.first_order_coupling(so3.lmax_from_rows(s))  # [R, S, 3]
+  out = _call(impl, pallas_kernels.message_attention, pallas_kernels.message_attention_reference,
+              q.transpose(0, 2, 1), k.transpose(0, 2, 1), gate, post_weight, envelope, vectors,
+              _head_last(v, h), nbr_idx, nbr_mask, coupling=coupling, scale=d**-0.5,
+              sink=SOFTMAX_SINK)
+  return out.reshape(n, coupling.shape[0], c)

@@ -1,4 +1,4 @@
-"""The dispatcher's periodic-term ops: weights and weighted neighbour sums, kernels against XLA."""
+"""The dispatcher's attention message: model layout, kernels against XLA, against the per-edge formula."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2former_jax import ops
+from e2former_jax import ops, so3
 from e2former_jax.config import AttentionImpl
 
-N, K, H, D, R, C = 10, 6, 2, 4, 3, 4
+N, K, H, D, LMAX, C = 10, 6, 2, 4, 2, 4
+S = so3.num_rows(LMAX)
 
 
 @pytest.fixture(scope="module")
@@ -21,40 +22,40 @@ def inputs():
   nbr_mask = rng.random((N, K)) < 0.7
   nbr_idx[~nbr_mask] = N
   return dict(q=f(N, H, D), k=f(N, H, D), gate=f(N, K, H), post_weight=f(N, K, H),
-              envelope=jnp.asarray(rng.uniform(0, 1, (N, K)), jnp.float32), values=f(N, R, C),
-              nbr_idx=jnp.asarray(nbr_idx), nbr_mask=jnp.asarray(nbr_mask))
+              envelope=jnp.asarray(rng.uniform(0, 1, (N, K)), jnp.float32), vectors=f(N, K, 3),
+              v=f(N, S, C), nbr_idx=jnp.asarray(nbr_idx), nbr_mask=jnp.asarray(nbr_mask))
 
 
-def weights_of(x, impl):
-  return ops.node_attention_weights(x["q"], x["k"], x["gate"], x["post_weight"], x["envelope"],
-                                    x["nbr_idx"], x["nbr_mask"], impl=impl)
+def message_of(x, impl):
+  return ops.message_attention(x["q"], x["k"], x["gate"], x["post_weight"], x["envelope"],
+                               x["vectors"], x["v"], x["nbr_idx"], x["nbr_mask"], impl=impl)
 
 
-def test_weights_are_those_node_attention_applies(inputs):
+def test_message_is_the_per_edge_formula(inputs):
   x = inputs
-  weights = weights_of(x, AttentionImpl.XLA)  # [N, K, H]
-  assert not np.asarray(weights)[~np.asarray(x["nbr_mask"])].any()
-  fused = ops.node_attention(x["q"], x["k"], x["gate"], x["post_weight"], x["envelope"],
-                             x["values"], x["nbr_idx"], x["nbr_mask"], impl=AttentionImpl.XLA)
-  summed = ops.neighbor_sum(weights, x["values"], x["nbr_idx"], x["nbr_mask"],
-                            impl=AttentionImpl.XLA)
-  np.testing.assert_allclose(summed, fused, rtol=1e-5, atol=1e-6)
+  mask = np.asarray(x["nbr_mask"])
+  safe = np.where(mask, np.asarray(x["nbr_idx"]), 0)
+  dots = jnp.einsum("nhd,nkhd->nkh", x["q"], x["k"][safe], precision="highest")
+  weights = ops.attention_weights(dots, x["gate"], x["post_weight"], x["envelope"], x["nbr_mask"],
+                                  head_dim=D)  # [N, K, H]
+  edge_tp = so3.tensor_product_vector(x["v"][safe], x["vectors"])  # [N, K, R, C]
+  expected = jnp.einsum("nkc,nkrc->nrc", jnp.tile(weights, (1, 1, C // H)), edge_tp,
+                        precision="highest")
+  np.testing.assert_allclose(message_of(x, AttentionImpl.XLA), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_match_xla_with_gradients(inputs):
   x = inputs
+  names = ("q", "k", "gate", "vectors", "v")
 
-  def loss(q, k, gate, values, impl):
-    y = dict(x, q=q, k=k, gate=gate)
-    w = weights_of(y, impl)
-    out = ops.neighbor_sum(w * w, values, x["nbr_idx"], x["nbr_mask"], impl=impl)  # [N, R, C]
+  def loss(*args, impl):
+    out = message_of(dict(x, **dict(zip(names, args))), impl)  # [N, R, C]
     return jnp.sum(out * jnp.cos(out)), out
 
-  args = (x["q"], x["k"], x["gate"], x["values"])
-  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
-      *args, AttentionImpl.PALLAS_INTERPRET)
-  (_, out_ref), grads_ref = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
-      *args, AttentionImpl.XLA)
-  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+  args = tuple(x[name] for name in names)
+  grad = jax.value_and_grad(loss, argnums=range(len(names)), has_aux=True)
+  (_, out), grads = grad(*args, impl=AttentionImpl.PALLAS_INTERPRET)
+  (_, out_ref), grads_ref = grad(*args, impl=AttentionImpl.XLA)
+  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
   for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5 * np.abs(g_ref).max())
