@@ -453,7 +453,7 @@ FORWARD_CANDIDATES = [
     (32, 4, 1, 4, 2, 1), (16, 8, 1, 4, 2, 0), (128, 1, 1, 8, 2, 0),
 ]
 # One (size, implementation) subprocess may not take longer than this.
-_WORKER_TIMEOUT_S = 90
+_WORKER_TIMEOUT_S = 150  # compile of the largest fwd+bwd programs included
 # message_attention's forward: 18 value rows (9 x 2 groups, gathered as nine [G, block_h] segments)
 # and 27 [2, block_h] accumulators; its default is 64 heads x 1 slot x 2 warps (run 9).
 MESSAGE_CANDIDATES = [
