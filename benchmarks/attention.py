@@ -18,7 +18,8 @@ Phases (``--phases``, comma separated, run in the given order while the time bud
 * ``pytest``: the compiled (GPU) variants of every test in tests/pallas_kernels.
 * ``tune_bwd``: a sweep of the backward primitives' tilings at the largest size.
 * ``profile``: one forward and one forward+backward call at the largest size (``--blocks`` or the
-  default tiling), each compiled and run once, for a profiler wrapped around this script
+  default tiling) of node_attention, or of message_attention when ``--impls`` names ``message``
+  first, each compiled and run once, for a profiler wrapped around this script
   (``benchmarks/profile_attention.sh``).
 
 Writes JSON to ``--out`` and appends one line to ``--results-md``.
@@ -717,10 +718,14 @@ def main() -> None:
         for dtype_name in args.dtypes.split(","):
           tune_backward(report, largest, deadline, candidates or PRIMITIVE_CANDIDATES, dtype_name)
       elif phase == "profile":
-        inputs = make_inputs(largest, jnp.dtype(args.dtypes.split(",")[0]))
+        # The first of --impls if it is a kernel, else node_attention.
+        impl = next((i for i in args.impls.split(",") if i in ("pallas", "message")), "pallas")
+        is_op = impl == "pallas"
+        inputs = make_inputs(largest, jnp.dtype(args.dtypes.split(",")[0]), op=is_op,
+                             model=not is_op)
         for with_grad in (False, True):
-          fn = make_fn("pallas", _blocks(blocks) if blocks else None, with_grad)
-          jax.block_until_ready(fn(*args_for("pallas", inputs)))
+          fn = make_fn(impl, _blocks(blocks) if blocks else None, with_grad)
+          jax.block_until_ready(fn(*args_for(impl, inputs)))
       else:
         raise ValueError(f"unknown phase {phase!r}")
     except Exception:
