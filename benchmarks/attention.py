@@ -495,11 +495,14 @@ def tune_forward(report: dict, num_atoms: int, deadline: float, candidates: list
 
 def tune_backward(report: dict, num_atoms: int, deadline: float, candidates: list[tuple],
                   dtype_name: str = "float32") -> None:
-  """Times tilings of the backward's primitives on value rows (X = 58) and key rows (D = 8)."""
+  """Times tilings of the backward's primitives on value rows (X = 58), key rows (D = 8) and
+  message_attention's v rows (18)."""
   inputs = make_inputs(num_atoms, jnp.dtype(dtype_name))
   w = inputs["gate"]
   nbr = (inputs["nbr_idx"], inputs["nbr_mask"])
-  for row_name, rows in (("values", inputs["values"]), ("keys", inputs["k"])):
+  v_rows = 9 * CHANNELS // NUM_HEADS  # message_attention's 18 head-last rows of v
+  for row_name, rows in (("values", inputs["values"]), ("keys", inputs["k"]),
+                         ("v9", inputs["values"][:, :v_rows])):
     ops = {  # M = N, so target rows and source rows have the same shape
         "edge_dot": lambda bs, r=rows: pk.edge_dot(r, r, *nbr, block_sizes=bs,
                                                    interpret=INTERPRET),
