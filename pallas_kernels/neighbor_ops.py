@@ -52,13 +52,14 @@ _DEFAULT_TILE_ELEMENTS = 8192
 _DEFAULT_BLOCK_H = 32
 _DEFAULT_NUM_WARPS = 4
 _DEFAULT_NUM_STAGES = 2
-# Rows of at most _SHORT_ROW_PAD (padded) elements, such as the D = 8 keys, and rows of 2-byte
-# elements of any length take up to _WIDE_BLOCK_H heads and _WIDE_BLOCK_K slots per step. On an
-# H100 at N = 100k (K = 32, H = 128; benchmarks/notes_attention.md, runs 6 and 8): key-row edge_dot,
-# gather_sum and scatter_sum took 2.5, 1.8 and 2.2 ms against 3.7, 2.8 and 3.5 ms with 32 heads x 4
-# slots; on the 58 bf16 value rows 7.4, 7.2 and 7.9 ms against 17.3, 8.8 and 9.5 ms. For float32
-# value rows 32 x 4 stayed the fastest (12.2, 11.9, 12.5 ms).
-_SHORT_ROW_PAD = 8
+# Rows of at most _WIDE_ROW_BYTES (padded length x element size) take up to _WIDE_BLOCK_H heads
+# and _WIDE_BLOCK_K slots per step; longer rows take _DEFAULT_TILE_ELEMENTS-element tiles of
+# _DEFAULT_BLOCK_H heads. On an H100 at N = 100k (K = 32, H = 128; benchmarks/notes_attention.md,
+# runs 6, 8 and 11), edge_dot, gather_sum and scatter_sum took, at 128 x 4 against 32 heads:
+# D = 8 float32 key rows 2.5, 1.8, 2.2 ms (3.7, 2.8, 3.5); 58 bf16 value rows 7.4, 7.2, 7.9 ms
+# (17.3, 8.8, 9.5); 18 float32 v rows of message_attention 3.9, 3.9, 4.4 ms (8.1, 4.3, 5.5 at
+# 32 x 8). For 58 float32 value rows (256 bytes) 32 x 4 stayed the fastest (12.2, 11.9, 12.5 ms).
+_WIDE_ROW_BYTES = 128
 _WIDE_BLOCK_H = 128
 _WIDE_BLOCK_K = 4
 
@@ -99,7 +100,7 @@ class BlockSizes:
     """A tiling for rows of ``row_dim`` (X) elements of ``itemsize`` bytes with ``num_slots`` (K)
     slots and ``num_heads`` heads."""
     row_pad = pl.next_power_of_2(row_dim)
-    if row_pad <= _SHORT_ROW_PAD or itemsize <= 2:
+    if row_pad * itemsize <= _WIDE_ROW_BYTES:
       return cls(block_h=min(_WIDE_BLOCK_H, pl.next_power_of_2(num_heads)),
                  block_k=min(_WIDE_BLOCK_K, pl.next_power_of_2(num_slots)))
     block_h = min(max_block_h, pl.next_power_of_2(num_heads))

@@ -203,8 +203,9 @@ def test_rejects_mismatched_shapes(kt, rng, neighbors):
 
 
 @pytest.mark.parametrize("row_dim, itemsize, expected", [
-    (58, 4, (32, 4)),  # float32 value rows: 8192-element tiles of 32 heads
-    (58, 2, (128, 4)),  # bf16 value rows: as wide as the short rows (notes, run 8)
+    (58, 4, (32, 4)),  # float32 value rows, 256 bytes: 8192-element tiles of 32 heads
+    (58, 2, (128, 4)),  # bf16 value rows, 128 bytes: as wide as the key rows (notes, run 8)
+    (18, 4, (128, 4)),  # message_attention's float32 v rows, 128 bytes (run 11)
     (8, 4, (128, 4)),  # key rows
 ])
 def test_default_tiling_by_row_length_and_dtype(row_dim, itemsize, expected):
