@@ -58,21 +58,6 @@ def _store(ref, indices: tuple[jax.Array, ...], value: jax.Array, mask: jax.Arra
     plt.store(ref.at[indices], value.astype(ref.dtype), mask=mask)
 
 
-def fma(a: jax.Array, b: jax.Array, c: jax.Array, interpret: bool) -> jax.Array:
-  """a * b + c as one fused multiply-add per float32 element (all three of one shape).
-
-  The Triton pipeline behind Pallas does not contract a multiply and an add into an FMA (H100
-  profiles show separate FMUL and FADD for every gathered element), so the instruction is written
-  out. The interpreter runs the plain expression.
-  """
-  if interpret:
-    return a * b + c
-  [out] = plt.elementwise_inline_asm(
-      "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)])
-  return out
-
-
 def for_each_row(block_n: int, num_rows: int, body) -> None:
   """Runs ``body(row)`` for this program's rows, ``block_n`` consecutive ones, in order.
 
