@@ -456,10 +456,10 @@ FORWARD_CANDIDATES = [
 # One (size, implementation) subprocess may not take longer than this.
 _WORKER_TIMEOUT_S = 150  # compile of the largest fwd+bwd programs included
 # message_attention's forward: 18 value rows (9 x 2 groups, gathered as nine [G, block_h] segments)
-# and 27 [2, block_h] accumulators; its default is 64 heads x 1 slot x 2 warps (run 9).
+# and 27 [2, block_h] accumulators; its default is 64 heads x 1 slot x 1 warp (runs 9, 13).
 MESSAGE_CANDIDATES = [
-    (64, 1, 1, 2, 2, 0), (128, 1, 1, 4, 2, 0), (128, 1, 1, 2, 2, 0), (32, 1, 1, 1, 2, 0),
-    (64, 1, 1, 1, 2, 0), (64, 1, 1, 2, 3, 0), (32, 1, 1, 2, 2, 0), (64, 1, 1, 4, 2, 0),
+    (64, 1, 1, 1, 2, 0), (64, 1, 1, 2, 2, 0), (128, 1, 1, 1, 2, 0), (128, 1, 1, 2, 2, 0),
+    (32, 1, 1, 1, 2, 0), (64, 1, 1, 1, 1, 0), (64, 1, 1, 1, 3, 0), (128, 1, 1, 4, 2, 0),
 ]
 PRIMITIVE_CANDIDATES = [
     (32, 4, 1, 4, 2, 0), (32, 4, 1, 4, 2, 1), (32, 2, 1, 4, 2, 1), (64, 2, 1, 4, 2, 1),

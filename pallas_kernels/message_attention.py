@@ -49,11 +49,11 @@ from pallas_kernels.neighbor_ops import (
 
 # Components of an edge vector (x, y, z).
 _NUM_AXES = 3
-# Default forward tiling: 64 heads, one slot per step, 2 warps. On an H100 at N = 100k (paper sizes,
-# benchmarks/notes_attention.md, run 9) it took 9.8 ms in float32 (10.0 in bf16) against 10.6 for
-# 128 x 1 at 4 warps, 16.4 for 64 x 1 at 4 warps and 31-47 ms for every tiling with several slots
-# per step (a reduction over slots per accumulator row).
-_FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=2)
+# Default forward tiling: 64 heads, one slot per step, one warp. On an H100 at N = 100k (paper
+# sizes, benchmarks/notes_attention.md, runs 9 and 13) it took 7.8 ms in float32 against 9.8 at
+# 2 warps, 10.6 for 128 heads at 4 warps and 31-47 ms for every tiling with several slots per step
+# (a reduction over slots per accumulator row).
+_FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -290,7 +290,7 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     scale: logit scale (1/sqrt(D) in the paper).
     sink: strength of the attention sink (relative to logit 0); must be >= 0.
     block_sizes: tiling of the forward kernel; None picks 64 heads (fewer if H is smaller) x 1
-      slot x 2 warps. The backward's gather kernels use their defaults.
+      slot x 1 warp. The backward's gather kernels use their defaults.
     interpret: run all kernels in the Pallas interpreter (CPU testing).
 
   Returns:

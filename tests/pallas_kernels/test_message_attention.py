@@ -25,13 +25,13 @@ NUM_OUT_ROWS, NUM_IN_ROWS, _ = COUPLING.shape
 NUM_INPUTS = 7  # q, k, gate, post_weight, envelope, vectors, values
 
 
-def _inputs(kt, rng, dtype=jnp.float32, groups=2):
+def _inputs(kt, rng, dtype=jnp.float32, groups=2, gate_scale=1.0):
   """q, k, gate, post_weight, envelope, vectors, values; values carry C = groups * H channels."""
   envelope = jnp.asarray(rng.uniform(0.0, 1.0, (kt.N, kt.K)).astype(np.float32))
   envelope = envelope.at[3, 0].set(0.0)  # an edge exactly at the cutoff
   return (kt.normal(rng, kt.N, kt.D, kt.H, dtype=dtype),
           kt.normal(rng, kt.M, kt.D, kt.H, dtype=dtype),
-          kt.normal(rng, kt.N, kt.K, kt.H, dtype=dtype),
+          (gate_scale * kt.normal(rng, kt.N, kt.K, kt.H)).astype(dtype),
           kt.normal(rng, kt.N, kt.K, kt.H, dtype=dtype),
           envelope.astype(dtype),
           kt.normal(rng, kt.N, kt.K, 3, dtype=dtype),
@@ -61,6 +61,14 @@ class TestMessageAttention:
     inputs = _inputs(kt, rng, groups=groups)
     run_kernel, run_reference = self._ops(kt, neighbors, block_sizes)
     kt.assert_close(run_kernel(*inputs), run_reference(*inputs), F32_RTOL, "forward")
+
+  @pytest.mark.parametrize("block_sizes", [pk.BlockSizes(block_h=4, block_k=1), RAGGED_BLOCKS],
+                           ids=["one-slot-steps", "ragged"])
+  def test_forward_stable_for_large_logits(self, kt, rng, neighbors, block_sizes):
+    """Gates of size ~300 push exp() far past float32 range without the running maximum."""
+    inputs = _inputs(kt, rng, gate_scale=300.0)
+    run_kernel, run_reference = self._ops(kt, neighbors, block_sizes)
+    kt.assert_close(run_kernel(*inputs), run_reference(*inputs), F32_RTOL, "large logits")
 
   def test_vjp_matches_reference(self, kt, rng, neighbors):
     inputs = _inputs(kt, rng)
