@@ -622,7 +622,7 @@ def results_line(report: dict) -> str:
   by_key = {(r["num_atoms"], r["impl"]): r for r in rows}
   largest = max((n for n, impl in by_key if impl == "pallas"), default=None)
   parts = [f"{report['date']}", report["device"], f"commit {report['commit']}",
-           f"attention (pallas_kernels.node_attention, H128 D8 X58 K32, {dtype_name})"]
+           f"attention (pallas_kernels, H128 D8 X58 K32, {dtype_name})"]
   if largest is not None:
     r = by_key[(largest, "pallas")]
     t = traffic(largest, jnp.dtype(dtype_name).itemsize)
