@@ -19,11 +19,6 @@ these kernels. None of them materialises anything of size [N, K, X, H]; the extr
 the O(N K) reverse CSR of ``_neighbors``. scatter_sum is gather-only (each source program walks its
 incoming edges) and therefore deterministic; there are no atomics.
 
-Internally (``*_prepared``) the target-side operands carry a leading batch axis B: edge_dot takes
-a [B,N,X,H] -> [B,N,K,H], gather_sum w [B,N,K,H] -> [B,N,X,H], and scatter_sum sums B pairs
-w [B,N,K,H], a [B,N,X,H] -> [M,X,H]. The source rows are then gathered once for all B (edge_dot,
-gather_sum), and the three cotangent rules above hold batch for batch, so the set stays closed.
-
 Kernels accumulate in float32 whatever the input dtype. The public functions return
 ``result_type`` of their inputs; internally the output dtype is a static choice so that backward
 passes keep float32 intermediates and cast cotangents straight to each primal's dtype.
@@ -136,26 +131,19 @@ class _Static:
 # ----------------------------------------------------------------------------------------- kernels
 
 
-def _edge_dot_kernel(slots_ref, a_ref, b_ref, out_ref, *, block_sizes: BlockSizes, row_pad: int,
-                     batch: int):
-  """One program: block_n targets and a block of heads; out[i*N + n, :, heads] for each batch i.
-
-  The source rows are gathered once per slot block and dotted with all ``batch`` target rows.
-  """
-  num_targets = slots_ref.shape[0]
-  num_slots, num_heads = out_ref.shape[1:]
+def _edge_dot_kernel(slots_ref, a_ref, b_ref, out_ref, *, block_sizes: BlockSizes, row_pad: int):
+  """One program: block_n targets and a block of heads; out[n, :, heads]."""
+  num_targets, num_slots, num_heads = out_ref.shape
   heads, head_mask = _tiles.head_block(block_sizes.block_h, num_heads)
 
   def target(n):
-    a = [_tiles.load_row(a_ref, i * num_targets + n, heads, head_mask, row_pad)
-         for i in range(batch)]  # batch x [XP, BH]
+    a = _tiles.load_row(a_ref, n, heads, head_mask, row_pad)  # [XP, BH]
 
     def step(i, carry):
       k, k_mask, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_sizes.block_k)
       b = _tiles.load_rows(b_ref, sources, valid, heads, head_mask, row_pad)  # [BK, XP, BH]
-      for j, a_j in enumerate(a):
-        dots = jnp.sum(b * a_j[None], axis=1)  # [BK, BH]; exactly 0 on invalid slots (b is 0)
-        _tiles.store_slots(out_ref, j * num_targets + n, k, k_mask, heads, head_mask, dots)
+      dots = jnp.sum(b * a[None], axis=1)  # [BK, BH]; exactly 0 on invalid slots (b loaded as 0)
+      _tiles.store_slots(out_ref, n, k, k_mask, heads, head_mask, dots)
       return carry
 
     _tiles.slot_loop(pl.cdiv(num_slots, block_sizes.block_k), step, 0, block_sizes.unroll)
@@ -163,38 +151,30 @@ def _edge_dot_kernel(slots_ref, a_ref, b_ref, out_ref, *, block_sizes: BlockSize
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
 
-def _gather_sum_kernel(slots_ref, w_ref, b_ref, out_ref, *, block_sizes: BlockSizes, row_pad: int,
-                       batch: int):
-  """One program: block_n targets and a block of heads; for each batch i,
-  out[i*N + n, :, heads] = sum_k w[i*N + n, k] b[idx[n, k]] (source rows gathered once)."""
-  num_targets, num_slots = slots_ref.shape
-  num_heads = w_ref.shape[2]
+def _gather_sum_kernel(slots_ref, w_ref, b_ref, out_ref, *, block_sizes: BlockSizes, row_pad: int):
+  """One program: block_n targets and a block of heads; out[n, :, heads] = sum_k w[n,k] b[idx[n,k]]."""
+  num_targets, num_slots, num_heads = w_ref.shape
   heads, head_mask = _tiles.head_block(block_sizes.block_h, num_heads)
 
   def target(n):
-    def step(i, accs):
+    def step(i, acc):
       k, _, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_sizes.block_k)
+      w = _tiles.load_slots(w_ref, n, k, valid, heads, head_mask)  # [BK, BH]
       b = _tiles.load_rows(b_ref, sources, valid, heads, head_mask, row_pad)  # [BK, XP, BH]
-      return tuple(
-          acc + jnp.sum(_tiles.load_slots(w_ref, j * num_targets + n, k, valid, heads,
-                                          head_mask)[:, None, :] * b, axis=0)
-          for j, acc in enumerate(accs))
+      return acc + jnp.sum(w[:, None, :] * b, axis=0)
 
-    zeros = jnp.zeros((row_pad, block_sizes.block_h), jnp.float32)  # [XP, BH]
-    accs = _tiles.slot_loop(pl.cdiv(num_slots, block_sizes.block_k), step, (zeros,) * batch,
-                            block_sizes.unroll)
-    for j, acc in enumerate(accs):
-      _tiles.store_row(out_ref, j * num_targets + n, heads, head_mask, acc)
+    acc = jnp.zeros((row_pad, block_sizes.block_h), jnp.float32)  # [XP, BH]
+    acc = _tiles.slot_loop(pl.cdiv(num_slots, block_sizes.block_k), step, acc, block_sizes.unroll)
+    _tiles.store_row(out_ref, n, heads, head_mask, acc)
 
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
 
 def _scatter_sum_kernel(
     offsets_ref, order_ref, w_ref, a_ref, out_ref, *, block_sizes: BlockSizes, row_pad: int,
-    num_slots: int, num_targets: int, batch: int,
+    num_slots: int,
 ):
-  """One program: block_n sources and a block of heads; walks each one's incoming edges (CSR) and
-  sums the contributions of all ``batch`` (weight, target row) pairs."""
+  """One program: block_n sources and a block of heads; walks each one's incoming edges (CSR)."""
   num_sources, num_heads = out_ref.shape[0], out_ref.shape[2]
   block_e = block_sizes.block_k
   heads, head_mask = _tiles.head_block(block_sizes.block_h, num_heads)
@@ -208,13 +188,9 @@ def _scatter_sum_kernel(
       in_run = pos < end
       edges = plt.load(order_ref.at[(pos,)], mask=in_run, other=0)  # [BE] flat slot ids n*K + k
       targets = edges // num_slots
-      for b in range(batch):
-        w = _tiles.load_edges(w_ref, edges + b * num_targets * num_slots, in_run, heads,
-                              head_mask)  # [BE, BH]
-        a = _tiles.load_rows(a_ref, targets + b * num_targets, in_run, heads, head_mask,
-                             row_pad)  # [BE, XP, BH]
-        acc = acc + jnp.sum(w[:, None, :] * a, axis=0)
-      return acc
+      w = _tiles.load_edges(w_ref, edges, in_run, heads, head_mask)  # [BE, BH]
+      a = _tiles.load_rows(a_ref, targets, in_run, heads, head_mask, row_pad)  # [BE, XP, BH]
+      return acc + jnp.sum(w[:, None, :] * a, axis=0)
 
     acc = jnp.zeros((row_pad, block_sizes.block_h), jnp.float32)  # [XP, BH]
     acc = lax.fori_loop(0, pl.cdiv(end - start, block_e), step, acc)
@@ -224,46 +200,42 @@ def _scatter_sum_kernel(
 
 
 def _edge_dot_call(static: _Static, a, b, nbrs: Neighbors) -> jax.Array:
-  batch, num_targets, row_dim, num_heads = a.shape
+  num_targets, row_dim, num_heads = a.shape
   num_slots = nbrs.slots.shape[1]
   kernel = functools.partial(
-      _edge_dot_kernel, block_sizes=static.block_sizes, row_pad=pl.next_power_of_2(row_dim),
-      batch=batch)
-  out = pl.pallas_call(
+      _edge_dot_kernel, block_sizes=static.block_sizes, row_pad=pl.next_power_of_2(row_dim))
+  return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((batch * num_targets, num_slots, num_heads), static.out_dtype),
+      out_shape=jax.ShapeDtypeStruct((num_targets, num_slots, num_heads), static.out_dtype),
       grid=static.block_sizes.grid(num_targets, num_heads),
       compiler_params=static.block_sizes.compiler_params(),
       interpret=static.interpret,
       name="edge_dot",
-  )(nbrs.slots, a.reshape(batch * num_targets, row_dim, num_heads), b)
-  return out.reshape(batch, num_targets, num_slots, num_heads)
+  )(nbrs.slots, a, b)
 
 
 def _gather_sum_call(static: _Static, w, b, nbrs: Neighbors) -> jax.Array:
-  batch, num_targets, num_slots, num_heads = w.shape
+  num_targets, _, num_heads = w.shape
   row_dim = b.shape[1]
   kernel = functools.partial(
-      _gather_sum_kernel, block_sizes=static.block_sizes, row_pad=pl.next_power_of_2(row_dim),
-      batch=batch)
-  out = pl.pallas_call(
+      _gather_sum_kernel, block_sizes=static.block_sizes, row_pad=pl.next_power_of_2(row_dim))
+  return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((batch * num_targets, row_dim, num_heads), static.out_dtype),
+      out_shape=jax.ShapeDtypeStruct((num_targets, row_dim, num_heads), static.out_dtype),
       grid=static.block_sizes.grid(num_targets, num_heads),
       compiler_params=static.block_sizes.compiler_params(),
       interpret=static.interpret,
       name="gather_sum",
-  )(nbrs.slots, w.reshape(batch * num_targets, num_slots, num_heads), b)
-  return out.reshape(batch, num_targets, row_dim, num_heads)
+  )(nbrs.slots, w, b)
 
 
 def _scatter_sum_call(static: _Static, w, a, nbrs: Neighbors) -> jax.Array:
-  batch, num_targets, num_slots, num_heads = w.shape
-  row_dim = a.shape[2]
+  num_targets, num_slots, num_heads = w.shape
+  row_dim = a.shape[1]
   num_sources = nbrs.num_sources
   kernel = functools.partial(
       _scatter_sum_kernel, block_sizes=static.block_sizes, row_pad=pl.next_power_of_2(row_dim),
-      num_slots=num_slots, num_targets=num_targets, batch=batch)
+      num_slots=num_slots)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_sources, row_dim, num_heads), static.out_dtype),
@@ -271,9 +243,7 @@ def _scatter_sum_call(static: _Static, w, a, nbrs: Neighbors) -> jax.Array:
       compiler_params=static.block_sizes.compiler_params(),
       interpret=static.interpret,
       name="scatter_sum",
-  )(nbrs.source_offsets, nbrs.edge_order,
-    w.reshape(batch * num_targets * num_slots, num_heads),
-    a.reshape(batch * num_targets, row_dim, num_heads))
+  )(nbrs.source_offsets, nbrs.edge_order, w.reshape(num_targets * num_slots, num_heads), a)
 
 
 # ------------------------------------------------------------------- differentiable primitives
@@ -281,8 +251,7 @@ def _scatter_sum_call(static: _Static, w, a, nbrs: Neighbors) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def edge_dot_prepared(static: _Static, a: jax.Array, b: jax.Array, nbrs: Neighbors) -> jax.Array:
-  """edge_dot on a prepared neighbour list, batched over the target rows:
-  a [B,N,X,H], b [M,X,H] -> [B,N,K,H] in static.out_dtype (b gathered once for all B)."""
+  """edge_dot on a prepared neighbour list: a [N,X,H], b [M,X,H] -> [N,K,H] in static.out_dtype."""
   return _edge_dot_call(static, a, b, nbrs)
 
 
@@ -304,8 +273,7 @@ edge_dot_prepared.defvjp(_edge_dot_fwd, _edge_dot_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def gather_sum_prepared(static: _Static, w: jax.Array, b: jax.Array, nbrs: Neighbors) -> jax.Array:
-  """gather_sum on a prepared neighbour list, batched over the weights:
-  w [B,N,K,H], b [M,X,H] -> [B,N,X,H] (b gathered once for all B)."""
+  """gather_sum on a prepared neighbour list: w [N,K,H], b [M,X,H] -> [N,X,H]."""
   return _gather_sum_call(static, w, b, nbrs)
 
 
@@ -325,8 +293,7 @@ gather_sum_prepared.defvjp(_gather_sum_fwd, _gather_sum_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def scatter_sum_prepared(static: _Static, w: jax.Array, a: jax.Array, nbrs: Neighbors) -> jax.Array:
-  """scatter_sum on a prepared neighbour list, summed over a batch of (weights, rows) pairs:
-  w [B,N,K,H], a [B,N,X,H] -> [M,X,H]."""
+  """scatter_sum on a prepared neighbour list: w [N,K,H], a [N,X,H] -> [M,X,H]."""
   return _scatter_sum_call(static, w, a, nbrs)
 
 
@@ -396,7 +363,7 @@ def edge_dot(a: jax.Array, b: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, b.shape[0])
   static = make_static(jnp.result_type(a, b), block_sizes, interpret, row_dim=a.shape[1],
                        num_slots=nbr_idx.shape[1], num_heads=a.shape[2], row_dtype=b.dtype)
-  return edge_dot_prepared(static, a[None], b, nbrs)[0]
+  return edge_dot_prepared(static, a, b, nbrs)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -427,7 +394,7 @@ def gather_sum(w: jax.Array, b: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Arr
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, b.shape[0])
   static = make_static(jnp.result_type(w, b), block_sizes, interpret, row_dim=b.shape[1],
                        num_slots=nbr_idx.shape[1], num_heads=w.shape[2], row_dtype=b.dtype)
-  return gather_sum_prepared(static, w[None], b, nbrs)[0]
+  return gather_sum_prepared(static, w, b, nbrs)
 
 
 @functools.partial(jax.jit, static_argnames=("num_sources", "block_sizes", "interpret"))
@@ -464,7 +431,7 @@ def scatter_sum(w: jax.Array, a: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Ar
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, num_sources)
   static = make_static(jnp.result_type(w, a), block_sizes, interpret, row_dim=a.shape[1],
                        num_slots=nbr_idx.shape[1], num_heads=w.shape[2], row_dtype=a.dtype)
-  return scatter_sum_prepared(static, w[None], a[None], nbrs)
+  return scatter_sum_prepared(static, w, a, nbrs)
 
 
 # --------------------------------------------------------------------------------- references

@@ -166,15 +166,14 @@ def _node_attention_bwd(static: _AttentionStatic, residuals, g):
   qk_f32 = by_rows(jnp.float32, row_dim=q.shape[1], row_dtype=k.dtype)
   rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1], row_dtype=values.dtype)
 
-  # The primitives are batched over target-side operands ([1, ...] here).
-  dots = edge_dot_prepared(qk_f32, q[None], k, nbrs)[0]  # [N, K, H]
-  d_weights = edge_dot_prepared(rows_f32, g[None], values, nbrs)[0]  # [N, K, H]
+  dots = edge_dot_prepared(qk_f32, q, k, nbrs)  # [N, K, H]
+  d_weights = edge_dot_prepared(rows_f32, g, values, nbrs)  # [N, K, H]
   weights, d_dots, d_gate, d_post_weight, d_envelope = attention_weights_vjp(
       dots, gate, post_weight, envelope, nbrs.slots >= 0, d_weights, scale=static.scale,
       sink=static.sink, interpret=static.interpret)  # [N, K, H] but d_envelope [N, K]
-  d_values = scatter_sum_prepared(rows_f32.with_dtype(values.dtype), weights[None], g[None], nbrs)
-  d_q = gather_sum_prepared(qk_f32.with_dtype(q.dtype), d_dots[None], k, nbrs)[0]  # [N, D, H]
-  d_k = scatter_sum_prepared(qk_f32.with_dtype(k.dtype), d_dots[None], q[None], nbrs)  # [M, D, H]
+  d_values = scatter_sum_prepared(rows_f32.with_dtype(values.dtype), weights, g, nbrs)
+  d_q = gather_sum_prepared(qk_f32.with_dtype(q.dtype), d_dots, k, nbrs)  # [N, D, H]
+  d_k = scatter_sum_prepared(qk_f32.with_dtype(k.dtype), d_dots, q, nbrs)  # [M, D, H]
   return (d_q, d_k, d_gate.astype(gate.dtype), d_post_weight.astype(post_weight.dtype),
           d_envelope.astype(envelope.dtype), d_values, None)
 

@@ -8,13 +8,6 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels._neighbors import prepare_neighbors
-from pallas_kernels.neighbor_ops import (
-    edge_dot_prepared,
-    gather_sum_prepared,
-    make_static,
-    scatter_sum_prepared,
-)
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 # Ragged tiling for the standard sizes (H = 6, K = 6, N = 11, M = 9): partial head, slot and row blocks.
@@ -221,31 +214,3 @@ def test_default_tiling_by_row_length_and_dtype(row_dim, itemsize, expected):
   # Never wider than the problem: 6 heads and 3 slots round up to one 8-head, 4-slot tile.
   small = pk.BlockSizes.get_default(row_dim, num_slots=3, num_heads=6, itemsize=itemsize)
   assert small.block_h <= 8 and small.block_k <= 4
-
-
-def test_batched_primitives_equal_per_batch_calls(kt, rng, neighbors):
-  """The internal primitives batch their target-side operands: B = 2 equals two B = 1 calls
-  (edge_dot, gather_sum) or their sum (scatter_sum), values and gradients."""
-  nbrs = prepare_neighbors(neighbors.nbr_idx, neighbors.nbr_mask, kt.M)
-  static = make_static(jnp.float32, RAGGED_BLOCKS, True, row_dim=kt.X, num_slots=kt.K,
-                       num_heads=kt.H)
-  a = kt.normal(rng, 2, kt.N, kt.X, kt.H)
-  w = kt.normal(rng, 2, kt.N, kt.K, kt.H)
-  b = kt.normal(rng, kt.M, kt.X, kt.H)
-
-  def batched(a, w, b):
-    return (edge_dot_prepared(static, a, b, nbrs), gather_sum_prepared(static, w, b, nbrs),
-            scatter_sum_prepared(static, w, a, nbrs))
-
-  def per_batch(a, w, b):
-    return (jnp.concatenate([edge_dot_prepared(static, a[i:i + 1], b, nbrs) for i in range(2)]),
-            jnp.concatenate([gather_sum_prepared(static, w[i:i + 1], b, nbrs) for i in range(2)]),
-            sum(scatter_sum_prepared(static, w[i:i + 1], a[i:i + 1], nbrs) for i in range(2)))
-
-  kt.assert_close(batched(a, w, b), per_batch(a, w, b), 1e-5, "values")
-
-  def grads(fn):
-    return jax.grad(lambda *xs: sum(jnp.sum(jnp.sin(y)) for y in fn(*xs)), argnums=(0, 1, 2))(
-        a, w, b)
-
-  kt.assert_close(grads(batched), grads(per_batch), 1e-5, "gradients")
