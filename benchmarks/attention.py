@@ -13,8 +13,12 @@ Phases (``--phases``, comma separated, run in the given order while the time bud
 * ``bench``: forward and forward+backward time (median), bytes moved against the HBM roofline,
   and peak GPU memory, for the kernel, (a) the jnp reference under XLA, (b) the per-edge model path
   that materialises the per-edge messages [T(v_j, r_ij); v_j], and the node-centric pipeline that
-  replaces (b) with node-level tensor products around the kernel. Every (size, implementation)
-  runs in a fresh subprocess so that peak memory is per configuration; out-of-memory is recorded.
+  replaces (b) with node-level tensor products around the kernel. For the model's message alone
+  (sum_k a T(v_j, r_ij), 20 rows): ``message`` (pallas_kernels.message_attention, 9 rows of v
+  gathered per edge), ``per_edge_message`` ((b) for that message) and ``pipeline_message`` (the
+  node-centric pipeline's T rows). Every (size, implementation) runs in a fresh subprocess so that
+  peak memory is per configuration; out-of-memory is recorded.
+* ``tune_msg``: a sweep of message_attention's forward tilings at the largest size.
 * ``pytest``: the compiled (GPU) variants of every test in tests/pallas_kernels.
 * ``tune_bwd``: a sweep of the backward primitives' tilings at the largest size.
 * ``profile``: one forward and one forward+backward call at the largest size (``--blocks`` or the
@@ -162,7 +166,7 @@ def _per_edge_weights(q, k, gate, post_weight, envelope, positions, nbr_idx, nbr
   take = lambda x: jnp.take(x, safe, axis=0, mode="fill", fill_value=0)  # noqa: E731
   dots = jnp.einsum("ndh,nkdh->nkh", q, take(k), precision=jax.lax.Precision.HIGHEST)
   weights = pk.attention_weights(dots, gate, post_weight, envelope, valid, scale=SCALE, sink=SINK)
-  return weights, take, positions[:, None, :] - take(positions)
+  return weights, take, _edge_vectors(positions, nbr_idx, nbr_mask)
 
 
 def per_edge_model(q, k, gate, post_weight, envelope, v9, positions, nbr_idx, nbr_mask):

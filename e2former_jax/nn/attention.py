@@ -83,7 +83,7 @@ class E2Attention(nn.Module):
     # the previous block's backward starts. Without it XLA defers every block's [N, K, 2H] gate
     # cotangent to the end of the backward pass (benchmarks/notes_memory.md).
     x, distances = jax.lax.optimization_barrier((x, geometry.distances))
-    n, s, c = x.shape
+    n, _, c = x.shape
     h, d, _k_slots = cfg.num_heads, cfg.head_dim, graph.num_neighbors
     qk_width = h * d
     q = SO3LinearToScalar(qk_width, qk_width // 2, name="query")(x).reshape(n, h, d)  # [N, H, D]
