@@ -624,27 +624,22 @@ def results_line(report: dict) -> str:
   dtype_name = next(iter(report.get("bench", {})), "float32")
   rows = report.get("bench", {}).get(dtype_name, [])
   by_key = {(r["num_atoms"], r["impl"]): r for r in rows}
-  largest = max((n for n, impl in by_key if impl == "pallas"), default=None)
   parts = [f"{report['date']}", report["device"], f"commit {report['commit']}",
            f"attention (pallas_kernels, H128 D8 X58 K32, {dtype_name})"]
-  if largest is not None:
-    r = by_key[(largest, "pallas")]
-    t = traffic(largest, jnp.dtype(dtype_name).itemsize)
+  largest_sizes = set()
+  for impl, label in (("pallas", "node_attention"), ("message", "message_attention")):
+    largest = max((n for n, i in by_key if i == impl), default=None)
+    if largest is None:
+      continue
+    largest_sizes.add(largest)
+    r = by_key[(largest, impl)]
+    floor = FLOORS[impl](largest, jnp.dtype(dtype_name).itemsize)["fwd_bytes"]
     if isinstance(r.get("fwd_ms"), float):
-      parts.append(f"N={largest}: fwd {r['fwd_ms']:.2f} ms "
-                   f"({t['fwd_bytes'] / (r['fwd_ms'] * 1e-3) / HBM_BYTES_PER_S * 100:.0f}% HBM)")
+      parts.append(f"{label} N={largest}: fwd {r['fwd_ms']:.2f} ms "
+                   f"({floor / (r['fwd_ms'] * 1e-3) / HBM_BYTES_PER_S * 100:.0f}% HBM)")
     if isinstance(r.get("fwd_bwd_ms"), float):
       parts.append(f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms")
-  largest_msg = max((n for n, impl in by_key if impl == "message"), default=None)
-  if largest_msg is not None:
-    r = by_key[(largest_msg, "message")]
-    t = message_traffic(largest_msg, jnp.dtype(dtype_name).itemsize)
-    if isinstance(r.get("fwd_ms"), float):
-      parts.append(f"message_attention N={largest_msg}: fwd {r['fwd_ms']:.2f} ms "
-                   f"({t['fwd_bytes'] / (r['fwd_ms'] * 1e-3) / HBM_BYTES_PER_S * 100:.0f}% HBM)")
-    if isinstance(r.get("fwd_bwd_ms"), float):
-      parts.append(f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms")
-  for n in sorted({largest, largest_msg} - {None}):
+  for n in sorted(largest_sizes):
     for key, value in sorted(report.get("speedups", {}).get(dtype_name, {}).get(str(n), {})
                              .items()):
       parts.append(f"N={n} {key} {value:.1f}x")

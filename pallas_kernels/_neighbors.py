@@ -56,6 +56,36 @@ def check_neighbor_list(nbr_idx: jax.Array, nbr_mask: jax.Array, num_targets: in
     raise ValueError(f"need at least one neighbour slot; got {nbr_idx.shape=}")
 
 
+def check_attention_inputs(q, k, values, nbr_idx, nbr_mask, sink: float, **per_edge) -> None:
+  """Raises ValueError unless the arrays of an attention op are consistent.
+
+  q [N, D, H], k [M, D, H], values [M, X, H] and the neighbour list [N, K]; ``per_edge`` names the
+  op's per-edge arrays, whose leading dimensions must be [N, K]: gate and post_weight [N, K, H],
+  envelope [N, K], vectors [N, K, 3]. All arrays must be floating point and the sink >= 0.
+  """
+  named = dict(q=q, k=k, values=values, **per_edge)
+  for name, x in named.items():
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a float array; got {name}.dtype={x.dtype}")
+  if q.ndim != 3 or k.ndim != 3 or values.ndim != 3:
+    raise ValueError(f"q, k, values must be 3-d; got {q.shape=}, {k.shape=}, {values.shape=}")
+  num_targets, head_dim, num_heads = q.shape
+  num_sources = k.shape[0]
+  check_neighbor_list(nbr_idx, nbr_mask, num_targets)
+  edge = (num_targets, nbr_idx.shape[1])
+  trailing = {"gate": (num_heads,), "post_weight": (num_heads,), "envelope": (), "vectors": (3,)}
+  expected = {"k": (num_sources, head_dim, num_heads),
+              **{name: edge + trailing[name] for name in per_edge}}
+  for name, shape in expected.items():
+    if named[name].shape != shape:
+      raise ValueError(f"{name} must be {shape} given {q.shape=}, {k.shape=}, {nbr_idx.shape=}; "
+                       f"got {named[name].shape}")
+  if values.shape[0] != num_sources or values.shape[2] != num_heads:
+    raise ValueError(f"values must be [M={num_sources}, X, H={num_heads}]; got {values.shape=}")
+  if sink < 0:
+    raise ValueError(f"sink must be non-negative; got {sink=}")
+
+
 def valid_slots(nbr_idx: jax.Array, nbr_mask: jax.Array, num_sources: int) -> jax.Array:
   """[N, K] bool: slots that are real edges to an existing source."""
   return nbr_mask & (nbr_idx >= 0) & (nbr_idx < num_sources)

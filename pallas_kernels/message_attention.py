@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _tiles
 from pallas_kernels._neighbors import (
     Neighbors,
-    check_neighbor_list,
+    check_attention_inputs,
     gather_sources,
     prepare_neighbors,
     upcast,
@@ -230,35 +230,12 @@ _message_attention.defvjp(_message_attention_fwd, _message_attention_bwd)
 
 def _check_inputs(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
                   nbr_idx, nbr_mask) -> None:
-  named = dict(q=q, k=k, gate=gate, post_weight=post_weight, envelope=envelope, vectors=vectors,
-               values=values)
-  for name, x in named.items():
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a float array; got {name}.dtype={x.dtype}")
-  if q.ndim != 3 or k.ndim != 3 or values.ndim != 3:
-    raise ValueError(f"q, k, values must be 3-d; got {q.shape=}, {k.shape=}, {values.shape=}")
-  num_targets, head_dim, num_heads = q.shape
-  num_sources = k.shape[0]
-  check_neighbor_list(nbr_idx, nbr_mask, num_targets)
-  num_slots = nbr_idx.shape[1]
-  expected = {
-      "k": (num_sources, head_dim, num_heads),
-      "gate": (num_targets, num_slots, num_heads),
-      "post_weight": (num_targets, num_slots, num_heads),
-      "envelope": (num_targets, num_slots),
-      "vectors": (num_targets, num_slots, _NUM_AXES),
-  }
-  for name, shape in expected.items():
-    if named[name].shape != shape:
-      raise ValueError(f"{name} must be {shape} given {q.shape=}, {k.shape=}, {nbr_idx.shape=}; "
-                       f"got {named[name].shape}")
+  check_attention_inputs(q, k, values, nbr_idx, nbr_mask, static.sink, gate=gate,
+                         post_weight=post_weight, envelope=envelope, vectors=vectors)
   num_in_rows = static.shape[1]
-  if (values.shape[0] != num_sources or values.shape[2] != num_heads
-      or values.shape[1] % num_in_rows):
-    raise ValueError(f"values must be [M={num_sources}, S*G, H={num_heads}] with S={num_in_rows} "
-                     f"the coupling's feature rows; got {values.shape=}")
-  if static.sink < 0:
-    raise ValueError(f"sink must be non-negative; got sink={static.sink}")
+  if values.shape[1] % num_in_rows:
+    raise ValueError(f"values must be [M, S*G, H] with S={num_in_rows} the coupling's feature rows; "
+                     f"got {values.shape=}")
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

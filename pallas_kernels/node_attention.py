@@ -39,7 +39,7 @@ from pallas_kernels import _tiles
 from pallas_kernels.attention_weights import attention_weights, attention_weights_vjp
 from pallas_kernels._neighbors import (
     Neighbors,
-    check_neighbor_list,
+    check_attention_inputs,
     decode_neighbors,
     gather_sources,
     prepare_neighbors,
@@ -184,33 +184,6 @@ _node_attention.defvjp(_node_attention_fwd, _node_attention_bwd)
 # -------------------------------------------------------------------------------- public API
 
 
-def _check_inputs(q, k, gate, post_weight, envelope, values, nbr_idx, nbr_mask, sink) -> None:
-  named = dict(q=q, k=k, gate=gate, post_weight=post_weight, envelope=envelope, values=values)
-  for name, x in named.items():
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a float array; got {name}.dtype={x.dtype}")
-  if q.ndim != 3 or k.ndim != 3 or values.ndim != 3:
-    raise ValueError(f"q, k, values must be 3-d; got {q.shape=}, {k.shape=}, {values.shape=}")
-  num_targets, head_dim, num_heads = q.shape
-  num_sources = k.shape[0]
-  check_neighbor_list(nbr_idx, nbr_mask, num_targets)
-  num_slots = nbr_idx.shape[1]
-  expected = {
-      "k": (num_sources, head_dim, num_heads),
-      "gate": (num_targets, num_slots, num_heads),
-      "post_weight": (num_targets, num_slots, num_heads),
-      "envelope": (num_targets, num_slots),
-  }
-  for name, shape in expected.items():
-    if named[name].shape != shape:
-      raise ValueError(f"{name} must be {shape} given {q.shape=}, {k.shape=}, {nbr_idx.shape=}; "
-                       f"got {named[name].shape}")
-  if values.shape[0] != num_sources or values.shape[2] != num_heads:
-    raise ValueError(f"values must be [M={num_sources}, X, H={num_heads}]; got {values.shape=}")
-  if sink < 0:
-    raise ValueError(f"sink must be non-negative; got {sink=}")
-
-
 @functools.partial(
     jax.jit, static_argnames=("scale", "sink", "block_sizes", "interpret", "backward_impl"))
 def node_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
@@ -243,7 +216,8 @@ def node_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax
   Raises:
     ValueError: on inconsistent shapes or dtypes, negative sink or unknown backward_impl.
   """
-  _check_inputs(q, k, gate, post_weight, envelope, values, nbr_idx, nbr_mask, sink)
+  check_attention_inputs(q, k, values, nbr_idx, nbr_mask, sink, gate=gate, post_weight=post_weight,
+                         envelope=envelope)
   if backward_impl not in _BACKWARD_IMPLS:
     raise ValueError(f"backward_impl must be one of {_BACKWARD_IMPLS}; got {backward_impl!r}")
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, k.shape[0])
