@@ -84,10 +84,33 @@ def upcast(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
+# Absolute slack of the bf16 budget, for outputs and gradients that are ~0.
+BF16_ATOL = 1e-5
+
+
+def assert_bf16_within_twice_reference(run_kernel, run_reference, inputs, cotangent) -> None:
+  """bf16 inputs, float32 accumulation: for the output and the gradient of every input (of the
+  linear functional <cotangent, out>), the kernel's error against the float32 truth (the reference
+  on upcast inputs) is at most twice the bf16 reference's; dtypes match the reference's."""
+  def value_and_grads(fn, xs):
+    def loss(*ys):
+      return jnp.sum(fn(*ys).astype(jnp.float32) * cotangent)
+    return fn(*xs), jax.grad(loss, argnums=range(len(xs)))(*xs)
+
+  truth = value_and_grads(run_reference, upcast(inputs))
+  baseline = value_and_grads(run_reference, inputs)
+  kernel = value_and_grads(run_kernel, inputs)
+  assert jax.tree.map(lambda x: x.dtype, kernel) == jax.tree.map(lambda x: x.dtype, baseline)
+  for got, base, true in zip(jax.tree.leaves(kernel), jax.tree.leaves(baseline),
+                             jax.tree.leaves(truth)):
+    assert max_error(got, true) <= 2 * max_error(base, true) + BF16_ATOL
+
+
 @pytest.fixture
 def kt() -> types.SimpleNamespace:
   """Kernel-test helpers and the standard ragged sizes."""
   return types.SimpleNamespace(
       N=NUM_TARGETS, M=NUM_SOURCES, K=NUM_SLOTS, H=NUM_HEADS, X=ROW_DIM, D=HEAD_DIM,
       make_neighbor_case=make_neighbor_case, normal=normal, assert_close=assert_close,
-      max_error=max_error, upcast=upcast)
+      max_error=max_error, upcast=upcast,
+      assert_bf16_within_twice_reference=assert_bf16_within_twice_reference)

@@ -16,7 +16,6 @@ RAGGED_BLOCKS = pk.BlockSizes(block_h=4, block_k=4, block_n=4)
 UNROLLED_BLOCKS = pk.BlockSizes(block_h=4, block_k=4, block_n=4, unroll=True)
 F32_RTOL = 2e-5
 SECOND_ORDER_RTOL = 1e-4
-BF16_ATOL = 1e-5
 SINK = 1e-3
 NUM_INPUTS = 6  # q, k, gate, post_weight, envelope, values
 
@@ -108,22 +107,10 @@ class TestNodeAttention:
     assert np.all(d_values[neighbors.unused_source] == 0)
 
   def test_bf16_error_within_twice_reference_error(self, kt, rng, neighbors):
-    inputs = _inputs(kt, rng, dtype=jnp.bfloat16)
     run_kernel, run_reference = self._ops(kt, neighbors)
-    cotangent = kt.normal(rng, kt.N, kt.X, kt.H)
-
-    def value_and_grads(fn, xs):
-      def loss(*ys):
-        return jnp.sum(fn(*ys).astype(jnp.float32) * cotangent)
-      return fn(*xs), jax.grad(loss, argnums=range(NUM_INPUTS))(*xs)
-
-    truth = value_and_grads(run_reference, kt.upcast(inputs))
-    baseline = value_and_grads(run_reference, inputs)
-    kernel = value_and_grads(run_kernel, inputs)
-    assert jax.tree.map(lambda x: x.dtype, kernel) == jax.tree.map(lambda x: x.dtype, baseline)
-    for got, base, true in zip(jax.tree.leaves(kernel), jax.tree.leaves(baseline),
-                               jax.tree.leaves(truth)):
-      assert kt.max_error(got, true) <= 2 * kt.max_error(base, true) + BF16_ATOL
+    kt.assert_bf16_within_twice_reference(run_kernel, run_reference,
+                                          _inputs(kt, rng, dtype=jnp.bfloat16),
+                                          kt.normal(rng, kt.N, kt.X, kt.H))
 
   def test_deterministic(self, kt, rng, neighbors):
     if self.INTERPRET:
