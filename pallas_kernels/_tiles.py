@@ -99,7 +99,8 @@ def row_tile_indices(
     rows: jax.Array, row_dim: int, row_pad: int, heads: jax.Array, head_mask: jax.Array | None,
     row_mask: jax.Array | None, start: int = 0,
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array | None]:
-  """Indexers and mask of ``ref[rows, start:start + row_dim, heads]`` as a [B, row_pad, block_h] tile."""
+  """Indexers and mask of ``ref[rows, start:start + row_dim, heads]``:
+  a [B, row_pad, block_h] tile."""
   shape = (rows.shape[0], row_pad, heads.shape[0])
   x = iota(shape, 1)
   mask = _and(_bcast(row_mask, shape, (0,)), _bcast(head_mask, shape, (2,)))
@@ -170,7 +171,7 @@ def load_edges(ref, edges, edge_mask, heads, head_mask) -> jax.Array:
 
 
 def load_vector(ref, row, cols, col_mask, *trailing: int) -> jax.Array:
-  """``ref[row, cols, *trailing]`` (static trailing indices) as float32 [B]; zero on masked lanes."""
+  """``ref[row, cols, *trailing]`` (static trailing indices): float32 [B], 0 on masked lanes."""
   indices = (jnp.full(cols.shape, row, jnp.int32), cols,
              *(jnp.full(cols.shape, t, jnp.int32) for t in trailing))
   return _load(ref, indices, col_mask).astype(jnp.float32)

@@ -4,7 +4,8 @@ For target atoms n with neighbour slots k pointing at sources j = idx[n, k], edg
 attention weights a[n, k, h] (the softmax of ``node_attention``, times post_weight) and source
 features v[j, s, c] with channel c in head h = c mod H:
 
-  out[n, row, c] = sum_k a[n, k, h] T(v_j, r[n, k])[row, c],  T(v, r)[row, c] = sum_{s,b} G[row, s, b] v[s, c] r[b]
+  out[n, row, c] = sum_k a[n, k, h] T(v_j, r[n, k])[row, c]
+  T(v, r)[row, c] = sum_{s,b} G[row, s, b] v[s, c] r[b]
 
 for a static coupling G [R, S, 3] (the Clebsch-Gordan table of l1 (x) 1 -> l3). T is linear in r,
 so the kernel accumulates per target the three moments ``m_b = sum_k a r_b v_j`` ([S, C] each;
@@ -187,7 +188,7 @@ def _message_attention(static: _MessageStatic, q, k, gate, post_weight, envelope
 
 
 def _message_attention_fwd(static, q, k, gate, post_weight, envelope, vectors, values, nbrs):
-  # Through the custom_vjp so that outer derivatives (force training) of this output stay in kernels.
+  # Through the custom_vjp so that outer derivatives (force training) stay in kernels.
   out = _message_attention(static, q, k, gate, post_weight, envelope, vectors, values, nbrs)
   return out, (q, k, gate, post_weight, envelope, vectors, values, nbrs)
 
@@ -234,8 +235,8 @@ def _check_inputs(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
                          post_weight=post_weight, envelope=envelope, vectors=vectors)
   num_in_rows = static.shape[1]
   if values.shape[1] % num_in_rows:
-    raise ValueError(f"values must be [M, S*G, H] with S={num_in_rows} the coupling's feature rows; "
-                     f"got {values.shape=}")
+    raise ValueError(f"values must be [M, S*G, H] with S={num_in_rows} the coupling's feature "
+                     f"rows; got {values.shape=}")
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
