@@ -32,9 +32,10 @@ for step in $STEPS; do case "$step" in
   attention) run attention "${ATTN_LIMIT:-330}" python3 benchmarks/attention.py \
            --phases validate,bench,pytest --sizes 1000,10000 --budget-s 320 --commit "$commit" \
            --out "$OUT_DIR/results/attention.json" ;;
-  attention_large) run attention_large "${ATTN_LARGE_LIMIT:-150}" python3 benchmarks/attention.py \
-           --phases bench --sizes 100000 --impls pallas,pipeline --dtypes float32,bfloat16 \
-           --budget-s 140 --commit "$commit" --out "$OUT_DIR/results/attention_100k.json" ;;
+  attention_large) run attention_large "${ATTN_LARGE_LIMIT:-300}" python3 benchmarks/attention.py \
+           --phases bench --sizes 100000 --impls pallas,pipeline,message,pipeline_message \
+           --dtypes float32,bfloat16 \
+           --budget-s 290 --commit "$commit" --out "$OUT_DIR/results/attention_100k.json" ;;
   attention_profile) run attention_profile "${ATTN_PROFILE_LIMIT:-240}" \
            bash benchmarks/profile_attention.sh "$OUT_DIR/results/attention_profile" 100000 \
            && rm -f "$OUT_DIR/results/attention_profile/"*.ncu-rep ;;
