@@ -39,13 +39,17 @@ from pallas_kernels._neighbors import (
     upcast,
     valid_slots,
 )
-from pallas_kernels.attention_weights import attention_weights, attention_weights_vjp
+from pallas_kernels.attention_weights import attention_weights
 from pallas_kernels.neighbor_ops import (
     BlockSizes,
     edge_dot_prepared,
-    gather_sum_prepared,
     make_static,
     scatter_sum_prepared,
+)
+from pallas_kernels.node_attention import (
+    online_softmax_step,
+    softmax_backward,
+    softmax_denominator,
 )
 
 # Components of an edge vector (x, y, z).
@@ -110,30 +114,22 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
 
     def step(i, carry):
       m, l, acc = carry  # [BH], [BH], (3*S) x [GP, BH] with index b*S + s
-      k, _, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
-      keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
-      dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
-      gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)  # [BK, BH]
-      logits = jnp.where(valid[:, None], gate * static.scale * dots, _tiles.NEG_INF)
-      m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [BH]
-      envelope = _tiles.load_vector(env_ref, n, k, valid)  # [BK]
-      p = jnp.exp(logits - m_new[None]) * envelope[:, None]  # [BK, BH]
-      rescale = jnp.exp(m - m_new)[None]  # [1, BH]
-      weights = p * _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+      k, sources, valid, m_new, p, rescale, weights = online_softmax_step(
+          slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, scale=static.scale,
+          block_k=block_k, d_pad=d_pad, heads=heads, head_mask=head_mask)
       coefs = [(weights * _tiles.load_vector(vec_ref, n, k, valid, b)[:, None])[:, None, :]
                for b in range(_NUM_AXES)]  # 3 x [BK, 1, BH]
       rows = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, g_pad, (s * group, group))
               for s in range(num_in_rows)]  # S x [BK, GP, BH]
-      acc = tuple(acc[b * num_in_rows + s] * rescale + jnp.sum(coefs[b] * rows[s], axis=0)
+      acc = tuple(acc[b * num_in_rows + s] * rescale[None] + jnp.sum(coefs[b] * rows[s], axis=0)
                   for b in range(_NUM_AXES) for s in range(num_in_rows))
-      return m_new, l * rescale[0] + jnp.sum(p, axis=0), acc
+      return m_new, l * rescale + jnp.sum(p, axis=0), acc
 
     zeros = jnp.zeros((g_pad, block_h), jnp.float32)
     init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),
             (zeros,) * (_NUM_AXES * num_in_rows))
     m, l, acc = _tiles.slot_loop(pl.cdiv(num_slots, block_k), step, init, block_sizes.unroll)
-    denom = l + static.sink * jnp.exp(-m)  # [BH]
-    inv = (1.0 / jnp.where(denom > 0, denom, 1.0))[None]  # [1, BH]
+    inv = (1.0 / softmax_denominator(l, m, static.sink))[None]  # [1, BH]
     for row in range(num_out_rows):
       out = zeros
       for r, s, b, coef in static.terms:
@@ -197,30 +193,24 @@ def _message_attention_bwd(static: _MessageStatic, residuals, g):
   """out = sum_k a sum_b r_b (G_b v_j): with u_b = G_b^T g and E_b[n,k,h] = <u_b[n], v_j>_h,
   d a = sum_b r_b E_b, d r_b = sum_h a E_b, d v_j = sum_b scatter(a r_b, u_b)."""
   q, k, gate, post_weight, envelope, vectors, values, nbrs = residuals
-  num_slots, num_heads = gate.shape[1], gate.shape[2]
-  by_rows = functools.partial(make_static, block_sizes=None, interpret=static.interpret,
-                              num_slots=num_slots, num_heads=num_heads)
-  qk_f32 = by_rows(jnp.float32, row_dim=q.shape[1], row_dtype=k.dtype)
-  rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1], row_dtype=values.dtype)
-
+  by_rows = functools.partial(make_static, jnp.float32, None, static.interpret,
+                              row_dim=values.shape[1], num_slots=gate.shape[1],
+                              num_heads=gate.shape[2])
   u = _pull_back_coupling(static, g)  # 3 x [N, S*G, H]
   r = upcast(vectors)  # [N, K, 3]
-  dots = edge_dot_prepared(qk_f32, q, k, nbrs)  # [N, K, H]
+  rows_f32 = by_rows(row_dtype=values.dtype)
   e = [edge_dot_prepared(rows_f32, u_b, values, nbrs) for u_b in u]  # 3 x [N, K, H]
   d_weights = sum(r[..., b, None] * e[b] for b in range(_NUM_AXES))  # [N, K, H]
-  weights, d_dots, d_gate, d_post_weight, d_envelope = attention_weights_vjp(
-      dots, gate, post_weight, envelope, nbrs.slots >= 0, d_weights, scale=static.scale,
-      sink=static.sink, interpret=static.interpret)  # [N, K, H] but d_envelope [N, K]
+  weights, softmax_cotangents = softmax_backward(
+      q, k, gate, post_weight, envelope, nbrs, d_weights, scale=static.scale, sink=static.sink,
+      interpret=static.interpret)
   d_vectors = jnp.stack([jnp.sum(weights * e[b], axis=-1) for b in range(_NUM_AXES)], axis=-1)
   # One scatter per moment: concatenating the three along heads would copy u and the weights.
-  scatter = by_rows(jnp.float32, row_dim=values.shape[1])
+  scatter = by_rows(row_dtype=jnp.float32)  # u is float32
   d_values = sum(scatter_sum_prepared(scatter, weights * r[..., b, None], u[b], nbrs)
                  for b in range(_NUM_AXES))  # [M, S*G, H]
-  d_q = gather_sum_prepared(qk_f32.with_dtype(q.dtype), d_dots, k, nbrs)  # [N, D, H]
-  d_k = scatter_sum_prepared(qk_f32.with_dtype(k.dtype), d_dots, q, nbrs)  # [M, D, H]
-  return (d_q, d_k, d_gate.astype(gate.dtype), d_post_weight.astype(post_weight.dtype),
-          d_envelope.astype(envelope.dtype), d_vectors.astype(vectors.dtype),
-          d_values.astype(values.dtype), None)
+  return (*softmax_cotangents, d_vectors.astype(vectors.dtype), d_values.astype(values.dtype),
+          None)
 
 
 _message_attention.defvjp(_message_attention_fwd, _message_attention_bwd)

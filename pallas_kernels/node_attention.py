@@ -75,6 +75,37 @@ class _AttentionStatic:
 # ----------------------------------------------------------------------------------- forward
 
 
+def online_softmax_step(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, *, scale: float,
+                        block_k: int, d_pad: int, heads, head_mask):
+  """Step i of the online softmax of target n over slot blocks (shared by the fused kernels).
+
+  Gathers the block's key rows, forms the logits and moves the running maximum ``m`` [BH].
+
+  Returns:
+    (k, sources, valid, m_new, p, rescale, weights): slot numbers, source rows and validity
+    [BK]; the new maximum [BH]; p = exp(logits - m_new) * envelope [BK, BH] (0 on invalid
+    slots); rescale = exp(m - m_new) [BH] for the running sums; weights = p * post_weight [BK, BH].
+  """
+  k, _, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
+  keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
+  dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
+  gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+  logits = jnp.where(valid[:, None], gate * scale * dots, _tiles.NEG_INF)
+  m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [BH]
+  envelope = _tiles.load_vector(env_ref, n, k, valid)  # [BK]
+  p = jnp.exp(logits - m_new[None]) * envelope[:, None]  # [BK, BH]
+  rescale = jnp.exp(m - m_new)  # [BH]
+  weights = p * _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+  return k, sources, valid, m_new, p, rescale, weights
+
+
+def softmax_denominator(l: jax.Array, m: jax.Array, sink: float) -> jax.Array:
+  """sum of exp(logits - m) * envelope plus the sink, [BH]; 1 where it is 0 (no valid slot and no
+  sink: the accumulator is 0 as well)."""
+  denom = l + sink * jnp.exp(-m)
+  return jnp.where(denom > 0, denom, 1.0)
+
+
 def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, out_ref, *,
                     scale: float, sink: float, block_sizes: BlockSizes, d_pad: int, x_pad: int):
   """One program: block_n targets in turn, a block of heads; online softmax over slot blocks."""
@@ -87,16 +118,9 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, o
 
     def step(i, carry):
       m, l, acc = carry  # [BH], [BH], [XP, BH]
-      k, _, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
-      keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
-      dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
-      gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)  # [BK, BH]
-      logits = jnp.where(valid[:, None], gate * scale * dots, _tiles.NEG_INF)
-      m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [BH]
-      envelope = _tiles.load_vector(env_ref, n, k, valid)  # [BK]
-      p = jnp.exp(logits - m_new[None]) * envelope[:, None]  # [BK, BH]
-      rescale = jnp.exp(m - m_new)  # [BH]
-      weights = p * _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+      _, sources, valid, m_new, p, rescale, weights = online_softmax_step(
+          slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, scale=scale, block_k=block_k,
+          d_pad=d_pad, heads=heads, head_mask=head_mask)
       vals = _tiles.load_rows(v_ref, sources, valid, heads, head_mask, x_pad)  # [BK, XP, BH]
       acc = acc * rescale[None] + jnp.sum(weights[:, None, :] * vals, axis=0)
       return m_new, l * rescale + jnp.sum(p, axis=0), acc
@@ -104,9 +128,7 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, o
     init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),
             jnp.zeros((x_pad, block_h), jnp.float32))
     m, l, acc = _tiles.slot_loop(pl.cdiv(num_slots, block_k), step, init, block_sizes.unroll)
-    denom = l + sink * jnp.exp(-m)  # [BH]
-    denom = jnp.where(denom > 0, denom, 1.0)
-    _tiles.store_row(out_ref, n, heads, head_mask, acc / denom[None])
+    _tiles.store_row(out_ref, n, heads, head_mask, acc / softmax_denominator(l, m, sink)[None])
 
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
@@ -160,22 +182,33 @@ def _node_attention_bwd(static: _AttentionStatic, residuals, g):
     _, vjp = jax.vjp(reference, q, k, gate, post_weight, envelope, values)
     return (*vjp(g), None)
 
-  num_slots, num_heads = gate.shape[1], gate.shape[2]
-  by_rows = functools.partial(make_static, block_sizes=None, interpret=static.interpret,
-                              num_slots=num_slots, num_heads=num_heads)
-  qk_f32 = by_rows(jnp.float32, row_dim=q.shape[1], row_dtype=k.dtype)
-  rows_f32 = by_rows(jnp.float32, row_dim=values.shape[1], row_dtype=values.dtype)
-
-  dots = edge_dot_prepared(qk_f32, q, k, nbrs)  # [N, K, H]
+  rows_f32 = make_static(jnp.float32, None, static.interpret, row_dim=values.shape[1],
+                         num_slots=gate.shape[1], num_heads=gate.shape[2], row_dtype=values.dtype)
   d_weights = edge_dot_prepared(rows_f32, g, values, nbrs)  # [N, K, H]
-  weights, d_dots, d_gate, d_post_weight, d_envelope = attention_weights_vjp(
-      dots, gate, post_weight, envelope, nbrs.slots >= 0, d_weights, scale=static.scale,
-      sink=static.sink, interpret=static.interpret)  # [N, K, H] but d_envelope [N, K]
+  weights, softmax_cotangents = softmax_backward(
+      q, k, gate, post_weight, envelope, nbrs, d_weights, scale=static.scale, sink=static.sink,
+      interpret=static.interpret)
   d_values = scatter_sum_prepared(rows_f32.with_dtype(values.dtype), weights, g, nbrs)
+  return (*softmax_cotangents, d_values, None)
+
+
+def softmax_backward(q, k, gate, post_weight, envelope, nbrs: Neighbors, d_weights, *,
+                     scale: float, sink: float, interpret: bool):
+  """From the cotangent of the attention weights [N, K, H] to those of their inputs (shared by the
+  fused kernels' backwards): recomputes the q.k products, runs the fused softmax VJP and returns
+  the weights [N, K, H] (float32) and (d_q, d_k, d_gate, d_post_weight, d_envelope), each in its
+  primal's dtype.
+  """
+  qk_f32 = make_static(jnp.float32, None, interpret, row_dim=q.shape[1], num_slots=gate.shape[1],
+                       num_heads=gate.shape[2], row_dtype=k.dtype)
+  dots = edge_dot_prepared(qk_f32, q, k, nbrs)  # [N, K, H]
+  weights, d_dots, d_gate, d_post_weight, d_envelope = attention_weights_vjp(
+      dots, gate, post_weight, envelope, nbrs.slots >= 0, d_weights, scale=scale, sink=sink,
+      interpret=interpret)  # [N, K, H] but d_envelope [N, K]
   d_q = gather_sum_prepared(qk_f32.with_dtype(q.dtype), d_dots, k, nbrs)  # [N, D, H]
   d_k = scatter_sum_prepared(qk_f32.with_dtype(k.dtype), d_dots, q, nbrs)  # [M, D, H]
-  return (d_q, d_k, d_gate.astype(gate.dtype), d_post_weight.astype(post_weight.dtype),
-          d_envelope.astype(envelope.dtype), d_values, None)
+  return weights, (d_q, d_k, d_gate.astype(gate.dtype), d_post_weight.astype(post_weight.dtype),
+                   d_envelope.astype(envelope.dtype))
 
 
 _node_attention.defvjp(_node_attention_fwd, _node_attention_bwd)
