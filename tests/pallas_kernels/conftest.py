@@ -84,6 +84,25 @@ def upcast(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
+def input_grads(fn, inputs, cotangent):
+  """Gradient of <cotangent, fn(*inputs)> with respect to every input (a VJP)."""
+  return jax.grad(lambda *xs: jnp.sum(fn(*xs) * cotangent), argnums=range(len(inputs)))(*inputs)
+
+
+def second_order_grads(fn, inputs, cotangent, directions):
+  """Reverse over reverse, the shape of force training: the gradient over the inputs of
+  <directions, gradient over the inputs of the nonlinear loss sum(cotangent * fn^2)>."""
+  argnums = range(len(inputs))
+
+  def first(*xs):
+    return jax.grad(lambda *ys: jnp.sum(cotangent * fn(*ys) ** 2), argnums=argnums)(*xs)
+
+  def contracted(*xs):
+    return sum(jnp.sum(r * g) for r, g in zip(directions, first(*xs)))
+
+  return jax.grad(contracted, argnums=argnums)(*inputs)
+
+
 # Absolute slack of the bf16 budget, for outputs and gradients that are ~0.
 BF16_ATOL = 1e-5
 
@@ -113,4 +132,5 @@ def kt() -> types.SimpleNamespace:
       N=NUM_TARGETS, M=NUM_SOURCES, K=NUM_SLOTS, H=NUM_HEADS, X=ROW_DIM, D=HEAD_DIM,
       make_neighbor_case=make_neighbor_case, normal=normal, assert_close=assert_close,
       max_error=max_error, upcast=upcast,
-      assert_bf16_within_twice_reference=assert_bf16_within_twice_reference)
+      assert_bf16_within_twice_reference=assert_bf16_within_twice_reference,
+      input_grads=input_grads, second_order_grads=second_order_grads)

@@ -73,11 +73,8 @@ class TestMessageAttention:
     inputs = _inputs(kt, rng)
     run_kernel, run_reference = self._ops(kt, neighbors)
     cotangent = kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H)
-
-    def grads(fn):
-      return jax.grad(lambda *xs: jnp.sum(fn(*xs) * cotangent), argnums=range(NUM_INPUTS))(*inputs)
-
-    kt.assert_close(grads(run_kernel), grads(run_reference), F32_RTOL, "vjp")
+    kt.assert_close(kt.input_grads(run_kernel, inputs, cotangent),
+                    kt.input_grads(run_reference, inputs, cotangent), F32_RTOL, "vjp")
 
   def test_second_order_matches_reference(self, kt, rng, neighbors):
     """Force-training shape: grad over inputs of <r, grad of a nonlinear loss over inputs>."""
@@ -85,18 +82,9 @@ class TestMessageAttention:
     run_kernel, run_reference = self._ops(kt, neighbors)
     cotangent = kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H)
     directions = [kt.normal(rng, *x.shape) for x in inputs]
-
-    def second(fn):
-      def first(*xs):
-        return jax.grad(lambda *ys: jnp.sum(cotangent * fn(*ys) ** 2),
-                        argnums=range(NUM_INPUTS))(*xs)
-
-      def contracted(*xs):
-        return sum(jnp.sum(r * g) for r, g in zip(directions, first(*xs)))
-
-      return jax.grad(contracted, argnums=range(NUM_INPUTS))(*inputs)
-
-    kt.assert_close(second(run_kernel), second(run_reference), SECOND_ORDER_RTOL, "second order")
+    kt.assert_close(kt.second_order_grads(run_kernel, inputs, cotangent, directions),
+                    kt.second_order_grads(run_reference, inputs, cotangent, directions),
+                    SECOND_ORDER_RTOL, "second order")
 
   def test_invalid_slots_are_exactly_zero(self, kt, rng, neighbors):
     inputs = _inputs(kt, rng)

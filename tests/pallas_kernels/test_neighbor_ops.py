@@ -65,11 +65,8 @@ class _PrimitiveChecks:
     inputs, kwargs = _op_inputs(self.OP, kt, rng)
     run_kernel, run_reference = self._ops(neighbors, kwargs)
     cotangent = kt.normal(rng, *run_reference(*inputs).shape)
-
-    def grads(fn):
-      return jax.grad(lambda *xs: jnp.sum(fn(*xs) * cotangent), argnums=(0, 1))(*inputs)
-
-    kt.assert_close(grads(run_kernel), grads(run_reference), F32_RTOL, self.OP + " vjp")
+    kt.assert_close(kt.input_grads(run_kernel, inputs, cotangent),
+                    kt.input_grads(run_reference, inputs, cotangent), F32_RTOL, self.OP + " vjp")
 
   def test_second_order_matches_reference(self, kt, rng, neighbors):
     """Reverse over reverse: grad of <r, grad f> with a nonlinear f of the op's output."""
@@ -77,18 +74,9 @@ class _PrimitiveChecks:
     run_kernel, run_reference = self._ops(neighbors, kwargs)
     cotangent = kt.normal(rng, *run_reference(*inputs).shape)
     directions = [kt.normal(rng, *x.shape) for x in inputs]
-
-    def second(fn):
-      def first(*xs):
-        return jax.grad(lambda *ys: jnp.sum(cotangent * fn(*ys) ** 2), argnums=(0, 1))(*xs)
-
-      def contracted(*xs):
-        return sum(jnp.sum(r * g) for r, g in zip(directions, first(*xs)))
-
-      return jax.grad(contracted, argnums=(0, 1))(*inputs)
-
-    kt.assert_close(second(run_kernel), second(run_reference), SECOND_ORDER_RTOL,
-                    self.OP + " second order")
+    kt.assert_close(kt.second_order_grads(run_kernel, inputs, cotangent, directions),
+                    kt.second_order_grads(run_reference, inputs, cotangent, directions),
+                    SECOND_ORDER_RTOL, self.OP + " second order")
 
   def test_invalid_slots_are_exactly_zero(self, kt, rng, neighbors):
     inputs, kwargs = _op_inputs(self.OP, kt, rng)
