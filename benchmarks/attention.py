@@ -19,6 +19,8 @@ Phases (``--phases``, comma separated, run in the given order while the time bud
   node-centric pipeline's T rows). Every (size, implementation) runs in a fresh subprocess so that
   peak memory is per configuration; out-of-memory is recorded.
 * ``tune_msg``: a sweep of message_attention's forward tilings at the largest size.
+* ``tune_msg_bwd``: a sweep of message_attention's fused-backward tilings (forward + backward time,
+  default forward tiling) at the largest size.
 * ``pytest``: the compiled (GPU) variants of every test in tests/pallas_kernels.
 * ``tune_bwd``: a sweep of the backward primitives' tilings at the largest size.
 * ``profile``: one forward and one forward+backward call at the largest size (``--blocks`` or the
@@ -214,12 +216,13 @@ def _edge_vectors(positions, nbr_idx, nbr_mask):
 
 
 def fused_message(q, k, gate, post_weight, envelope, v9, positions, nbr_idx, nbr_mask, *,
-                  block_sizes=None):
+                  block_sizes=None, backward_block_sizes=None):
   """The same message from ``pk.message_attention``: only v_j (9 rows) gathered per edge."""
   out = pk.message_attention(q, k, gate, post_weight, envelope,
                              _edge_vectors(positions, nbr_idx, nbr_mask), _to_heads(v9), nbr_idx,
                              nbr_mask, coupling=_coupling(), scale=SCALE, sink=SINK,
-                             block_sizes=block_sizes, interpret=INTERPRET)
+                             block_sizes=block_sizes, backward_block_sizes=backward_block_sizes,
+                             interpret=INTERPRET)
   return out.reshape(out.shape[0], NUM_TP_ROWS, CHANNELS)
 
 
@@ -244,8 +247,9 @@ def model_args(inputs):
                ("q", "k", "gate", "post_weight", "envelope", "v9", "positions"))
 
 
-def make_fn(impl: str, block_sizes, with_grad: bool):
-  """Jitted (args, nbr_idx, nbr_mask) -> output or gradients w.r.t. all float inputs."""
+def make_fn(impl: str, block_sizes, with_grad: bool, backward_block_sizes=None):
+  """Jitted (args, nbr_idx, nbr_mask) -> output or gradients w.r.t. all float inputs
+  (``backward_block_sizes``: message_attention's fused backward tiling)."""
   if impl in ("pallas", "reference"):
     fn = make_op(impl, block_sizes)
   elif impl == "per_edge":
@@ -253,7 +257,8 @@ def make_fn(impl: str, block_sizes, with_grad: bool):
   elif impl == "per_edge_message":
     fn = per_edge_message
   elif impl == "message":
-    fn = lambda *a: fused_message(*a, block_sizes=block_sizes)  # noqa: E731
+    fn = lambda *a: fused_message(  # noqa: E731
+        *a, block_sizes=block_sizes, backward_block_sizes=backward_block_sizes)
   elif impl == "pipeline_message":  # the model's current node-centric message: T rows only
     fn = lambda *a: node_pipeline(*a, block_sizes=block_sizes)[:, :NUM_TP_ROWS]  # noqa: E731
   else:
@@ -465,6 +470,12 @@ MESSAGE_CANDIDATES = [
     (64, 1, 1, 1, 2, 0), (64, 1, 1, 2, 2, 0), (128, 1, 1, 1, 2, 0), (128, 1, 1, 2, 2, 0),
     (32, 1, 1, 1, 2, 0), (64, 1, 1, 1, 1, 0), (64, 1, 1, 1, 3, 0), (128, 1, 1, 4, 2, 0),
 ]
+# message_attention's fused backward: 27 [2, block_h] pulled-back cotangent tiles held per target
+# besides the forward's operands; its default is 32 heads x 1 slot x 1 warp.
+MESSAGE_BACKWARD_CANDIDATES = [
+    (32, 1, 1, 1, 2, 0), (64, 1, 1, 1, 2, 0), (32, 1, 1, 2, 2, 0), (64, 1, 1, 2, 2, 0),
+    (16, 1, 1, 1, 2, 0), (32, 1, 1, 1, 1, 0), (128, 1, 1, 4, 2, 0), (32, 2, 1, 1, 2, 0),
+]
 PRIMITIVE_CANDIDATES = [
     (32, 4, 1, 4, 2, 0), (32, 4, 1, 4, 2, 1), (32, 2, 1, 4, 2, 1), (64, 2, 1, 4, 2, 1),
 ]
@@ -477,8 +488,10 @@ def _blocks(t) -> pk.BlockSizes:
 
 
 def tune_forward(report: dict, num_atoms: int, deadline: float, candidates: list[tuple],
-                 dtype_name: str = "float32", impl: str = "pallas") -> tuple | None:
-  """Times forward tilings of ``impl``'s kernel at one size and input dtype; returns the fastest."""
+                 dtype_name: str = "float32", impl: str = "pallas",
+                 backward: bool = False) -> tuple | None:
+  """Times forward tilings of ``impl``'s kernel at one size and input dtype; returns the fastest.
+  With ``backward``, times forward + backward over tilings of message_attention's fused backward."""
   is_op = impl in ("pallas", "reference")
   inputs = make_inputs(num_atoms, jnp.dtype(dtype_name), op=is_op, model=not is_op)
   args = args_for(impl, inputs)
@@ -486,14 +499,17 @@ def tune_forward(report: dict, num_atoms: int, deadline: float, candidates: list
   for cand in candidates:
     if time.time() > deadline:
       break
+    entry = {"impl": impl, "blocks": cand, "dtype": dtype_name, "backward": backward}
+    fn = make_fn(impl, None, True, _blocks(cand)) if backward else make_fn(impl, _blocks(cand),
+                                                                           False)
     try:
-      seconds = time_fn(make_fn(impl, _blocks(cand), False), args, samples=5)
+      seconds = time_fn(fn, args, samples=5)
       timed.append((seconds, cand))
-      entry = {"impl": impl, "blocks": cand, "dtype": dtype_name, "ms": seconds * 1e3}
+      entry["ms"] = seconds * 1e3
     except Exception as e:  # a tiling Triton rejects (e.g. too many registers) is data, not a crash
-      entry = {"impl": impl, "blocks": cand, "dtype": dtype_name, "error": repr(e)[:300]}
+      entry["error"] = repr(e)[:300]
     report.setdefault("tune_forward", []).append(entry)
-    print("tune fwd", json.dumps(entry), flush=True)
+    print("tune", json.dumps(entry), flush=True)
   return min(timed)[1] if timed else None
 
 
@@ -709,6 +725,10 @@ def main() -> None:
         for dtype_name in args.dtypes.split(","):
           tune_forward(report, largest, deadline, candidates or MESSAGE_CANDIDATES, dtype_name,
                        impl="message")
+      elif phase == "tune_msg_bwd":
+        for dtype_name in args.dtypes.split(","):
+          tune_forward(report, largest, deadline, candidates or MESSAGE_BACKWARD_CANDIDATES,
+                       dtype_name, impl="message", backward=True)
       elif phase == "bench":
         report["bench_forward_blocks"] = blocks
         for dtype_name in args.dtypes.split(","):

@@ -15,8 +15,12 @@ the R + S = 29 rows of ``[T(v_j, x_j); v_j]`` that ``node_attention`` needs for 
 and it uses the true edge vector (periodic images included), so no difference of two large node
 terms is formed.
 
-The backward is built from the primitives of ``neighbor_ops`` and the fused softmax VJP, like
-``node_attention``'s, so every derivative order keeps the linear-memory property.
+The backward is one fused kernel for everything on the target side (one more pass over the
+slots that gathers what the forward gathered, using the forward's softmax statistics and output)
+followed by the scatters of the key and value cotangents. Its own derivative (force training
+differentiates the backward) is that of the same backward composed from the primitives of
+``neighbor_ops`` and the fused softmax VJP, so every derivative order keeps the linear-memory
+property.
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ _NUM_AXES = 3
 # 2 warps, 10.6 for 128 heads at 4 warps and 31-47 ms for every tiling with several slots per step
 # (a reduction over slots per accumulator row).
 _FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
+# Default tiling of the fused backward: it holds the three pulled-back cotangent tiles u_b
+# (27 x [G, block_h]) besides the forward's operands, so half the forward's heads per program.
+_BACKWARD_BLOCKS = BlockSizes(block_h=32, block_k=1, num_warps=1)
+# The softmax statistics the forward writes for the backward: shift m and denominator per head.
+_NUM_STATS = 2
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -70,7 +79,8 @@ class _MessageStatic:
   terms: tuple[tuple[int, int, int, float], ...]  # (row, s, b, G[row, s, b]) for G != 0
   scale: float
   sink: float
-  block_sizes: BlockSizes | None
+  block_sizes: BlockSizes | None  # forward kernel; None = _FORWARD_BLOCKS
+  backward_block_sizes: BlockSizes | None  # fused backward kernel; None = _BACKWARD_BLOCKS
   interpret: bool
 
   def dense(self, dtype) -> jax.Array:
@@ -80,7 +90,8 @@ class _MessageStatic:
     return jnp.asarray(coupling, dtype)
 
 
-def _make_static(coupling, scale, sink, block_sizes, interpret) -> _MessageStatic:
+def _make_static(coupling, scale, sink, block_sizes, backward_block_sizes,
+                 interpret) -> _MessageStatic:
   coupling = np.asarray(coupling, np.float64)
   if coupling.ndim != 3 or coupling.shape[2] != _NUM_AXES:
     raise ValueError(f"coupling must be [R, S, 3]; got shape {coupling.shape}")
@@ -89,20 +100,21 @@ def _make_static(coupling, scale, sink, block_sizes, interpret) -> _MessageStati
   terms = tuple((int(r), int(s), int(b), float(coupling[r, s, b]))
                 for r, s, b in zip(*np.nonzero(coupling)))
   return _MessageStatic(tuple(coupling.shape), terms, float(scale), float(sink), block_sizes,
-                        bool(interpret))
+                        backward_block_sizes, bool(interpret))
 
 
 # ----------------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, out_ref, *,
-                    static: _MessageStatic, block_sizes: BlockSizes, d_pad: int, group: int,
-                    g_pad: int):
+def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, out_ref,
+                    stats_ref, *, static: _MessageStatic, block_sizes: BlockSizes, d_pad: int,
+                    group: int, g_pad: int):
   """One program: block_n targets in turn, a block of heads; online softmax over slot blocks.
 
   The accumulator is one [GP, BH] tile per (axis b, feature row s): value rows are gathered row by
   row (each a contiguous [G, BH] segment of the source's [S*G, H] block), since a Triton tile
   cannot be sliced into rows afterwards, and the coupling is applied to the tiles at the end.
+  It also writes the softmax statistics (maximum and denominator) for the backward.
   """
   num_targets, num_slots, num_heads = gate_ref.shape
   num_out_rows, num_in_rows, _ = static.shape
@@ -129,19 +141,24 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
     init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),
             (zeros,) * (_NUM_AXES * num_in_rows))
     m, l, acc = _tiles.slot_loop(pl.cdiv(num_slots, block_k), step, init, block_sizes.unroll)
-    inv = (1.0 / softmax_denominator(l, m, static.sink))[None]  # [1, BH]
+    denominator = softmax_denominator(l, m, static.sink)  # [BH]
+    inv = (1.0 / denominator)[None]  # [1, BH]
     for row in range(num_out_rows):
       out = zeros
       for r, s, b, coef in static.terms:
         if r == row:
           out = out + coef * acc[b * num_in_rows + s]
       _tiles.store_row(out_ref, n, heads, head_mask, out * inv, (row * group, group))
+    for row, stat in enumerate((m, denominator)):
+      _tiles.store_row(stats_ref, n, heads, head_mask, stat[None], (row, 1))
 
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
 
 def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
-                  nbrs: Neighbors) -> jax.Array:
+                  nbrs: Neighbors, out_dtype) -> tuple[jax.Array, jax.Array]:
+  """(out [N, R*G, H] in out_dtype, stats [N, 2, H]): stats[:, 0] the softmax shift m,
+  stats[:, 1] its denominator (float32)."""
   num_targets, head_dim, num_heads = q.shape
   num_out_rows, num_in_rows, _ = static.shape
   group = values.shape[1] // num_in_rows
@@ -152,7 +169,9 @@ def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
       group=group, g_pad=pl.next_power_of_2(group))
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_targets, num_out_rows * group, num_heads), values.dtype),
+      out_shape=(
+          jax.ShapeDtypeStruct((num_targets, num_out_rows * group, num_heads), out_dtype),
+          jax.ShapeDtypeStruct((num_targets, _NUM_STATS, num_heads), jnp.float32)),
       grid=block_sizes.grid(num_targets, num_heads),
       compiler_params=block_sizes.compiler_params(),
       interpret=static.interpret,
@@ -177,22 +196,13 @@ def _pull_back_coupling(static: _MessageStatic, g: jax.Array) -> list[jax.Array]
           for b in range(_NUM_AXES)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _message_attention(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
-                       nbrs: Neighbors):
-  return _forward_call(static, q, k, gate, post_weight, envelope, vectors, values, nbrs)
+def _composed_backward(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
+                       g, nbrs: Neighbors):
+  """The backward from the gather primitives: the derivative of the fused backward (second order).
 
-
-def _message_attention_fwd(static, q, k, gate, post_weight, envelope, vectors, values, nbrs):
-  # Through the custom_vjp so that outer derivatives (force training) stay in kernels.
-  out = _message_attention(static, q, k, gate, post_weight, envelope, vectors, values, nbrs)
-  return out, (q, k, gate, post_weight, envelope, vectors, values, nbrs)
-
-
-def _message_attention_bwd(static: _MessageStatic, residuals, g):
-  """out = sum_k a sum_b r_b (G_b v_j): with u_b = G_b^T g and E_b[n,k,h] = <u_b[n], v_j>_h,
-  d a = sum_b r_b E_b, d r_b = sum_h a E_b, d v_j = sum_b scatter(a r_b, u_b)."""
-  q, k, gate, post_weight, envelope, vectors, values, nbrs = residuals
+  out = sum_k a sum_b r_b (G_b v_j): with u_b = G_b^T g and E_b[n,k,h] = <u_b[n], v_j>_h,
+  d a = sum_b r_b E_b, d r_b = sum_h a E_b, d v_j = sum_b scatter(a r_b, u_b).
+  """
   by_rows = functools.partial(make_static, jnp.float32, None, static.interpret,
                               row_dim=values.shape[1], num_slots=gate.shape[1],
                               num_heads=gate.shape[2])
@@ -205,12 +215,185 @@ def _message_attention_bwd(static: _MessageStatic, residuals, g):
       q, k, gate, post_weight, envelope, nbrs, d_weights, scale=static.scale, sink=static.sink,
       interpret=static.interpret)
   d_vectors = jnp.stack([jnp.sum(weights * e[b], axis=-1) for b in range(_NUM_AXES)], axis=-1)
-  # One scatter per moment: concatenating the three along heads would copy u and the weights.
-  scatter = by_rows(row_dtype=jnp.float32)  # u is float32
-  d_values = sum(scatter_sum_prepared(scatter, weights * r[..., b, None], u[b], nbrs)
-                 for b in range(_NUM_AXES))  # [M, S*G, H]
-  return (*softmax_cotangents, d_vectors.astype(vectors.dtype), d_values.astype(values.dtype),
-          None)
+  d_values = _scatter_moments(static, [weights * r[..., b, None] for b in range(_NUM_AXES)], u,
+                              values, nbrs)
+  return (*softmax_cotangents, d_vectors.astype(vectors.dtype), d_values)
+
+
+def _scatter_moments(static: _MessageStatic, weights_r, u, values, nbrs: Neighbors) -> jax.Array:
+  """d v = sum_b scatter(a r_b, u_b): one scatter per moment (concatenating the three along heads
+  would copy u and the weights). [M, S*G, H] in the dtype of ``values``."""
+  scatter = make_static(jnp.float32, None, static.interpret, row_dim=values.shape[1],
+                        num_slots=weights_r[0].shape[1], num_heads=values.shape[2],
+                        row_dtype=jnp.float32)  # u is float32
+  d_values = sum(scatter_sum_prepared(scatter, w_b, u_b, nbrs) for w_b, u_b in zip(weights_r, u))
+  return d_values.astype(values.dtype)
+
+
+def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, ux_ref,
+                     uy_ref, uz_ref, g_ref, out_ref, stats_ref, d_q_ref, d_gate_ref, d_pw_ref,
+                     d_dots_ref, wx_ref, wy_ref, wz_ref, d_env_ref, d_vec_ref, *,
+                     static: _MessageStatic, block_sizes: BlockSizes, d_pad: int, group: int,
+                     g_pad: int):
+  """One program: block_n targets in turn, a block of heads, one pass over the slots.
+
+  Per slot it gathers the key and the S value rows of the source (as the forward does), rebuilds
+  the weights from the forward's statistics and forms every target-side cotangent in registers:
+  E_b = <u_b, v_j>, d a = sum_b r_b E_b, the softmax backward, whose row term
+  sum_k a d a = <g, out> is known before the loop, and d q. It writes the per-edge cotangents and
+  a r_b (the scatter weights of d v) and accumulates d q; head sums (d envelope, d vectors) go to
+  column ``head block`` of their [N, K, blocks] outputs.
+  """
+  num_targets, num_slots, num_heads = gate_ref.shape
+  num_in_rows = static.shape[1]
+  block_h, block_k = block_sizes.block_h, block_sizes.block_k
+  heads, head_mask = _tiles.head_block(block_h, num_heads)
+  head_block = jnp.full((1,), pl.program_id(1), jnp.int32)
+  scale = static.scale
+
+  def node_rows(ref, n, num_rows, pad, length):  # rows of target n: num_rows x [pad, BH]
+    row = jnp.full((1,), n, jnp.int32)
+    return [_tiles.load_rows(ref, row, None, heads, head_mask, pad, (i * length, length))[0]
+            for i in range(num_rows)]
+
+  def target(n):
+    q = _tiles.load_row(q_ref, n, heads, head_mask, d_pad)  # [DP, BH]
+    u = [node_rows(ref, n, num_in_rows, g_pad, group) for ref in (ux_ref, uy_ref, uz_ref)]
+    num_out_rows = g_ref.shape[1] // group
+    total = sum(jnp.sum(a * b, axis=0) for a, b in zip(
+        node_rows(g_ref, n, num_out_rows, g_pad, group),
+        node_rows(out_ref, n, num_out_rows, g_pad, group)))  # [BH]: sum_k a d a
+    m, denominator = node_rows(stats_ref, n, _NUM_STATS, 1, 1)  # [1, BH] each
+    # Masked heads load 0; keep their lanes finite (they are never stored).
+    denominator = jnp.where(denominator > 0, denominator, 1.0)
+
+    def step(i, d_q):
+      k, k_mask, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
+      keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
+      dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
+      gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)
+      unit = jnp.where(valid[:, None], jnp.exp(gate * scale * dots - m), 0.0)  # [BK, BH]
+      e = unit * _tiles.load_vector(env_ref, n, k, valid)[:, None]
+      alpha = e / denominator
+      post_weight = _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)
+      weights = alpha * post_weight
+      rows = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, g_pad, (s * group, group))
+              for s in range(num_in_rows)]  # S x [BK, GP, BH]
+      e_b = [jnp.sum(sum(u_b[s][None] * rows[s] for s in range(num_in_rows)), axis=1)
+             for u_b in u]  # 3 x [BK, BH]
+      r = [_tiles.load_vector(vec_ref, n, k, valid, b) for b in range(_NUM_AXES)]  # 3 x [BK]
+      d_weights = sum(r_b[:, None] * e_b[b] for b, r_b in enumerate(r))  # [BK, BH]
+      d_e = (d_weights * post_weight - total) / denominator
+      d_logits = d_e * e
+      d_dots = d_logits * scale * gate
+
+      def store(ref, value):
+        _tiles.store_slots(ref, n, k, k_mask, heads, head_mask, value)
+
+      store(d_gate_ref, d_logits * scale * dots)
+      store(d_pw_ref, d_weights * alpha)
+      store(d_dots_ref, d_dots)
+      for b, ref in enumerate((wx_ref, wy_ref, wz_ref)):
+        store(ref, weights * r[b][:, None])
+        _tiles.store_slots(d_vec_ref, n, k, k_mask, head_block * _NUM_AXES + b, None,
+                           jnp.sum(weights * e_b[b], axis=1, keepdims=True))
+      _tiles.store_slots(d_env_ref, n, k, k_mask, head_block, None,
+                         jnp.sum(d_e * unit, axis=1, keepdims=True))
+      return d_q + jnp.sum(d_dots[:, None, :] * keys, axis=0)
+
+    d_q = _tiles.slot_loop(pl.cdiv(num_slots, block_k), step,
+                           jnp.zeros((d_pad, block_h), jnp.float32), block_sizes.unroll)
+    _tiles.store_row(d_q_ref, n, heads, head_mask, d_q)
+
+  _tiles.for_each_row(block_sizes.block_n, num_targets, target)
+
+
+def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values, g,
+                   out, stats, nbrs: Neighbors):
+  """Every input cotangent: the fused kernel for the target side, then the scatters of d k and
+  d v. Returns (d_q, d_k, d_gate, d_post_weight, d_envelope, d_vectors, d_values)."""
+  num_targets, head_dim, num_heads = q.shape
+  num_slots = gate.shape[1]
+  group = values.shape[1] // static.shape[1]
+  block_sizes = static.backward_block_sizes or dataclasses.replace(
+      _BACKWARD_BLOCKS, block_h=min(_BACKWARD_BLOCKS.block_h, pl.next_power_of_2(num_heads)))
+  num_head_blocks = pl.cdiv(num_heads, block_sizes.block_h)
+  u = _pull_back_coupling(static, g)  # 3 x [N, S*G, H]
+
+  def edge(dtype, width=num_heads):
+    return jax.ShapeDtypeStruct((num_targets, num_slots, width), dtype)
+
+  kernel = functools.partial(
+      _backward_kernel, static=static, block_sizes=block_sizes,
+      d_pad=pl.next_power_of_2(head_dim), group=group, g_pad=pl.next_power_of_2(group))
+  d_q, d_gate, d_post_weight, d_dots, *weights_r, d_env, d_vec = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), edge(gate.dtype),
+                 edge(post_weight.dtype), *(edge(jnp.float32) for _ in range(1 + _NUM_AXES)),
+                 edge(jnp.float32, num_head_blocks),
+                 edge(jnp.float32, num_head_blocks * _NUM_AXES)),
+      grid=block_sizes.grid(num_targets, num_heads),
+      compiler_params=block_sizes.compiler_params(),
+      interpret=static.interpret,
+      name="message_attention_bwd",
+  )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values, *u, g, out, stats)
+  keys = make_static(jnp.float32, None, static.interpret, row_dim=head_dim, num_slots=num_slots,
+                     num_heads=num_heads, row_dtype=k.dtype).with_dtype(k.dtype)
+  d_k = scatter_sum_prepared(keys, d_dots, q, nbrs)  # [M, D, H]
+  d_values = _scatter_moments(static, weights_r, u, values, nbrs)
+  d_vectors = d_vec.reshape(num_targets, num_slots, num_head_blocks, _NUM_AXES).sum(axis=2)
+  return (d_q, d_k, d_gate, d_post_weight, jnp.sum(d_env, axis=-1).astype(envelope.dtype),
+          d_vectors.astype(vectors.dtype), d_values)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _backward(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values, g, out,
+              stats, nbrs: Neighbors):
+  """The fused backward; its own derivative is the composed backward's (out and stats only cache
+  what the inputs determine, so they take no cotangent)."""
+  return _backward_call(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats,
+                        nbrs)
+
+
+def _backward_fwd(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats, nbrs):
+  cotangents = _backward(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats,
+                         nbrs)
+  return cotangents, (q, k, gate, post_weight, envelope, vectors, values, g, nbrs)
+
+
+def _backward_bwd(static, residuals, cotangents):
+  *inputs, nbrs = residuals
+  _, vjp = jax.vjp(lambda *xs: _composed_backward(static, *xs, nbrs), *inputs)
+  return (*vjp(cotangents), None, None, None)
+
+
+_backward.defvjp(_backward_fwd, _backward_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _message_attention(static: _MessageStatic, out_dtype, q, k, gate, post_weight, envelope,
+                       vectors, values, nbrs: Neighbors):
+  """(out in out_dtype, stats); stats feed only this op's backward, so their cotangent is 0."""
+  return _forward_call(static, q, k, gate, post_weight, envelope, vectors, values, nbrs, out_dtype)
+
+
+def _message_attention_fwd(static, out_dtype, q, k, gate, post_weight, envelope, vectors, values,
+                           nbrs):
+  # Through the custom_vjp so that outer derivatives (force training) stay in kernels. The
+  # backward's softmax row term is <g, out>: it reads out in float32 (a bf16 out would make it
+  # the largest error of the bf16 gradients), and the primal output is cast from it.
+  out, stats = _message_attention(static, jnp.float32, q, k, gate, post_weight, envelope, vectors,
+                                  values, nbrs)
+  residuals = (q, k, gate, post_weight, envelope, vectors, values, out, stats, nbrs)
+  return (out.astype(out_dtype), stats), residuals
+
+
+def _message_attention_bwd(static: _MessageStatic, out_dtype, residuals, cotangents):
+  del out_dtype
+  q, k, gate, post_weight, envelope, vectors, values, out, stats, nbrs = residuals
+  g, _ = cotangents
+  return (*_backward(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats,
+                     nbrs), None)
 
 
 _message_attention.defvjp(_message_attention_fwd, _message_attention_bwd)
@@ -233,13 +416,16 @@ def _check_inputs(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
 def _message_attention_jit(static, q, k, gate, post_weight, envelope, vectors, values, nbr_idx,
                            nbr_mask):
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, k.shape[0])
-  return _message_attention(static, q, k, gate, post_weight, envelope, vectors, values, nbrs)
+  out, _ = _message_attention(static, values.dtype, q, k, gate, post_weight, envelope, vectors,
+                              values, nbrs)
+  return out
 
 
 def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
                       envelope: jax.Array, vectors: jax.Array, values: jax.Array,
                       nbr_idx: jax.Array, nbr_mask: jax.Array, *, coupling, scale: float,
                       sink: float = 1e-3, block_sizes: BlockSizes | None = None,
+                      backward_block_sizes: BlockSizes | None = None,
                       interpret: bool = False) -> jax.Array:
   """Fused attention message ``sum_k a T(v_j, r)`` (see the module docstring for the formula).
 
@@ -258,7 +444,9 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     scale: logit scale (1/sqrt(D) in the paper).
     sink: strength of the attention sink (relative to logit 0); must be >= 0.
     block_sizes: tiling of the forward kernel; None picks 64 heads (fewer if H is smaller) x 1
-      slot x 1 warp. The backward's gather kernels use their defaults.
+      slot x 1 warp.
+    backward_block_sizes: tiling of the fused backward kernel; None picks 32 heads x 1 slot x 1
+      warp. The backward's scatters and the second-order gather kernels use their defaults.
     interpret: run all kernels in the Pallas interpreter (CPU testing).
 
   Returns:
@@ -268,7 +456,7 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
   Raises:
     ValueError: on inconsistent shapes or dtypes, a malformed coupling or a negative sink.
   """
-  static = _make_static(coupling, scale, sink, block_sizes, interpret)
+  static = _make_static(coupling, scale, sink, block_sizes, backward_block_sizes, interpret)
   _check_inputs(static, q, k, gate, post_weight, envelope, vectors, values, nbr_idx, nbr_mask)
   return _message_attention_jit(static, q, k, gate, post_weight, envelope, vectors, values,
                                 nbr_idx, nbr_mask)
@@ -276,9 +464,9 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
 
 def message_attention_reference(q, k, gate, post_weight, envelope, vectors, values, nbr_idx,
                                 nbr_mask, *, coupling, scale, sink=1e-3, block_sizes=None,
-                                interpret=False):
+                                backward_block_sizes=None, interpret=False):
   """Pure-jnp ``message_attention`` in (at least) float32; materialises the gathered v rows."""
-  del block_sizes, interpret
+  del block_sizes, backward_block_sizes, interpret
   coupling = np.asarray(coupling)
   num_in_rows = coupling.shape[1]
   valid = valid_slots(nbr_idx, nbr_mask, k.shape[0])

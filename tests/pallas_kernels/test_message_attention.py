@@ -49,7 +49,7 @@ class TestMessageAttention:
     opts = dict(coupling=COUPLING, scale=kt.D ** -0.5, sink=SINK)
     nbr = (neighbors.nbr_idx, neighbors.nbr_mask)
     kernel = functools.partial(pk.message_attention, block_sizes=block_sizes,
-                               interpret=self.INTERPRET, **opts)
+                               backward_block_sizes=block_sizes, interpret=self.INTERPRET, **opts)
     return ((lambda *xs: kernel(*xs, *nbr)),
             (lambda *xs: pk.message_attention_reference(*xs, *nbr, **opts)))
 
