@@ -470,11 +470,15 @@ MESSAGE_CANDIDATES = [
     (64, 1, 1, 1, 2, 0), (64, 1, 1, 2, 2, 0), (128, 1, 1, 1, 2, 0), (128, 1, 1, 2, 2, 0),
     (32, 1, 1, 1, 2, 0), (64, 1, 1, 1, 1, 0), (64, 1, 1, 1, 3, 0), (128, 1, 1, 4, 2, 0),
 ]
-# message_attention's fused backward: 27 [2, block_h] pulled-back cotangent tiles held per target
-# besides the forward's operands; its default is 32 heads x 1 slot x 1 warp.
+# message_attention's fused backward: (target side, source side) tilings, 12 numbers. The target
+# side holds 27 [2, block_h] pulled-back cotangent tiles besides the forward's operands; default
+# 64 heads x 1 slot x 1 warp for both (run 15).
+_ONE_WARP = {h: (h, 1, 1, 1, 2, 0) for h in (32, 64, 128)}
 MESSAGE_BACKWARD_CANDIDATES = [
-    (32, 1, 1, 1, 2, 0), (64, 1, 1, 1, 2, 0), (32, 1, 1, 2, 2, 0), (64, 1, 1, 2, 2, 0),
-    (16, 1, 1, 1, 2, 0), (32, 1, 1, 1, 1, 0), (128, 1, 1, 4, 2, 0), (32, 2, 1, 1, 2, 0),
+    _ONE_WARP[64] + _ONE_WARP[64], _ONE_WARP[64] + _ONE_WARP[32], _ONE_WARP[64] + _ONE_WARP[128],
+    _ONE_WARP[64] + (64, 1, 1, 2, 2, 0), _ONE_WARP[64] + (128, 1, 1, 4, 2, 0),
+    _ONE_WARP[64] + (64, 2, 1, 1, 2, 0), _ONE_WARP[64] + (128, 4, 1, 4, 2, 0),
+    _ONE_WARP[32] + _ONE_WARP[64],
 ]
 PRIMITIVE_CANDIDATES = [
     (32, 4, 1, 4, 2, 0), (32, 4, 1, 4, 2, 1), (32, 2, 1, 4, 2, 1), (64, 2, 1, 4, 2, 1),
@@ -500,8 +504,8 @@ def tune_forward(report: dict, num_atoms: int, deadline: float, candidates: list
     if time.time() > deadline:
       break
     entry = {"impl": impl, "blocks": cand, "dtype": dtype_name, "backward": backward}
-    fn = make_fn(impl, None, True, _blocks(cand)) if backward else make_fn(impl, _blocks(cand),
-                                                                           False)
+    fn = (make_fn(impl, None, True, (_blocks(cand[:6]), _blocks(cand[6:]))) if backward
+          else make_fn(impl, _blocks(cand), False))
     try:
       seconds = time_fn(fn, args, samples=5)
       timed.append((seconds, cand))

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _tiles
 from pallas_kernels._neighbors import (
@@ -63,9 +64,12 @@ _NUM_AXES = 3
 # 2 warps, 10.6 for 128 heads at 4 warps and 31-47 ms for every tiling with several slots per step
 # (a reduction over slots per accumulator row).
 _FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
-# Default tiling of the fused backward: it holds the three pulled-back cotangent tiles u_b
-# (27 x [G, block_h]) besides the forward's operands, so half the forward's heads per program.
-_BACKWARD_BLOCKS = BlockSizes(block_h=32, block_k=1, num_warps=1)
+# Default tiling of the fused backward's target side: 64 heads x 1 slot x 1 warp, as the forward,
+# took 42.0 ms forward + backward at N = 100k on an H100 against 44.7 at 32 heads and 52-55 at
+# 2 or 4 warps (benchmarks/notes_attention.md, run 15).
+_BACKWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
+# Default tiling of the backward's source side (d k and d v per source, over its incoming edges).
+_SCATTER_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
 # The softmax statistics the forward writes for the backward: shift m and denominator per head.
 _NUM_STATS = 2
 _HIGHEST = lax.Precision.HIGHEST
@@ -80,7 +84,8 @@ class _MessageStatic:
   scale: float
   sink: float
   block_sizes: BlockSizes | None  # forward kernel; None = _FORWARD_BLOCKS
-  backward_block_sizes: BlockSizes | None  # fused backward kernel; None = _BACKWARD_BLOCKS
+  # (target side, source side) of the fused backward; None = (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)
+  backward_block_sizes: tuple[BlockSizes, BlockSizes] | None
   interpret: bool
 
   def dense(self, dtype) -> jax.Array:
@@ -215,24 +220,16 @@ def _composed_backward(static: _MessageStatic, q, k, gate, post_weight, envelope
       q, k, gate, post_weight, envelope, nbrs, d_weights, scale=static.scale, sink=static.sink,
       interpret=static.interpret)
   d_vectors = jnp.stack([jnp.sum(weights * e[b], axis=-1) for b in range(_NUM_AXES)], axis=-1)
-  d_values = _scatter_moments(static, [weights * r[..., b, None] for b in range(_NUM_AXES)], u,
-                              values, nbrs)
-  return (*softmax_cotangents, d_vectors.astype(vectors.dtype), d_values)
-
-
-def _scatter_moments(static: _MessageStatic, weights_r, u, values, nbrs: Neighbors) -> jax.Array:
-  """d v = sum_b scatter(a r_b, u_b): one scatter per moment (concatenating the three along heads
-  would copy u and the weights). [M, S*G, H] in the dtype of ``values``."""
-  scatter = make_static(jnp.float32, None, static.interpret, row_dim=values.shape[1],
-                        num_slots=weights_r[0].shape[1], num_heads=values.shape[2],
-                        row_dtype=jnp.float32)  # u is float32
-  d_values = sum(scatter_sum_prepared(scatter, w_b, u_b, nbrs) for w_b, u_b in zip(weights_r, u))
-  return d_values.astype(values.dtype)
+  # One scatter per moment: concatenating the three along heads would copy u and the weights.
+  scatter = by_rows(row_dtype=jnp.float32)  # u is float32
+  d_values = sum(scatter_sum_prepared(scatter, weights * r[..., b, None], u[b], nbrs)
+                 for b in range(_NUM_AXES))  # [M, S*G, H]
+  return (*softmax_cotangents, d_vectors.astype(vectors.dtype), d_values.astype(values.dtype))
 
 
 def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, ux_ref,
                      uy_ref, uz_ref, g_ref, out_ref, stats_ref, d_q_ref, d_gate_ref, d_pw_ref,
-                     d_dots_ref, wx_ref, wy_ref, wz_ref, d_env_ref, d_vec_ref, *,
+                     d_dots_ref, w_ref, d_env_ref, d_vec_ref, *,
                      static: _MessageStatic, block_sizes: BlockSizes, d_pad: int, group: int,
                      g_pad: int):
   """One program: block_n targets in turn, a block of heads, one pass over the slots.
@@ -240,9 +237,9 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
   Per slot it gathers the key and the S value rows of the source (as the forward does), rebuilds
   the weights from the forward's statistics and forms every target-side cotangent in registers:
   E_b = <u_b, v_j>, d a = sum_b r_b E_b, the softmax backward, whose row term
-  sum_k a d a = <g, out> is known before the loop, and d q. It writes the per-edge cotangents and
-  a r_b (the scatter weights of d v) and accumulates d q; head sums (d envelope, d vectors) go to
-  column ``head block`` of their [N, K, blocks] outputs.
+  sum_k a d a = <g, out> is known before the loop, and d q. It writes the per-edge cotangents,
+  d dots and the weights (what the source side needs) and accumulates d q; head sums (d envelope,
+  d vectors) go to column ``head block`` of their [N, K, blocks] outputs.
   """
   num_targets, num_slots, num_heads = gate_ref.shape
   num_in_rows = static.shape[1]
@@ -293,8 +290,8 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
       store(d_gate_ref, d_logits * scale * dots)
       store(d_pw_ref, d_weights * alpha)
       store(d_dots_ref, d_dots)
-      for b, ref in enumerate((wx_ref, wy_ref, wz_ref)):
-        store(ref, weights * r[b][:, None])
+      store(w_ref, weights)
+      for b in range(_NUM_AXES):
         _tiles.store_slots(d_vec_ref, n, k, k_mask, head_block * _NUM_AXES + b, None,
                            jnp.sum(weights * e_b[b], axis=1, keepdims=True))
       _tiles.store_slots(d_env_ref, n, k, k_mask, head_block, None,
@@ -308,15 +305,62 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
 
+def _scatter_kernel(offsets_ref, order_ref, w_ref, d_dots_ref, vec_ref, q_ref, ux_ref, uy_ref,
+                    uz_ref, d_k_ref, d_v_ref, *, block_sizes: BlockSizes, num_slots: int,
+                    d_pad: int, group: int, g_pad: int):
+  """One program: block_n sources in turn, a block of heads; walks each one's incoming edges (CSR)
+  and accumulates d k = sum d_dots q_n and d v = sum_b a r_b u_b[n] (S tiles [GP, BH])."""
+  num_sources, num_v_rows, num_heads = d_v_ref.shape
+  num_in_rows = num_v_rows // group
+  block_e = block_sizes.block_k
+  heads, head_mask = _tiles.head_block(block_sizes.block_h, num_heads)
+
+  def source(j):
+    start = offsets_ref[j]
+    end = offsets_ref[j + 1]
+
+    def step(i, carry):
+      d_k, d_v = carry
+      pos = start + i * block_e + _tiles.iota((block_e,), 0)
+      in_run = pos < end
+      edges = plt.load(order_ref.at[(pos,)], mask=in_run, other=0)  # [BE] flat slot ids n*K + k
+      targets = edges // num_slots
+      weights = _tiles.load_edges(w_ref, edges, in_run, heads, head_mask)  # [BE, BH]
+      coefs = [(weights * _tiles.load_vector(vec_ref, 0, edges, in_run, b)[:, None])[:, None, :]
+               for b in range(_NUM_AXES)]  # 3 x [BE, 1, BH]
+      d_dots = _tiles.load_edges(d_dots_ref, edges, in_run, heads, head_mask)
+      q = _tiles.load_rows(q_ref, targets, in_run, heads, head_mask, d_pad)  # [BE, DP, BH]
+      d_k = d_k + jnp.sum(d_dots[:, None, :] * q, axis=0)
+      d_v = tuple(
+          d_v[s] + jnp.sum(sum(
+              coefs[b] * _tiles.load_rows(u_ref, targets, in_run, heads, head_mask, g_pad,
+                                          (s * group, group))
+              for b, u_ref in enumerate((ux_ref, uy_ref, uz_ref))), axis=0)
+          for s in range(num_in_rows))
+      return d_k, d_v
+
+    init = (jnp.zeros((d_pad, block_sizes.block_h), jnp.float32),
+            (jnp.zeros((g_pad, block_sizes.block_h), jnp.float32),) * num_in_rows)
+    d_k, d_v = lax.fori_loop(0, pl.cdiv(end - start, block_e), step, init)
+    _tiles.store_row(d_k_ref, j, heads, head_mask, d_k)
+    for s in range(num_in_rows):
+      _tiles.store_row(d_v_ref, j, heads, head_mask, d_v[s], (s * group, group))
+
+  _tiles.for_each_row(block_sizes.block_n, num_sources, source)
+
+
 def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values, g,
                    out, stats, nbrs: Neighbors):
-  """Every input cotangent: the fused kernel for the target side, then the scatters of d k and
-  d v. Returns (d_q, d_k, d_gate, d_post_weight, d_envelope, d_vectors, d_values)."""
+  """Every input cotangent: one fused kernel for the target side, one for the source side (d k and
+  d v, walking the reverse CSR). Returns (d_q, d_k, d_gate, d_post_weight, d_envelope, d_vectors,
+  d_values)."""
   num_targets, head_dim, num_heads = q.shape
   num_slots = gate.shape[1]
   group = values.shape[1] // static.shape[1]
-  block_sizes = static.backward_block_sizes or dataclasses.replace(
-      _BACKWARD_BLOCKS, block_h=min(_BACKWARD_BLOCKS.block_h, pl.next_power_of_2(num_heads)))
+  block_sizes, scatter_blocks = (
+      static.backward_block_sizes or
+      tuple(dataclasses.replace(b, block_h=min(b.block_h, pl.next_power_of_2(num_heads)))
+            for b in (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)))
   num_head_blocks = pl.cdiv(num_heads, block_sizes.block_h)
   u = _pull_back_coupling(static, g)  # 3 x [N, S*G, H]
 
@@ -326,10 +370,10 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   kernel = functools.partial(
       _backward_kernel, static=static, block_sizes=block_sizes,
       d_pad=pl.next_power_of_2(head_dim), group=group, g_pad=pl.next_power_of_2(group))
-  d_q, d_gate, d_post_weight, d_dots, *weights_r, d_env, d_vec = pl.pallas_call(
+  d_q, d_gate, d_post_weight, d_dots, weights, d_env, d_vec = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), edge(gate.dtype),
-                 edge(post_weight.dtype), *(edge(jnp.float32) for _ in range(1 + _NUM_AXES)),
+                 edge(post_weight.dtype), edge(jnp.float32), edge(jnp.float32),
                  edge(jnp.float32, num_head_blocks),
                  edge(jnp.float32, num_head_blocks * _NUM_AXES)),
       grid=block_sizes.grid(num_targets, num_heads),
@@ -337,10 +381,20 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
       interpret=static.interpret,
       name="message_attention_bwd",
   )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values, *u, g, out, stats)
-  keys = make_static(jnp.float32, None, static.interpret, row_dim=head_dim, num_slots=num_slots,
-                     num_heads=num_heads, row_dtype=k.dtype).with_dtype(k.dtype)
-  d_k = scatter_sum_prepared(keys, d_dots, q, nbrs)  # [M, D, H]
-  d_values = _scatter_moments(static, weights_r, u, values, nbrs)
+  num_sources = nbrs.num_sources
+  num_edges = num_targets * num_slots
+  d_k, d_values = pl.pallas_call(
+      functools.partial(_scatter_kernel, block_sizes=scatter_blocks, num_slots=num_slots,
+                        d_pad=pl.next_power_of_2(head_dim), group=group,
+                        g_pad=pl.next_power_of_2(group)),
+      out_shape=(jax.ShapeDtypeStruct((num_sources, head_dim, num_heads), k.dtype),
+                 jax.ShapeDtypeStruct(values.shape, values.dtype)),
+      grid=scatter_blocks.grid(num_sources, num_heads),
+      compiler_params=scatter_blocks.compiler_params(),
+      interpret=static.interpret,
+      name="message_attention_bwd_scatter",
+  )(nbrs.source_offsets, nbrs.edge_order, weights.reshape(num_edges, num_heads),
+    d_dots.reshape(num_edges, num_heads), vectors.reshape(1, num_edges, _NUM_AXES), q, *u)
   d_vectors = d_vec.reshape(num_targets, num_slots, num_head_blocks, _NUM_AXES).sum(axis=2)
   return (d_q, d_k, d_gate, d_post_weight, jnp.sum(d_env, axis=-1).astype(envelope.dtype),
           d_vectors.astype(vectors.dtype), d_values)
@@ -425,7 +479,7 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
                       envelope: jax.Array, vectors: jax.Array, values: jax.Array,
                       nbr_idx: jax.Array, nbr_mask: jax.Array, *, coupling, scale: float,
                       sink: float = 1e-3, block_sizes: BlockSizes | None = None,
-                      backward_block_sizes: BlockSizes | None = None,
+                      backward_block_sizes: tuple[BlockSizes, BlockSizes] | None = None,
                       interpret: bool = False) -> jax.Array:
   """Fused attention message ``sum_k a T(v_j, r)`` (see the module docstring for the formula).
 
@@ -445,8 +499,9 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     sink: strength of the attention sink (relative to logit 0); must be >= 0.
     block_sizes: tiling of the forward kernel; None picks 64 heads (fewer if H is smaller) x 1
       slot x 1 warp.
-    backward_block_sizes: tiling of the fused backward kernel; None picks 32 heads x 1 slot x 1
-      warp. The backward's scatters and the second-order gather kernels use their defaults.
+    backward_block_sizes: tilings of the fused backward's (target-side, source-side) kernels;
+      None picks 64 heads x 1 slot x 1 warp for both. The second-order gather kernels use their
+      defaults.
     interpret: run all kernels in the Pallas interpreter (CPU testing).
 
   Returns:

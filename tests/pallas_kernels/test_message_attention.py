@@ -48,8 +48,9 @@ class TestMessageAttention:
   def _ops(self, kt, neighbors, block_sizes=RAGGED_BLOCKS):
     opts = dict(coupling=COUPLING, scale=kt.D ** -0.5, sink=SINK)
     nbr = (neighbors.nbr_idx, neighbors.nbr_mask)
-    kernel = functools.partial(pk.message_attention, block_sizes=block_sizes,
-                               backward_block_sizes=block_sizes, interpret=self.INTERPRET, **opts)
+    kernel = functools.partial(
+        pk.message_attention, block_sizes=block_sizes, interpret=self.INTERPRET,
+        backward_block_sizes=None if block_sizes is None else (block_sizes, block_sizes), **opts)
     return ((lambda *xs: kernel(*xs, *nbr)),
             (lambda *xs: pk.message_attention_reference(*xs, *nbr, **opts)))
 

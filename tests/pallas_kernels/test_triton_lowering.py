@@ -90,9 +90,9 @@ def _largest_tensor(text: str) -> int:
     "op, order, dtype, min_kernels",
     [("node", 0, jnp.float32, 1), ("node", 1, jnp.float32, 6), ("node", 2, jnp.float32, 12),
      ("node", 0, jnp.bfloat16, 1), ("node", 1, jnp.bfloat16, 6),
-     ("message", 0, jnp.float32, 1), ("message", 1, jnp.float32, 6),
+     ("message", 0, jnp.float32, 1), ("message", 1, jnp.float32, 3),
      ("message", 2, jnp.float32, 16), ("message", 0, jnp.bfloat16, 1),
-     ("message", 1, jnp.bfloat16, 6)],
+     ("message", 1, jnp.bfloat16, 3)],
     ids=["fwd-f32", "bwd-f32", "double-bwd-f32", "fwd-bf16", "bwd-bf16", "message-fwd-f32",
          "message-bwd-f32", "message-double-bwd-f32", "message-fwd-bf16", "message-bwd-bf16"])
 def test_lowers_for_h100_with_linear_memory(op, order, dtype, min_kernels):
