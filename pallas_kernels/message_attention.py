@@ -68,8 +68,10 @@ _FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
 # took 42.0 ms forward + backward at N = 100k on an H100 against 44.7 at 32 heads and 52-55 at
 # 2 or 4 warps (benchmarks/notes_attention.md, run 15).
 _BACKWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
-# Default tiling of the backward's source side (d k and d v per source, over its incoming edges).
-_SCATTER_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
+# Default tiling of the backward's source side (d k and d v per source, over its incoming edges):
+# 32 heads x 1 slot x 1 warp, 39.3 ms forward + backward at N = 100k against 43.8 at 64 heads and
+# 41.3 for 128 heads x 1 slot at 4 warps (run 16).
+_SCATTER_BLOCKS = BlockSizes(block_h=32, block_k=1, num_warps=1)
 # The softmax statistics the forward writes for the backward: shift m and denominator per head.
 _NUM_STATS = 2
 _HIGHEST = lax.Precision.HIGHEST
@@ -84,7 +86,7 @@ class _MessageStatic:
   scale: float
   sink: float
   block_sizes: BlockSizes | None  # forward kernel; None = _FORWARD_BLOCKS
-  # (target side, source side) of the fused backward; None = (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)
+    # (target side, source side) of the fused backward; None = (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)
   backward_block_sizes: tuple[BlockSizes, BlockSizes] | None
   interpret: bool
 
@@ -112,14 +114,15 @@ def _make_static(coupling, scale, sink, block_sizes, backward_block_sizes,
 
 
 def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, out_ref,
-                    stats_ref, *, static: _MessageStatic, block_sizes: BlockSizes, d_pad: int,
+                    *stats_ref, static: _MessageStatic, block_sizes: BlockSizes, d_pad: int,
                     group: int, g_pad: int):
   """One program: block_n targets in turn, a block of heads; online softmax over slot blocks.
 
   The accumulator is one [GP, BH] tile per (axis b, feature row s): value rows are gathered row by
   row (each a contiguous [G, BH] segment of the source's [S*G, H] block), since a Triton tile
   cannot be sliced into rows afterwards, and the coupling is applied to the tiles at the end.
-  It also writes the softmax statistics (maximum and denominator) for the backward.
+  With a ``stats_ref`` it also writes the softmax statistics (shift and denominator) for the
+  backward: only then, since storing them cost ~11 % of the forward's time (run 16).
   """
   num_targets, num_slots, num_heads = gate_ref.shape
   num_out_rows, num_in_rows, _ = static.shape
@@ -154,16 +157,17 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
         if r == row:
           out = out + coef * acc[b * num_in_rows + s]
       _tiles.store_row(out_ref, n, heads, head_mask, out * inv, (row * group, group))
-    for row, stat in enumerate((m, denominator)):
-      _tiles.store_row(stats_ref, n, heads, head_mask, stat[None], (row, 1))
+    for stats in stats_ref:
+      for row, stat in enumerate((m, denominator)):
+        _tiles.store_row(stats, n, heads, head_mask, stat[None], (row, 1))
 
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
 
 def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
-                  nbrs: Neighbors, out_dtype) -> tuple[jax.Array, jax.Array]:
-  """(out [N, R*G, H] in out_dtype, stats [N, 2, H]): stats[:, 0] the softmax shift m,
-  stats[:, 1] its denominator (float32)."""
+                  nbrs: Neighbors, with_stats: bool):
+  """out [N, R*G, H] in the dtype of values, or with_stats: (out in float32, stats [N, 2, H]),
+  stats[:, 0] the softmax shift m and stats[:, 1] its denominator (float32)."""
   num_targets, head_dim, num_heads = q.shape
   num_out_rows, num_in_rows, _ = static.shape
   group = values.shape[1] // num_in_rows
@@ -172,16 +176,19 @@ def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
   kernel = functools.partial(
       _forward_kernel, static=static, block_sizes=block_sizes, d_pad=pl.next_power_of_2(head_dim),
       group=group, g_pad=pl.next_power_of_2(group))
-  return pl.pallas_call(
+  outputs = pl.pallas_call(
       kernel,
       out_shape=(
-          jax.ShapeDtypeStruct((num_targets, num_out_rows * group, num_heads), out_dtype),
-          jax.ShapeDtypeStruct((num_targets, _NUM_STATS, num_heads), jnp.float32)),
+          jax.ShapeDtypeStruct((num_targets, num_out_rows * group, num_heads),
+                               jnp.float32 if with_stats else values.dtype),
+          *([jax.ShapeDtypeStruct((num_targets, _NUM_STATS, num_heads), jnp.float32)]
+            if with_stats else [])),
       grid=block_sizes.grid(num_targets, num_heads),
       compiler_params=block_sizes.compiler_params(),
       interpret=static.interpret,
       name="message_attention_fwd",
   )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values)
+  return outputs if with_stats else outputs[0]
 
 
 # ---------------------------------------------------------------------------------- backward
@@ -425,27 +432,27 @@ _backward.defvjp(_backward_fwd, _backward_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _message_attention(static: _MessageStatic, out_dtype, q, k, gate, post_weight, envelope,
+def _message_attention(static: _MessageStatic, with_stats: bool, q, k, gate, post_weight, envelope,
                        vectors, values, nbrs: Neighbors):
-  """(out in out_dtype, stats); stats feed only this op's backward, so their cotangent is 0."""
-  return _forward_call(static, q, k, gate, post_weight, envelope, vectors, values, nbrs, out_dtype)
+  """out in the dtype of values, or with_stats: (out in float32, stats), what the backward reads.
+  The stats feed only this op's backward, so their cotangent is always 0."""
+  return _forward_call(static, q, k, gate, post_weight, envelope, vectors, values, nbrs, with_stats)
 
 
-def _message_attention_fwd(static, out_dtype, q, k, gate, post_weight, envelope, vectors, values,
+def _message_attention_fwd(static, with_stats, q, k, gate, post_weight, envelope, vectors, values,
                            nbrs):
   # Through the custom_vjp so that outer derivatives (force training) stay in kernels. The
   # backward's softmax row term is <g, out>: it reads out in float32 (a bf16 out would make it
   # the largest error of the bf16 gradients), and the primal output is cast from it.
-  out, stats = _message_attention(static, jnp.float32, q, k, gate, post_weight, envelope, vectors,
-                                  values, nbrs)
+  out, stats = _message_attention(static, True, q, k, gate, post_weight, envelope, vectors, values,
+                                  nbrs)
   residuals = (q, k, gate, post_weight, envelope, vectors, values, out, stats, nbrs)
-  return (out.astype(out_dtype), stats), residuals
+  return ((out, stats) if with_stats else out.astype(values.dtype)), residuals
 
 
-def _message_attention_bwd(static: _MessageStatic, out_dtype, residuals, cotangents):
-  del out_dtype
+def _message_attention_bwd(static: _MessageStatic, with_stats, residuals, cotangents):
   q, k, gate, post_weight, envelope, vectors, values, out, stats, nbrs = residuals
-  g, _ = cotangents
+  g = cotangents[0] if with_stats else cotangents
   return (*_backward(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats,
                      nbrs), None)
 
@@ -470,9 +477,8 @@ def _check_inputs(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
 def _message_attention_jit(static, q, k, gate, post_weight, envelope, vectors, values, nbr_idx,
                            nbr_mask):
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, k.shape[0])
-  out, _ = _message_attention(static, values.dtype, q, k, gate, post_weight, envelope, vectors,
-                              values, nbrs)
-  return out
+  return _message_attention(static, False, q, k, gate, post_weight, envelope, vectors, values,
+                            nbrs)
 
 
 def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
@@ -500,7 +506,7 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     block_sizes: tiling of the forward kernel; None picks 64 heads (fewer if H is smaller) x 1
       slot x 1 warp.
     backward_block_sizes: tilings of the fused backward's (target-side, source-side) kernels;
-      None picks 64 heads x 1 slot x 1 warp for both. The second-order gather kernels use their
+      None picks 64 and 32 heads x 1 slot x 1 warp. The second-order gather kernels use their
       defaults.
     interpret: run all kernels in the Pallas interpreter (CPU testing).
 
