@@ -410,21 +410,20 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _backward(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values, g, out,
               stats, nbrs: Neighbors):
-  """The fused backward; its own derivative is the composed backward's (out and stats only cache
-  what the inputs determine, so they take no cotangent)."""
+  """The fused backward. Differentiated (force training), the composed backward runs instead,
+  once: it yields the same cotangents and the residuals of its own VJP, so the fused pass would
+  only add time. out and stats merely cache what the inputs determine and take no cotangent."""
   return _backward_call(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats,
                         nbrs)
 
 
 def _backward_fwd(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats, nbrs):
-  cotangents = _backward(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats,
-                         nbrs)
-  return cotangents, (q, k, gate, post_weight, envelope, vectors, values, g, nbrs)
+  del out, stats
+  return jax.vjp(lambda *xs: _composed_backward(static, *xs, nbrs), q, k, gate, post_weight,
+                 envelope, vectors, values, g)
 
 
-def _backward_bwd(static, residuals, cotangents):
-  *inputs, nbrs = residuals
-  _, vjp = jax.vjp(lambda *xs: _composed_backward(static, *xs, nbrs), *inputs)
+def _backward_bwd(static, vjp, cotangents):
   return (*vjp(cotangents), None, None, None)
 
 
