@@ -195,3 +195,20 @@ def neighbor_block(slots_ref, row, step, block_k: int):
     slots = plt.load(slots_ref.at[indices], mask=k_mask, other=-1)
   valid = slots >= 0
   return k, k_mask, jnp.maximum(slots, 0), valid
+
+
+def incoming_edge_loop(offsets_ref, order_ref, source, block_e: int, num_slots: int, body, carry):
+  """``carry = body(edges, targets, in_run, carry)`` over blocks of ``block_e`` incoming edges of
+  ``source`` in the reverse CSR (``_neighbors.Neighbors``): flat slot ids n*K + k [block_e], their
+  target rows n, and the mask of positions inside the source's run. The loop length is
+  data-dependent, so it is never unrolled."""
+  start = offsets_ref[source]
+  end = offsets_ref[source + 1]
+
+  def step(i, carry):
+    pos = start + i * block_e + iota((block_e,), 0)
+    in_run = pos < end
+    edges = plt.load(order_ref.at[(pos,)], mask=in_run, other=0)
+    return body(edges, edges // num_slots, in_run, carry)
+
+  return lax.fori_loop(0, pl.cdiv(end - start, block_e), step, carry)

@@ -15,12 +15,12 @@ the R + S = 29 rows of ``[T(v_j, x_j); v_j]`` that ``node_attention`` needs for 
 and it uses the true edge vector (periodic images included), so no difference of two large node
 terms is formed.
 
-The backward is one fused kernel for everything on the target side (one more pass over the
-slots that gathers what the forward gathered, using the forward's softmax statistics and output)
-followed by the scatters of the key and value cotangents. Its own derivative (force training
-differentiates the backward) is that of the same backward composed from the primitives of
-``neighbor_ops`` and the fused softmax VJP, so every derivative order keeps the linear-memory
-property.
+The backward is two fused kernels: one per target for every target-side cotangent (one more pass
+over the slots that gathers what the forward gathered, using the forward's softmax statistics and
+output) and one per source for the key and value cotangents (one walk of the reverse neighbour
+list). Its own derivative (force training differentiates the backward) is that of the same backward
+composed from the primitives of ``neighbor_ops`` and the fused softmax VJP, so every derivative
+order keeps the linear-memory property (docs/decisions.md D13).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _tiles
 from pallas_kernels._neighbors import (
@@ -86,7 +85,7 @@ class _MessageStatic:
   scale: float
   sink: float
   block_sizes: BlockSizes | None  # forward kernel; None = _FORWARD_BLOCKS
-    # (target side, source side) of the fused backward; None = (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)
+  # (target side, source side) of the fused backward; None = (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)
   backward_block_sizes: tuple[BlockSizes, BlockSizes] | None
   interpret: bool
 
@@ -319,19 +318,11 @@ def _scatter_kernel(offsets_ref, order_ref, w_ref, d_dots_ref, vec_ref, q_ref, u
   and accumulates d k = sum d_dots q_n and d v = sum_b a r_b u_b[n] (S tiles [GP, BH])."""
   num_sources, num_v_rows, num_heads = d_v_ref.shape
   num_in_rows = num_v_rows // group
-  block_e = block_sizes.block_k
   heads, head_mask = _tiles.head_block(block_sizes.block_h, num_heads)
 
   def source(j):
-    start = offsets_ref[j]
-    end = offsets_ref[j + 1]
-
-    def step(i, carry):
+    def step(edges, targets, in_run, carry):  # edges, targets, in_run: [BE]
       d_k, d_v = carry
-      pos = start + i * block_e + _tiles.iota((block_e,), 0)
-      in_run = pos < end
-      edges = plt.load(order_ref.at[(pos,)], mask=in_run, other=0)  # [BE] flat slot ids n*K + k
-      targets = edges // num_slots
       weights = _tiles.load_edges(w_ref, edges, in_run, heads, head_mask)  # [BE, BH]
       coefs = [(weights * _tiles.load_vector(vec_ref, 0, edges, in_run, b)[:, None])[:, None, :]
                for b in range(_NUM_AXES)]  # 3 x [BE, 1, BH]
@@ -348,7 +339,8 @@ def _scatter_kernel(offsets_ref, order_ref, w_ref, d_dots_ref, vec_ref, q_ref, u
 
     init = (jnp.zeros((d_pad, block_sizes.block_h), jnp.float32),
             (jnp.zeros((g_pad, block_sizes.block_h), jnp.float32),) * num_in_rows)
-    d_k, d_v = lax.fori_loop(0, pl.cdiv(end - start, block_e), step, init)
+    d_k, d_v = _tiles.incoming_edge_loop(offsets_ref, order_ref, j, block_sizes.block_k,
+                                         num_slots, step, init)
     _tiles.store_row(d_k_ref, j, heads, head_mask, d_k)
     for s in range(num_in_rows):
       _tiles.store_row(d_v_ref, j, heads, head_mask, d_v[s], (s * group, group))
@@ -390,6 +382,8 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values, *u, g, out, stats)
   num_sources = nbrs.num_sources
   num_edges = num_targets * num_slots
+  # Per-edge arrays flattened to the CSR's slot ids n*K + k; the vectors as [1, N*K, 3] so that
+  # _tiles.load_vector (a row, then columns) reads edge e's component b at (0, e, b).
   d_k, d_values = pl.pallas_call(
       functools.partial(_scatter_kernel, block_sizes=scatter_blocks, num_slots=num_slots,
                         d_pad=pl.next_power_of_2(head_dim), group=group,

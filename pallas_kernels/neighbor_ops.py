@@ -176,24 +176,17 @@ def _scatter_sum_kernel(
 ):
   """One program: block_n sources and a block of heads; walks each one's incoming edges (CSR)."""
   num_sources, num_heads = out_ref.shape[0], out_ref.shape[2]
-  block_e = block_sizes.block_k
   heads, head_mask = _tiles.head_block(block_sizes.block_h, num_heads)
 
   def source(j):
-    start = offsets_ref[j]
-    end = offsets_ref[j + 1]
-
-    def step(i, acc):
-      pos = start + i * block_e + _tiles.iota((block_e,), 0)
-      in_run = pos < end
-      edges = plt.load(order_ref.at[(pos,)], mask=in_run, other=0)  # [BE] flat slot ids n*K + k
-      targets = edges // num_slots
+    def step(edges, targets, in_run, acc):  # edges, targets, in_run: [BE]
       w = _tiles.load_edges(w_ref, edges, in_run, heads, head_mask)  # [BE, BH]
       a = _tiles.load_rows(a_ref, targets, in_run, heads, head_mask, row_pad)  # [BE, XP, BH]
       return acc + jnp.sum(w[:, None, :] * a, axis=0)
 
     acc = jnp.zeros((row_pad, block_sizes.block_h), jnp.float32)  # [XP, BH]
-    acc = lax.fori_loop(0, pl.cdiv(end - start, block_e), step, acc)
+    acc = _tiles.incoming_edge_loop(offsets_ref, order_ref, j, block_sizes.block_k, num_slots,
+                                    step, acc)
     _tiles.store_row(out_ref, j, heads, head_mask, acc)
 
   _tiles.for_each_row(block_sizes.block_n, num_sources, source)
