@@ -233,19 +233,19 @@ def _composed_backward(static: _MessageStatic, q, k, gate, post_weight, envelope
   return (*softmax_cotangents, d_vectors.astype(vectors.dtype), d_values.astype(values.dtype))
 
 
-def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, ux_ref,
-                     uy_ref, uz_ref, g_ref, out_ref, stats_ref, d_q_ref, d_gate_ref, d_pw_ref,
-                     d_dots_ref, w_ref, d_env_ref, d_vec_ref, *,
-                     static: _MessageStatic, block_sizes: BlockSizes, d_pad: int, group: int,
-                     g_pad: int):
+def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, g_ref,
+                     out_ref, stats_ref, d_q_ref, d_gate_ref, d_pw_ref, d_dots_ref, w_ref,
+                     d_env_ref, d_vec_ref, ux_ref, uy_ref, uz_ref, *, static: _MessageStatic,
+                     block_sizes: BlockSizes, d_pad: int, group: int, g_pad: int):
   """One program: block_n targets in turn, a block of heads, one pass over the slots.
 
-  Per slot it gathers the key and the S value rows of the source (as the forward does), rebuilds
-  the weights from the forward's statistics and forms every target-side cotangent in registers:
-  E_b = <u_b, v_j>, d a = sum_b r_b E_b, the softmax backward, whose row term
-  sum_k a d a = <g, out> is known before the loop, and d q. It writes the per-edge cotangents,
-  d dots and the weights (what the source side needs) and accumulates d q; head sums (d envelope,
-  d vectors) go to column ``head block`` of their [N, K, blocks] outputs.
+  First it pulls the cotangent back through the coupling, u_b = G_b^T g (written out for the
+  source side too), and forms the softmax row term sum_k a d a = <g, out>. Per slot it gathers the
+  key and the S value rows of the source (as the forward does), rebuilds the weights from the
+  forward's statistics and forms every target-side cotangent in registers: E_b = <u_b, v_j>,
+  d a = sum_b r_b E_b, the softmax backward and d q. It writes the per-edge cotangents, d dots and
+  the weights (what the source side needs) and accumulates d q; head sums (d envelope, d vectors)
+  go to column ``head block`` of their [N, K, blocks] outputs.
   """
   num_targets, num_slots, num_heads = gate_ref.shape
   num_in_rows = static.shape[1]
@@ -261,11 +261,16 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
 
   def target(n):
     q = _tiles.load_row(q_ref, n, heads, head_mask, d_pad)  # [DP, BH]
-    u = [node_rows(ref, n, num_in_rows, g_pad, group) for ref in (ux_ref, uy_ref, uz_ref)]
     num_out_rows = g_ref.shape[1] // group
+    g = node_rows(g_ref, n, num_out_rows, g_pad, group)  # R x [GP, BH]
+    u = [[jnp.zeros((g_pad, block_h), jnp.float32)] * num_in_rows for _ in range(_NUM_AXES)]
+    for row, s, b, coef in static.terms:
+      u[b][s] = u[b][s] + coef * g[row]
+    for u_b, ref in zip(u, (ux_ref, uy_ref, uz_ref)):
+      for s, tile in enumerate(u_b):
+        _tiles.store_row(ref, n, heads, head_mask, tile, (s * group, group))
     total = sum(jnp.sum(a * b, axis=0) for a, b in zip(
-        node_rows(g_ref, n, num_out_rows, g_pad, group),
-        node_rows(out_ref, n, num_out_rows, g_pad, group)))  # [BH]: sum_k a d a
+        g, node_rows(out_ref, n, num_out_rows, g_pad, group)))  # [BH]: sum_k a d a
     m, denominator = node_rows(stats_ref, n, _NUM_STATS, 1, 1)  # [1, BH] each
     # Masked heads load 0; keep their lanes finite (they are never stored).
     denominator = jnp.where(denominator > 0, denominator, 1.0)
@@ -361,7 +366,6 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
       tuple(dataclasses.replace(b, block_h=min(b.block_h, pl.next_power_of_2(num_heads)))
             for b in (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)))
   num_head_blocks = pl.cdiv(num_heads, block_sizes.block_h)
-  u = _pull_back_coupling(static, g)  # 3 x [N, S*G, H]
 
   def edge(dtype, width=num_heads):
     return jax.ShapeDtypeStruct((num_targets, num_slots, width), dtype)
@@ -369,17 +373,19 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   kernel = functools.partial(
       _backward_kernel, static=static, block_sizes=block_sizes,
       d_pad=pl.next_power_of_2(head_dim), group=group, g_pad=pl.next_power_of_2(group))
-  d_q, d_gate, d_post_weight, d_dots, weights, d_env, d_vec = pl.pallas_call(
+  d_q, d_gate, d_post_weight, d_dots, weights, d_env, d_vec, *u = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), edge(gate.dtype),
                  edge(post_weight.dtype), edge(jnp.float32), edge(jnp.float32),
                  edge(jnp.float32, num_head_blocks),
-                 edge(jnp.float32, num_head_blocks * _NUM_AXES)),
+                 edge(jnp.float32, num_head_blocks * _NUM_AXES),
+                 *[jax.ShapeDtypeStruct((num_targets, values.shape[1], num_heads),
+                                        jnp.float32)] * _NUM_AXES),  # u_b
       grid=block_sizes.grid(num_targets, num_heads),
       compiler_params=block_sizes.compiler_params(),
       interpret=static.interpret,
       name="message_attention_bwd",
-  )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values, *u, g, out, stats)
+  )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values, g, out, stats)
   num_sources = nbrs.num_sources
   num_edges = num_targets * num_slots
   # Per-edge arrays flattened to the CSR's slot ids n*K + k; the vectors as [1, N*K, 3] so that
