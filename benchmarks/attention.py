@@ -675,7 +675,8 @@ def main() -> None:
   parser.add_argument("--validate-size", type=int, default=4096)
   parser.add_argument("--blocks", default="", help="forward tiling h,k,n,warps,stages for bench")
   parser.add_argument("--candidates", default="",
-                      help="tilings for tune_fwd/tune_bwd, 'h,k,n,warps,stages[,unroll];...' "
+                      help="tilings for the tune phases, 'h,k,n,warps,stages[,unroll];...', for "
+                      "tune_msg_bwd two such groups of six (target side, source side) "
                       "(default: each phase's built-in list)")
   parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget of all phases")
   parser.add_argument("--pytest-timeout-s", type=int, default=150)
