@@ -123,10 +123,13 @@ def load_rows(ref, rows, row_mask, heads, head_mask, row_pad: int,
   return _load(ref, indices, mask).astype(jnp.float32)
 
 
-def load_row(ref, row, heads, head_mask, row_pad: int) -> jax.Array:
-  """``ref[row]`` for a scalar row: float32 [row_pad, block_h]."""
+def load_row(ref, row, heads, head_mask, row_pad: int,
+             segment: tuple[int, int] | None = None) -> jax.Array:
+  """``ref[row]`` (or its ``segment``, as in :func:`load_rows`) for a scalar row: float32
+  [row_pad, block_h]."""
   rows = jnp.full((1,), row, jnp.int32)
-  return load_rows(ref, rows, None, heads, head_mask, row_pad).reshape(row_pad, heads.shape[0])
+  return load_rows(ref, rows, None, heads, head_mask, row_pad, segment).reshape(
+      row_pad, heads.shape[0])
 
 
 def store_row(ref, row, heads, head_mask, value: jax.Array,

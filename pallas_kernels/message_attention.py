@@ -52,6 +52,7 @@ from pallas_kernels.neighbor_ops import (
 )
 from pallas_kernels.node_attention import (
     online_softmax_step,
+    slot_logits,
     softmax_backward,
     softmax_denominator,
 )
@@ -107,6 +108,12 @@ def _make_static(coupling, scale, sink, block_sizes, backward_block_sizes,
                 for r, s, b in zip(*np.nonzero(coupling)))
   return _MessageStatic(tuple(coupling.shape), terms, float(scale), float(sink), block_sizes,
                         backward_block_sizes, bool(interpret))
+
+
+def _at_most_heads(block_sizes: BlockSizes, num_heads: int) -> BlockSizes:
+  """A default tiling with no more heads per program than there are (rounded to a power of 2)."""
+  return dataclasses.replace(block_sizes,
+                             block_h=min(block_sizes.block_h, pl.next_power_of_2(num_heads)))
 
 
 # ----------------------------------------------------------------------------------- forward
@@ -170,8 +177,7 @@ def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
   num_targets, head_dim, num_heads = q.shape
   num_out_rows, num_in_rows, _ = static.shape
   group = values.shape[1] // num_in_rows
-  block_sizes = static.block_sizes or dataclasses.replace(
-      _FORWARD_BLOCKS, block_h=min(_FORWARD_BLOCKS.block_h, pl.next_power_of_2(num_heads)))
+  block_sizes = static.block_sizes or _at_most_heads(_FORWARD_BLOCKS, num_heads)
   kernel = functools.partial(
       _forward_kernel, static=static, block_sizes=block_sizes, d_pad=pl.next_power_of_2(head_dim),
       group=group, g_pad=pl.next_power_of_2(group))
@@ -255,8 +261,7 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
   scale = static.scale
 
   def node_rows(ref, n, num_rows, pad, length):  # rows of target n: num_rows x [pad, BH]
-    row = jnp.full((1,), n, jnp.int32)
-    return [_tiles.load_rows(ref, row, None, heads, head_mask, pad, (i * length, length))[0]
+    return [_tiles.load_row(ref, n, heads, head_mask, pad, (i * length, length))
             for i in range(num_rows)]
 
   def target(n):
@@ -276,11 +281,10 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
     denominator = jnp.where(denominator > 0, denominator, 1.0)
 
     def step(i, d_q):
-      k, k_mask, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
-      keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
-      dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
-      gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)
-      unit = jnp.where(valid[:, None], jnp.exp(gate * scale * dots - m), 0.0)  # [BK, BH]
+      k, k_mask, sources, valid, keys, dots, gate, logits = slot_logits(
+          slots_ref, k_ref, gate_ref, n, i, q, scale=scale, block_k=block_k, d_pad=d_pad,
+          heads=heads, head_mask=head_mask)  # keys [BK, DP, BH]; the rest [BK, BH]
+      unit = jnp.where(valid[:, None], jnp.exp(logits - m), 0.0)  # [BK, BH]
       e = unit * _tiles.load_vector(env_ref, n, k, valid)[:, None]
       alpha = e / denominator
       post_weight = _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)
@@ -363,8 +367,7 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   group = values.shape[1] // static.shape[1]
   block_sizes, scatter_blocks = (
       static.backward_block_sizes or
-      tuple(dataclasses.replace(b, block_h=min(b.block_h, pl.next_power_of_2(num_heads)))
-            for b in (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)))
+      tuple(_at_most_heads(b, num_heads) for b in (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)))
   num_head_blocks = pl.cdiv(num_heads, block_sizes.block_h)
 
   def edge(dtype, width=num_heads):

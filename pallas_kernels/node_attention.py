@@ -75,6 +75,22 @@ class _AttentionStatic:
 # ----------------------------------------------------------------------------------- forward
 
 
+def slot_logits(slots_ref, k_ref, gate_ref, n, i, q, *, scale: float, block_k: int, d_pad: int,
+                heads, head_mask):
+  """Slot block i of target n: its key rows and logits gate * scale * q.k (shared by the fused
+  kernels' forward and backward).
+
+  Returns:
+    (k, k_mask, sources, valid, keys, dots, gate, logits): as ``_tiles.neighbor_block``; the key
+    rows [BK, DP, BH]; q.k, the gates and the logits [BK, BH] (logits unmasked).
+  """
+  k, k_mask, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
+  keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
+  dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
+  gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)  # [BK, BH]
+  return k, k_mask, sources, valid, keys, dots, gate, gate * scale * dots
+
+
 def online_softmax_step(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, *, scale: float,
                         block_k: int, d_pad: int, heads, head_mask):
   """Step i of the online softmax of target n over slot blocks (shared by the fused kernels).
@@ -86,11 +102,10 @@ def online_softmax_step(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m,
     [BK]; the new maximum [BH]; p = exp(logits - m_new) * envelope [BK, BH] (0 on invalid
     slots); rescale = exp(m - m_new) [BH] for the running sums; weights = p * post_weight [BK, BH].
   """
-  k, _, sources, valid = _tiles.neighbor_block(slots_ref, n, i, block_k)
-  keys = _tiles.load_rows(k_ref, sources, valid, heads, head_mask, d_pad)  # [BK, DP, BH]
-  dots = jnp.sum(keys * q[None], axis=1)  # [BK, BH]
-  gate = _tiles.load_slots(gate_ref, n, k, valid, heads, head_mask)  # [BK, BH]
-  logits = jnp.where(valid[:, None], gate * scale * dots, _tiles.NEG_INF)
+  k, _, sources, valid, _, _, _, logits = slot_logits(
+      slots_ref, k_ref, gate_ref, n, i, q, scale=scale, block_k=block_k, d_pad=d_pad, heads=heads,
+      head_mask=head_mask)
+  logits = jnp.where(valid[:, None], logits, _tiles.NEG_INF)
   m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [BH]
   envelope = _tiles.load_vector(env_ref, n, k, valid)  # [BK]
   p = jnp.exp(logits - m_new[None]) * envelope[:, None]  # [BK, BH]
