@@ -103,6 +103,22 @@ def second_order_grads(fn, inputs, cotangent, directions):
   return jax.grad(contracted, argnums=argnums)(*inputs)
 
 
+def assert_invalid_slots_exactly_zero(run_kernel, inputs, cotangent, neighbors: NeighborCase,
+                                      edge_inputs: tuple[int, ...]) -> None:
+  """For an attention op with inputs (q, k, ..., values): the output of targets without a valid
+  slot, the gradients (of <cotangent, out>) of the per-edge inputs at positions ``edge_inputs`` on
+  invalid slots, d q on those targets and d k, d values on unused sources are exactly 0."""
+  empty = [neighbors.empty_target, neighbors.masked_garbage_target]
+  assert np.all(np.asarray(run_kernel(*inputs))[empty] == 0)
+  grads = [np.asarray(g) for g in input_grads(run_kernel, inputs, cotangent)]
+  invalid = ~neighbors.valid
+  for i in edge_inputs:
+    assert np.all(grads[i][invalid] == 0), f"input {i}"
+  assert np.all(grads[0][empty] == 0)
+  assert np.all(grads[1][neighbors.unused_source] == 0)
+  assert np.all(grads[-1][neighbors.unused_source] == 0)
+
+
 # Absolute slack of the bf16 budget, for outputs and gradients that are ~0.
 BF16_ATOL = 1e-5
 
@@ -133,4 +149,5 @@ def kt() -> types.SimpleNamespace:
       make_neighbor_case=make_neighbor_case, normal=normal, assert_close=assert_close,
       max_error=max_error, upcast=upcast,
       assert_bf16_within_twice_reference=assert_bf16_within_twice_reference,
+      assert_invalid_slots_exactly_zero=assert_invalid_slots_exactly_zero,
       input_grads=input_grads, second_order_grads=second_order_grads)
