@@ -74,6 +74,7 @@ FP32_FLOPS_PER_S = 67e12  # H100 SXM datasheet, non-tensor FP32
 IMPLS = ("pallas", "reference", "per_edge", "pipeline", "message", "per_edge_message",
          "pipeline_message")
 NUM_TP_ROWS = 20  # rows of T(v, r) for lmax = 2: the attention message the model needs
+NUM_V_ROWS = 9 * CHANNELS // NUM_HEADS  # message_attention's 18 head-last rows of v (lmax = 2)
 # Set by --interpret: runs the kernels in the Pallas interpreter, to dry-run this script on a CPU.
 INTERPRET = False
 NUM_INPUTS = 6
@@ -323,11 +324,10 @@ def message_traffic(num_atoms: int, itemsize: int) -> dict:
   n = m = num_atoms
   edges = n * NUM_SLOTS
   h, d = NUM_HEADS, HEAD_DIM
-  v_rows = 9 * CHANNELS // NUM_HEADS  # 18 head-last rows of v
-  inputs = (n * d * h + m * d * h + m * v_rows * h + 2 * edges * h + 4 * edges) * itemsize \
+  inputs = (n * d * h + m * d * h + m * NUM_V_ROWS * h + 2 * edges * h + 4 * edges) * itemsize \
       + edges * 5
   out = n * NUM_TP_ROWS * CHANNELS * itemsize
-  return dict(fwd_bytes=inputs + out, fwd_gathered_bytes=edges * (d + v_rows) * h * itemsize)
+  return dict(fwd_bytes=inputs + out, fwd_gathered_bytes=edges * (d + NUM_V_ROWS) * h * itemsize)
 
 
 FLOORS = {"pallas": traffic, "reference": traffic, "message": message_traffic}
@@ -524,9 +524,8 @@ def tune_backward(report: dict, num_atoms: int, deadline: float, candidates: lis
   inputs = make_inputs(num_atoms, jnp.dtype(dtype_name))
   w = inputs["gate"]
   nbr = (inputs["nbr_idx"], inputs["nbr_mask"])
-  v_rows = 9 * CHANNELS // NUM_HEADS  # message_attention's 18 head-last rows of v
   for row_name, rows in (("values", inputs["values"]), ("keys", inputs["k"]),
-                         ("v9", inputs["values"][:, :v_rows])):
+                         ("v9", inputs["values"][:, :NUM_V_ROWS])):
     ops = {  # M = N, so target rows and source rows have the same shape
         "edge_dot": lambda bs, r=rows: pk.edge_dot(r, r, *nbr, block_sizes=bs,
                                                    interpret=INTERPRET),
