@@ -58,6 +58,33 @@ def _store(ref, indices: tuple[jax.Array, ...], value: jax.Array, mask: jax.Arra
     plt.store(ref.at[indices], value.astype(ref.dtype), mask=mask)
 
 
+def fma(a: jax.Array, b: jax.Array, c: jax.Array, interpret: bool) -> jax.Array:
+  """``a * b + c`` with one fused multiply-add per float32 element (a, b broadcast to c's shape).
+
+  Why written out: for ``a * b + c`` the Triton pipeline behind Pallas emits a rounded multiply and
+  a rounded add (PTX mul.rn / add.rn, which ptxas does not fuse). In message_attention's backward
+  kernels the written-out FMA took forward + backward at N = 100k from 37.4 to 36.0 ms on an H100;
+  in the forward kernels it measured slower, so they keep the plain expression
+  (benchmarks/notes_attention.md, run 19). The interpreter runs the plain expression.
+  """
+  assert c.dtype == jnp.float32, c.dtype
+  a, b = (jnp.broadcast_to(x.astype(jnp.float32), c.shape) for x in (a, b))
+  if interpret:
+    return a * b + c
+  [out] = plt.elementwise_inline_asm(
+      "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)])
+  return out
+
+
+def add_products(acc: jax.Array, a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
+  """``acc + sum_k a[k] * b[k]`` over the leading (slot) axis of a and b (broadcast against each
+  other, the sum shaped as acc): FMAs when that axis has length 1, as in the default tilings."""
+  if a.shape[0] == 1 and b.shape[0] == 1:
+    return fma(a.reshape(a.shape[1:]), b.reshape(b.shape[1:]), acc, interpret)
+  return acc + jnp.sum(a * b, axis=0)
+
+
 def for_each_row(block_n: int, num_rows: int, body) -> None:
   """Runs ``body(row)`` for this program's rows, ``block_n`` consecutive ones, in order.
 

@@ -147,6 +147,7 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
                for b in range(_NUM_AXES)]  # 3 x [BK, 1, BH]
       rows = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, g_pad, (s * group, group))
               for s in range(num_in_rows)]  # S x [BK, GP, BH]
+      # Not _tiles.add_products: its written-out FMA measured slower in this loop (run 19).
       acc = tuple(acc[b * num_in_rows + s] * rescale[None] + jnp.sum(coefs[b] * rows[s], axis=0)
                   for b in range(_NUM_AXES) for s in range(num_in_rows))
       return m_new, l * rescale + jnp.sum(p, axis=0), acc
@@ -280,6 +281,12 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
     # Masked heads load 0; keep their lanes finite (they are never stored).
     denominator = jnp.where(denominator > 0, denominator, 1.0)
 
+    def contract(u_b, rows):  # sum_s u_b[s] * rows[s]: [BK, GP, BH]
+      out = u_b[0][None] * rows[0]
+      for s in range(1, num_in_rows):
+        out = _tiles.fma(u_b[s][None], rows[s], out, static.interpret)
+      return out
+
     def step(i, d_q):
       k, k_mask, sources, valid, keys, dots, gate, logits = slot_logits(
           slots_ref, k_ref, gate_ref, n, i, q, scale=scale, block_k=block_k, d_pad=d_pad,
@@ -291,8 +298,7 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
       weights = alpha * post_weight
       rows = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, g_pad, (s * group, group))
               for s in range(num_in_rows)]  # S x [BK, GP, BH]
-      e_b = [jnp.sum(sum(u_b[s][None] * rows[s] for s in range(num_in_rows)), axis=1)
-             for u_b in u]  # 3 x [BK, BH]
+      e_b = [jnp.sum(contract(u_b, rows), axis=1) for u_b in u]  # 3 x [BK, BH]
       r = [_tiles.load_vector(vec_ref, n, k, valid, b) for b in range(_NUM_AXES)]  # 3 x [BK]
       d_weights = sum(r_b[:, None] * e_b[b] for b, r_b in enumerate(r))  # [BK, BH]
       d_e = (d_weights * post_weight - total) / denominator
@@ -311,7 +317,7 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
                            jnp.sum(weights * e_b[b], axis=1, keepdims=True))
       _tiles.store_slots(d_env_ref, n, k, k_mask, head_block, None,
                          jnp.sum(d_e * unit, axis=1, keepdims=True))
-      return d_q + jnp.sum(d_dots[:, None, :] * keys, axis=0)
+      return _tiles.add_products(d_q, d_dots[:, None, :], keys, static.interpret)
 
     d_q = _tiles.slot_loop(pl.cdiv(num_slots, block_k), step,
                            jnp.zeros((d_pad, block_h), jnp.float32), block_sizes.unroll)
@@ -322,7 +328,7 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
 
 def _scatter_kernel(offsets_ref, order_ref, w_ref, d_dots_ref, vec_ref, q_ref, ux_ref, uy_ref,
                     uz_ref, d_k_ref, d_v_ref, *, block_sizes: BlockSizes, num_slots: int,
-                    d_pad: int, group: int, g_pad: int):
+                    d_pad: int, group: int, g_pad: int, interpret: bool):
   """One program: block_n sources in turn, a block of heads; walks each one's incoming edges (CSR)
   and accumulates d k = sum d_dots q_n and d v = sum_b a r_b u_b[n] (S tiles [GP, BH])."""
   num_sources, num_v_rows, num_heads = d_v_ref.shape
@@ -337,14 +343,14 @@ def _scatter_kernel(offsets_ref, order_ref, w_ref, d_dots_ref, vec_ref, q_ref, u
                for b in range(_NUM_AXES)]  # 3 x [BE, 1, BH]
       d_dots = _tiles.load_edges(d_dots_ref, edges, in_run, heads, head_mask)
       q = _tiles.load_rows(q_ref, targets, in_run, heads, head_mask, d_pad)  # [BE, DP, BH]
-      d_k = d_k + jnp.sum(d_dots[:, None, :] * q, axis=0)
-      d_v = tuple(
-          d_v[s] + jnp.sum(sum(
-              coefs[b] * _tiles.load_rows(u_ref, targets, in_run, heads, head_mask, g_pad,
-                                          (s * group, group))
-              for b, u_ref in enumerate((ux_ref, uy_ref, uz_ref))), axis=0)
-          for s in range(num_in_rows))
-      return d_k, d_v
+      d_k = _tiles.add_products(d_k, d_dots[:, None, :], q, interpret)
+      d_v = list(d_v)
+      for s in range(num_in_rows):
+        for b, u_ref in enumerate((ux_ref, uy_ref, uz_ref)):
+          u_rows = _tiles.load_rows(u_ref, targets, in_run, heads, head_mask, g_pad,
+                                    (s * group, group))  # [BE, GP, BH]
+          d_v[s] = _tiles.add_products(d_v[s], coefs[b], u_rows, interpret)
+      return d_k, tuple(d_v)
 
     init = (jnp.zeros((d_pad, block_sizes.block_h), jnp.float32),
             (jnp.zeros((g_pad, block_sizes.block_h), jnp.float32),) * num_in_rows)
@@ -396,7 +402,7 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   d_k, d_values = pl.pallas_call(
       functools.partial(_scatter_kernel, block_sizes=scatter_blocks, num_slots=num_slots,
                         d_pad=pl.next_power_of_2(head_dim), group=group,
-                        g_pad=pl.next_power_of_2(group)),
+                        g_pad=pl.next_power_of_2(group), interpret=static.interpret),
       out_shape=(jax.ShapeDtypeStruct((num_sources, head_dim, num_heads), k.dtype),
                  jax.ShapeDtypeStruct(values.shape, values.dtype)),
       grid=scatter_blocks.grid(num_sources, num_heads),
