@@ -5,6 +5,7 @@
 #   STEPS="torch_large md_large" bash benchmarks/run_h100.sh OUT_DIR    # the rematerialised large systems
 #   STEPS="memory" bash benchmarks/run_h100.sh OUT_DIR    # XLA memory plans, peaks, times of the JAX MD forces
 #   STEPS="attention attention_large attention_profile" bash benchmarks/run_h100.sh OUT_DIR    # the kernel
+# A change against a base tree, alternating on one machine: benchmarks/ab_attention.sh.
 # Expects: the carried wheels in .whl/ (packages missing on the GPU image: jraph, ase, ase-db-backends,
 # lmdb, jax-md and its pure-Python needs, e3nn-jax; flax/orbax at our pins), and the SPICE sample in
 # .gpu_data/ (a copy of ../shared/data, never committed). Each step has its own wall-clock limit so that
