@@ -11,14 +11,15 @@ Caveat: XLA compiles the same Triton IR with its own Triton pipeline, which can 
 upstream's in passes and LLVM version; treat the numbers as close estimates, and time on the GPU.
 
 Needs upstream Triton besides jax (``pip install triton==3.9.0``; not a project dependency):
-  python benchmarks/sass_stats.py [--blocks h,k,n,warps,stages] [--fp-fusion] [--sass DIR]
-      [--out results.json]
+  COMMIT=$(git rev-parse --short HEAD) python benchmarks/sass_stats.py [--blocks h,k,n,warps,stages]
+      [--fp-fusion] [--sass DIR] [--out results.json]   # --out also appends a line to RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import json
 import os
 import re
@@ -150,6 +151,8 @@ def main():
                            "options=-nvptx-fma-level=1 does); off matches XLA's default")
   parser.add_argument("--sass", type=Path, help="directory for each kernel's full SASS listing")
   parser.add_argument("--out", type=Path, help="JSON with every kernel's statistics")
+  parser.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md",
+                      help="appends one summary line (with --out)")
   args = parser.parse_args()
   block_sizes = None
   if args.blocks:
@@ -167,6 +170,13 @@ def main():
     report = dict(commit=os.environ.get("COMMIT"), blocks=args.blocks, fp_fusion=args.fp_fusion,
                   triton=__import__("triton").__version__, jax=jax.__version__, kernels=rows)
     args.out.write_text(json.dumps(report, indent=1))
+    summary = "; ".join(f"{row['call']} {row['name']}: {row['registers']} regs, "
+                        f"{row['instructions']} instructions" for row in rows)
+    with open(args.results_md, "a") as f:
+      f.write(f"| {datetime.date.today()} | none (CPU: Triton {report['triton']} -> sm_90 SASS) | "
+              f"commit {report['commit']} | sass_stats (message_attention, paper configuration, "
+              f"blocks {args.blocks or 'default'}, fp fusion {'on' if args.fp_fusion else 'off'}) | "
+              f"{summary} | {args.out.name} |\n")
 
 
 if __name__ == "__main__":
