@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Same-machine A/B of the attention benchmark: a base tree against this one, alternating, in one
-# device call (run-to-run differences between machines exceed most changes; notes_attention.md).
-#   git archive BASE_REV | tar -x -C runs/base       # here; then carry runs/base to the GPU machine
-#   bash benchmarks/ab_attention.sh runs/base OUT_DIR [SIZES] [IMPLS] [REPEATS]
-# AB_XLA_FLAGS: XLA_FLAGS for this tree's side only (with BASE_DIR=. it A/Bs a compiler switch).
-# AB_ARGS: more arguments for benchmarks/attention.py (e.g. --interpret for a CPU dry run).
-# Prints one line per (side, repeat, size, implementation) with the times in ms; each run's JSON goes
-# to OUT_DIR/{base,this}_REPEAT.json.
+# Same-machine A/B of the attention benchmark: a base tree against one or more others, alternating,
+# in one device call (run-to-run differences between machines exceed most changes; notes_attention.md).
+#   git archive BASE_REV | tar -x -C runs/base       # here, and one folder per other tree to compare;
+#                                                     # then carry them to the GPU machine
+#   bash benchmarks/ab_attention.sh runs/base OUT_DIR [SIZES] [IMPLS] [REPEATS] [TREE ...]
+# TREEs default to this checkout (.). AB_XLA_FLAGS: XLA_FLAGS for the compared trees only (with
+# BASE_DIR=. it A/Bs a compiler switch). AB_ARGS: more arguments for benchmarks/attention.py (e.g.
+# --interpret for a CPU dry run). Prints one line per (tree, repeat, size, implementation) with the
+# times in ms; each run's JSON goes to OUT_DIR/{base,TREE's folder name}_REPEAT.json.
 set -uo pipefail
 BASE_DIR="$(cd "${1:?usage: ab_attention.sh BASE_DIR OUT_DIR [SIZES] [IMPLS] [REPEATS]}" && pwd)"
 OUT_DIR="$(mkdir -p "${2:?OUT_DIR}" && cd "$2" && pwd)"
 SIZES="${3:-10000,100000}"
 IMPLS="${4:-message}"
 REPEATS="${5:-2}"
-HERE="$PWD"
+TREES=("${@:6}")
+[ ${#TREES[@]} -eq 0 ] && TREES=(.)
 export PYTHONUNBUFFERED=1
 
 side() {  # name, tree, repeat, XLA_FLAGS
@@ -34,5 +36,9 @@ EOF
 
 for i in $(seq "$REPEATS"); do
   side base "$BASE_DIR" "$i" "${XLA_FLAGS:-}"
-  side this "$HERE" "$i" "${AB_XLA_FLAGS:-${XLA_FLAGS:-}}"
+  for tree in "${TREES[@]}"; do
+    tree="$(cd "$tree" && pwd)"
+    side "$( [ "$tree" = "$PWD" ] && echo this || basename "$tree")" "$tree" "$i" \
+      "${AB_XLA_FLAGS:-${XLA_FLAGS:-}}"
+  done
 done
