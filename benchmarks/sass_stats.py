@@ -12,7 +12,7 @@ upstream's in passes and LLVM version; treat the numbers as close estimates, and
 
 Needs upstream Triton besides jax (``pip install triton==3.9.0``; not a project dependency):
   COMMIT=$(git rev-parse --short HEAD) python benchmarks/sass_stats.py [--blocks h,k,n,warps,stages]
-      [--fp-fusion] [--sass DIR] [--out results.json]   # --out also appends a line to RESULTS.md
+      [--dtype bfloat16] [--fp-fusion] [--sass DIR] [--out results.json]   # --out also appends a line to RESULTS.md
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ _SASS_LINE = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*
 _KEEP_MODIFIERS = ("LDG", "STG", "LDS", "STS")
 
 
-def capture_kernels(block_sizes) -> list[dict]:
+def capture_kernels(block_sizes, dtype) -> list[dict]:
   """Every pallas_call of one message_attention forward and gradient: name, warps, stages, IR."""
   kernels = []
   lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
@@ -73,9 +73,8 @@ def capture_kernels(block_sizes) -> list[dict]:
 
   s = jax.ShapeDtypeStruct
   n, k, h, d = NUM_ATOMS, NUM_SLOTS, NUM_HEADS, HEAD_DIM
-  f32 = jnp.float32
-  specs = (s((n, d, h), f32), s((n, d, h), f32), s((n, k, h), f32), s((n, k, h), f32),
-           s((n, k), f32), s((n, k, 3), f32), s((n, COUPLING.shape[1] * GROUPS, h), f32),
+  specs = (s((n, d, h), dtype), s((n, d, h), dtype), s((n, k, h), dtype), s((n, k, h), dtype),
+           s((n, k), dtype), s((n, k, 3), dtype), s((n, COUPLING.shape[1] * GROUPS, h), dtype),
            s((n, k), jnp.int32), s((n, k), jnp.bool_))
 
   def forward(*args):
@@ -84,7 +83,7 @@ def capture_kernels(block_sizes) -> list[dict]:
 
   def gradient(*args):
     *xs, idx, mask = args
-    loss = lambda *ys: jnp.sum(forward(*ys, idx, mask) ** 2)  # noqa: E731
+    loss = lambda *ys: jnp.sum(forward(*ys, idx, mask).astype(jnp.float32) ** 2)  # noqa: E731
     return jax.grad(loss, argnums=tuple(range(len(xs))))(*xs)
 
   device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
@@ -146,6 +145,8 @@ def compile_kernel(kernel: dict, fp_fusion: bool, sass_dir: Path | None) -> dict
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--blocks", help="message_attention forward tiling h,k,n,warps,stages")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="dtype of every float input")
   parser.add_argument("--fp-fusion", action="store_true",
                       help="let LLVM contract multiply-adds (as XLA_FLAGS=--xla_backend_extra_"
                            "options=-nvptx-fma-level=1 does); off matches XLA's default")
@@ -160,14 +161,15 @@ def main():
     block_sizes = pk.BlockSizes(block_h=h, block_k=k, block_n=n, num_warps=warps,
                                 num_stages=stages)
   rows = [compile_kernel(kernel, args.fp_fusion, args.sass)
-          for kernel in capture_kernels(block_sizes)]
+          for kernel in capture_kernels(block_sizes, jnp.dtype(args.dtype))]
   for row in rows:
     top = " ".join(f"{op}:{count}" for op, count in list(row["opcodes"].items())[:12])
     print(f"{row['call']:>14} {row['name']:<32} warps={row['num_warps']} regs={row['registers']} "
           f"spill={row['spill_store_bytes']}/{row['spill_load_bytes']} B "
           f"instructions={row['instructions']}  {top}")
   if args.out:
-    report = dict(commit=os.environ.get("COMMIT"), blocks=args.blocks, fp_fusion=args.fp_fusion,
+    report = dict(commit=os.environ.get("COMMIT"), blocks=args.blocks, dtype=args.dtype,
+                  fp_fusion=args.fp_fusion,
                   triton=__import__("triton").__version__, jax=jax.__version__, kernels=rows)
     args.out.write_text(json.dumps(report, indent=1))
     summary = "; ".join(f"{row['call']} {row['name']}: {row['registers']} regs, "
@@ -175,6 +177,7 @@ def main():
     with open(args.results_md, "a") as f:
       f.write(f"| {datetime.date.today()} | none (CPU: Triton {report['triton']} -> sm_90 SASS) | "
               f"commit {report['commit']} | sass_stats (message_attention, paper configuration, "
+              f"{args.dtype}, "
               f"blocks {args.blocks or 'default'}, fp fusion {'on' if args.fp_fusion else 'off'}) | "
               f"{summary} | {args.out.name} |\n")
 
