@@ -3,7 +3,8 @@
 Lowers message_attention's forward and backward (paper configuration) for an abstract H100 on the
 CPU, takes the Triton IR that Pallas emits for each kernel, compiles it for sm_90 with upstream
 Triton and its bundled ptxas, and reports per kernel: registers per thread, spill bytes, and the
-SASS instruction counts by opcode (the whole kernel, static, not executed counts). What it answers
+SASS instruction counts by opcode (the whole kernel, static, not executed counts) and the length of
+each loop (instructions from a backward branch's target to the branch: one slot step). It answers
 before any device time is spent: does a change spill, how many warps fit per SM, which FP
 instructions it emits (FFMA or FMUL + FADD), where loads sit relative to arithmetic (``--sass``).
 
@@ -12,7 +13,8 @@ upstream's in passes and LLVM version; treat the numbers as close estimates, and
 
 Needs upstream Triton besides jax (``pip install triton==3.9.0``; not a project dependency):
   COMMIT=$(git rev-parse --short HEAD) python benchmarks/sass_stats.py [--blocks h,k,n,warps,stages]
-      [--dtype bfloat16] [--fp-fusion] [--sass DIR] [--out results.json]   # --out also appends a line to RESULTS.md
+      [--dtype bfloat16] [--fp-fusion] [--sass DIR] [--out results.json]
+(--out also appends a line to benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ GROUPS = 2  # C / H channel groups of message_attention's value rows
 COUPLING = so3.first_order_coupling(2)  # lmax = 2
 SM90 = 90
 WARP_SIZE = 32
-# A SASS line: address comment, optional predicate, opcode with its modifiers.
-_SASS_LINE = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
+# A SASS line: address, optional predicate, opcode with its modifiers, operands.
+_SASS_LINE = re.compile(
+    r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)\s*([^;]*)")
 # Memory opcodes keep their width modifier (LDG.E.128 against LDG.E.64 tells the vector width).
 _KEEP_MODIFIERS = ("LDG", "STG", "LDS", "STS")
 
@@ -121,12 +124,16 @@ def compile_kernel(kernel: dict, fp_fusion: bool, sass_dir: Path | None) -> dict
                            str(work / "k.cubin")], capture_output=True, text=True, check=True).stderr
   sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(work / "k.cubin")],
                         capture_output=True, text=True, check=True).stdout
-  opcodes = collections.Counter()
-  for line in sass.splitlines():
-    match = _SASS_LINE.match(line)
-    if match:
-      opcode, modifiers = match.groups()
-      opcodes[opcode + (modifiers if opcode in _KEEP_MODIFIERS else "")] += 1
+  instructions = [match.groups() for match in map(_SASS_LINE.match, sass.splitlines()) if match]
+  opcodes = collections.Counter(
+      opcode + (modifiers if opcode in _KEEP_MODIFIERS else "")
+      for _, opcode, modifiers, _ in instructions)
+  addresses = [int(address, 16) for address, *_ in instructions]
+  loops = []  # instructions per loop body, from a backward branch's target to the branch
+  for address, (_, opcode, _, operands) in zip(addresses, instructions):
+    target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
+    if target and int(target.group(1), 16) < address:
+      loops.append(sum(int(target.group(1), 16) <= a <= address for a in addresses))
   if sass_dir is not None:
     sass_dir.mkdir(parents=True, exist_ok=True)
     (sass_dir / f"{kernel['call']}_{kernel['name']}.sass").write_text(sass)
@@ -139,7 +146,8 @@ def compile_kernel(kernel: dict, fp_fusion: bool, sass_dir: Path | None) -> dict
               num_stages=kernel["num_stages"], registers=number(r"Used (\d+) registers"),
               spill_store_bytes=number(r"(\d+) bytes spill stores"),
               spill_load_bytes=number(r"(\d+) bytes spill loads"),
-              instructions=sum(opcodes.values()), opcodes=dict(opcodes.most_common()))
+              instructions=len(instructions), loop_instructions=loops,
+              opcodes=dict(opcodes.most_common()))
 
 
 def main():
@@ -166,7 +174,7 @@ def main():
     top = " ".join(f"{op}:{count}" for op, count in list(row["opcodes"].items())[:12])
     print(f"{row['call']:>14} {row['name']:<32} warps={row['num_warps']} regs={row['registers']} "
           f"spill={row['spill_store_bytes']}/{row['spill_load_bytes']} B "
-          f"instructions={row['instructions']}  {top}")
+          f"instructions={row['instructions']} loops={row['loop_instructions']}  {top}")
   if args.out:
     report = dict(commit=os.environ.get("COMMIT"), blocks=args.blocks, dtype=args.dtype,
                   fp_fusion=args.fp_fusion,
