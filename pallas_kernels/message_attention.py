@@ -51,7 +51,6 @@ from pallas_kernels.neighbor_ops import (
     scatter_sum_prepared,
 )
 from pallas_kernels.node_attention import (
-    online_softmax_step,
     slot_logits,
     softmax_backward,
     softmax_denominator,
@@ -61,8 +60,10 @@ from pallas_kernels.node_attention import (
 _NUM_AXES = 3
 # Default forward tiling: 64 heads, one slot per step, one warp. On an H100 at N = 100k (paper
 # sizes, benchmarks/notes_attention.md, runs 9 and 13) it took 7.8 ms in float32 against 9.8 at
-# 2 warps, 10.6 for 128 heads at 4 warps and 31-47 ms for every tiling with several slots per step
-# (a reduction over slots per accumulator row).
+# 2 warps and 10.6 for 128 heads at 4 warps. block_k > 1 walks that many single slots per step with
+# one rescale of the accumulators (offline SASS, run 19: 8.1 loop instructions per head and slot at
+# 64 x 2 against 9.4 at 64 x 1); not yet timed. (The earlier [slots, ...] tile design took
+# 31-47 ms for several slots per step: a reduction over slots per accumulator row.)
 _FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
 # Default tiling of the fused backward's target side: 64 heads x 1 slot x 1 warp, as the forward,
 # took 42.0 ms forward + backward at N = 100k on an H100 against 44.7 at 32 heads and 52-55 at
@@ -122,7 +123,8 @@ def _at_most_heads(block_sizes: BlockSizes, num_heads: int) -> BlockSizes:
 def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, out_ref,
                     *stats_ref, static: _MessageStatic, block_sizes: BlockSizes, d_pad: int,
                     group: int, g_pad: int):
-  """One program: block_n targets in turn, a block of heads; online softmax over slot blocks.
+  """One program: block_n targets in turn, a block of heads; online softmax over the slots, block_k
+  single slots per loop step sharing one update of the running maximum (one rescale per step).
 
   The accumulator is one [GP, BH] tile per (axis b, feature row s): value rows are gathered row by
   row (each a contiguous [G, BH] segment of the source's [S*G, H] block), since a Triton tile
@@ -138,19 +140,38 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
   def target(n):
     q = _tiles.load_row(q_ref, n, heads, head_mask, d_pad)  # [DP, BH]
 
+    def slot(i):  # slot i of target n: its loads and logit; past K (a last partial step) invalid
+      k, _, sources, valid, _, _, _, logits = slot_logits(
+          slots_ref, k_ref, gate_ref, n, jnp.minimum(i, num_slots - 1), q, scale=static.scale,
+          block_k=1, d_pad=d_pad, heads=heads, head_mask=head_mask)
+      valid = valid & (i < num_slots)
+      logits = jnp.where(valid[:, None], logits, _tiles.NEG_INF)  # [1, BH]
+      post_weight = _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)  # [1, BH]
+      envelope = _tiles.load_vector(env_ref, n, k, valid)  # [1]
+      vectors = [_tiles.load_vector(vec_ref, n, k, valid, b) for b in range(_NUM_AXES)]  # 3 x [1]
+      rows = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, g_pad, (s * group, group))
+              for s in range(num_in_rows)]  # S x [1, GP, BH]
+      return logits, post_weight, envelope, vectors, rows
+
     def step(i, carry):
       m, l, acc = carry  # [BH], [BH], (3*S) x [GP, BH] with index b*S + s
-      k, sources, valid, m_new, p, rescale, weights = online_softmax_step(
-          slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, scale=static.scale,
-          block_k=block_k, d_pad=d_pad, heads=heads, head_mask=head_mask)
-      coefs = [(weights * _tiles.load_vector(vec_ref, n, k, valid, b)[:, None])[:, None, :]
-               for b in range(_NUM_AXES)]  # 3 x [BK, 1, BH]
-      rows = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, g_pad, (s * group, group))
-              for s in range(num_in_rows)]  # S x [BK, GP, BH]
-      # Not _tiles.add_products: its written-out FMA measured slower in this loop (run 19).
-      acc = tuple(acc[b * num_in_rows + s] * rescale[None] + jnp.sum(coefs[b] * rows[s], axis=0)
-                  for b in range(_NUM_AXES) for s in range(num_in_rows))
-      return m_new, l * rescale + jnp.sum(p, axis=0), acc
+      slots = [slot(i * block_k + j) for j in range(block_k)]
+      m_new = m
+      for logits, *_ in slots:
+        m_new = jnp.maximum(m_new, logits[0])  # [BH]
+      rescale = jnp.exp(m - m_new)  # [BH]: one rescale of the accumulators per step
+      acc = [a * rescale[None] for a in acc]
+      l = l * rescale
+      for logits, post_weight, envelope, vectors, rows in slots:
+        p = jnp.exp(logits[0] - m_new) * envelope  # [BH]
+        weights = p * post_weight[0]
+        l = l + p
+        # Not _tiles.add_products: its written-out FMA measured slower in this loop (run 19).
+        for b in range(_NUM_AXES):
+          coef = (weights * vectors[b])[None]  # [1, BH]
+          for s in range(num_in_rows):
+            acc[b * num_in_rows + s] = acc[b * num_in_rows + s] + coef * rows[s][0]
+      return m_new, l, tuple(acc)
 
     zeros = jnp.zeros((g_pad, block_h), jnp.float32)
     init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),

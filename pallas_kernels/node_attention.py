@@ -91,9 +91,9 @@ def slot_logits(slots_ref, k_ref, gate_ref, n, i, q, *, scale: float, block_k: i
   return k, k_mask, sources, valid, keys, dots, gate, gate * scale * dots
 
 
-def online_softmax_step(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, *, scale: float,
-                        block_k: int, d_pad: int, heads, head_mask):
-  """Step i of the online softmax of target n over slot blocks (shared by the fused kernels).
+def _online_softmax_step(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, *, scale: float,
+                         block_k: int, d_pad: int, heads, head_mask):
+  """Step i of the online softmax of target n over slot blocks (node_attention's forward).
 
   Gathers the block's key rows, forms the logits and moves the running maximum ``m`` [BH].
 
@@ -133,7 +133,7 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, o
 
     def step(i, carry):
       m, l, acc = carry  # [BH], [BH], [XP, BH]
-      _, sources, valid, m_new, p, rescale, weights = online_softmax_step(
+      _, sources, valid, m_new, p, rescale, weights = _online_softmax_step(
           slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, scale=scale, block_k=block_k,
           d_pad=d_pad, heads=heads, head_mask=head_mask)
       vals = _tiles.load_rows(v_ref, sources, valid, heads, head_mask, x_pad)  # [BK, XP, BH]
