@@ -263,17 +263,17 @@ def _composed_backward(static: _MessageStatic, q, k, gate, post_weight, envelope
 
 def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, g_ref,
                      out_ref, stats_ref, d_q_ref, d_gate_ref, d_pw_ref, d_dots_ref, w_ref,
-                     d_env_ref, d_vec_ref, ux_ref, uy_ref, uz_ref, *, static: _MessageStatic,
-                     block_sizes: BlockSizes, d_pad: int, group: int, g_pad: int):
+                     d_env_ref, d_vec_ref, *, static: _MessageStatic, block_sizes: BlockSizes,
+                     d_pad: int, group: int, g_pad: int):
   """One program: block_n targets in turn, a block of heads, one pass over the slots.
 
-  First it pulls the cotangent back through the coupling, u_b = G_b^T g (written out for the
-  source side too), and forms the softmax row term sum_k a d a = <g, out>. Per slot it gathers the
-  key and the S value rows of the source (as the forward does), rebuilds the weights from the
-  forward's statistics and forms every target-side cotangent in registers: E_b = <u_b, v_j>,
-  d a = sum_b r_b E_b, the softmax backward and d q. It writes the per-edge cotangents, d dots and
-  the weights (what the source side needs) and accumulates d q; head sums (d envelope, d vectors)
-  go to column ``head block`` of their [N, K, blocks] outputs.
+  First it pulls the cotangent back through the coupling, u_b = G_b^T g, and forms the softmax
+  row term sum_k a d a = <g, out>. Per slot it gathers the key and the S value rows of the source
+  (as the forward does), rebuilds the weights from the forward's statistics and forms every
+  target-side cotangent in registers: E_b = <u_b, v_j>, d a = sum_b r_b E_b, the softmax backward
+  and d q. It writes the per-edge cotangents, d dots and the weights (what the source side needs)
+  and accumulates d q; head sums (d envelope, d vectors) go to column ``head block`` of their
+  [N, K, blocks] outputs.
   """
   num_targets, num_slots, num_heads = gate_ref.shape
   num_in_rows = static.shape[1]
@@ -293,9 +293,6 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
     u = [[jnp.zeros((g_pad, block_h), jnp.float32)] * num_in_rows for _ in range(_NUM_AXES)]
     for row, s, b, coef in static.terms:
       u[b][s] = u[b][s] + coef * g[row]
-    for u_b, ref in zip(u, (ux_ref, uy_ref, uz_ref)):
-      for s, tile in enumerate(u_b):
-        _tiles.store_row(ref, n, heads, head_mask, tile, (s * group, group))
     total = sum(jnp.sum(a * b, axis=0) for a, b in zip(
         g, node_rows(out_ref, n, num_out_rows, g_pad, group)))  # [BH]: sum_k a d a
     m, denominator = node_rows(stats_ref, n, _NUM_STATS, 1, 1)  # [1, BH] each
@@ -347,30 +344,38 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
 
-def _scatter_kernel(offsets_ref, order_ref, w_ref, d_dots_ref, vec_ref, q_ref, ux_ref, uy_ref,
-                    uz_ref, d_k_ref, d_v_ref, *, block_sizes: BlockSizes, num_slots: int,
-                    d_pad: int, group: int, g_pad: int, interpret: bool):
+def _scatter_kernel(offsets_ref, order_ref, w_ref, d_dots_ref, vec_ref, q_ref, g_ref, d_k_ref,
+                    d_v_ref, *, static: _MessageStatic, block_sizes: BlockSizes, num_slots: int,
+                    d_pad: int, group: int, g_pad: int):
   """One program: block_n sources in turn, a block of heads; walks each one's incoming edges (CSR)
-  and accumulates d k = sum d_dots q_n and d v = sum_b a r_b u_b[n] (S tiles [GP, BH])."""
+  and accumulates d k = sum d_dots q_n and d v = sum_b a r_b G_b^T g_n (S tiles [GP, BH]).
+
+  It gathers the R rows of the target's cotangent g and applies the coupling per edge (one
+  multiply-add per non-zero term), rather than gathering 3 S rows of the pulled-back u_b = G_b^T g:
+  fewer bytes per edge (R = 20 against 27 rows for lmax = 2), more arithmetic (50 terms against 27).
+  """
   num_sources, num_v_rows, num_heads = d_v_ref.shape
   num_in_rows = num_v_rows // group
+  num_out_rows = g_ref.shape[1] // group
   heads, head_mask = _tiles.head_block(block_sizes.block_h, num_heads)
 
   def source(j):
     def step(edges, targets, in_run, carry):  # edges, targets, in_run: [BE]
       d_k, d_v = carry
       weights = _tiles.load_edges(w_ref, edges, in_run, heads, head_mask)  # [BE, BH]
-      coefs = [(weights * _tiles.load_vector(vec_ref, 0, edges, in_run, b)[:, None])[:, None, :]
-               for b in range(_NUM_AXES)]  # 3 x [BE, 1, BH]
+      coefs = [weights * _tiles.load_vector(vec_ref, 0, edges, in_run, b)[:, None]
+               for b in range(_NUM_AXES)]  # 3 x [BE, BH]: a r_b
       d_dots = _tiles.load_edges(d_dots_ref, edges, in_run, heads, head_mask)
       q = _tiles.load_rows(q_ref, targets, in_run, heads, head_mask, d_pad)  # [BE, DP, BH]
-      d_k = _tiles.add_products(d_k, d_dots[:, None, :], q, interpret)
+      d_k = _tiles.add_products(d_k, d_dots[:, None, :], q, static.interpret)
+      g = [_tiles.load_rows(g_ref, targets, in_run, heads, head_mask, g_pad, (row * group, group))
+           for row in range(num_out_rows)]  # R x [BE, GP, BH]
+      scaled = {}  # (G value, b) -> G a r_b [BE, 1, BH]: 27 distinct of the 50 terms (lmax = 2)
       d_v = list(d_v)
-      for s in range(num_in_rows):
-        for b, u_ref in enumerate((ux_ref, uy_ref, uz_ref)):
-          u_rows = _tiles.load_rows(u_ref, targets, in_run, heads, head_mask, g_pad,
-                                    (s * group, group))  # [BE, GP, BH]
-          d_v[s] = _tiles.add_products(d_v[s], coefs[b], u_rows, interpret)
+      for row, s, b, coef in static.terms:
+        if (coef, b) not in scaled:
+          scaled[coef, b] = (coef * coefs[b])[:, None, :]
+        d_v[s] = _tiles.add_products(d_v[s], scaled[coef, b], g[row], static.interpret)
       return d_k, tuple(d_v)
 
     init = (jnp.zeros((d_pad, block_sizes.block_h), jnp.float32),
@@ -403,14 +408,12 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   kernel = functools.partial(
       _backward_kernel, static=static, block_sizes=block_sizes,
       d_pad=pl.next_power_of_2(head_dim), group=group, g_pad=pl.next_power_of_2(group))
-  d_q, d_gate, d_post_weight, d_dots, weights, d_env, d_vec, *u = pl.pallas_call(
+  d_q, d_gate, d_post_weight, d_dots, weights, d_env, d_vec = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), edge(gate.dtype),
                  edge(post_weight.dtype), edge(jnp.float32), edge(jnp.float32),
                  edge(jnp.float32, num_head_blocks),
-                 edge(jnp.float32, num_head_blocks * _NUM_AXES),
-                 *[jax.ShapeDtypeStruct((num_targets, values.shape[1], num_heads),
-                                        jnp.float32)] * _NUM_AXES),  # u_b
+                 edge(jnp.float32, num_head_blocks * _NUM_AXES)),
       grid=block_sizes.grid(num_targets, num_heads),
       compiler_params=block_sizes.compiler_params(),
       interpret=static.interpret,
@@ -421,9 +424,9 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   # Per-edge arrays flattened to the CSR's slot ids n*K + k; the vectors as [1, N*K, 3] so that
   # _tiles.load_vector (a row, then columns) reads edge e's component b at (0, e, b).
   d_k, d_values = pl.pallas_call(
-      functools.partial(_scatter_kernel, block_sizes=scatter_blocks, num_slots=num_slots,
-                        d_pad=pl.next_power_of_2(head_dim), group=group,
-                        g_pad=pl.next_power_of_2(group), interpret=static.interpret),
+      functools.partial(_scatter_kernel, static=static, block_sizes=scatter_blocks,
+                        num_slots=num_slots, d_pad=pl.next_power_of_2(head_dim), group=group,
+                        g_pad=pl.next_power_of_2(group)),
       out_shape=(jax.ShapeDtypeStruct((num_sources, head_dim, num_heads), k.dtype),
                  jax.ShapeDtypeStruct(values.shape, values.dtype)),
       grid=scatter_blocks.grid(num_sources, num_heads),
@@ -431,7 +434,7 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
       interpret=static.interpret,
       name="message_attention_bwd_scatter",
   )(nbrs.source_offsets, nbrs.edge_order, weights.reshape(num_edges, num_heads),
-    d_dots.reshape(num_edges, num_heads), vectors.reshape(1, num_edges, _NUM_AXES), q, *u)
+    d_dots.reshape(num_edges, num_heads), vectors.reshape(1, num_edges, _NUM_AXES), q, g)
   d_vectors = d_vec.reshape(num_targets, num_slots, num_head_blocks, _NUM_AXES).sum(axis=2)
   return (d_q, d_k, d_gate, d_post_weight, jnp.sum(d_env, axis=-1).astype(envelope.dtype),
           d_vectors.astype(vectors.dtype), d_values)
