@@ -58,13 +58,12 @@ from pallas_kernels.node_attention import (
 
 # Components of an edge vector (x, y, z).
 _NUM_AXES = 3
-# Default forward tiling: 64 heads, one slot per step, one warp. On an H100 at N = 100k (paper
-# sizes, benchmarks/notes_attention.md, runs 9 and 13) it took 7.8 ms in float32 against 9.8 at
-# 2 warps and 10.6 for 128 heads at 4 warps. block_k > 1 walks that many single slots per step with
-# one rescale of the accumulators (offline SASS, run 19: 8.1 loop instructions per head and slot at
-# 64 x 2 against 9.4 at 64 x 1); not yet timed. (The earlier [slots, ...] tile design took
-# 31-47 ms for several slots per step: a reduction over slots per accumulator row.)
-_FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
+# Default forward tiling: 64 heads, four single slots per step sharing one rescale of the
+# accumulators, one warp. On an H100 at N = 100k (paper sizes, benchmarks/notes_attention.md,
+# run 20) it took 6.10-6.17 ms in float32 against 6.52-6.57 for 2 slots per step, 7.7 for one,
+# 9.3 for 8, 9.2 for 32 heads x 2 slots and 8.4 for 64 x 2 at 2 warps. (The earlier [slots, ...]
+# tile design took 31-47 ms for several slots per step: a reduction over slots per accumulator row.)
+_FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=4, num_warps=1)
 # Default tiling of the fused backward's target side: 64 heads x 1 slot x 1 warp, as the forward,
 # took 42.0 ms forward + backward at N = 100k on an H100 against 44.7 at 32 heads and 52-55 at
 # 2 or 4 warps (benchmarks/notes_attention.md, run 15).
