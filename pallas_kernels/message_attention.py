@@ -64,13 +64,13 @@ _NUM_AXES = 3
 # 9.3 for 8, 9.2 for 32 heads x 2 slots and 8.4 for 64 x 2 at 2 warps. (The earlier [slots, ...]
 # tile design took 31-47 ms for several slots per step: a reduction over slots per accumulator row.)
 _FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=4, num_warps=1)
-# Default tiling of the fused backward's target side: 64 heads x 1 slot x 1 warp, as the forward,
-# took 42.0 ms forward + backward at N = 100k on an H100 against 44.7 at 32 heads and 52-55 at
-# 2 or 4 warps (benchmarks/notes_attention.md, run 15).
+# Default tiling of the fused backward's target side: 64 heads x 1 slot x 1 warp took 42.0 ms
+# forward + backward at N = 100k on an H100 against 44.7 at 32 heads and 52-55 at 2 or 4 warps
+# (benchmarks/notes_attention.md, run 15); 29.6 against 32.4 at 32 heads in run 20.
 _BACKWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
 # Default tiling of the backward's source side (d k and d v per source, over its incoming edges):
-# 32 heads x 1 slot x 1 warp, 39.3 ms forward + backward at N = 100k against 43.8 at 64 heads and
-# 41.3 for 128 heads x 1 slot at 4 warps (run 16).
+# 32 heads x 1 slot x 1 warp, 29.6 ms forward + backward at N = 100k (run 20) against 29.6 at 64
+# heads, 30.1 at 64 heads x 2 warps, 31.6 at 16 heads and 32.3 for 32 heads x 2 slots.
 _SCATTER_BLOCKS = BlockSizes(block_h=32, block_k=1, num_warps=1)
 # The softmax statistics the forward writes for the backward: shift m and denominator per head.
 _NUM_STATS = 2
