@@ -55,9 +55,14 @@ from pallas_kernels.neighbor_ops import (
 )
 
 BackwardImpl = Literal["pallas", "xla"]
-# Heads per forward program by default. At the paper sizes this gives [1, 64, 128] value tiles (one
-# slot per loop step): on an H100 at N = 100k, 17.6 ms in float32 and 13.4 ms in bf16 against
-# 17.8 / 17.7 ms for 32 heads x 4 slots (benchmarks/notes_attention.md, runs 5-6).
+# Default forward tiling for float32 inputs: 32 heads, two single slots per step, one warp. On an
+# H100 at N = 100k (paper sizes, benchmarks/notes_attention.md, run 20) 15.2 ms against 15.4 for one
+# slot per step, 16.1-16.5 for 16 heads or 2 warps and 17.5-17.9 for the earlier 128 heads x 1 slot
+# x 4 warps.
+_FORWARD_BLOCKS_F32 = BlockSizes(block_h=32, block_k=2, num_warps=1)
+# Heads per forward program for narrower inputs (bf16): BlockSizes.get_default's [1, 64, 128] value
+# tiles at the paper sizes, 13.5 ms at N = 100k against 17.4 for the float32 tiling (run 20) and
+# 17.7 for 32 heads x 4 slots at 4 warps (runs 5-6).
 _FORWARD_MAX_BLOCK_H = 128
 _BACKWARD_IMPLS = ("pallas", "xla")
 _HIGHEST = lax.Precision.HIGHEST
@@ -91,27 +96,48 @@ def slot_logits(slots_ref, k_ref, gate_ref, n, i, q, *, scale: float, block_k: i
   return k, k_mask, sources, valid, keys, dots, gate, gate * scale * dots
 
 
-def _online_softmax_step(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, *, scale: float,
-                         block_k: int, d_pad: int, heads, head_mask):
-  """Step i of the online softmax of target n over slot blocks (node_attention's forward).
-
-  Gathers the block's key rows, forms the logits and moves the running maximum ``m`` [BH].
+def _load_slot(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, *, scale: float,
+               d_pad: int, heads, head_mask):
+  """Single slot i of target n for the online softmax: its key row, logit and per-slot scalars. A
+  slot past K (from a last partial step of block_k slots) is invalid.
 
   Returns:
-    (k, sources, valid, m_new, p, rescale, weights): slot numbers, source rows and validity
-    [BK]; the new maximum [BH]; p = exp(logits - m_new) * envelope [BK, BH] (0 on invalid
-    slots); rescale = exp(m - m_new) [BH] for the running sums; weights = p * post_weight [BK, BH].
+    (k, sources, valid, logits, envelope, post_weight): the slot number, source row and validity
+    [1]; the logits [BH] (-inf where invalid); the envelope [1]; the post weights [BH].
   """
+  num_slots = gate_ref.shape[1]
   k, _, sources, valid, _, _, _, logits = slot_logits(
-      slots_ref, k_ref, gate_ref, n, i, q, scale=scale, block_k=block_k, d_pad=d_pad, heads=heads,
-      head_mask=head_mask)
-  logits = jnp.where(valid[:, None], logits, _tiles.NEG_INF)
-  m_new = jnp.maximum(m, jnp.max(logits, axis=0))  # [BH]
-  envelope = _tiles.load_vector(env_ref, n, k, valid)  # [BK]
-  p = jnp.exp(logits - m_new[None]) * envelope[:, None]  # [BK, BH]
-  rescale = jnp.exp(m - m_new)  # [BH]
-  weights = p * _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)  # [BK, BH]
-  return k, sources, valid, m_new, p, rescale, weights
+      slots_ref, k_ref, gate_ref, n, jnp.minimum(i, num_slots - 1), q, scale=scale, block_k=1,
+      d_pad=d_pad, heads=heads, head_mask=head_mask)
+  valid = valid & (i < num_slots)
+  logits = jnp.where(valid[:, None], logits, _tiles.NEG_INF)[0]
+  post_weight = _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)[0]
+  return k, sources, valid, logits, _tiles.load_vector(env_ref, n, k, valid), post_weight
+
+
+def _online_softmax_update(m, l, slots):
+  """One step of the online softmax: single slots sharing one update of the running maximum, so
+  the caller rescales its accumulators once per step (not once per slot).
+
+  Args:
+    m, l: running maximum and sum of exp(logits - m) * envelope, [BH] each.
+    slots: (logits [BH], envelope [1], post_weight [BH]) per slot of the step.
+
+  Returns:
+    (m_new, l_new, rescale, weights): rescale = exp(m - m_new) [BH] for the accumulators; per
+    slot, weights = exp(logits - m_new) * envelope * post_weight [BH] (0 on invalid slots).
+  """
+  m_new = m
+  for logits, _, _ in slots:
+    m_new = jnp.maximum(m_new, logits)
+  rescale = jnp.exp(m - m_new)
+  l = l * rescale
+  weights = []
+  for logits, envelope, post_weight in slots:
+    p = jnp.exp(logits - m_new) * envelope
+    l = l + p
+    weights.append(p * post_weight)
+  return m_new, l, rescale, weights
 
 
 def softmax_denominator(l: jax.Array, m: jax.Array, sink: float) -> jax.Array:
@@ -123,7 +149,10 @@ def softmax_denominator(l: jax.Array, m: jax.Array, sink: float) -> jax.Array:
 
 def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, out_ref, *,
                     scale: float, sink: float, block_sizes: BlockSizes, d_pad: int, x_pad: int):
-  """One program: block_n targets in turn, a block of heads; online softmax over slot blocks."""
+  """One program: block_n targets in turn, a block of heads; online softmax over the slots,
+  block_k single slots per loop step sharing one rescale of the accumulator. (Each slot is its own
+  [XP, BH] load, not one [block_k, XP, BH] tile summed over its slot axis: that reduction made
+  message_attention's forward several times slower, run 9.)"""
   num_targets, num_slots, num_heads = gate_ref.shape
   block_h, block_k = block_sizes.block_h, block_sizes.block_k
   heads, head_mask = _tiles.head_block(block_h, num_heads)
@@ -133,12 +162,16 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, o
 
     def step(i, carry):
       m, l, acc = carry  # [BH], [BH], [XP, BH]
-      _, sources, valid, m_new, p, rescale, weights = _online_softmax_step(
-          slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, m, scale=scale, block_k=block_k,
-          d_pad=d_pad, heads=heads, head_mask=head_mask)
-      vals = _tiles.load_rows(v_ref, sources, valid, heads, head_mask, x_pad)  # [BK, XP, BH]
-      acc = acc * rescale[None] + jnp.sum(weights[:, None, :] * vals, axis=0)
-      return m_new, l * rescale + jnp.sum(p, axis=0), acc
+      slots = [_load_slot(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i * block_k + j, q,
+                          scale=scale, d_pad=d_pad, heads=heads, head_mask=head_mask)
+               for j in range(block_k)]
+      vals = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, x_pad)[0]
+              for _, sources, valid, *_ in slots]  # block_k x [XP, BH]
+      m, l, rescale, weights = _online_softmax_update(m, l, [slot[3:] for slot in slots])
+      acc = acc * rescale[None]
+      for w, v in zip(weights, vals):
+        acc = acc + w[None] * v
+      return m, l, acc
 
     init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),
             jnp.zeros((x_pad, block_h), jnp.float32))
@@ -151,6 +184,10 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, o
 def _forward_block_sizes(static: _AttentionStatic, values: jax.Array, num_slots: int) -> BlockSizes:
   if static.block_sizes is not None:
     return static.block_sizes
+  if values.dtype == jnp.float32:
+    return dataclasses.replace(
+        _FORWARD_BLOCKS_F32,
+        block_h=min(_FORWARD_BLOCKS_F32.block_h, pl.next_power_of_2(values.shape[2])))
   return BlockSizes.get_default(values.shape[1], num_slots, values.shape[2],
                                 max_block_h=_FORWARD_MAX_BLOCK_H)
 
