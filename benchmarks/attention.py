@@ -466,14 +466,16 @@ FORWARD_CANDIDATES = [
 # One (size, implementation) subprocess may not take longer than this.
 _WORKER_TIMEOUT_S = 150  # compile of the largest fwd+bwd programs included
 # message_attention's forward: 18 value rows (9 x 2 groups, gathered as nine [G, block_h] segments)
-# and 27 [2, block_h] accumulators; its default is 64 heads x 1 slot x 1 warp (runs 9, 13).
+# and 27 [2, block_h] accumulators, block_k single slots per step; its default is 64 heads x 4
+# slots x 1 warp (run 20: 6.1 ms at N = 100k against 6.4-6.6 for 2 slots and 7.7 for 1).
 MESSAGE_CANDIDATES = [
-    (64, 1, 1, 1, 2, 0), (64, 1, 1, 2, 2, 0), (128, 1, 1, 1, 2, 0), (128, 1, 1, 2, 2, 0),
-    (32, 1, 1, 1, 2, 0), (64, 1, 1, 1, 1, 0), (64, 1, 1, 1, 3, 0), (128, 1, 1, 4, 2, 0),
+    (64, 4, 1, 1, 2, 0), (64, 2, 1, 1, 2, 0), (64, 1, 1, 1, 2, 0), (64, 8, 1, 1, 2, 0),
+    (32, 4, 1, 1, 2, 0), (64, 4, 1, 1, 3, 0), (64, 2, 1, 2, 2, 0), (128, 2, 1, 2, 2, 0),
 ]
 # message_attention's fused backward: (target side, source side) tilings, 12 numbers. The target
-# side holds 27 [2, block_h] pulled-back cotangent tiles besides the forward's operands; default
-# 64 heads x 1 slot x 1 warp for both (run 15).
+# side holds 27 [2, block_h] pulled-back cotangent tiles besides the forward's operands; defaults
+# 64 heads x 1 slot x 1 warp for it and 32 heads x 1 slot x 1 warp for the source side (runs 15-16,
+# 20).
 _ONE_WARP = {h: (h, 1, 1, 1, 2, 0) for h in (32, 64, 128)}
 MESSAGE_BACKWARD_CANDIDATES = [
     _ONE_WARP[64] + _ONE_WARP[64], _ONE_WARP[64] + _ONE_WARP[32], _ONE_WARP[64] + _ONE_WARP[128],
