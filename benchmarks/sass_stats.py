@@ -57,7 +57,7 @@ _SASS_LINE = re.compile(
 _KEEP_MODIFIERS = ("LDG", "STG", "LDS", "STS")
 
 
-def capture_kernels(block_sizes, dtype) -> list[dict]:
+def capture_kernels(block_sizes, backward_block_sizes, dtype) -> list[dict]:
   """Every pallas_call of one message_attention forward and gradient: name, warps, stages, IR."""
   kernels = []
   lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
@@ -82,7 +82,8 @@ def capture_kernels(block_sizes, dtype) -> list[dict]:
 
   def forward(*args):
     return pk.message_attention(*args, coupling=COUPLING, scale=d ** -0.5,
-                                block_sizes=block_sizes)
+                                block_sizes=block_sizes,
+                                backward_block_sizes=backward_block_sizes)
 
   def gradient(*args):
     *xs, idx, mask = args
@@ -150,9 +151,20 @@ def compile_kernel(kernel: dict, fp_fusion: bool, sass_dir: Path | None) -> dict
               opcodes=dict(opcodes.most_common()))
 
 
+def _tilings(text: str) -> list:
+  """'h,k,n,warps,stages[,h,k,n,warps,stages...]' -> BlockSizes, one per five numbers."""
+  numbers = [int(v) for v in text.split(",")]
+  if len(numbers) % 5:
+    raise SystemExit(f"a tiling is five numbers h,k,n,warps,stages; got {text!r}")
+  return [pk.BlockSizes(block_h=h, block_k=k, block_n=n, num_warps=w, num_stages=st)
+          for h, k, n, w, st in zip(*[iter(numbers)] * 5)]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--blocks", help="message_attention forward tiling h,k,n,warps,stages")
+  parser.add_argument("--backward-blocks",
+                      help="fused backward tilings, target side then source side: 10 numbers")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="dtype of every float input")
   parser.add_argument("--fp-fusion", action="store_true",
@@ -163,20 +175,19 @@ def main():
   parser.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md",
                       help="appends one summary line (with --out)")
   args = parser.parse_args()
-  block_sizes = None
-  if args.blocks:
-    h, k, n, warps, stages = map(int, args.blocks.split(","))
-    block_sizes = pk.BlockSizes(block_h=h, block_k=k, block_n=n, num_warps=warps,
-                                num_stages=stages)
+  block_sizes = _tilings(args.blocks)[0] if args.blocks else None
+  backward_block_sizes = (tuple(_tilings(args.backward_blocks)) if args.backward_blocks
+                          else None)
   rows = [compile_kernel(kernel, args.fp_fusion, args.sass)
-          for kernel in capture_kernels(block_sizes, jnp.dtype(args.dtype))]
+          for kernel in capture_kernels(block_sizes, backward_block_sizes, jnp.dtype(args.dtype))]
   for row in rows:
     top = " ".join(f"{op}:{count}" for op, count in list(row["opcodes"].items())[:12])
     print(f"{row['call']:>14} {row['name']:<32} warps={row['num_warps']} regs={row['registers']} "
           f"spill={row['spill_store_bytes']}/{row['spill_load_bytes']} B "
           f"instructions={row['instructions']} loops={row['loop_instructions']}  {top}")
   if args.out:
-    report = dict(commit=os.environ.get("COMMIT"), blocks=args.blocks, dtype=args.dtype,
+    report = dict(commit=os.environ.get("COMMIT"), blocks=args.blocks,
+                  backward_blocks=args.backward_blocks, dtype=args.dtype,
                   fp_fusion=args.fp_fusion,
                   triton=__import__("triton").__version__, jax=jax.__version__, kernels=rows)
     args.out.write_text(json.dumps(report, indent=1))
