@@ -13,7 +13,8 @@ upstream's in passes and LLVM version; treat the numbers as close estimates, and
 
 Needs upstream Triton besides jax (``pip install triton==3.9.0``; not a project dependency):
   COMMIT=$(git rev-parse --short HEAD) python benchmarks/sass_stats.py [--blocks h,k,n,warps,stages]
-      [--dtype bfloat16] [--fp-fusion] [--sass DIR] [--out results.json]
+      [--backward-blocks h,k,n,warps,stages,h,k,n,warps,stages] [--dtype bfloat16] [--fp-fusion]
+      [--sass DIR] [--out results.json]
 (--out also appends a line to benchmarks/RESULTS.md).
 """
 
