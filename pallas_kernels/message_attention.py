@@ -51,6 +51,7 @@ from pallas_kernels.neighbor_ops import (
     scatter_sum_prepared,
 )
 from pallas_kernels.node_attention import (
+    load_slot,
     slot_logits,
     softmax_backward,
     softmax_denominator,
@@ -110,12 +111,6 @@ def _make_static(coupling, scale, sink, block_sizes, backward_block_sizes,
                         backward_block_sizes, bool(interpret))
 
 
-def _at_most_heads(block_sizes: BlockSizes, num_heads: int) -> BlockSizes:
-  """A default tiling with no more heads per program than there are (rounded to a power of 2)."""
-  return dataclasses.replace(block_sizes,
-                             block_h=min(block_sizes.block_h, pl.next_power_of_2(num_heads)))
-
-
 # ----------------------------------------------------------------------------------- forward
 
 
@@ -139,14 +134,10 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
   def target(n):
     q = _tiles.load_row(q_ref, n, heads, head_mask, d_pad)  # [DP, BH]
 
-    def slot(i):  # slot i of target n: its loads and logit; past K (a last partial step) invalid
-      k, _, sources, valid, _, _, _, logits = slot_logits(
-          slots_ref, k_ref, gate_ref, n, jnp.minimum(i, num_slots - 1), q, scale=static.scale,
-          block_k=1, d_pad=d_pad, heads=heads, head_mask=head_mask)
-      valid = valid & (i < num_slots)
-      logits = jnp.where(valid[:, None], logits, _tiles.NEG_INF)  # [1, BH]
-      post_weight = _tiles.load_slots(pw_ref, n, k, valid, heads, head_mask)  # [1, BH]
-      envelope = _tiles.load_vector(env_ref, n, k, valid)  # [1]
+    def slot(i):  # slot i of target n: its softmax inputs, then its vectors and value rows
+      k, sources, valid, logits, envelope, post_weight = load_slot(
+          slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, scale=static.scale, d_pad=d_pad,
+          heads=heads, head_mask=head_mask)
       vectors = [_tiles.load_vector(vec_ref, n, k, valid, b) for b in range(_NUM_AXES)]  # 3 x [1]
       rows = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, g_pad, (s * group, group))
               for s in range(num_in_rows)]  # S x [1, GP, BH]
@@ -157,13 +148,13 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
       slots = [slot(i * block_k + j) for j in range(block_k)]
       m_new = m
       for logits, *_ in slots:
-        m_new = jnp.maximum(m_new, logits[0])  # [BH]
+        m_new = jnp.maximum(m_new, logits)  # [BH]
       rescale = jnp.exp(m - m_new)  # [BH]: one rescale of the accumulators per step
       acc = [a * rescale[None] for a in acc]
       l = l * rescale
       for logits, post_weight, envelope, vectors, rows in slots:
-        p = jnp.exp(logits[0] - m_new) * envelope  # [BH]
-        weights = p * post_weight[0]
+        p = jnp.exp(logits - m_new) * envelope  # [BH]
+        weights = p * post_weight
         l = l + p
         # Not _tiles.add_products: its written-out FMA measured slower in this loop (run 19).
         for b in range(_NUM_AXES):
@@ -198,7 +189,7 @@ def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
   num_targets, head_dim, num_heads = q.shape
   num_out_rows, num_in_rows, _ = static.shape
   group = values.shape[1] // num_in_rows
-  block_sizes = static.block_sizes or _at_most_heads(_FORWARD_BLOCKS, num_heads)
+  block_sizes = static.block_sizes or _FORWARD_BLOCKS.at_most_heads(num_heads)
   kernel = functools.partial(
       _forward_kernel, static=static, block_sizes=block_sizes, d_pad=pl.next_power_of_2(head_dim),
       group=group, g_pad=pl.next_power_of_2(group))
@@ -398,7 +389,7 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   group = values.shape[1] // static.shape[1]
   block_sizes, scatter_blocks = (
       static.backward_block_sizes or
-      tuple(_at_most_heads(b, num_heads) for b in (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)))
+      tuple(b.at_most_heads(num_heads) for b in (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)))
   num_head_blocks = pl.cdiv(num_heads, block_sizes.block_h)
 
   def edge(dtype, width=num_heads):

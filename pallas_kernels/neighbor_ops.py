@@ -108,6 +108,10 @@ class BlockSizes:
     block_k = max(1, min(block_k, pl.next_power_of_2(num_slots)))
     return cls(block_h=block_h, block_k=block_k)
 
+  def at_most_heads(self, num_heads: int) -> BlockSizes:
+    """This tiling with no more heads per program than there are (rounded to a power of 2)."""
+    return dataclasses.replace(self, block_h=min(self.block_h, pl.next_power_of_2(num_heads)))
+
   def compiler_params(self) -> plt.CompilerParams:
     return plt.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 

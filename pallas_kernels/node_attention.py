@@ -96,10 +96,11 @@ def slot_logits(slots_ref, k_ref, gate_ref, n, i, q, *, scale: float, block_k: i
   return k, k_mask, sources, valid, keys, dots, gate, gate * scale * dots
 
 
-def _load_slot(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, *, scale: float,
-               d_pad: int, heads, head_mask):
-  """Single slot i of target n for the online softmax: its key row, logit and per-slot scalars. A
-  slot past K (from a last partial step of block_k slots) is invalid.
+def load_slot(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, *, scale: float,
+              d_pad: int, heads, head_mask):
+  """Single slot i of target n for the online softmax: its key row, logit and per-slot scalars (the
+  node and message forwards' per-slot loads). A slot past K (from a last partial step of block_k
+  slots) is invalid.
 
   Returns:
     (k, sources, valid, logits, envelope, post_weight): the slot number, source row and validity
@@ -162,8 +163,8 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, v_ref, o
 
     def step(i, carry):
       m, l, acc = carry  # [BH], [BH], [XP, BH]
-      slots = [_load_slot(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i * block_k + j, q,
-                          scale=scale, d_pad=d_pad, heads=heads, head_mask=head_mask)
+      slots = [load_slot(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i * block_k + j, q,
+                         scale=scale, d_pad=d_pad, heads=heads, head_mask=head_mask)
                for j in range(block_k)]
       vals = [_tiles.load_rows(v_ref, sources, valid, heads, head_mask, x_pad)[0]
               for _, sources, valid, *_ in slots]  # block_k x [XP, BH]
@@ -185,9 +186,7 @@ def _forward_block_sizes(static: _AttentionStatic, values: jax.Array, num_slots:
   if static.block_sizes is not None:
     return static.block_sizes
   if values.dtype == jnp.float32:
-    return dataclasses.replace(
-        _FORWARD_BLOCKS_F32,
-        block_h=min(_FORWARD_BLOCKS_F32.block_h, pl.next_power_of_2(values.shape[2])))
+    return _FORWARD_BLOCKS_F32.at_most_heads(values.shape[2])
   return BlockSizes.get_default(values.shape[1], num_slots, values.shape[2],
                                 max_block_h=_FORWARD_MAX_BLOCK_H)
 
