@@ -65,6 +65,10 @@ _NUM_AXES = 3
 # 9.3 for 8, 9.2 for 32 heads x 2 slots and 8.4 for 64 x 2 at 2 warps. (The earlier [slots, ...]
 # tile design took 31-47 ms for several slots per step: a reduction over slots per accumulator row.)
 _FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=4, num_warps=1)
+# Default forward tiling for narrower inputs (bf16): 128 heads x 2 slots x 2 warps took 7.5 ms at
+# N = 100k on an H100 against 8.0 at 4 slots, 9.1 for 64 x 2 x 1 warp and 9.4 for the float32
+# default (benchmarks/notes_attention.md, run 21).
+_FORWARD_BLOCKS_NARROW = BlockSizes(block_h=128, block_k=2, num_warps=2)
 # Default tiling of the fused backward's target side: 64 heads x 1 slot x 1 warp took 42.0 ms
 # forward + backward at N = 100k on an H100 against 44.7 at 32 heads and 52-55 at 2 or 4 warps
 # (benchmarks/notes_attention.md, run 15); 29.6 against 32.4 at 32 heads in run 20.
@@ -86,7 +90,7 @@ class _MessageStatic:
   terms: tuple[tuple[int, int, int, float], ...]  # (row, s, b, G[row, s, b]) for G != 0
   scale: float
   sink: float
-  block_sizes: BlockSizes | None  # forward kernel; None = _FORWARD_BLOCKS
+  block_sizes: BlockSizes | None  # forward kernel; None = the default for the values' dtype
   # (target side, source side) of the fused backward; None = (_BACKWARD_BLOCKS, _SCATTER_BLOCKS)
   backward_block_sizes: tuple[BlockSizes, BlockSizes] | None
   interpret: bool
@@ -189,7 +193,8 @@ def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
   num_targets, head_dim, num_heads = q.shape
   num_out_rows, num_in_rows, _ = static.shape
   group = values.shape[1] // num_in_rows
-  block_sizes = static.block_sizes or _FORWARD_BLOCKS.at_most_heads(num_heads)
+  default = _FORWARD_BLOCKS_NARROW if values.dtype.itemsize < 4 else _FORWARD_BLOCKS
+  block_sizes = static.block_sizes or default.at_most_heads(num_heads)
   kernel = functools.partial(
       _forward_kernel, static=static, block_sizes=block_sizes, d_pad=pl.next_power_of_2(head_dim),
       group=group, g_pad=pl.next_power_of_2(group))
@@ -525,8 +530,8 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     coupling: [R, S, 3] static array G of T (e.g. the l1 (x) 1 -> l3 Clebsch-Gordan table).
     scale: logit scale (1/sqrt(D) in the paper).
     sink: strength of the attention sink (relative to logit 0); must be >= 0.
-    block_sizes: tiling of the forward kernel; None picks 64 heads (fewer if H is smaller) x 1
-      slot x 1 warp.
+    block_sizes: tiling of the forward kernel; None picks 64 heads (fewer if H is smaller) x 4
+      slots per step x 1 warp for float32 values, 128 heads x 2 slots x 2 warps for narrower ones.
     backward_block_sizes: tilings of the fused backward's (target-side, source-side) kernels;
       None picks 64 and 32 heads x 1 slot x 1 warp. The second-order gather kernels use their
       defaults.

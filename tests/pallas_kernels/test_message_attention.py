@@ -92,8 +92,9 @@ class TestMessageAttention:
                                          kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H), neighbors,
                                          edge_inputs=(2, 3, 4, 5))  # gate, post, envelope, r
 
-  def test_bf16_error_within_twice_reference_error(self, kt, rng, neighbors):
-    run_kernel, run_reference = self._ops(kt, neighbors)
+  @pytest.mark.parametrize("block_sizes", [RAGGED_BLOCKS, None], ids=["ragged", "default"])
+  def test_bf16_error_within_twice_reference_error(self, kt, rng, neighbors, block_sizes):
+    run_kernel, run_reference = self._ops(kt, neighbors, block_sizes)
     kt.assert_bf16_within_twice_reference(run_kernel, run_reference,
                                           _inputs(kt, rng, dtype=jnp.bfloat16),
                                           kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H))
