@@ -29,8 +29,8 @@ Runs go in increasing size, both systems at each size (cluster, then box), in th
 run's peak device memory (``memory_stats()["peak_bytes_in_use"]``, a process-lifetime maximum) is
 then that of the largest system so far, i.e. its own (at equal N the second system reports at least
 the first's). Out-of-memory and other errors are recorded per run; when the time budget is spent,
-the remaining runs are recorded as not run. (On an H100, 10k atoms held 15 GB (clusters)
-and 22 GB (boxes) without ``--remat``; 100k atoms need ``--remat``: 58 GB and 77 GB, see
+the remaining runs are recorded as not run. (On an H100 at 6913803, 10k atoms held 12.9 GB
+(clusters and boxes) without ``--remat``; 100k atoms need ``--remat``: 44 GB, see
 benchmarks/RESULTS.md.)
 
 Writes JSON to ``--out`` (one row per system and size) and appends one line to ``--results-md``
