@@ -8,8 +8,9 @@ to warm up, then ``--calls`` times under ``jax.profiler.trace``. From the trace'
 it sums the GPU kernels' durations per kernel name and per group (the Pallas kernels by name,
 matrix products, XLA's fusions) and divides by the number of traced calls.
 
-Writes JSON (``--out``: totals per group, the ``--top`` longest kernels with their share, and a few
-raw events' arguments, which name the HLO op) and appends one line to ``--results-md``.
+Writes JSON (``--out``: totals per group, the ``--top`` longest kernels with their share and the
+HLO instruction behind each, its shape and the JAX op and source line that made it, and a few raw
+events' arguments) and appends one line to ``--results-md``.
 
 Usage: python benchmarks/profile_model.py [--atoms 10000] [--train] [--calls 3] [--out PATH]
 """
@@ -22,6 +23,7 @@ import datetime
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -76,7 +78,24 @@ def gpu_kernels(trace_dir: Path) -> list[dict]:
   return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
 
 
-def summarize(kernels: list[dict], calls: int, top: int) -> dict:
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) .*?metadata=\{(.*?)\}")
+_METADATA = re.compile(r'(op_name|source_file|source_line)=("[^"]*"|\d+)')
+
+
+def hlo_origins(hlo_text: str) -> dict[str, dict]:
+  """Kernel name (an HLO instruction's name, '.' -> '_') -> its shape and the JAX op and source line
+  that produced it, from the optimized module's text."""
+  origins = {}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match:
+      name, shape, metadata = match.groups()
+      origins[name.replace(".", "_")] = {
+          "shape": shape, **{k: v.strip('"') for k, v in _METADATA.findall(metadata)}}
+  return origins
+
+
+def summarize(kernels: list[dict], calls: int, top: int, origins: dict[str, dict]) -> dict:
   by_name = collections.Counter()
   count = collections.Counter()
   for e in kernels:
@@ -90,21 +109,24 @@ def summarize(kernels: list[dict], calls: int, top: int) -> dict:
       "gpu_ms_per_call": total,
       "kernels_per_call": sum(count.values()) / calls,
       "groups_ms": dict(groups.most_common()),
-      "top": [{"name": name, "ms": ms, "share": ms / total, "launches_per_call": count[name] / calls}
+      "top": [{"name": name, "ms": ms, "share": ms / total, "launches_per_call": count[name] / calls,
+               **({"hlo": origins[name]} if name in origins else {})}
               for name, ms in by_name.most_common(top)],
       "example_args": [e.get("args", {}) for e in
                        sorted(kernels, key=lambda e: -e["dur"])[:3]],
   }
 
 
-def profile(fn, args, calls: int) -> list[dict]:
+def profile(fn, args, calls: int, top: int) -> dict:
+  compiled = jax.jit(fn).lower(*args).compile()
   for _ in range(2):
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(compiled(*args))
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(calls):
-        jax.block_until_ready(fn(*args))
-    return gpu_kernels(Path(trace_dir))
+        jax.block_until_ready(compiled(*args))
+    kernels = gpu_kernels(Path(trace_dir))
+  return summarize(kernels, calls, top, hlo_origins(compiled.as_text()))
 
 
 def main() -> None:
@@ -133,9 +155,8 @@ def main() -> None:
             "date": datetime.date.today().isoformat(), "atoms": args.atoms,
             "attention_impl": impl.value, "calls": args.calls}
 
-  energy_forces = jax.jit(lambda p, g: e2f.energy_and_forces(model, p, g))
-  report["energy_forces"] = summarize(profile(energy_forces, (params, graph), args.calls),
-                                      args.calls, args.top)
+  report["energy_forces"] = profile(lambda p, g: e2f.energy_and_forces(model, p, g),
+                                    (params, graph), args.calls, args.top)
   if args.train:
     tx = optax.adam(1e-4)
     targets = jnp.zeros((graph.positions.shape[0], 3), jnp.float32)
@@ -149,8 +170,7 @@ def main() -> None:
       updates, opt_state = tx.update(grads, opt_state, p)
       return optax.apply_updates(p, updates), opt_state
 
-    report["train_step"] = summarize(
-        profile(jax.jit(step), (params, tx.init(params), graph), args.calls), args.calls, args.top)
+    report["train_step"] = profile(step, (params, tx.init(params), graph), args.calls, args.top)
 
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
