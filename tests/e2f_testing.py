@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -80,3 +82,21 @@ def random_periodic_atoms(rng: np.random.Generator, cell: np.ndarray, num_atoms:
       break
   atoms.info.update(charge=0, spin=1 + int(atoms.numbers.sum()) % 2)
   return atoms
+
+
+_INDEXED_OP = re.compile(r"= \w+\[([\d,]*)\]\S* (?:gather|scatter)\(")
+
+
+def per_atom_indexing(module, x: jax.Array) -> list[tuple[int, ...]]:
+  """Shapes of the gathers and scatters over per-atom arrays (a dimension equal to x.shape[0]) left
+  in the optimized HLO of a Flax module's forward and VJP on x: static row selections should be
+  slices and broadcasts, which XLA fuses, not index arrays (a gather, and a scatter-add in the
+  backward). Choose x.shape[0] unequal to every other dimension in play."""
+  params = module.init(jax.random.key(0), x)
+
+  def loss(params, x):
+    return jnp.sum(module.apply(params, x) ** 2)
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+  shapes = [tuple(int(d) for d in m.group(1).split(",")) for m in _INDEXED_OP.finditer(hlo)]
+  return [s for s in shapes if x.shape[0] in s]

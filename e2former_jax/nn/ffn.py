@@ -11,7 +11,7 @@ import numpy as np
 
 from e2former_jax.nn.init import kaiming_uniform
 from e2former_jax.nn.linear import SO3Linear
-from e2former_jax.so3.layout import lmax_from_rows, row_degrees
+from e2former_jax.so3.layout import lmax_from_rows
 
 # Gauss-Hermite nodes for E_{z~N(0,1)}[f(z)^2]; 200 nodes integrate these smooth functions to
 # machine precision.
@@ -45,6 +45,11 @@ class S3FeedForward(nn.Module):
     gates = nn.Dense((lmax + 1) * self.channels, kernel_init=kaiming_uniform, name="gate")(z[..., 0, :])
     gates = gates.reshape(*gates.shape[:-1], lmax + 1, self.channels)  # [N, lmax+1, C]
     scalar = second_moment_normaliser("silu") * nn.silu(gates[..., :1, :])  # [N, 1, C]
-    gate_rows = second_moment_normaliser("sigmoid") * nn.sigmoid(gates[..., row_degrees(lmax)[1:], :])
+    gate_l = second_moment_normaliser("sigmoid") * nn.sigmoid(gates[..., 1:, :])  # [N, lmax, C]
+    # Each degree's gate broadcast over its 2l+1 rows: an index array here would be a gather of
+    # [N, S-1, C] and a scatter-add in the backward (benchmarks/notes_profile.md).
+    gate_rows = jnp.concatenate(
+        [jnp.broadcast_to(gate_l[..., l - 1:l, :], (*gate_l.shape[:-2], 2 * l + 1, self.channels))
+         for l in range(1, lmax + 1)], axis=-2)  # [N, S-1, C]
     gated = jnp.concatenate([scalar, gate_rows * z[..., 1:, :]], axis=-2)  # [N, S, C]
     return SO3Linear(self.channels, name="linear_out")(gated)

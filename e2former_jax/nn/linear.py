@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from e2former_jax.nn.init import fan_in_uniform, kaiming_uniform
-from e2former_jax.so3.layout import lmax_from_rows, row_degrees
+from e2former_jax.so3.layout import degree_slice, lmax_from_rows, row_degrees
 
 
 class SO3Linear(nn.Module):
@@ -58,10 +58,12 @@ class SO3LinearToScalar(nn.Module):
     lmax = lmax_from_rows(x.shape[-2])
     u = SO3Linear(self.hidden, use_bias=True, name="left")(x)  # [N, S, P]
     w = SO3Linear(self.hidden, use_bias=False, name="right")(x)  # [N, S, P]
-    segments = row_degrees(lmax)
     products = u * w  # [N, S, P]
+    # Static slices, not a boolean row mask: the mask is a gather whose transpose is a scatter-add
+    # over [N, S, P] (the `wrapped_scatter` kernels of benchmarks/notes_profile.md).
     invariants = jnp.concatenate(
-        [products[..., segments == l, :].sum(axis=-2) for l in range(lmax + 1)], axis=-1)  # [N, (lmax+1) P]
+        [products[..., degree_slice(l), :].sum(axis=-2) for l in range(lmax + 1)],
+        axis=-1)  # [N, (lmax+1) P]
     h = nn.Dense(self.hidden, kernel_init=kaiming_uniform, name="mlp_in")(invariants)
     h = nn.silu(nn.LayerNorm(name="mlp_norm")(h))
     return nn.Dense(self.features, kernel_init=kaiming_uniform, name="mlp_out")(h)  # [N, features]
