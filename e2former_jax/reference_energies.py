@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,6 +31,12 @@ SINGLET = 1
 # A multiplicity of 0 means "unspecified" (Graph.spin); it gets no spin offset.
 UNSPECIFIED_MULTIPLICITY = 0
 _UNIT = "eV"
+# States already warned about (UnfittedStateWarning is given once per state and process).
+_WARNED: set[str] = set()
+
+
+class UnfittedStateWarning(UserWarning):
+  """A total charge or spin multiplicity without a fitted reference offset."""
 
 
 def _frozen(mapping: Mapping[int, float] | None) -> Mapping[int, float] | None:
@@ -65,32 +72,47 @@ class ReferenceEnergies:
   def __bool__(self) -> bool:
     return bool(self.elements)
 
-  def check(self, numbers: np.ndarray, charge: int = NEUTRAL_CHARGE,
-            multiplicity: int = SINGLET, *, where: str = "structure") -> None:
-    """Raises ValueError naming what has no reference (no-op for an empty instance)."""
+  def check(self, numbers: np.ndarray, *, where: str = "structure") -> None:
+    """Raises ValueError naming the elements without a reference (no-op for an empty instance).
+
+    An element the fit never saw has no reference and an untrained type embedding: refused. A
+    charge or multiplicity it never saw only lacks its offset (:meth:`energy` warns).
+    """
     if not self:
       return
     missing = sorted({int(z) for z in np.asarray(numbers).ravel()} - set(self.elements))
     if missing:
       raise ValueError(f"{where}: no reference energy for element(s) Z={missing}: the model was "
                        f"trained on Z={sorted(self.elements)} only")
+
+  def unfitted_state(self, charge: int, multiplicity: int) -> str | None:
+    """What of (charge, multiplicity) has no fitted offset, in words, or None when both have one."""
+    missing = []
     if self.charges is not None and int(charge) not in (NEUTRAL_CHARGE, *self.charges):
-      raise ValueError(f"{where}: no reference energy for total charge {int(charge)}: the model was "
-                       f"trained on charges {sorted({NEUTRAL_CHARGE, *self.charges})} only")
+      missing.append(f"total charge {int(charge)} (fitted: "
+                     f"{sorted({NEUTRAL_CHARGE, *self.charges})})")
     if self.multiplicities is not None and int(multiplicity) not in (
         SINGLET, UNSPECIFIED_MULTIPLICITY, *self.multiplicities):
-      raise ValueError(f"{where}: no reference energy for spin multiplicity {int(multiplicity)}: the "
-                       f"model was trained on multiplicities {sorted({SINGLET, *self.multiplicities})} "
-                       "only")
+      missing.append(f"spin multiplicity {int(multiplicity)} (fitted: "
+                     f"{sorted({SINGLET, *self.multiplicities})})")
+    return " and ".join(missing) or None
 
   def energy(self, numbers: np.ndarray, charge: int = NEUTRAL_CHARGE,
              multiplicity: int = SINGLET) -> float:
     """E_ref of one structure in eV, summed in float64 (0 for an empty instance).
 
+    A charge or multiplicity without a fitted offset adds none, with an
+    :class:`UnfittedStateWarning` (once per state).
+
     Raises:
-      ValueError: for an element, charge or multiplicity without a fitted reference.
+      ValueError: for an element without a fitted reference.
     """
-    self.check(numbers, charge, multiplicity)
+    state = self.unfitted_state(charge, multiplicity) if self else None
+    if state is not None and state not in _WARNED:
+      _WARNED.add(state)
+      warnings.warn(f"no reference energy offset for {state}: none of the records the references "
+                    "were fitted to had it, so its energies lack that offset (expect errors of eV)",
+                    UnfittedStateWarning, stacklevel=2)
     return (self.composition(numbers) + (self.charges or {}).get(int(charge), 0.0)
             + (self.multiplicities or {}).get(int(multiplicity), 0.0))
 

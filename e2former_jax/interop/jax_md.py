@@ -584,10 +584,12 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
   species = jnp.asarray(species_np)
   config = predictor.config
   predictor.warn_if_untrained_forces("JAX MD energy function")
-  # The composition part is summed in float64 on the host. The default charge and spin are
-  # checked here; one given at call time without a fitted offset contributes nothing.
-  predictor.reference_energies.check(species_np, charge, spin, where="jax_md")
-  composition = predictor.reference_energies.composition(species_np)
+  # The composition part is summed in float64 on the host; the charge and spin offsets are looked up
+  # in the energy function, since JAX MD may pass a charge or spin at call time.
+  refs = predictor.reference_energies
+  composition = refs.composition(species_np)
+  if include_references:
+    refs.energy(species_np, charge, spin)  # warns now if the default charge or spin has no offset
   narrow = False
   if box is not None:
     if all_images:

@@ -112,7 +112,8 @@ class Predictor:
     """E_ref of one structure in eV, in float64 on the host (0 without references).
 
     Raises:
-      ValueError: for an element, charge or multiplicity the references were not fitted to.
+      ValueError: for an element the references were not fitted to (a charge or multiplicity
+        without an offset only warns: :class:`~e2former_jax.reference_energies.UnfittedStateWarning`).
     """
     return self.reference_energies.energy(numbers, charge, spin)
 
@@ -123,8 +124,8 @@ class Predictor:
   def total_energy(self, graph: Graph) -> jax.Array:
     """[B] total energies: network energy plus each molecule's reference energy; jittable.
 
-    Charges and multiplicities without a fitted offset contribute nothing here (the host-side
-    :meth:`reference_energy` raises for them instead).
+    Charges and multiplicities without a fitted offset contribute nothing (the host-side
+    :meth:`reference_energy` also warns).
     """
     dtype = graph.positions.dtype
     table = jnp.asarray(self.reference_energies.element_table(self.config.num_species), dtype)
@@ -136,7 +137,7 @@ class Predictor:
   def state_offset(self, charge: jax.Array, spin: jax.Array, dtype=jnp.float32) -> jax.Array:
     """c[q] + s[2S+1] of the references for (traced) charges and multiplicities; jittable.
 
-    Values without a fitted offset give 0 (the host-side :meth:`reference_energy` raises instead).
+    Values without a fitted offset give 0.
     """
     refs = self.reference_energies
     offset = jnp.zeros(jnp.shape(charge), dtype)
