@@ -1,6 +1,6 @@
 """How fast are the fused attention kernels, and how much memory do they hold, against the
 materialised per-edge message? At the paper's sizes: H = 128 heads of d = 8, C = 256 channels,
-lmax = 2, K = 32 slots (docs/model.md section 7; the kernels' contract is section 11).
+lmax = 2, K = 32 slots (docs/model.md §8; the kernels' contract is §11).
 
 Implementations (``--impls``):
 
@@ -9,7 +9,7 @@ Implementations (``--impls``):
 * ``per_edge_message``: the same message with T(v_j, r_ij) formed on every edge ([N, K, 20, C])
   and summed, compiled by XLA (the standard way; the baseline).
 * ``node_attention``: ``pallas_kernels.node_attention`` over 58 random value rows per head (the
-  29-row [T(v_j, x_j); v_j] stack of the absolute-position identity, docs/decisions.md D5).
+  29-row [T(v_j, x_j); v_j] stack of the absolute-position identity, docs/decisions.md D12).
 
 Per (implementation, size, dtype), in a fresh process (peak memory is per case): the forward and
 the forward + backward (gradient of sum(out^2) with respect to every float input), median time
@@ -47,7 +47,7 @@ from benchmarks import measure, report, structures  # noqa: E402
 BENCHMARK = "attention"
 IMPLS = ("message_attention", "per_edge_message", "node_attention")
 CUTOFF = 4.5  # angstrom
-SINK = 1e-3  # the model's attention sink (docs/model.md section 7.4)
+SINK = 1e-3  # the model's attention sink (docs/model.md §8.4)
 LMAX = 2
 NUM_NODE_ROWS = 29  # node_attention's stack: 20 rows of T(v_j, x_j) and 9 of v_j (lmax = 2)
 # HBM bandwidth by device name (datasheets), for the roofline fraction of the kernels' forward.
