@@ -19,7 +19,7 @@ uniform at random in a cube at 0.1 atoms/A^3, Morton ordered, K nearest within 4
 
 Modes:
   python -m benchmarks.attention [--sizes 1000,10000,100000] [--dtypes float32,bfloat16]
-      [--impls ...] [--blocks h,k,n,warps,stages] [--backward-blocks h,k,n,w,s,h,k,n,w,s]
+      [--impls ...] [--blocks h,k,n,warps,stages] [--backward-blocks 'h,k,n,w,s;h,k,n,w,s']
   python -m benchmarks.attention --once --sizes 100000 --impls message_attention
       # each case compiled and run once in this process, to run under a profiler (ncu, nsys)
   python -m benchmarks.attention --smoke    # tiny sizes on the CPU (Pallas interpreter)
@@ -43,11 +43,13 @@ import jax.numpy as jnp  # noqa: E402
 
 import pallas_kernels as pk  # noqa: E402
 from benchmarks import measure, report, structures  # noqa: E402
+from e2former_jax import so3  # noqa: E402
+from e2former_jax.nn.radial import envelope  # noqa: E402
+from e2former_jax.ops.attention import SOFTMAX_SINK  # noqa: E402
 
 BENCHMARK = "attention"
 IMPLS = ("message_attention", "per_edge_message", "node_attention")
-CUTOFF = 4.5  # angstrom
-SINK = 1e-3  # the model's attention sink (docs/model.md §8.4)
+CUTOFF = 4.5  # angstrom, the paper configuration's
 LMAX = 2
 NUM_NODE_ROWS = 29  # node_attention's stack: 20 rows of T(v_j, x_j) and 9 of v_j (lmax = 2)
 # HBM bandwidth by device name (datasheets), for the roofline fraction of the kernels' forward.
@@ -73,8 +75,9 @@ class Dims:
 
 
 PAPER = Dims(heads=128, head_dim=8, channels=256, slots=32)
-SMOKE = Dims(heads=4, head_dim=4, channels=8, slots=8)
-SMOKE_SIZES = "48"
+SMOKE_DIMS = Dims(heads=4, head_dim=4, channels=8, slots=8)
+# The dry run: SMOKE_DIMS, a few dozen atoms, the Pallas interpreter.
+SMOKE = dict(sizes="48", dtypes="float32", repeats=2, interpret=True)
 
 
 # ------------------------------------------------------------------------------ inputs and functions
@@ -84,8 +87,6 @@ def make_inputs(impl: str, dims: Dims, num_atoms: int, dtype, seed: int = 0
                 ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, jax.Array]]:
   """(float inputs, (nbr_idx, nbr_mask)) of one case on the device: the per-edge scalars, then
   the edge vectors and node features v [N, 9, C], or node_attention's value rows [N, 29 G, H]."""
-  from e2former_jax.nn.radial import envelope
-
   positions = structures.random_box(num_atoms, CUTOFF, seed)
   idx, mask, dist = structures.neighbor_slots(positions, CUTOFF, dims.slots)
   rng = np.random.default_rng(seed + 1)
@@ -94,9 +95,11 @@ def make_inputs(impl: str, dims: Dims, num_atoms: int, dtype, seed: int = 0
   def array(x):
     return jnp.asarray(np.asarray(x, np.float32)).astype(dtype)
 
-  xs = (array(rng.normal(size=(n, dims.head_dim, h))), array(rng.normal(size=(n, dims.head_dim, h))),
-        array(rng.normal(size=(n, k, h))), array(0.3 * rng.normal(size=(n, k, h))),
-        array(np.where(mask, envelope(dist, CUTOFF), 0.0)))  # q, k, gate, post_weight, envelope
+  xs = (array(rng.normal(size=(n, dims.head_dim, h))),  # q
+        array(rng.normal(size=(n, dims.head_dim, h))),  # k
+        array(rng.normal(size=(n, k, h))),  # gate
+        array(0.3 * rng.normal(size=(n, k, h))),  # post_weight
+        array(np.where(mask, envelope(dist, CUTOFF), 0.0)))  # envelope
   if impl == "node_attention":
     xs += (array(rng.normal(size=(n, NUM_NODE_ROWS * dims.groups, h))),)
   else:
@@ -108,9 +111,7 @@ def make_inputs(impl: str, dims: Dims, num_atoms: int, dtype, seed: int = 0
 
 def make_fn(impl: str, dims: Dims, blocks=None, backward_blocks=None, interpret: bool = False):
   """(float inputs..., nbr_idx, nbr_mask) -> the implementation's output."""
-  from e2former_jax import so3
-
-  options = dict(scale=dims.head_dim ** -0.5, sink=SINK)
+  options = dict(scale=dims.head_dim ** -0.5, sink=SOFTMAX_SINK)
   if impl == "message_attention":
     coupling = so3.first_order_coupling(LMAX)  # [R, S, 3]
     def fn(q, k, gate, post_weight, envelope, vectors, v, nbr_idx, nbr_mask):
@@ -223,9 +224,7 @@ def result_line(impl: str, dims: Dims, num_atoms: int, dtype: str, device: str, 
 
 def build_parser() -> argparse.ArgumentParser:
   """The command line (every option; documented commands are checked against it)."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser = report.script_parser(__doc__, SMOKE)
   parser.add_argument("--sizes", default="1000,10000,100000", help="atoms, comma separated")
   parser.add_argument("--impls", default=",".join(IMPLS))
   parser.add_argument("--dtypes", default="float32")
@@ -239,28 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--once", action="store_true", help="run each case once, for a profiler")
   parser.add_argument("--interpret", action="store_true",
                       help="Pallas interpreter (default where no GPU is present)")
-  parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (a dry run)")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
-  report.add_arguments(parser)
   return parser
 
 
 def main(argv=None) -> list[report.Record]:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args = report.parse(parser, argv)
   if args.worker:
     measure.worker_main(measure_case, args.worker)
     return []
 
-  dims = SMOKE if args.smoke else PAPER
-  sizes = [int(s) for s in (SMOKE_SIZES if args.smoke else args.sizes).split(",") if s]
+  dims = SMOKE_DIMS if args.smoke else PAPER
+  sizes = [int(s) for s in args.sizes.split(",") if s]
   impls = [i for i in args.impls.split(",") if i]
   unknown = set(impls) - set(IMPLS)
   if unknown:
     parser.error(f"unknown implementations {sorted(unknown)}; choose from {IMPLS}")
   device = jax.devices()[0]
-  interpret = args.interpret or args.smoke or device.platform != "gpu"
-  repeats = 2 if args.smoke else args.repeats
+  interpret = args.interpret or device.platform != "gpu"
 
   if args.once:
     for impl in impls:
@@ -273,7 +269,6 @@ def main(argv=None) -> list[report.Record]:
     return []
 
   commit = args.commit or report.git_commit()
-  device_name = "cpu" if device.platform == "cpu" else device.device_kind
   deadline = time.time() + args.budget_s
   records = []
   for size in sizes:
@@ -284,15 +279,16 @@ def main(argv=None) -> list[report.Record]:
           continue
         spec = dict(impl=impl, atoms=size, dtype=dtype, dims=dataclasses.asdict(dims),
                     blocks=args.blocks, backward_blocks=args.backward_blocks, interpret=interpret,
-                    repeats=repeats)
+                    repeats=args.repeats)
         data = {**spec, **measure.run_worker("benchmarks.attention", spec, args.worker_timeout_s)}
         case = f"{impl} {dtype} N={size}" + "".join(
             f" {name} {value}" for name, value in (("blocks", args.blocks),
                                                    ("backward blocks", args.backward_blocks))
             if value) + (" (smoke sizes)" if args.smoke else "")
-        line = result_line(impl, dims, size, dtype, device_name, data)
+        line = result_line(impl, dims, size, dtype, report.device_name(device), data)
         print(f"{case}: {line}", flush=True)
-        records.append(report.Record(case, line, device_name, commit, report.today(), data))
+        records.append(report.Record(case, line, report.device_name(device), commit, report.today(),
+                                     data))
   path = report.record(BENCHMARK, records, report.results_dir(args))
   print("recorded in", path, flush=True)
   return records

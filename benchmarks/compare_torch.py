@@ -32,6 +32,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -39,15 +40,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import measure, model_run, report
 from benchmarks.structures import Batch
 
 BENCHMARK = "compare_torch"
 DEFAULT_IMPLS = "jax-pallas,torch-node,torch-edge,torch-compile-node"
 DEFAULT_TRAIN_IMPLS = "jax-pallas,torch-node,torch-edge"
-SMOKE = dict(config="smoke", device="cpu", structures="2x12", repeats=2, train_repeats=1)
+# The dry run: the jax-xla path and, where PyTorch is installed, torch-node.
+SMOKE = dict(config="smoke", device="cpu", structures="2x12", repeats=2, train_repeats=1,
+             impls="jax-xla" + (",torch-node" if importlib.util.find_spec("torch") else ""),
+             train_impls="jax-xla,torch-node", fit="")
 # The fit search starts here when the structures gave no size that ran.
 FIT_START = {"jax": 100_000, "torch": 10_000}
 
@@ -169,9 +171,7 @@ def plot(records: list[report.Record], path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   """The command line (every option; documented commands are checked against it)."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser = report.script_parser(__doc__, SMOKE)
   parser.add_argument("--impls", default=DEFAULT_IMPLS)
   parser.add_argument("--structures", default="1000,10000,64x30",
                       help="single clusters (ATOMS) and batches (MOLECULESxATOMS), in this order")
@@ -192,29 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--worker-timeout-s", type=float, default=600.0)
   parser.add_argument("--budget-s", type=float, default=float("inf"),
                       help="start no run after this many seconds")
-  parser.add_argument("--smoke", action="store_true",
-                      help=f"a dry run on the CPU: {SMOKE}, the jax-xla path and, where torch "
-                           "is installed, torch-node")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
-  report.add_arguments(parser)
   return parser
 
 
 def main(argv=None) -> list[report.Record]:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args = report.parse(parser, argv)
   if args.worker:
     measure.worker_main(model_run.run, args.worker)
     return []
-  if args.smoke:
-    for name, value in SMOKE.items():
-      setattr(args, name, value)
-    try:
-      import torch  # noqa: F401
-      torch_impls = ",torch-node"
-    except ImportError:
-      torch_impls = ""
-    args.impls = args.train_impls = "jax-xla" + torch_impls
   impls, train_impls = args.impls.split(","), set(args.train_impls.split(","))
   unknown = set(impls + args.fit.split(",")) - set(model_run.JAX_IMPLS) - set(model_run.TORCH_IMPLS)
   if unknown - {""}:

@@ -197,9 +197,7 @@ def result_line(data: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
   """The command line (every option; documented commands are checked against it)."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser = report.script_parser(__doc__, SMOKE)
   parser.add_argument("--sizes", default="1000,10000", help="atoms per system (rounded to 3M)")
   parser.add_argument("--systems", default=",".join(SYSTEMS))
   parser.add_argument("--config", choices=model_run.CONFIG_NAMES, default="paper")
@@ -213,17 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--budget-s", type=float, default=float("inf"),
                       help="stop timing, and start no system, after this many seconds")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--smoke", action="store_true", help=f"a dry run on the CPU: {SMOKE}")
-  report.add_arguments(parser)
   return parser
 
 
 def main(argv=None) -> list[report.Record]:
   parser = build_parser()
-  args = parser.parse_args(argv)
-  if args.smoke:
-    for name, value in SMOKE.items():
-      setattr(args, name, value)
+  args = report.parse(parser, argv)
   systems = [s for s in SYSTEMS if s in args.systems.split(",")]
   if not systems or set(args.systems.split(",")) - set(SYSTEMS):
     parser.error(f"--systems must name some of {SYSTEMS}, got {args.systems!r}")
@@ -235,7 +228,6 @@ def main(argv=None) -> list[report.Record]:
   if "box" in systems:
     check_box_sizes(sizes, config.cutoff)
   commit = args.commit or report.git_commit()
-  device_name = "cpu" if device.platform == "cpu" else device.device_kind
   deadline = time.perf_counter() + args.budget_s
   predictor = random_predictor(config)
   records = []
@@ -253,8 +245,8 @@ def main(argv=None) -> list[report.Record]:
                   remat=args.remat, timestep_fs=TIMESTEP_FS, chunk=args.chunk, skin_A=args.skin)
       case = (f"{system} N={data['num_atoms']} {args.ensemble}" + (" remat" if args.remat else "")
               + ("" if args.config == "paper" else f" ({args.config} configuration)"))
-      records.append(report.Record(case, result_line(data), device_name, commit, report.today(),
-                                   data))
+      records.append(report.Record(case, result_line(data), report.device_name(device), commit,
+                                   report.today(), data))
       print(f"{case}: {records[-1].result}", flush=True)
       jax.clear_caches()
   path = report.record(BENCHMARK, records, report.results_dir(args))

@@ -78,8 +78,9 @@ def failure(error: BaseException) -> dict:
 def run_worker(module: str, spec: dict, timeout_s: float, env: dict | None = None) -> dict:
   """Runs ``python -m module --worker JSON(spec)`` from the repository root; its result dict.
 
-  ``env`` overrides this process's environment (a None value removes the variable). A worker that prints no result (a crash, an allocation failure that kills the process) or runs
-  out of time gives ``{"status": "oom" | "error" | "timeout", "error": ...}``.
+  ``env`` overrides this process's environment (a None value removes the variable). A worker that
+  prints no result (a crash, an allocation failure that kills the process) or runs out of time
+  gives ``{"status": "oom" | "error" | "timeout", "error": ...}``.
   """
   env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
          "XLA_PYTHON_CLIENT_MEM_FRACTION": str(GPU_MEMORY_FRACTION), **(env or {})}

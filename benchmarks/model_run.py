@@ -24,7 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import measure, structures
+from benchmarks import measure, report, structures
+
+# jax, torch and e2former_jax (which imports jax) are imported inside the functions: the parent
+# process of compare_torch chooses the platform (JAX_PLATFORMS) before jax starts.
 
 JAX_IMPLS = {  # name -> (message path, attention kernels, rematerialisation)
     "jax-pallas": ("node_centric", "pallas", False),
@@ -146,7 +149,7 @@ def run_jax(spec: dict) -> dict:
   graph = structures.cluster_batch(structures.Batch.parse(spec["structure"]), cfg.cutoff,
                                    cfg.max_neighbors)
   result = {"status": "ok", "edges": int(graph.nbr_mask.sum()),
-            "device_name": "cpu" if device.platform == "cpu" else device.device_kind}
+            "device_name": report.device_name(device)}
   graph = jax.device_put(graph)
   params = jax.device_put(load_params(spec["params_path"]))
 

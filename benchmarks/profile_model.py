@@ -118,33 +118,25 @@ def profile(fn, args, calls: int, top: int) -> dict:
 
 
 def result_line(entry: dict) -> str:
-  groups = ", ".join(f"{name} {ms:.1f}" for name, ms in list(entry["groups_ms"].items())[:SHOWN_GROUPS])
+  shown = list(entry["groups_ms"].items())[:SHOWN_GROUPS]
+  groups = ", ".join(f"{name} {ms:.1f}" for name, ms in shown)
   return (f"GPU {entry['gpu_ms_per_call']:.1f} ms per call ({entry['kernels_per_call']:.0f} "
           f"kernels)" + (f": {groups} ms" if groups else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
   """The command line (every option; documented commands are checked against it)."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+  parser = report.script_parser(__doc__, SMOKE)
   parser.add_argument("--atoms", type=int, default=10000)
   parser.add_argument("--config", choices=model_run.CONFIG_NAMES, default="paper")
   parser.add_argument("--train", action="store_true", help="also profile one training step")
   parser.add_argument("--calls", type=int, default=3, help="traced calls of each function")
   parser.add_argument("--top", type=int, default=25, help="longest kernels listed")
-  parser.add_argument("--smoke", action="store_true", help=f"a dry run on the CPU: {SMOKE}")
-  report.add_arguments(parser)
   return parser
 
 
 def main(argv=None) -> list[report.Record]:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  if args.smoke:
-    for name, value in SMOKE.items():
-      setattr(args, name, value)
-
+  args = report.parse(build_parser(), argv)
   device = jax.devices()[0]
   impl = e2f.AttentionImpl.PALLAS if device.platform == "gpu" else e2f.AttentionImpl.XLA
   cfg = model_run.config(args.config).replace(attention_impl=impl)
@@ -170,10 +162,9 @@ def main(argv=None) -> list[report.Record]:
     profiles["train_step"] = profile(step, (params, tx.init(params), graph), args.calls, args.top)
 
   commit = args.commit or report.git_commit()
-  device_name = "cpu" if device.platform == "cpu" else device.device_kind
   suffix = "" if args.config == "paper" else f" ({args.config} configuration)"
-  records = [report.Record(f"{phase} N={args.atoms}{suffix}", result_line(entry), device_name,
-                           commit, report.today(),
+  records = [report.Record(f"{phase} N={args.atoms}{suffix}", result_line(entry),
+                           report.device_name(device), commit, report.today(),
                            {"atoms": args.atoms, "attention_impl": impl.value, "calls": args.calls,
                             **entry})
              for phase, entry in profiles.items()]

@@ -30,8 +30,10 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO = BENCHMARKS_DIR.parent
 RESULTS_MD = "RESULTS.md"
 RESULTS_SUBDIR = "results"
-# Code whose changes a result depends on: a record made with uncommitted changes there says so.
-_MEASURED_PATHS = ("e2former_jax", "pallas_kernels", "benchmarks")
+# Code whose changes a result depends on: a record made with uncommitted changes there says so
+# (the results themselves excluded: a run writes them).
+_MEASURED_PATHS = ("e2former_jax", "pallas_kernels", "benchmarks", ":(exclude)benchmarks/results",
+                   f":(exclude)benchmarks/{RESULTS_MD}")
 _TABLE_HEADER = ("| case | result | device | commit | date |", "|---|---|---|---|---|")
 
 
@@ -73,13 +75,35 @@ def today() -> str:
   return datetime.date.today().isoformat()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """The options every benchmark script shares: where results go and which commit they name."""
+def script_parser(doc: str, smoke: dict) -> argparse.ArgumentParser:
+  """A benchmark script's command line: its docstring as the help, and the options every script
+  shares (where results go, which commit they name, and ``--smoke``: the option values ``smoke``
+  for a dry run on the CPU, applied by :func:`parse`)."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--results", type=Path, default=None,
                       help="folder of RESULTS.md and results/ (default: benchmarks/ of this "
                            "checkout; with --smoke a new temporary folder)")
   parser.add_argument("--commit", default=None,
                       help="commit to record (default: git rev-parse of this checkout)")
+  parser.add_argument("--smoke", action="store_true",
+                      help=f"a dry run on the CPU at the smallest sizes: {smoke}")
+  parser.set_defaults(smoke_values=smoke)
+  return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+  """The parsed options, with the smoke values in place under ``--smoke``."""
+  args = parser.parse_args(argv)
+  if args.smoke:
+    for name, value in args.smoke_values.items():
+      setattr(args, name, value)
+  return args
+
+
+def device_name(device) -> str:
+  """What records name a jax device: its kind (e.g. ``NVIDIA H100 80GB HBM3``), or ``cpu``."""
+  return "cpu" if device.platform == "cpu" else device.device_kind
 
 
 def results_dir(args: argparse.Namespace) -> Path:
