@@ -42,8 +42,9 @@ START_CONFORMERS = 2
 # Temperatures (cycled over the start conformers): room temperature up to hot enough to reach
 # strained but still bonded geometries, so the forces span the range MD at 300-600 K visits and beyond.
 TEMPERATURES_K = (300.0, 600.0, 900.0)
-# One geometry in this many is a Gaussian displacement; the rest are MD snapshots.
-DISPLACEMENT_PERIOD = 3
+# One geometry in this many is a Gaussian displacement (one single point) rather than an MD snapshot
+# (10-15 MD steps and a single point): half of them, so that the build affords more molecules.
+DISPLACEMENT_PERIOD = 2
 # Typical bond-stretch force constant (C-H / C-C, ~4.5-5 mdyn/angstrom) in eV/angstrom^2: an isotropic
 # displacement sigma = sqrt(k_B T / K) stores on average ~k_B T in such a bond.
 BOND_STRETCH_K_EV_PER_A2 = 30.0
