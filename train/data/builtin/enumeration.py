@@ -146,9 +146,9 @@ PROLINE_DERIVATIVES = (
 )
 
 # Doubly charged ions whose two charges sit at least three bonds apart (charges on neighbouring atoms
-# repel the molecule apart). GFN2-xTB binds the extra electrons of these dianions (HOMO below -1.5 eV,
-# checked when they were added); shorter dicarboxylates are left out because their gas-phase
-# dianions are not bound.
+# repel the molecule apart). GFN2-xTB binds the extra electrons of these dianions (HOMO -1.9 to -2.4
+# eV, checked when they were added); shorter dicarboxylates, which it binds less (succinate: -1.0 eV)
+# and whose gas-phase dianions are at best metastable, are left out.
 DOUBLY_CHARGED = (
   ("propane-1,3-diammonium", "[NH3+]CCC[NH3+]", 2), ("butane-1,4-diammonium", "[NH3+]CCCC[NH3+]", 2),
   ("hexane-1,6-diammonium", "[NH3+]CCCCCC[NH3+]", 2), ("piperazinediium", "C1C[NH2+]CC[NH2+]1", 2),
@@ -165,8 +165,8 @@ QUATERNARY_CATIONS = (
   ("N,N-dimethylpyrrolidinium", "C[N+]1(C)CCCC1"), ("N-methylpyridinium", "C[n+]1ccccc1"),
   # C2 methylated: a carboxylate can take the C2 proton of a 1,3-dialkylimidazolium.
   ("1,2,3-trimethylimidazolium", "Cc1n(C)cc[n+]1C"),
-  # Not trimethylsulfonium: its GFN2-xTB SCF fails to converge at a third of the thermal geometries
-  # of its pairs (an anion's electron spills into the sulfonium's low C-S antibonding orbitals).
+  # Not trimethylsulfonium: the GFN2-xTB SCF of its pairs failed to converge at a third of their
+  # thermal geometries (measured on 20 pairs: the other cations lost at most 1 geometry in 6).
   ("tetramethylphosphonium", "C[P+](C)(C)C"),
 )
 PAIR_ANIONS = (
@@ -279,20 +279,23 @@ class _Selection:
     self.chosen: dict[str, list[BuiltinMolecule]] = {subset: [] for subset in SUBSETS}
 
   def wants(self, *subsets: str, limit: int | None = None) -> bool:
-    """Whether any of ``subsets`` holds fewer than its quota (or ``limit``) molecules."""
-    return any(len(self.chosen[s]) < (self.quotas.get(s, 0) if limit is None else limit) for s in subsets)
+    """Whether any of ``subsets`` holds fewer molecules than its quota (and than ``limit``)."""
+    def cap(subset: str) -> int:
+      quota = self.quotas.get(subset, 0)
+      return quota if limit is None else min(quota, limit)
+
+    return any(len(self.chosen[s]) < cap(s) for s in subsets)
 
   def offer(self, name: str, smiles: str, charge: int, multiplicity: int, subset: str, *,
             limit: int | None = None) -> None:
-    """Accepts the molecule if its subset has room (below ``limit`` if given, and below its quota),
-    its key is new and it is small enough.
+    """Accepts the molecule if its subset has room (``wants``), its key is new and it is small enough.
 
     Raises:
       ValueError: on invalid chemistry (a bug in the recipes).
     """
     from rdkit import Chem
 
-    if not (self.wants(subset) and self.wants(subset, limit=limit)):
+    if not self.wants(subset, limit=limit):
       return
     mol = parse(BuiltinMolecule(name, smiles, charge, multiplicity, subset))
     key = Chem.MolToSmiles(mol)
@@ -393,8 +396,8 @@ def enumerated_molecules(quotas: tuple[tuple[str, int], ...]) -> tuple[BuiltinMo
   neutrals = _Neutrals(curated + amino_acids + scaffolds)
   for name, smiles, charge in DOUBLY_CHARGED:
     selection.offer(name, smiles, charge, 1, CHARGED)
-  # Anions first, up to half of the quota: fewer molecules have a unique acidic site than a unique
-  # basic one, and the cations would otherwise crowd them out.
+  # Anions first, until the subset is half full: fewer molecules have a unique acidic site than a
+  # unique basic one, and the cations would otherwise crowd them out.
   for sign, share in ((-1, selection.quotas.get(CHARGED, 0) // 2), (+1, None)):
     for parent, mol in neutrals:
       if not selection.wants(CHARGED, limit=share):

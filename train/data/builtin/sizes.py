@@ -36,7 +36,7 @@ SIZE_SPECS = {
   # of the sampler and the writers, in seconds.
   BuiltinSize.SMALL: SizeSpec(all_curated=False, enumerated=((ION_PAIRS, 1),), conformers_per_molecule=3),
   # About 4x the molecules of the 120 hand-curated ones at a quarter of their former 25 geometries
-  # each: about the former build time (~2.5 minutes on 2 cores), with charged species and radicals
+  # each: about the former build time (2-3 minutes on 2 cores), with charged species and radicals
   # weighted up (a fifth of the molecules each).
   BuiltinSize.DEFAULT: SizeSpec(all_curated=True, enumerated=(
     (SMALL_ORGANICS, 80), (DRUG_LIKE, 80), (AMINO_ACIDS, 35), (CHARGED, 90), (RADICALS, 75),
