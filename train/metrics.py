@@ -99,15 +99,17 @@ def plot_learning_curves(records: list[dict[str, Any]], path: str | Path) -> Pat
     axes[0].plot(steps, [r["loss"] for r in train], label="loss", color="k")
     axes[0].plot(steps, [r["energy_loss"] for r in train], label="energy term", alpha=0.7)
     axes[0].plot(steps, [r["force_loss"] for r in train], label="force term", alpha=0.7)
+    axes[0].legend()
   axes[0].set(title="training", xlabel="step", yscale="log")
   for ax, key, title in ((axes[1], "energy_mae_mev_per_atom", "validation energy MAE (meV/atom)"),
                          (axes[2], "force_mae_mev_per_a", "validation force MAE (meV/\u00c5)")):
     if val:
       ax.plot([r["step"] for r in val], [r[key] for r in val], "o-")
+    else:
+      ax.text(0.5, 0.5, "no validation passes", ha="center", va="center", transform=ax.transAxes)
     ax.set(title=title, xlabel="step", yscale="log")
   for ax in axes:
     ax.grid(True, which="both", alpha=0.3)
-  axes[0].legend()
   fig.tight_layout()
   path = Path(path)
   fig.savefig(path, dpi=110)
