@@ -114,8 +114,11 @@ def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, dat
   splits = [split for split in splits if len(data.splits[split])]
   if not splits:
     raise ValueError(f"{empty_splits(data, run_config.data)}: nothing to evaluate")
-  if jax.process_index() == 0:
-    out.mkdir(parents=True, exist_ok=True)  # before evaluating: a folder that cannot be made fails now
+  if jax.process_index() == 0:  # before evaluating: a folder that cannot be made fails now
+    try:
+      out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+      raise ValueError(f"--out {out}: cannot create the folder: {err}") from None
   mesh = sharding.make_mesh(num_devices)
   params = jax.device_put(params, sharding.replicated(mesh))  # laid out as in training: one executable
   per_step = run_config.data.batches_per_step

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 from e2former_jax.config import AttentionImpl, E2FormerConfig, MessagePath, paper_config, tiny_config
 from train.config_fields import (DECAY, FRACTION, NON_NEGATIVE, POSITIVE, Limit, coerce, field_types,
                                  one_of)
+from train.data.records import ON_ERROR_CHOICES
 
 
 class ForceMode(enum.Enum):
@@ -208,7 +210,7 @@ _SPLIT_SUM_TOLERANCE = 1e-6
 # override, checkpoint), so a bad value fails naming its key before anything loads or is written.
 LIMITS: dict[str, Limit] = {
     "data.builtin_conformers": POSITIVE,
-    "data.on_error": one_of(("raise", "skip")),
+    "data.on_error": one_of(ON_ERROR_CHOICES),
     "data.split": Limit("three fractions >= 0 that sum to 1",
                         lambda f: min(f) >= 0 and abs(sum(f) - 1.0) <= _SPLIT_SUM_TOLERANCE),
     "data.reference_fit_records": POSITIVE,
@@ -252,6 +254,7 @@ LIMITS: dict[str, Limit] = {
 }
 
 
+@functools.cache
 def config_keys() -> dict[str, Any]:
   """Every dotted key a run config accepts (``model.*`` = the E2FormerConfig fields) -> its type."""
   keys = {"model.preset": str, **{f"model.{k}": t for k, t in field_types(E2FormerConfig).items()}}
@@ -320,10 +323,12 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     except yaml.YAMLError as err:
       raise ValueError(f"{source}: the value is not valid YAML ({_yaml_problem(err)})") from None
     if section == "model":
-      config = dataclasses.replace(config, model={**config.model, field: _model_value(field, value, source)})
+      config = dataclasses.replace(config,
+                                   model={**config.model, field: _model_value(field, value, source)})
     elif section in _SECTIONS:
       current = getattr(config, section)
-      config = dataclasses.replace(config, **{section: _replace_field(current, section, field, value, source)})
+      config = dataclasses.replace(
+          config, **{section: _replace_field(current, section, field, value, source)})
     else:
       raise ValueError(f"{source}: unknown section {section!r}")
   return config

@@ -250,27 +250,30 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     interrupt.restore()
     stream.close()
     bar.close()
+    checkpointer.wait()  # on an error too: no checkpoint is left half-written
   if _agreed(interrupt.requested):  # stopped at a step boundary: weights, step and data position agree
     save_last()
     report_skipped()
     raise _interrupted(checkpointer, step)
 
-  if final_eval and step % config.train.eval_every:
-    validate()
-  save_last()
-  if "val" not in iterators:  # nothing to choose a best checkpoint on: the final weights
-    checkpointer.save(BEST, state, meta=checkpoint_meta(), predictor=predictor)
+  try:
+    if final_eval and step % config.train.eval_every:
+      validate()
+    save_last()
+    if "val" not in iterators:  # nothing to choose a best checkpoint on: the final weights
+      checkpointer.save(BEST, state, meta=checkpoint_meta(), predictor=predictor)
 
-  table = []
-  if final_eval:
-    results = {split: run_eval(split) for split in EVAL_SPLITS if split in iterators}
-    table = error_table(results)
-    if is_main and table:
-      markdown = write_error_table(table, workdir)
-      say("\n" + markdown)
-  if is_main:
-    plot_learning_curves(log.records, workdir / CURVE_FILENAME)
-  checkpointer.close()
+    table = []
+    if final_eval:
+      results = {split: run_eval(split) for split in EVAL_SPLITS if split in iterators}
+      table = error_table(results)
+      if is_main and table:
+        markdown = write_error_table(table, workdir)
+        say("\n" + markdown)
+    if is_main:
+      plot_learning_curves(log.records, workdir / CURVE_FILENAME)
+  finally:  # on an error too: the checkpoint writes finish
+    checkpointer.close()
 
   report_skipped()
   summary = _summary(timing, step, state, mesh)

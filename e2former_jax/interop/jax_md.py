@@ -755,8 +755,8 @@ def free_space_neighbor_list(displacement_fn, box: float | None, cutoff: float,
 
   Args:
     displacement_fn: ``space.free()``'s.
-    box: side of the cell-list box in angstrom; None: the atoms' extent at allocation plus
-      ``FREE_SPACE_MARGIN`` on every side.
+    box: side of the cell-list box in angstrom (``allocate`` raises ValueError when the atoms span
+      more); None: the atoms' extent at allocation plus ``FREE_SPACE_MARGIN`` on every side.
     cutoff: candidate radius (the skin ``dr_threshold`` is added by JAX MD).
     **neighbor_kwargs: for ``jax_md.partition.neighbor_list`` (``dr_threshold``,
       ``capacity_multiplier``, ``disable_cell_list``).
@@ -765,6 +765,9 @@ def free_space_neighbor_list(displacement_fn, box: float | None, cutoff: float,
   def allocate(position, extra_capacity: int = 0, **kwargs) -> partition.NeighborList:
     extent = float(np.ptp(np.asarray(position), axis=0).max())
     side = box if box is not None else extent + 2 * FREE_SPACE_MARGIN
+    if extent >= side:
+      raise ValueError(f"the atoms span {extent:.1f} A, more than the cell-list box of {side} A; pass "
+                       "a larger box, or box=None to size it from the positions")
     inner = partition.neighbor_list(displacement_fn, side, cutoff,
                                     format=partition.NeighborListFormat.Dense, **neighbor_kwargs)
 

@@ -128,9 +128,6 @@ class SkippedRecords:
   def __contains__(self, index: int) -> bool:
     return int(index) in self._errors
 
-  def __len__(self) -> int:
-    return len(self._errors)
-
   def add(self, index: int, error: InvalidRecordError) -> None:
     with self._lock:
       if int(index) in self._errors:

@@ -355,6 +355,8 @@ def test_free_space_list_places_the_atoms_itself(rng):
   spread[0] += 100.0
   assert neighbor_fn.update(jnp.asarray(spread), nbrs).did_buffer_overflow
   assert _candidate_sets(neighbor_fn.allocate(jnp.asarray(spread)), 60) == expected(spread)
+  with pytest.raises(ValueError, match="more than the cell-list box of 40.0 A"):
+    e2f_md.free_space_neighbor_list(displacement, BOX, cutoff).allocate(jnp.asarray(spread))
 
 
 def test_module_docstring_example_runs_as_written(capsys):
@@ -366,7 +368,8 @@ def test_module_docstring_example_runs_as_written(capsys):
     if line and not line.startswith("  "):
       break
     lines.append(line[2:])
-  exec(compile("\n".join(lines), "e2former_jax.interop.jax_md docstring", "exec"), {})  # pylint: disable=exec-used
+  code = compile("\n".join(lines), "e2former_jax.interop.jax_md docstring", "exec")
+  exec(code, {})  # pylint: disable=exec-used
   out = capsys.readouterr().out.splitlines()
   assert [line.split(":")[0] for line in out] == ["step 10", "step 20"], out
   assert all(np.isfinite(float(line.split()[-2])) for line in out)
