@@ -375,7 +375,7 @@ def _user_warnings(caught) -> list[str]:
   return [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
 
 
-def test_empty_validation_split_warns_at_start_and_best_is_the_final_state(dataset, tmp_path):
+def test_empty_validation_split_warns_at_start_and_best_is_the_final_state(dataset, tmp_path, capsys):
   config = tiny_config(dataset, "data.split=[0.75, 0, 0.25]", "train.steps=2", "train.eval_every=1",
                        "train.checkpoint_every=100")
   with warnings.catch_warnings(record=True) as caught:
@@ -398,6 +398,9 @@ def test_empty_validation_split_warns_at_start_and_best_is_the_final_state(datas
       "no validation passes, checkpoints/best will hold the final weights; no test rows in the final "
       "table")
   assert result.table == [] and not (tmp_path / "neither" / TABLE_MD_FILENAME).exists()  # no header-only table
+  assert cli_main(["eval", str(tmp_path / "neither"), "--quiet"]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert "the validation and test splits are empty" in line and line.endswith(": nothing to evaluate")
 
 
 def test_skipped_record_is_warned_about_once_plus_a_summary(dataset, tmp_path):
