@@ -13,22 +13,42 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 from train import sharding
+from train.interrupt import TrainingInterrupted
 
 DEFAULT_RUNS_DIR = Path("runs")
+# The shell's convention for a command ended by SIGINT (128 + signal number 2).
+INTERRUPTED_EXIT_CODE = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command; a bad configuration or dataset prints one ``error:`` line and returns 2."""
+  """Runs the command; a bad configuration or dataset prints one ``error:`` line and returns 2.
+
+  Ctrl-C prints one line saying where the run stopped and returns 130. Warnings are printed as one
+  ``warning:`` line each.
+  """
   args = _parser().parse_args(argv)
-  try:
-    return _run(args)
-  except ValueError as err:  # invalid config, missing/corrupt dataset, unusable checkpoint
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+  with warnings.catch_warnings():
+    warnings.showwarning = _show_warning
+    try:
+      return _run(args)
+    except ValueError as err:  # invalid config, missing/corrupt dataset, unusable checkpoint
+      print(f"error: {err}", file=sys.stderr)
+      return 2
+    except TrainingInterrupted as err:
+      print(err, file=sys.stderr)
+      return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      return INTERRUPTED_EXIT_CODE
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+  print(f"warning: {message}", file=file or sys.stderr)
 
 
 def _run(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,7 +18,7 @@ from train.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from train.data import BatchIterator
 from train.metrics import ALL_SUBSETS, ErrorSums, error_table, write_error_table
 from train.run_config import EnergyLoss, ForceLoss, ForceMode, LossConfig, apply_overrides
-from train.run_data import empty_batch, make_iterator, open_run_data
+from train.run_data import empty_batch, empty_splits, make_iterator, open_run_data
 from train.step import make_eval_step
 
 
@@ -109,8 +110,15 @@ def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, dat
 
   Returns:
     The table rows (see :func:`train.metrics.error_table`).
+
+  Raises:
+    ValueError: before evaluating, when the checkpoint, the data or the output folder is unusable or
+      every requested split is empty.
   """
   directory = resolve_checkpoint_dir(checkpoint, which)
+  out = Path(out) if out is not None else directory.parent.parent  # .../checkpoints/best -> the run
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {out} is a file, not a folder")
   params, info = load_checkpoint(directory)
   model_config, run_config = info.model_config, info.run_config
   bad = [o for o in overrides if not o.startswith("data.")]
@@ -119,6 +127,14 @@ def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, dat
   overrides = list(overrides) + ([f"data.path={data_path}"] if data_path else [])
   run_config = apply_overrides(run_config, overrides)
   data = open_run_data(run_config.data, references=info.reference_energies)
+  splits = [split for split in splits if len(data.splits[split])]
+  if not splits:
+    raise ValueError(f"{empty_splits(data, run_config.data)}: nothing to evaluate")
+  if jax.process_index() == 0:  # before evaluating: a folder that cannot be made fails now
+    try:
+      out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+      raise ValueError(f"--out {out}: cannot create the folder: {err}") from None
   mesh = sharding.make_mesh(num_devices)
   params = jax.device_put(params, sharding.replicated(mesh))  # laid out as in training: one executable
   per_step = run_config.data.batches_per_step
@@ -128,16 +144,16 @@ def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, dat
   eval_step = make_eval_step(model_config, mesh)
   results = {}
   for split in splits:
-    if not len(data.splits[split]):
-      continue
     iterator = make_iterator(data, split, run_config.data, model_config, training=False, seed=0,
                              process_index=jax.process_index(), process_count=jax.process_count())
     results[split] = evaluate(eval_step, params, iterator, mesh, local_batches, data.subset_names,
                               max_batches=run_config.data.max_eval_batches)
   rows = error_table(results)
   if jax.process_index() == 0:
-    # .../checkpoints/best -> the run folder
-    markdown = write_error_table(rows, Path(out) if out is not None else directory.parent.parent)
+    markdown = write_error_table(rows, out)
     if progress:
       print(markdown)
+    skipped = data.dataset.skipped.summary()
+    if skipped:
+      warnings.warn(skipped)
   return rows

@@ -8,7 +8,10 @@ with a Langevin or Nose-Hoover thermostat. Written to the output folder:
   momenta, forces, total potential energy, and ``step``, ``time_fs``, ``kinetic_energy``,
   ``temperature_K``, ``total_energy`` in the frame's info);
 * ``PLOT_FILENAME``: potential, kinetic and total energy and the temperature against time;
-* ``SUMMARY_FILENAME``: the settings, energy drift, mean temperature and speed.
+* ``SUMMARY_FILENAME``: the settings, energy drift, mean temperature and speed, and what the
+  watchdog found (:mod:`train.md_watchdog`: bonds broken or formed, atoms too close, temperature or
+  energy running away; printed as warnings as they happen, or ending the run with
+  ``--on-unphysical stop``).
 
 Checkpoints belong to ``train/``: ``train.checkpoint.load_predictor`` turns one into the
 :class:`~e2former_jax.interop.predictor.Predictor` the simulation interfaces consume, and
@@ -27,6 +30,7 @@ import functools
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ import numpy as np
 from e2former_jax.config import AttentionImpl
 from e2former_jax.interop.predictor import Predictor
 from e2former_jax.structure import Structure, validate_structure
+from train.md_watchdog import OnUnphysical, Watchdog, report_line
 
 TRAJECTORY_FILENAME = "trajectory.extxyz"
 PLOT_FILENAME = "energy.png"
@@ -47,9 +52,6 @@ THERMOSTATS = ("langevin", "nose-hoover")
 # Up to this many atoms every other atom is a neighbour candidate (one [N, N] distance matrix per
 # step); larger systems use a JAX MD cell-list neighbour list.
 ALL_PAIRS_MAX_ATOMS = 1024
-# Free space around a large system inside the neighbour list's cell-list box (angstrom): atoms
-# must stay inside the box, which is checked after every chunk.
-BOX_MARGIN = 20.0
 
 
 def molecule_key(name: str) -> str:
@@ -100,6 +102,8 @@ def read_structure(path: str | Path, *, index: int = 0, charge: int | None = Non
   """Frame ``index`` of a structure file ASE reads (extxyz, xyz, ...); charge/spin from its info."""
   import ase.io
 
+  if not Path(path).is_file():
+    raise ValueError(f"structure file {path} does not exist")
   atoms = ase.io.read(path, index=index)
   return Structure.from_ase(atoms, charge=charge, spin=spin, key=f"{path}@{index}")
 
@@ -149,8 +153,13 @@ class MDSettings:
 
 
 def simulate(predictor: Predictor, structure: Structure, settings: MDSettings, out_dir: str | Path,
-             *, progress: bool = True) -> dict[str, Any]:
+             *, progress: bool = True, on_unphysical: OnUnphysical = OnUnphysical.WARN
+             ) -> dict[str, Any]:
   """Runs the simulation and writes the trajectory, the energy plot and the summary to ``out_dir``.
+
+  Every recorded frame is checked by a :class:`~train.md_watchdog.Watchdog`: its findings are
+  printed (stderr) and listed in the summary's ``watchdog``; with ``OnUnphysical.STOP`` the run ends
+  at the first finding (the summary's ``stopped_at_step``).
 
   Returns:
     The summary (also written to ``SUMMARY_FILENAME``).
@@ -166,24 +175,28 @@ def simulate(predictor: Predictor, structure: Structure, settings: MDSettings, o
   out_dir.mkdir(parents=True, exist_ok=True)
   if settings.float64:
     with jax.enable_x64(True):
-      return _simulate(predictor.with_dtype(jnp.float64), structure, settings, out_dir, progress)
-  return _simulate(predictor, structure, settings, out_dir, progress)
+      return _simulate(predictor.with_dtype(jnp.float64), structure, settings, out_dir, progress,
+                       on_unphysical)
+  return _simulate(predictor, structure, settings, out_dir, progress, on_unphysical)
 
 
 def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, out_dir: Path,
-              progress: bool) -> dict[str, Any]:
+              progress: bool, on_unphysical: OnUnphysical) -> dict[str, Any]:
   from jax_md import simulate as jmd_simulate
   from jax_md import space
   from tqdm import tqdm
 
   from e2former_jax.interop import jax_md as e2f_md
+  from train.progress import SteadyProgress
 
   dtype = jnp.float64 if settings.float64 else jnp.float32
   species = predictor.check_species(structure.numbers)
   n = len(species)
   reference = predictor.reference_energy(species, structure.charge, structure.spin)
   positions = np.asarray(structure.positions, np.float64)
-  free_box, to_cartesian = None, None
+  watchdog = Watchdog(species, positions, temperature_k=settings.temperature_k,
+                      cell=structure.cell if structure.periodic else None, pbc=structure.pbc)
+  to_cartesian = None
   common = dict(charge=structure.charge, spin=structure.spin, include_references=False)
   if structure.periodic:
     # Fractional coordinates in a periodic_general box: JAX MD's cell list handles triclinic cells
@@ -200,9 +213,7 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
     energy_fn = e2f_md.e2former_energy(displacement, predictor, species, **common)
   else:
     displacement, shift = space.free()
-    free_box = float((positions.max(0) - positions.min(0)).max() + 2 * BOX_MARGIN)
-    positions = positions - positions.min(0) + BOX_MARGIN
-    neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(displacement, free_box, predictor, species,
+    neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(displacement, None, predictor, species,
                                                            **common)
   position = jnp.asarray(positions, dtype)
   neighbors = neighbor_fn.allocate(position) if neighbor_fn is not None else None
@@ -231,9 +242,10 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
   chunks = math.ceil(settings.steps / settings.record_every)
   trajectory = out_dir / TRAJECTORY_FILENAME
   trajectory.unlink(missing_ok=True)
-  rows = []
+  rows, findings = [], []
 
-  def record(step: int, observation) -> None:
+  def record(step: int, observation) -> bool:
+    """Writes the frame; True when the watchdog found something and the run is to stop."""
     obs = jax.device_get(observation)
     row = {"step": step, "time_fs": step * settings.timestep_fs,
            "potential_energy": float(obs["potential"]) + reference,
@@ -246,6 +258,13 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
       raise FloatingPointError(f"non-finite energy at step {step}: {row}")
     rows.append(row)
     _write_frame(trajectory, species, obs, row, structure.cell if structure.periodic else None)
+    conserved = row["total_energy"] if settings.ensemble == "nve" else row.get("conserved_energy")
+    events = watchdog.check(step, obs["position"], temperature_k=row["temperature_K"],
+                            conserved_energy=conserved)
+    if events:
+      tqdm.write(f"warning: {report_line(step, row['time_fs'], events)}", file=sys.stderr)
+      findings.extend(events)
+    return bool(events) and on_unphysical is OnUnphysical.STOP
 
   @jax.jit
   def start(key, nbrs):  # one compilation for the initial forces and the first frame
@@ -253,24 +272,28 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
     return state, observe(state, nbrs)
 
   state, first = start(jax.random.PRNGKey(settings.seed), neighbors)
-  record(0, first)
-  bar = tqdm(total=chunks * settings.record_every, unit="step", disable=not progress,
-             desc=f"md {settings.label}")
+  stop = record(0, first)
+  bar = SteadyProgress(total=chunks * settings.record_every, disable=not progress or stop,
+                       desc=f"md {settings.label} ")
   start = None
-  for step, _, _, observation in e2f_md.run(
-      apply_fn, state, num_chunks=chunks, steps_per_chunk=settings.record_every,
-      neighbors=neighbors, neighbor_fn=neighbor_fn, observe_fn=observe):
-    record(step, observation)
+  chunks_run = e2f_md.run(apply_fn, state, num_chunks=0 if stop else chunks,
+                          steps_per_chunk=settings.record_every, neighbors=neighbors,
+                          neighbor_fn=neighbor_fn, observe_fn=observe)
+  for step, _, _, observation in chunks_run:
+    stop = record(step, observation)
     start = start or (time.perf_counter(), step)  # the first chunk includes the compilation
-    if free_box is not None:
-      _check_inside(np.asarray(observation["position"]), free_box, step)
-    bar.update(settings.record_every)
-    bar.set_postfix(E_tot=f"{rows[-1]['total_energy']:.4f}", T=f"{rows[-1]['temperature_K']:.0f}")
+    bar.update(settings.record_every, E_tot=f"{rows[-1]['total_energy']:.4f}",
+               T=f"{rows[-1]['temperature_K']:.0f}")
+    if stop:
+      break
   bar.close()
 
-  elapsed = time.perf_counter() - start[0]
-  timed_steps = rows[-1]["step"] - start[1]
+  elapsed = time.perf_counter() - start[0] if start else 0.0
+  timed_steps = rows[-1]["step"] - start[1] if start else 0
   summary = _summary(rows, settings, structure, n, timed_steps / elapsed if timed_steps else None)
+  summary["watchdog"] = [event.to_dict() for event in findings]
+  if stop:
+    summary["stopped_at_step"] = rows[-1]["step"]
   _plot(rows, out_dir / PLOT_FILENAME, title=f"{structure.key or 'structure'} ({settings.label})")
   summary["files"] = {"trajectory": str(trajectory), "plot": str(out_dir / PLOT_FILENAME)}
   (out_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n")
@@ -310,12 +333,6 @@ def _write_frame(path: Path, species: np.ndarray, obs, row: dict, cell: np.ndarr
   atoms.calc = SinglePointCalculator(atoms, energy=row["potential_energy"],
                                      forces=np.asarray(obs["forces"], np.float64))
   ase.io.write(path, atoms, format="extxyz", append=True)
-
-
-def _check_inside(positions: np.ndarray, box: float, step: int) -> None:
-  if positions.min() < 0 or positions.max() >= box:
-    raise RuntimeError(f"step {step}: atoms left the neighbour-list box [0, {box:.1f}) A; rerun with "
-                       "fewer steps or a larger BOX_MARGIN")
 
 
 def _summary(rows: list[dict], settings: MDSettings, structure: Structure, n: int,
@@ -402,6 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(large systems)")
   parser.add_argument("--out", type=Path, default=None,
                       help="output folder (default: <run folder>/md/<molecule>_<ensemble>)")
+  parser.add_argument("--on-unphysical", choices=[o.value for o in OnUnphysical],
+                      default=OnUnphysical.WARN.value,
+                      help="when a bond breaks or forms, atoms come too close or the temperature or "
+                           "energy runs away: print a warning and go on, or stop the run there")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -433,7 +454,12 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"md: {structure.key} ({structure.num_atoms} atoms, charge {structure.charge}, spin "
           f"{structure.spin}), {settings.label}, {settings.steps} x {settings.timestep_fs} fs at "
           f"{settings.temperature_k} K on {jax.default_backend()} -> {out}")
-  summary = simulate(predictor, structure, settings, out, progress=not args.quiet)
+  summary = simulate(predictor, structure, settings, out, progress=not args.quiet,
+                     on_unphysical=OnUnphysical(args.on_unphysical))
+  if "stopped_at_step" in summary:
+    print(f"md: stopped at step {summary['stopped_at_step']} (--on-unphysical stop); the trajectory up "
+          f"to it is in {summary['files']['trajectory']}", file=sys.stderr)
+    return 1
   if not args.quiet:
     drift = summary.get("max_drift_eV_per_atom")
     print(f"md: {summary['steps']} steps ({summary['simulated_fs']:.1f} fs), mean T "

@@ -99,6 +99,7 @@ def plot_learning_curves(records: list[dict[str, Any]], path: str | Path) -> Pat
     axes[0].plot(steps, [r["loss"] for r in train], label="loss", color="k")
     axes[0].plot(steps, [r["energy_loss"] for r in train], label="energy term", alpha=0.7)
     axes[0].plot(steps, [r["force_loss"] for r in train], label="force term", alpha=0.7)
+    axes[0].legend()
   axes[0].set(title="training", xlabel="step", yscale="log")
   panels = ((axes[1], ("energy_mae_mev_per_atom",), "validation energy MAE (meV/atom)"),
             (axes[2], ("force_mae_mev_per_a", "direct_force_mae_mev_per_a"),
@@ -108,12 +109,13 @@ def plot_learning_curves(records: list[dict[str, Any]], path: str | Path) -> Pat
       points = [(r["step"], r[key]) for r in val if key in r]
       if points:
         ax.plot(*zip(*points), "o-", label=label if len(keys) > 1 else None)
+    if not val:
+      ax.text(0.5, 0.5, "no validation passes", ha="center", va="center", transform=ax.transAxes)
     ax.set(title=title, xlabel="step", yscale="log")
   if any("direct_force_mae_mev_per_a" in r for r in val):
     axes[2].legend()
   for ax in axes:
     ax.grid(True, which="both", alpha=0.3)
-  axes[0].legend()
   fig.tight_layout()
   path = Path(path)
   fig.savefig(path, dpi=110)

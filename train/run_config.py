@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 import yaml
 
 from e2former_jax.config import AttentionImpl, E2FormerConfig, MessagePath, paper_config, tiny_config
+from train.config_fields import (DECAY, FRACTION, NON_NEGATIVE, POSITIVE, Limit, coerce, field_types,
+                                 one_of)
+from train.data.records import ON_ERROR_CHOICES
 from train.data.builtin.sizes import BuiltinSize
 
 
@@ -206,6 +210,63 @@ class RunConfig:
 _PRESETS = {"paper": paper_config, "tiny": tiny_config}
 _MODEL_ENUMS = {"message_path": MessagePath, "attention_impl": AttentionImpl}
 _SECTIONS = {"data": DataConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainConfig}
+# The fractions are decimals, so their sum is 1 only up to rounding (0.9 + 0.05 + 0.05 != 1.0).
+_SPLIT_SUM_TOLERANCE = 1e-6
+# What the values must satisfy beyond their types, checked wherever a value is read (YAML file,
+# override, checkpoint), so a bad value fails naming its key before anything loads or is written.
+LIMITS: dict[str, Limit] = {
+    "data.builtin_conformers": POSITIVE,
+    "data.on_error": one_of(ON_ERROR_CHOICES),
+    "data.split": Limit("three fractions >= 0 that sum to 1",
+                        lambda f: min(f) >= 0 and abs(sum(f) - 1.0) <= _SPLIT_SUM_TOLERANCE),
+    "data.reference_fit_records": POSITIVE,
+    "data.atoms_per_batch": POSITIVE,
+    "data.molecules_per_batch": POSITIVE,
+    "data.batches_per_step": POSITIVE,
+    "data.prefetch": NON_NEGATIVE,
+    "data.max_eval_batches": POSITIVE,
+    "loss.energy_weight": NON_NEGATIVE,
+    "loss.force_weight": NON_NEGATIVE,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.b1": DECAY,
+    "optim.b2": DECAY,
+    "optim.eps": POSITIVE,
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.warmup_factor": FRACTION,
+    "optim.lr_min_factor": FRACTION,
+    "optim.decay_steps": POSITIVE,
+    "optim.clip_norm": POSITIVE,
+    "optim.ema_decay": DECAY,
+    "train.steps": POSITIVE,
+    "train.max_minutes": NON_NEGATIVE,
+    "train.min_steps": NON_NEGATIVE,
+    "train.log_every": POSITIVE,
+    "train.eval_every": POSITIVE,
+    "train.checkpoint_every": POSITIVE,
+    "train.max_consecutive_nonfinite": POSITIVE,
+    "model.num_layers": POSITIVE,
+    "model.lmax": Limit(">= 1", lambda v: v >= 1),
+    "model.channels": POSITIVE,
+    "model.num_heads": POSITIVE,
+    "model.head_dim": POSITIVE,
+    "model.num_rbf": POSITIVE,
+    "model.cutoff": POSITIVE,
+    "model.max_neighbors": POSITIVE,
+    "model.edge_hidden": POSITIVE,
+    "model.type_embed_dim": POSITIVE,
+    "model.num_species": Limit("> 1", lambda v: v > 1),
+    "model.avg_degree": POSITIVE,
+}
+
+
+@functools.cache
+def config_keys() -> dict[str, Any]:
+  """Every dotted key a run config accepts (``model.*`` = the E2FormerConfig fields) -> its type."""
+  keys = {"model.preset": str, **{f"model.{k}": t for k, t in field_types(E2FormerConfig).items()}}
+  for section, cls in _SECTIONS.items():
+    keys.update({f"{section}.{k}": t for k, t in field_types(cls).items()})
+  return keys
 
 
 def build_model_config(model: dict[str, Any], *, direct_force_head: bool) -> E2FormerConfig:
@@ -235,13 +296,14 @@ def model_config_from_dict(fields: dict[str, Any]) -> E2FormerConfig:
 
 
 def run_config_from_dict(tree: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
-  """RunConfig from a nested mapping; unknown sections or keys raise ValueError naming ``source``."""
+  """RunConfig from a nested mapping; unknown sections or keys and wrong-typed or out-of-range
+  values raise ValueError naming ``source`` and the key."""
   config = RunConfig()
   for section, values in (tree or {}).items():
     if section == "model":
       if not isinstance(values, dict):
         raise ValueError(f"{source}: section 'model' must be a mapping, got {values!r}")
-      config.model = {**config.model, **values}
+      config.model = {**config.model, **{k: _model_value(k, v, source) for k, v in values.items()}}
       continue
     if section not in _SECTIONS:
       raise ValueError(f"{source}: unknown section {section!r}; expected model or {sorted(_SECTIONS)}")
@@ -261,27 +323,42 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     section, dot, field = key.strip().partition(".")
     if not sep or not dot or not field:
       raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-3)")
-    value = yaml.safe_load(raw)
+    source = f"override {item!r}"
+    try:
+      value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+      raise ValueError(f"{source}: the value is not valid YAML ({_yaml_problem(err)})") from None
     if section == "model":
-      config = dataclasses.replace(config, model={**config.model, field: value})
+      config = dataclasses.replace(config,
+                                   model={**config.model, field: _model_value(field, value, source)})
     elif section in _SECTIONS:
       current = getattr(config, section)
       config = dataclasses.replace(
-          config, **{section: _replace_field(current, section, field, value, f"override {item!r}")})
+          config, **{section: _replace_field(current, section, field, value, source)})
     else:
-      raise ValueError(f"override {item!r}: unknown section {section!r}")
+      raise ValueError(f"{source}: unknown section {section!r}")
   return config
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-  """Defaults <- YAML file (if any) <- overrides; the model config is validated eagerly."""
+  """Defaults <- YAML file (if any) <- overrides; the model config is validated eagerly.
+
+  Raises:
+    ValueError: one line naming the file (with line and column for a YAML syntax error) or the
+      override, and the key.
+  """
   config = RunConfig()
   if path is not None:
     path = Path(path)
     if not path.is_file():
       raise ValueError(f"config file {path} does not exist")
     with path.open() as f:
-      tree = yaml.safe_load(f)
+      try:
+        tree = yaml.safe_load(f)
+      except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: invalid YAML: {_yaml_problem(err)}") from None
     if tree is not None and not isinstance(tree, dict):
       raise ValueError(f"{path}: expected a mapping of sections at the top level")
     config = run_config_from_dict(tree, source=str(path))
@@ -295,24 +372,27 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
   return config
 
 
+def _model_value(key: str, value, source: str):
+  """A model field's value checked against its E2FormerConfig type (enums stay given by value)."""
+  types = config_keys()
+  name = f"model.{key}"
+  if name not in types:
+    return value  # an unknown field: build_model_config names the known ones
+  value = coerce(name, value, types[name], source=source, limit=LIMITS.get(name))
+  return value.value if isinstance(value, enum.Enum) else value
+
+
 def _replace_field(section_obj, section: str, key: str, value, source: str):
-  fields = {f.name: f for f in dataclasses.fields(section_obj)}
-  if key not in fields:
-    raise ValueError(f"{source}: unknown key {section}.{key}; {section} has {sorted(fields)}")
-  default = getattr(type(section_obj)(), key)
-  if isinstance(default, enum.Enum) and not isinstance(value, enum.Enum):
-    try:
-      value = type(default)(value)
-    except ValueError:
-      choices = [m.value for m in type(default)]
-      raise ValueError(f"{source}: {section}.{key} must be one of {choices}, got {value!r}") from None
-  elif isinstance(default, tuple) and isinstance(value, list):
-    value = tuple(value)
-  elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  elif isinstance(default, float) and isinstance(value, str):
-    value = float(value)  # YAML 1.1 reads "1e-3" as a string
+  types = field_types(type(section_obj))
+  if key not in types:
+    raise ValueError(f"{source}: unknown key {section}.{key}; {section} has {sorted(types)}")
+  name = f"{section}.{key}"
+  value = coerce(name, value, types[key], source=source, limit=LIMITS.get(name))
   return dataclasses.replace(section_obj, **{key: value})
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+  return getattr(err, "problem", None) or str(err).splitlines()[0]
 
 
 def _encode(obj):

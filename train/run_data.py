@@ -51,9 +51,12 @@ def open_run_data(config: DataConfig, *, references: ReferenceEnergies | None = 
   """Opens the dataset, splits it by molecule and fits (or takes) the reference energies.
 
   Raises:
-    ValueError: when the training split is empty or the fractions are invalid.
+    ValueError: when the training split is empty, the fractions are invalid, or (with
+      ``on_error="raise"``) a record has more atoms than ``atoms_per_batch``.
   """
   dataset = open_dataset(dataset_path(config), on_error=config.on_error)
+  if config.on_error == "raise":
+    _check_atom_budget(dataset, config.atoms_per_batch)
   fractions = dict(zip(SPLITS, config.split))
   splits = split_by_molecule(dataset.molecule_keys(), seed=config.split_seed, fractions=fractions)
   if len(splits["train"]) == 0:
@@ -66,6 +69,32 @@ def open_run_data(config: DataConfig, *, references: ReferenceEnergies | None = 
   if max_molecules is None:  # only the atom budget binds, as in the reference's atom sampler
     max_molecules = math.ceil(config.atoms_per_batch / max(1, int(dataset.num_atoms.min())))
   return RunData(dataset=dataset, splits=splits, references=references, max_molecules=max_molecules)
+
+
+def empty_splits(data: RunData, config: DataConfig) -> str | None:
+  """Which of the validation and test splits are empty and why, in one sentence (None if neither)."""
+  empty = [name for name, split in (("validation", "val"), ("test", "test"))
+           if not len(data.splits[split])]
+  if not empty:
+    return None
+  molecules = len(set(data.dataset.molecule_keys().tolist()))
+  return (f"{data.dataset.path}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+          f"empty: data.split={list(config.split)} (split by molecule, seed data.split_seed="
+          f"{config.split_seed}) gave {'them' if len(empty) > 1 else 'it'} none of the dataset's "
+          f"{molecules} molecule(s)")
+
+
+def _check_atom_budget(dataset: Dataset, atoms_per_batch: int) -> None:
+  """Raises ValueError naming the first record larger than the sub-batch and the setting to raise."""
+  too_large = np.flatnonzero(dataset.num_atoms > atoms_per_batch)
+  if not len(too_large):
+    return
+  first, largest = int(too_large[0]), int(dataset.num_atoms.max())
+  raise ValueError(f"{dataset.path}: {dataset.record_name(first)} has {dataset.num_atoms[first]} atoms, "
+                   f"more than data.atoms_per_batch={atoms_per_batch} (the atoms of one sub-batch; "
+                   f"{len(too_large)} record(s) exceed it, the largest has {largest}); raise it with "
+                   f"--set data.atoms_per_batch={largest}, or leave such records out with "
+                   f"--set data.on_error=skip")
 
 
 def make_iterator(data: RunData, split: str, config: DataConfig, model_config: E2FormerConfig, *,

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ from train.budget import CLOSING_SECONDS, UNKNOWN_HORIZON, PassTiming, plan_hori
 from train.checkpoint import BEST, CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo, load_checkpoint
 from train.data import DataPosition
 from train.evaluate import evaluate, validation_loss
+from train.interrupt import DeferredSigint, TrainingInterrupted
 from train.metrics import (ALL_SUBSETS, CURVE_FILENAME, MetricsLog, error_table, plot_learning_curves,
                            write_error_table)
 from train.optimizer import make_optimizer
+from train.progress import SteadyProgress
 from train.run_config import RunConfig
-from train.run_data import empty_batch, make_iterator, open_run_data
+from train.run_data import empty_batch, empty_splits, make_iterator, open_run_data
 from train.state import create_train_state
 from train.step import make_eval_step, make_init, make_train_step
 
@@ -81,31 +84,40 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   Raises:
     NonFiniteHalt: after ``train.max_consecutive_nonfinite`` consecutive skipped steps (the last
       good checkpoint is kept; nothing is saved after the failures).
-    ValueError: for an invalid configuration or dataset.
+    TrainingInterrupted: on SIGINT (Ctrl-C), after the step in progress and a checkpoint of it.
+    ValueError: for an invalid configuration or dataset, found before anything is written.
   """
   call_start = time.perf_counter()
   workdir = Path(workdir).expanduser().absolute()
   is_main = jax.process_index() == 0
   say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress and is_main else (lambda msg: None)
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / RUN_CONFIG_FILENAME).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
+  # The configuration and the data are checked before anything is written to the working directory.
   mesh = sharding.make_mesh(num_devices)
   batches_per_step = config.data.batches_per_step or mesh.devices.size
   local_batches = sharding.local_batches_per_step(mesh, batches_per_step)
   model_config = config.model_config()
-  checkpointer = Checkpointer(workdir / CHECKPOINT_DIRNAME)
-  saved = checkpointer.predictor_info(LAST)
+  saved = _saved_predictor(workdir / CHECKPOINT_DIRNAME)
   if saved is not None and not resume:
-    raise ValueError(f"{workdir} already holds a run (checkpoints in {checkpointer.directory}); resume it, "
-                     "or start over in an empty folder")
+    raise ValueError(f"{workdir} already holds a run (checkpoints in {workdir / CHECKPOINT_DIRNAME}); "
+                     "resume it, or start over in an empty folder")
 
   data = open_run_data(config.data, references=None if saved is None else saved.reference_energies)
   iterators = {split: make_iterator(data, split, config.data, model_config, training=split == "train",
                                     seed=config.train.seed, process_index=jax.process_index(),
                                     process_count=jax.process_count())
                for split in ("train", *EVAL_SPLITS) if len(data.splits[split])}
+  empty = empty_splits(data, config.data)
+  if empty and is_main:
+    consequences = [text for split, text in (
+        ("val", "no validation passes, checkpoints/best will hold the final weights"),
+        ("test", "no test rows in the final table")) if split not in iterators]
+    warnings.warn(f"{empty}; " + "; ".join(consequences))
+
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / RUN_CONFIG_FILENAME).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+  checkpointer = Checkpointer(workdir / CHECKPOINT_DIRNAME)
   predictor = PredictorInfo(model_config=model_config, reference_energies=data.references,
                             run_config=config)
   say(f"data: {data.dataset.path} ({len(data.dataset)} records; "
@@ -141,7 +153,6 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
 
   train_step = make_train_step(model_config, config.loss, config.optim, mesh)
   eval_step = make_eval_step(model_config, mesh)
-
   pass_timing: list[PassTiming] = []
 
   def run_eval(split: str):
@@ -184,12 +195,22 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
                                validation_seconds=pass_timing[-1].steady_seconds() if pass_timing else 0.0,
                                eval_every=config.train.eval_every,
                                closing_eval_seconds=closing_seconds()), config.train.min_steps, step)
-    bar.total = horizon
+    bar.set_total(horizon)
     say(f"budget: {step_seconds:.3g} s/step measured; training to step {horizon} "
         f"(cosine horizon) within train.max_minutes={config.train.max_minutes}")
 
-  bar = tqdm(total=config.train.steps or horizon, initial=step, unit="step", dynamic_ncols=True,
-             disable=not (progress and is_main), file=sys.stderr)
+  def save_last() -> None:
+    last_meta = checkpointer.latest_meta(LAST)
+    if last_meta is None or last_meta["step"] != step:
+      checkpointer.save(LAST, state, meta=checkpoint_meta(), predictor=predictor)
+
+  def report_skipped() -> None:
+    skipped = data.dataset.skipped.summary()
+    if skipped and is_main:
+      warnings.warn(skipped)
+
+  bar = SteadyProgress(total=config.train.steps or horizon, initial=step,
+                       disable=not (progress and is_main))
   losses: list[float] = []
   window: list[dict[str, float]] = []
   # input_wait: seconds the loop blocked on the data pipeline (its prefetch queue empty): time in
@@ -211,8 +232,7 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     window.append(m)
     elapsed = now - timing["first_done"]
     rate = timing["atoms_after_first"] / elapsed if elapsed > 0 else float("nan")
-    bar.update(1)
-    bar.set_postfix(loss=f"{m['loss']:.4g}", atoms_per_s=f"{rate:,.0f}", refresh=False)
+    bar.update(1, loss=f"{m['loss']:.4g}", atoms_per_s=f"{rate:,.0f}")
     if done_step % config.train.log_every == 0:
       averaged = {k: float(np.mean([w[k] for w in window])) for k in
                   ("loss", "energy_loss", "force_loss", "grad_norm")}
@@ -235,9 +255,12 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   pending = None
   deadline = (call_start + 60.0 * config.train.max_minutes
               if config.train.max_minutes is not None else None)
-  last_val = None
+  interrupt = DeferredSigint(lambda: say("interrupted: stopping after this step (Ctrl-C again to stop "
+                                         "at once, without saving it)"))
+  last_val = None  # the validation errors of the current step, if it was validated
   try:
-    while (step < (config.train.steps if not budget_mode else horizon or math.inf)
+    while (step < ((horizon or math.inf) if budget_mode else config.train.steps)
+           and not _agreed(interrupt.requested)
            and (step < config.train.min_steps or not _past(deadline, closing_seconds()))):
       waiting = time.perf_counter()
       items = [next(stream) for _ in range(local_batches)]
@@ -255,42 +278,79 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
       if step % config.train.eval_every == 0:
         last_val = validate()
         if budget_mode and horizon is None:
-          consume(*pending)  # the step time must include this step
+          consume(*pending)  # the measured step time must include this step
           pending = None
           fix_horizon()
       if step % config.train.checkpoint_every == 0:
         checkpointer.save(LAST, state, meta=checkpoint_meta(), predictor=predictor)
     if pending is not None:
       consume(*pending)
+  except KeyboardInterrupt:  # a second Ctrl-C: the step in flight is not saved
+    report_skipped()
+    raise _interrupted(checkpointer, step) from None
   finally:
+    interrupt.restore()
     stream.close()
     bar.close()
+    checkpointer.wait()  # on an error too: no checkpoint is left half-written
+  if _agreed(interrupt.requested):  # stopped at a step boundary: weights, step and data position agree
+    save_last()
+    report_skipped()
+    raise _interrupted(checkpointer, step)
 
-  if final_eval and last_val is None:
-    last_val = validate()
-  last_meta = checkpointer.latest_meta(LAST)
-  if last_meta is None or last_meta["step"] != step:
-    checkpointer.save(LAST, state, meta=checkpoint_meta(), predictor=predictor)
+  try:
+    if final_eval and last_val is None:
+      last_val = validate()
+    save_last()
+    if "val" not in iterators:  # nothing to choose a best checkpoint on: the final weights
+      checkpointer.save(BEST, state, meta=checkpoint_meta(), predictor=predictor)
 
-  table = []
-  if final_eval:
-    # The closing validation above is this step's validation: not evaluated twice.
-    results = {split: last_val if split == "val" and last_val is not None else run_eval(split)
-               for split in EVAL_SPLITS if split in iterators}
-    table = error_table(results)
+    table = []
+    if final_eval:
+      # The closing validation above is this step's validation: not evaluated twice.
+      results = {split: last_val if split == "val" and last_val is not None else run_eval(split)
+                 for split in EVAL_SPLITS if split in iterators}
+      table = error_table(results)
+      if is_main and table:
+        markdown = write_error_table(table, workdir)
+        say("\n" + markdown)
     if is_main:
-      markdown = write_error_table(table, workdir)
-      say("\n" + markdown)
-  if is_main:
-    plot_learning_curves(log.records, workdir / CURVE_FILENAME)
-  checkpointer.close()
+      plot_learning_curves(log.records, workdir / CURVE_FILENAME)
+  finally:  # on an error too: the checkpoint writes finish
+    checkpointer.close()
 
+  report_skipped()
   summary = _summary(timing, step, state, mesh)
   if is_main:
     (workdir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n")
     say(f"done: step {step}; {summary['steps_per_s']:.3g} steps/s, {summary['atoms_per_s']:,.0f} atoms/s"
         f"; waited for data {100 * summary['input_wait_fraction']:.1f} % of the time; peak device memory {_format_bytes(summary['peak_device_memory_bytes'])}; outputs in {workdir}")
   return TrainResult(workdir=workdir, step=step, losses=losses, table=table, summary=summary)
+
+
+def _saved_predictor(checkpoints: Path) -> PredictorInfo | None:
+  """The predictor of the run's last checkpoint, read without creating any folder (None if none)."""
+  if not (checkpoints / LAST).is_dir():
+    return None
+  checkpointer = Checkpointer(checkpoints)
+  try:
+    return checkpointer.predictor_info(LAST)
+  finally:
+    checkpointer.close()
+
+
+def _interrupted(checkpointer: Checkpointer, step: int) -> TrainingInterrupted:
+  """The error that reports an interruption at ``step``, once the checkpoint writes have finished."""
+  meta = checkpointer.latest_meta(LAST)
+  checkpointer.close()
+  return TrainingInterrupted(step, None if meta is None else meta["step"])
+
+
+def _agreed(flag: bool) -> bool:
+  """Process 0's ``flag`` on every process (every process must stop at the same step)."""
+  if jax.process_count() > 1:
+    flag = bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+  return flag
 
 
 def _past(deadline: float | None, reserve: float = 0.0) -> bool:

@@ -1,19 +1,39 @@
 """JAX MD interface: an E2Former energy function in JAX MD's conventions, its neighbour list and a run loop.
 
-Typical use (units: eV, angstrom, amu; one time unit is ``1 / FEMTOSECOND`` = 10.18 fs)::
+Typical use (units: eV, angstrom, amu; one time unit is ``1 / FEMTOSECOND`` = 10.18 fs), here
+with a random-weight model; a trained one comes from a checkpoint with
+``predictor = train.md.load_predictor("runs/tiny")``::
 
-  from jax_md import quantity, simulate, space
+  import jax
+  import jax.numpy as jnp
+  from jax_md import simulate, space
+
+  from e2former_jax.config import tiny_config
   from e2former_jax.interop import jax_md as e2f_md
+  from e2former_jax.interop.predictor import Predictor
+  from e2former_jax.neighbors import build_graph
+  from e2former_jax.nn.model import E2Former
+  from e2former_jax.structure import Structure
+
+  species = jnp.array([8, 1, 1])  # a water molecule, anywhere in free space
+  positions = jnp.array([[-40.0, 3.0, 0.0], [-39.04, 3.0, 0.0], [-40.24, 3.93, 0.0]])
+  model = E2Former(tiny_config(num_layers=1))
+  graph = build_graph([Structure(species, positions)], cutoff=model.config.cutoff,
+                      max_neighbors=model.config.max_neighbors)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, graph))
+  predictor = Predictor(model, params)
 
   displacement, shift = space.free()
-  neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(displacement, box, predictor, species)
+  neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(displacement, None, predictor, species)
   nbrs = neighbor_fn.allocate(positions)
   init_fn, apply_fn = simulate.nve(energy_fn, shift, dt=0.5 * e2f_md.FEMTOSECOND)
-  state = init_fn(key, positions, kT=300 * e2f_md.BOLTZMANN, mass=e2f_md.masses(species),
-                  neighbor=nbrs)
-  for step, state, nbrs, _ in e2f_md.run(apply_fn, state, num_chunks=100, steps_per_chunk=10,
-                                         neighbors=nbrs, neighbor_fn=neighbor_fn):
-    ...
+  state = init_fn(jax.random.PRNGKey(1), positions, kT=300 * e2f_md.BOLTZMANN,
+                  mass=e2f_md.masses(species), neighbor=nbrs)
+  potential = lambda state, nbrs: energy_fn(state.position, neighbor=nbrs)
+  for step, state, nbrs, energy in e2f_md.run(apply_fn, state, num_chunks=2, steps_per_chunk=10,
+                                              neighbors=nbrs, neighbor_fn=neighbor_fn,
+                                              observe_fn=potential):
+    print(f"step {step}: potential energy {float(energy):.4f} eV")
 
 ``energy_fn(position, neighbor=None, **kwargs)`` returns the scalar total energy, so
 ``quantity.force``, ``simulate.nve``, ``nvt_langevin`` and ``nvt_nose_hoover`` use it unchanged.
@@ -35,6 +55,11 @@ atoms are within the cutoff, for callers who want to watch for it.
 
 Without a neighbour list (``neighbor=None``) every other atom is a candidate: O(N^2) memory, the
 simplest choice for a molecule of a few hundred atoms.
+
+Free space. JAX MD's cell list covers [0, box) and misses pairs of atoms outside it, so the free-space
+list of :func:`e2former_neighbor_list` places the atoms in its box itself
+(:func:`free_space_neighbor_list`): positions can be anywhere, and the box (``None``: sized from the
+positions at allocation) only needs to hold the molecule's extent.
 
 Periodic spaces. Pass the box to the factories (``box=`` / ``periodic=True``, in JAX MD's
 convention: a side length, [3] side lengths, or a [3, 3] matrix whose columns are the lattice
@@ -78,6 +103,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax_md import partition, space
+from jax_md.partition import PartitionErrorCode
 
 from e2former_jax import lattice
 from e2former_jax.graph import Graph
@@ -109,6 +135,9 @@ MORTON_BITS = 10
 # First slot count of the host search that fills a new image list (doubled until no row is full):
 # about the images within 5 A at a liquid's density.
 INITIAL_HOST_SLOTS = 64
+# Free space: room (angstrom) on every side of the atoms' extent in a cell-list box sized at
+# allocation; the atoms may spread this much before the list has to be re-allocated.
+FREE_SPACE_MARGIN = 20.0
 
 EnergyFn = Callable[..., jax.Array]
 
@@ -678,8 +707,9 @@ def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, 
 
   Args:
     displacement_fn: from ``jax_md.space``.
-    box: the box JAX MD's cell list covers. In free space, atoms must stay inside [0, box) along
-      every axis for the cell list to find all pairs (or pass ``disable_cell_list=True``).
+    box: periodic: the box (JAX MD's convention). Free space: the side of the cell-list box, which
+      only has to hold the atoms' extent (the list places them in it, see
+      :func:`free_space_neighbor_list`), or None to size it from the positions at allocation.
     periodic: the space is periodic with this box (``space.periodic`` / ``periodic_general``).
     fractional_coordinates: positions are fractional (periodic only), as in JAX MD.
     predictor, species, charge, spin, include_references: as in :func:`e2former_energy`.
@@ -699,6 +729,8 @@ def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, 
   cutoff = predictor.config.cutoff
   if all_images and not periodic:
     raise ValueError("all_images=True needs a periodic space (periodic=True with its box)")
+  if periodic and box is None:
+    raise ValueError("periodic=True needs the periodic box")
   if all_images is None:
     all_images = periodic and needs_all_images(box, cutoff)
   if all_images:
@@ -708,14 +740,69 @@ def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, 
     return image_neighbor_list(box, cutoff, dr_threshold=dr_threshold,
                                capacity_multiplier=capacity_multiplier,
                                fractional_coordinates=fractional_coordinates), energy_fn
-  neighbor_fn = partition.neighbor_list(
-      displacement_fn, box, cutoff, dr_threshold=dr_threshold,
-      capacity_multiplier=capacity_multiplier, disable_cell_list=disable_cell_list,
-      fractional_coordinates=fractional_coordinates, format=partition.NeighborListFormat.Dense)
+  options = dict(dr_threshold=dr_threshold, capacity_multiplier=capacity_multiplier,
+                 disable_cell_list=disable_cell_list)
+  if periodic:
+    neighbor_fn = partition.neighbor_list(displacement_fn, box, cutoff,
+                                          fractional_coordinates=fractional_coordinates,
+                                          format=partition.NeighborListFormat.Dense, **options)
+  else:
+    neighbor_fn = free_space_neighbor_list(displacement_fn, box, cutoff, **options)
   energy_fn = e2former_energy(displacement_fn, predictor, species, box=box if periodic else None,
                               fractional_coordinates=fractional_coordinates, charge=charge, spin=spin,
                               include_references=include_references)
   return neighbor_fn, energy_fn
+
+
+def free_space_neighbor_list(displacement_fn, box: float | None, cutoff: float,
+                             **neighbor_kwargs) -> partition.NeighborListFns:
+  """A JAX MD ``Dense`` neighbour list in free space that places the atoms in its cell-list box.
+
+  JAX MD's cell list covers [0, box). This list hands it the positions translated so that their
+  bounding box sits in the middle of the box, at allocation and at every update: pair distances do
+  not change, and the rebuild test (has some atom moved half the skin since the last rebuild?) is as
+  valid relative to the moving centre as in fixed coordinates, since a common translation changes
+  no distance. When the atoms spread wider than the box, the overflow flag is set, so :func:`run`
+  re-allocates (and a list sized from the positions grows).
+
+  Args:
+    displacement_fn: ``space.free()``'s.
+    box: side of the cell-list box in angstrom (``allocate`` raises ValueError when the atoms span
+      more); None: the atoms' extent at allocation plus ``FREE_SPACE_MARGIN`` on every side.
+    cutoff: candidate radius (the skin ``dr_threshold`` is added by JAX MD).
+    **neighbor_kwargs: for ``jax_md.partition.neighbor_list`` (``dr_threshold``,
+      ``capacity_multiplier``, ``disable_cell_list``).
+  """
+
+  def allocate(position, extra_capacity: int = 0, **kwargs) -> partition.NeighborList:
+    extent = float(np.ptp(np.asarray(position), axis=0).max())
+    side = box if box is not None else extent + 2 * FREE_SPACE_MARGIN
+    if extent >= side:
+      raise ValueError(f"the atoms span {extent:.1f} A, more than the cell-list box of {side} A; pass "
+                       "a larger box, or box=None to size it from the positions")
+    inner = partition.neighbor_list(displacement_fn, side, cutoff,
+                                    format=partition.NeighborListFormat.Dense, **neighbor_kwargs)
+
+    def update(position, neighbors, **kwargs) -> partition.NeighborList:
+      updated = inner.update(_centred(position, side), neighbors, **kwargs)
+      if updated.cell_list_fn is None:  # no cell list: the box does not matter
+        return updated
+      spread = jnp.any(jnp.ptp(position, axis=0) >= side)
+      return dataclasses.replace(updated, error=updated.error.update(
+          PartitionErrorCode.CELL_LIST_OVERFLOW, spread))
+
+    # Updates keep the update function of the list they start from: this one, which centres.
+    return dataclasses.replace(inner.allocate(_centred(position, side), extra_capacity, **kwargs),
+                               update_fn=update)
+
+  return partition.NeighborListFns(allocate, lambda position, neighbors, **kwargs:
+                                   neighbors.update(position, **kwargs))
+
+
+def _centred(position, side: float):
+  """Positions translated so that their bounding box is centred in the cube [0, side)^3."""
+  position = jnp.asarray(position)
+  return position - 0.5 * (position.min(axis=0) + position.max(axis=0)) + 0.5 * side
 
 
 def md_chunk(apply_fn, steps_per_chunk: int, observe_fn: Callable[[Any, Any], Any] | None = None,

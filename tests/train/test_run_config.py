@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import enum
+import typing
 from pathlib import Path
 
 import pytest
 
 from e2former_jax.config import MessagePath
+from train.cli import main as cli_main
+from train.config_fields import FieldError, coerce
 from train.data.builtin import BuiltinSize
-from train.run_config import (EnergyLoss, ForceLoss, ForceMode, RunConfig, load_run_config,
-                              model_config_from_dict, model_config_to_dict, run_config_from_dict)
+from train.run_config import (LIMITS, EnergyLoss, ForceLoss, ForceMode, RunConfig, config_keys,
+                              load_run_config, model_config_from_dict, model_config_to_dict,
+                              run_config_from_dict)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -82,3 +87,90 @@ def test_cli_reports_a_bad_override_in_one_line(capsys):
   assert main(["train", "--set", "optim.lrr=1", "--quiet"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error:") and "optim.lrr" in err[0]
+
+
+# A value of the wrong type for each kind of field (YAML text, as after --set key=).
+_WRONG_TYPED = {int: ["abc", "2.5", "[1]"], float: ["abc", "true", "[1]"], bool: ["abc", "1"],
+                str: ["[1, 2]", "{a: 1}"], tuple: ["abc", "[0.5, 0.5]"]}
+# The words the error uses for the expected type.
+_EXPECTED_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                   tuple: "a list of 3 numbers"}
+
+
+def _kind(annotation):
+  """int, float, bool, str, tuple or an Enum class, with ``| None`` removed."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if typing.get_origin(annotation) is tuple:
+    return tuple
+  if args and typing.get_origin(annotation) is not tuple:
+    return args[0]
+  return annotation
+
+
+def _wrong_typed_cases():
+  for key, annotation in sorted(config_keys().items()):
+    kind = _kind(annotation)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+      yield pytest.param(key, "sideways", "one of", id=f"{key}=sideways")
+      continue
+    for value in _WRONG_TYPED[kind]:
+      yield pytest.param(key, value, _EXPECTED_WORDS[kind], id=f"{key}={value}")
+
+
+@pytest.mark.parametrize("key, value, expected", list(_wrong_typed_cases()))
+def test_every_key_rejects_a_wrong_typed_value_in_one_line(key, value, expected, tmp_path, monkeypatch,
+                                                           capsys):
+  """Generated from the config dataclasses: a key added to them is covered here automatically."""
+  monkeypatch.chdir(tmp_path)
+  assert cli_main(["train", "--set", f"{key}={value}", "--workdir", "run", "--quiet"]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and f" {key} must be {expected}" in err[0], err
+  assert not list(tmp_path.iterdir())  # nothing loaded, nothing written
+
+
+def _out_of_range(key):
+  """A value of the key's type that its limit rejects."""
+  for value in (-5, 0, 1, 2.5, [0.5, 0.6, 0.1], "ignore"):
+    try:
+      typed = coerce(key, value, config_keys()[key], source="test")
+    except FieldError:
+      continue
+    if not LIMITS[key].holds(typed):
+      return value
+  raise AssertionError(f"no out-of-range candidate for {key}")
+
+
+@pytest.mark.parametrize("key", sorted(LIMITS))
+def test_every_limit_names_its_key(key, capsys):
+  limit = LIMITS[key]
+  value = _out_of_range(key)
+  assert cli_main(["train", "--set", f"{key}={value}", "--quiet"]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and f" {key} must be {limit.description}, got " in err[0], err
+
+
+def test_steps_out_of_range_names_train_steps_not_the_schedule():
+  with pytest.raises(ValueError, match=r"override 'train.steps=-5': train.steps must be > 0, got -5"):
+    load_run_config(None, ["train.steps=-5"])
+  assert load_run_config(None, ["train.steps=1e5"]).train.steps == 100_000  # YAML 1.1 reads a string
+
+
+def test_yaml_values_are_checked_like_overrides(tmp_path):
+  path = tmp_path / "run.yaml"
+  path.write_text("train:\n  steps: abc\n")
+  with pytest.raises(ValueError, match=r"run\.yaml: train\.steps must be an integer or null, got 'abc'"):
+    load_run_config(path)
+  path.write_text("model:\n  channels: [16]\n")
+  with pytest.raises(ValueError, match=r"run\.yaml: model\.channels must be an integer, got \[16\]"):
+    load_run_config(path)
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
+  path = tmp_path / "broken.yaml"
+  path.write_text("train:\n  steps: 3\n  eval_every: [10\n  log_every: 1\n")
+  assert cli_main(["train", "--config", str(path), "--quiet"]) == 2
+  err = capsys.readouterr().err.splitlines()
+  # The unclosed list of line 3 turns out wrong at the ':' of line 4, column 12.
+  assert err == [f"error: {path}:4:12: invalid YAML: expected ',' or ']', but got ':'"], err
+  with pytest.raises(ValueError, match=r"override 'train.steps=\[3': the value is not valid YAML"):
+    load_run_config(None, ["train.steps=[3"])

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import h5py
@@ -23,7 +27,7 @@ import pytest
 
 from e2former_jax.nn.model import E2Former
 from train import sharding
-from train.checkpoint import LAST, Checkpointer, load_checkpoint
+from train.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
 from train.cli import main as cli_main
 from train.data.splits import split_by_molecule
 from train.metrics import (CURVE_FILENAME, JSONL_FILENAME, TABLE_JSON_FILENAME, TABLE_MD_FILENAME,
@@ -349,3 +353,119 @@ def test_budget_mode_sizes_the_schedule_at_the_first_validation(dataset, tmp_pat
   # Resumed, the run keeps its T: nothing is left to train and nothing is planned again.
   again = train_and_evaluate(config, tmp_path, progress=False, final_eval=False)
   assert again.step == 7 and len(planned) == 1
+
+
+# The run of the interruption tests: 6 steps, no validation, no checkpoint before the end.
+INTERRUPTIBLE = ["train.steps=6", "train.eval_every=100", "train.checkpoint_every=100"]
+
+
+def _interruptible_command(dataset, workdir, *overrides):
+  return ["train", "--data", str(dataset), "--workdir", str(workdir), "--quiet", "--no-final-eval",
+          "--set", *TINY, *INTERRUPTIBLE, *overrides]
+
+
+def _step_that_calls(action, at_call: int):
+  """make_train_step, patched so that ``action()`` runs when its step is called for the at_call-th time."""
+  real = train_module.make_train_step
+
+  def make(*args, **kwargs):
+    step, calls = real(*args, **kwargs), [0]
+
+    def wrapped(state, batch, decay_steps):
+      calls[0] += 1
+      if calls[0] == at_call:
+        action()
+      return step(state, batch, decay_steps)
+
+    return wrapped
+
+  return make
+
+
+def test_sigint_saves_the_step_it_stopped_at_and_the_same_command_resumes(dataset, tmp_path, monkeypatch,
+                                                                          capsys):
+  command = _interruptible_command(dataset, tmp_path / "run")
+  monkeypatch.setattr(train_module, "make_train_step",
+                      _step_that_calls(lambda: signal.raise_signal(signal.SIGINT), at_call=3))
+  assert cli_main(command) == 130  # Ctrl-C while step 3 runs
+  assert capsys.readouterr().err.splitlines() == [
+      "interrupted at step 3; last checkpoint at step 3; run the same command to resume"]
+  monkeypatch.undo()
+  assert cli_main(command) == 0
+  straight = train_and_evaluate(tiny_config(dataset, *INTERRUPTIBLE), tmp_path / "straight",
+                                progress=False, final_eval=False)
+  resumed = [r["loss"] for r in read_records(tmp_path / "run") if r["kind"] == "train"]
+  np.testing.assert_array_equal(resumed, straight.losses)  # as if never interrupted
+
+
+def test_second_interrupt_stops_at_once_and_names_the_last_checkpoint(dataset, tmp_path, monkeypatch,
+                                                                       capsys):
+  def press_ctrl_c_twice():
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train_module, "make_train_step", _step_that_calls(press_ctrl_c_twice, at_call=3))
+  assert cli_main(_interruptible_command(dataset, tmp_path, "train.checkpoint_every=2")) == 130
+  assert capsys.readouterr().err.splitlines() == [
+      "interrupted at step 2; last checkpoint at step 2; run the same command to resume"]
+
+
+def _user_warnings(caught) -> list[str]:
+  return [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+
+
+def test_empty_validation_split_warns_at_start_and_best_is_the_final_state(dataset, tmp_path, capsys):
+  config = tiny_config(dataset, "data.split=[0.75, 0, 0.25]", "train.steps=2", "train.eval_every=1",
+                       "train.checkpoint_every=100")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result = train_and_evaluate(config, tmp_path / "val", progress=False)
+  # One warning, ours: no matplotlib complaint about the empty validation plots either.
+  assert _user_warnings(caught) == [
+      f"{dataset}: the validation split is empty: data.split=[0.75, 0.0, 0.25] (split by molecule, "
+      f"seed data.split_seed={SPLIT_SEED}) gave it none of the dataset's {NUM_MOLECULES} molecule(s); "
+      "no validation passes, checkpoints/best will hold the final weights"]
+  assert Checkpointer(tmp_path / "val" / "checkpoints").latest_meta(BEST)["step"] == 2
+  assert {row["split"] for row in result.table} == {"test"}
+
+  config = tiny_config(dataset, "data.split=[1, 0, 0]", "train.steps=2", "train.checkpoint_every=100")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result = train_and_evaluate(config, tmp_path / "neither", progress=False)
+  (message,) = _user_warnings(caught)
+  assert "the validation and test splits are empty" in message and message.endswith(
+      "no validation passes, checkpoints/best will hold the final weights; no test rows in the final "
+      "table")
+  assert result.table == [] and not (tmp_path / "neither" / TABLE_MD_FILENAME).exists()  # no header-only table
+  assert cli_main(["eval", str(tmp_path / "neither"), "--quiet"]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert "the validation and test splits are empty" in line and line.endswith(": nothing to evaluate")
+
+
+def test_skipped_record_is_warned_about_once_plus_a_summary(dataset, tmp_path):
+  path = shutil.copy(dataset, tmp_path / "with_nan.hdf5")
+  data = open_run_data(tiny_config(path).data)
+  index = int(data.splits["train"][0])
+  name = data.dataset.record_name(index)
+  group, conformer = re.fullmatch(r"group '(\w+)' conformer (\d+)", name).groups()
+  data.dataset.close()
+  with h5py.File(path, "a") as f:
+    f[group]["dft_total_energy"][int(conformer)] = np.nan
+  # 6 steps of ~24 of the 32 training records: the bad one is met in 4 epochs and the reference fit.
+  config = tiny_config(path, "data.on_error=skip", "train.steps=6", "train.eval_every=100",
+                       "train.checkpoint_every=100")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train_and_evaluate(config, tmp_path / "run", progress=False, final_eval=False)
+  assert _user_warnings(caught) == [
+      f"{path}: {name}: non-finite energy nan (skipped, on_error='skip')",
+      f"{path}: skipped 1 invalid record(s) in all (on_error='skip')"]
+
+
+def test_eval_creates_its_out_folder_or_fails_before_evaluating(trained, tmp_path, capsys):
+  out = tmp_path / "not" / "yet"
+  assert cli_main(["eval", str(trained.workdir), "--splits", "test", "--out", str(out), "--quiet"]) == 0
+  assert "| test | all |" in (out / TABLE_MD_FILENAME).read_text()
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  assert cli_main(["eval", str(trained.workdir), "--out", str(blocker), "--quiet"]) == 2
+  assert capsys.readouterr().err.splitlines() == [f"error: --out {blocker} is a file, not a folder"]

@@ -13,8 +13,9 @@ Each frame: an atom-count line, a ``key=value`` comment line and one line per at
 * the molecule identity from the first present of ``MOLECULE_KEYS``, else the formula with charge
   and spin (every conformer of one composition is then one "molecule" for the splits).
 
-Opening scans the file once (line by line, never holding it whole) and keeps per frame its byte
-offset, atom count, subset and molecule key; a frame's text is parsed by ASE when it is read.
+Opening scans the file once (line by line, never holding it whole), checks every element symbol
+and keeps per frame its byte offset, atom count, subset and molecule key; a frame's text is parsed
+by ASE when it is read.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import io
 from pathlib import Path
 from typing import Sequence
 
+import ase.data
 import ase.io
 import numpy as np
 from ase.io.extxyz import key_val_str_to_dict
@@ -112,10 +114,17 @@ class ExtXYZDataset(Dataset):
         yield offset, frame, InvalidRecordError(self.path, f"frame {frame} (byte {offset})",
                                                 f"malformed frame, file not read further: {e}")
         return
+      symbols = [line.split(None, 1)[0].decode() for line in lines]
+      unknown = next((s for s in symbols if s not in ase.data.atomic_numbers), None)
+      if unknown is not None:  # the frame is intact: later frames can still be read
+        yield offset, frame, InvalidRecordError(
+            self.path, f"frame {frame} (byte {offset})", f"unknown element {unknown!r}",
+            message=f"unknown element {unknown!r} in frame {frame} of {self.path}")
+        frame += 1
+        continue
       subset = str(info.get(SUBSET_KEY, DEFAULT_SUBSET))
       key = next((str(info[k]) for k in MOLECULE_KEYS if k in info), None)
       if key is None:
-        symbols = [line.split(None, 1)[0].decode() for line in lines]
         key = composition_key(symbols, _first(CHARGE_KEYS, info), _first(SPIN_KEYS, info))
       yield offset, frame, (n, subset, key)
       frame += 1

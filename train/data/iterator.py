@@ -22,14 +22,13 @@ import dataclasses
 import math
 import queue
 import threading
-import warnings
 from typing import Any, Iterator
 
 import numpy as np
 
 from train.data.batch import Batch, collate
 from train.data.packing import pack
-from train.data.records import Dataset, InvalidRecordError, warn_skipped
+from train.data.records import Dataset, InvalidRecordError
 from train.data.reference_energies import ReferenceEnergies
 
 # How long the prefetch thread waits on a full queue before re-checking whether it was cancelled.
@@ -76,7 +75,9 @@ class BatchIterator:
 
   Records larger than ``max_atoms``, and records that fail to read or validate, raise an
   :class:`~train.data.records.InvalidRecordError` naming the file and record; with
-  ``dataset.on_error == "skip"`` they are left out and counted in a warning instead.
+  ``dataset.on_error == "skip"`` they are left out and warned about once each instead
+  (``dataset.skipped``). ``num_skipped`` counts the records this iterator left out (an invalid
+  record again in every epoch).
   """
 
   def __init__(self, dataset: Dataset, indices: np.ndarray | None = None, *, max_atoms: int,
@@ -107,15 +108,12 @@ class BatchIterator:
       raise ValueError(f"indices must lie in [0, {len(dataset)})")
     sizes = dataset.num_atoms[indices]
     too_large = sizes > self.max_atoms
-    if too_large.any():
-      errors = [InvalidRecordError(dataset.path, dataset.record_name(i),
-                                   f"{dataset.num_atoms[i]} atoms exceed the batch budget "
-                                   f"max_atoms={self.max_atoms}") for i in indices[too_large]]
-      if dataset.on_error == "raise":
-        raise errors[0]
-      warn_skipped(dataset.path, "records larger than the atom budget", errors)
-      self.num_skipped += len(errors)
-      indices, sizes = indices[~too_large], sizes[~too_large]
+    for i in indices[too_large]:
+      dataset.skip(i, InvalidRecordError(dataset.path, dataset.record_name(i),
+                                         f"{dataset.num_atoms[i]} atoms exceed the batch budget "
+                                         f"max_atoms={self.max_atoms}"))
+    self.num_skipped += int(too_large.sum())
+    indices, sizes = indices[~too_large], sizes[~too_large]
     self.indices = indices
     if max_molecules is None:
       max_molecules = math.ceil(self.max_atoms / max(1, int(sizes.min()) if len(sizes) else 1))
@@ -179,17 +177,12 @@ class BatchIterator:
     """Reads, validates and collates the given records into a padded batch."""
     records, subsets = [], []
     for i in record_indices:
-      try:
-        records.append(self.dataset.read(i, num_species=self.num_species))
-      except InvalidRecordError as e:
-        if self.dataset.on_error == "raise":
-          raise
+      record = self.dataset.read_or_skip(i, num_species=self.num_species)
+      if record is None:
         with self._skip_lock:
           self.num_skipped += 1
-          count = self.num_skipped
-        warnings.warn(f"skipped invalid record ({count} skipped so far, on_error='skip'): {e}",
-                      stacklevel=2)
         continue
+      records.append(record)
       subsets.append(self.dataset.subset_ids[i])
     try:
       return collate(records, subsets, cutoff=self.cutoff, max_neighbors=self.max_neighbors,

@@ -4,7 +4,10 @@ A dataset is indexed when it is opened: per record only its atom count, subset a
 kept, so that batches can be packed without reading any coordinates; a record is read from disk
 when :meth:`Dataset.read` asks for it. Every record that is read is validated, and a bad one
 raises :class:`InvalidRecordError` naming the file and the record. With ``on_error="skip"`` the
-consumers (indexing, the batch iterator) skip such records and count them in a warning instead.
+consumers (indexing, the reference fit, the batch iterator) skip such records instead: those found
+when the file is indexed are counted in one warning, those found when read are warned about once
+each (:class:`SkippedRecords`, shared by every consumer and every epoch) and counted in
+:meth:`SkippedRecords.summary`.
 """
 
 from __future__ import annotations
@@ -25,13 +28,19 @@ OnError = Literal["raise", "skip"]
 ON_ERROR_CHOICES = ("raise", "skip")
 # How many skipped records a summary warning names before it only counts.
 _NAMED_IN_WARNING = 5
+# Invalid records warned about one by one when read; later ones are only counted in the summary,
+# so that a whole bad subset does not flood the log.
+MAX_WARNED_RECORDS = 20
 
 
 class InvalidRecordError(ValueError):
-  """A record (or a whole group of records) that cannot be used, with where it is."""
+  """A record (or a whole group of records) that cannot be used, with where it is.
 
-  def __init__(self, path: str | Path, record: str, reason: str):
-    super().__init__(f"{path}: {record}: {reason}")
+  The message is ``{path}: {record}: {reason}`` unless ``message`` words it otherwise.
+  """
+
+  def __init__(self, path: str | Path, record: str, reason: str, *, message: str | None = None):
+    super().__init__(message or f"{path}: {record}: {reason}")
     self.path, self.record, self.reason = str(path), record, reason
 
 
@@ -103,6 +112,41 @@ def warn_skipped(path: str | Path, what: str, errors: Sequence[InvalidRecordErro
                 stacklevel=3)
 
 
+class SkippedRecords:
+  """The invalid records of one dataset met while reading it with ``on_error="skip"``.
+
+  Each is warned about the first time it is met (up to ``MAX_WARNED_RECORDS``), whichever consumer
+  meets it, and never read again; :meth:`summary` counts them all. Thread-safe (the prefetch thread
+  adds to it).
+  """
+
+  def __init__(self, path: Path):
+    self.path = path
+    self._errors: dict[int, InvalidRecordError] = {}
+    self._lock = threading.Lock()
+
+  def __contains__(self, index: int) -> bool:
+    return int(index) in self._errors
+
+  def add(self, index: int, error: InvalidRecordError) -> None:
+    with self._lock:
+      if int(index) in self._errors:
+        return
+      self._errors[int(index)] = error
+      count = len(self._errors)
+    if count <= MAX_WARNED_RECORDS:
+      warnings.warn(f"{error} (skipped, on_error='skip')", stacklevel=3)
+    if count == MAX_WARNED_RECORDS:
+      warnings.warn(f"{self.path}: {count} invalid records skipped; further ones are only counted",
+                    stacklevel=3)
+
+  def summary(self) -> str | None:
+    """One line counting the skipped records (None when there are none)."""
+    if not self._errors:
+      return None
+    return f"{self.path}: skipped {len(self._errors)} invalid record(s) in all (on_error='skip')"
+
+
 class Dataset(abc.ABC):
   """Lazy, indexed, read-only access to the labelled structures of one source.
 
@@ -117,11 +161,13 @@ class Dataset(abc.ABC):
     num_atoms: [R] int64 atoms of every record.
     subset_ids: [R] int32 index into ``subset_names`` of every record.
     subset_names: the subset names (sorted).
+    skipped: the invalid records met while reading (``on_error="skip"``).
   """
 
   def __init__(self, path: str | Path, on_error: OnError = "raise"):
     self.path = Path(path)
     self.on_error = check_on_error(on_error)
+    self.skipped = SkippedRecords(self.path)
     self.num_atoms = np.zeros(0, np.int64)
     self.subset_ids = np.zeros(0, np.int32)
     self.subset_names: list[str] = []
@@ -183,6 +229,23 @@ class Dataset(abc.ABC):
                                f"has {record.structure.num_atoms} atoms but the index says "
                                f"{self.num_atoms[index]}")
     return record
+
+  def read_or_skip(self, index: int, *, num_species: int | None = None) -> Record | None:
+    """:meth:`read`, except that with ``on_error="skip"`` an invalid record gives None (warned about
+    once, see :class:`SkippedRecords`)."""
+    if index in self.skipped:
+      return None
+    try:
+      return self.read(index, num_species=num_species)
+    except InvalidRecordError as e:
+      self.skip(index, e)
+      return None
+
+  def skip(self, index: int, error: InvalidRecordError) -> None:
+    """Raises ``error`` with ``on_error="raise"``; otherwise records record ``index`` as skipped."""
+    if self.on_error == "raise":
+      raise error
+    self.skipped.add(index, error)
 
   def _set_subsets(self, subset_per_record: Sequence[str]) -> None:
     """Fills ``subset_names`` (sorted) and ``subset_ids`` from one subset name per record."""

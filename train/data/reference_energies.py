@@ -25,7 +25,7 @@ import numpy as np
 
 from e2former_jax.reference_energies import NEUTRAL_CHARGE, SINGLET, UNSPECIFIED_MULTIPLICITY
 from e2former_jax.reference_energies import ReferenceEnergies
-from train.data.records import Dataset, InvalidRecordError, Record, warn_skipped
+from train.data.records import Dataset, Record
 
 # Atom-type table size: atomic numbers 0..118 (0 unused).
 NUM_ELEMENTS = 119
@@ -92,22 +92,10 @@ def fit_on_dataset(dataset: Dataset, indices: np.ndarray | None = None, *,
                    max_records: int | None = None, seed: int = 0) -> ReferenceEnergies:
   """Fits references on records ``indices`` of a dataset (at most ``max_records``, drawn at random).
 
-  Invalid records raise, or are skipped and counted in a warning with ``dataset.on_error="skip"``.
+  Invalid records raise, or with ``dataset.on_error="skip"`` are skipped (``dataset.skipped``).
   """
   indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
   if max_records is not None and len(indices) > max_records:
     indices = np.sort(np.random.default_rng(seed).choice(indices, max_records, replace=False))
-  errors: list[InvalidRecordError] = []
-
-  def records():
-    for i in indices:
-      try:
-        yield dataset.read(i)
-      except InvalidRecordError as e:
-        if dataset.on_error == "raise":
-          raise
-        errors.append(e)
-
-  references = fit_reference_energies(records())
-  warn_skipped(dataset.path, "records", errors)
-  return references
+  records = (dataset.read_or_skip(i) for i in indices)
+  return fit_reference_energies(r for r in records if r is not None)

@@ -93,3 +93,15 @@ def test_nan_forces_name_the_frame(tmp_path, make_molecules):
   ase.io.write(path, written, format="extxyz")
   with pytest.raises(InvalidRecordError, match=r"nan\.xyz: frame 2 .*non-finite forces .* at atom 1"):
     open_dataset(path).read(2)
+
+
+def test_unknown_element_names_the_frame(tmp_path, make_molecules):
+  text = extxyz_text(frames(make_molecules))
+  frame_4 = text.index("\n", text.index("Properties", text.index("\n7\n"))) + 1  # first atom of frame 4
+  path = tmp_path / "xx.xyz"
+  path.write_text(text[:frame_4] + "Xx" + text[frame_4 + 1:])
+  with pytest.raises(InvalidRecordError, match=rf"^unknown element 'Xx' in frame 4 of {path}$"):
+    open_dataset(path)
+  with pytest.warns(UserWarning, match="skipped 1 frames .*frame 4 .*unknown element 'Xx'"):
+    ds = open_dataset(path, on_error="skip")
+  assert ds.num_atoms.tolist() == [5, 5, 3, 3, 7]  # the frames after it are still read

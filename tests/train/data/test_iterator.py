@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -14,6 +15,7 @@ from train.data import (
   BatchIterator,
   DataPosition,
   InvalidRecordError,
+  fit_on_dataset,
   fit_reference_energies,
   open_dataset,
 )
@@ -127,7 +129,7 @@ def test_structure_larger_than_budget(dataset):
   with pytest.raises(InvalidRecordError, match=rf"synthetic\.hdf5: group 'mol\d+' conformer 0: \d+ atoms exceed the batch budget max_atoms={budget}"):
     BatchIterator(dataset, max_atoms=budget, cutoff=CUTOFF, max_neighbors=K)
   dataset.on_error = "skip"
-  with pytest.warns(UserWarning, match="skipped .* records larger than the atom budget"):
+  with pytest.warns(UserWarning, match=r"atoms exceed the batch budget .*\(skipped, on_error='skip'\)"):
     it = BatchIterator(dataset, max_atoms=budget, cutoff=CUTOFF, max_neighbors=K)
   too_big = set(np.flatnonzero(dataset.num_atoms > budget).tolist())
   assert it.num_skipped == len(too_big) > 0
@@ -144,12 +146,19 @@ def test_invalid_record_raises_or_is_skipped(spice_writer, make_molecules):
   it = BatchIterator(open_dataset(path), max_atoms=40, cutoff=CUTOFF, max_neighbors=K, shuffle=False)
   with pytest.raises(InvalidRecordError, match=r"group 'mol1' conformer 2: non-finite energy"):
     list(it)  # raised in the prefetch thread, re-raised here
-  it = BatchIterator(open_dataset(path, on_error="skip"), max_atoms=40, cutoff=CUTOFF, max_neighbors=K,
-                     shuffle=False)
-  with pytest.warns(UserWarning, match=r"1 skipped so far.*group 'mol1' conformer 2"):
-    batches = list(it)
-  assert it.num_skipped == 1
-  assert sum(int(b.graph.molecule_mask.sum()) for b in batches) == 11
+  dataset = open_dataset(path, on_error="skip")
+  it = BatchIterator(dataset, max_atoms=40, cutoff=CUTOFF, max_neighbors=K, shuffle=False)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fit_on_dataset(dataset)  # meets the bad record first
+    epochs = [list(it.iterate(epoch)) for epoch in range(3)]
+  # Warned about once, by whichever consumer met it first, not again in every epoch.
+  messages = [str(w.message) for w in caught]
+  assert messages == [f"{path}: group 'mol1' conformer 2: non-finite energy nan (skipped, "
+                      "on_error='skip')"], messages
+  assert it.num_skipped == 3  # left out of every epoch
+  assert all(sum(int(b.graph.molecule_mask.sum()) for b in batches) == 11 for batches in epochs)
+  assert dataset.skipped.summary() == f"{path}: skipped 1 invalid record(s) in all (on_error='skip')"
 
 
 def test_prefetch_thread_stops_when_consumer_stops(dataset):
