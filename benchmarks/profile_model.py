@@ -1,62 +1,49 @@
-"""Where the model's GPU time goes: per-kernel times of energy + forces (and a training step) from a
-JAX profiler trace.
+"""Where does the model's GPU time go? Per-kernel times of energy + forces (and of a training step)
+from a JAX profiler trace.
 
-Builds the paper configuration with random weights on a cluster of N atoms (a jittered cubic
-lattice at 0.1 atoms/A^3, elements H C N O, K nearest within the cutoff), compiles energy + forces
-(``--train``: also one Adam step on a force loss, which differentiates the forces), runs each twice
-to warm up, then ``--calls`` times under ``jax.profiler.trace``. From the trace's Perfetto export
-it sums the GPU kernels' durations per kernel name and per group (the Pallas kernels by name,
-matrix products, XLA's fusions) and divides by the number of traced calls.
+Builds the configuration with random weights on one cluster of N atoms (benchmarks/structures.py:
+a jittered lattice ball of O and H at 0.1 atoms/A^3, K nearest within the cutoff), compiles energy +
+forces (``--train``: also one Adam step on a force loss, which differentiates the forces), runs
+each twice to warm up, then ``--calls`` times under ``jax.profiler.trace``. From the trace's
+Perfetto export it sums the GPU kernels' durations per kernel name and per group (the Pallas
+kernels by name, matrix products, XLA's fusions) and divides by the number of traced calls. Each of
+the ``--top`` longest kernels is tied to its HLO instruction, its shape and the JAX op and source
+line that made it.
 
-Writes JSON (``--out``: totals per group, the ``--top`` longest kernels with their share and the
-HLO instruction behind each, its shape and the JAX op and source line that made it, and a few raw
-events' arguments) and appends one line to ``--results-md``.
-
-Usage: python benchmarks/profile_model.py [--atoms 10000] [--train] [--calls 3] [--out PATH]
+Usage:
+  python -m benchmarks.profile_model [--atoms 10000] [--train] [--calls 3] [--top 25]
+  python -m benchmarks.profile_model --smoke    # the smallest configuration on the CPU (the CPU
+      trace has no GPU kernels: it checks that the script runs)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import gzip
 import json
-import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import e2former_jax as e2f
+from benchmarks import model_run, report, structures
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-import e2former_jax as e2f  # noqa: E402
-
-DENSITY = 0.1  # atoms per cubic angstrom (condensed organic matter)
-JITTER = 0.2  # of the lattice spacing: keeps every pair well apart
-ELEMENTS = (1, 6, 7, 8)
+BENCHMARK = "profile_model"
 SEED = 0
 # Names of the project's Pallas kernels (``name=`` of each pallas_call): their own groups.
 PALLAS_NAMES = ("message_attention_fwd", "message_attention_bwd_scatter", "message_attention_bwd",
                 "node_attention", "attention_weights", "edge_dot", "gather_sum", "scatter_sum")
 # Kernel-name fragments of matrix products (cuBLAS, cuBLASLt, XLA's Triton GEMMs).
 GEMM_MARKERS = ("gemm", "xmma", "cutlass", "cublas", "sm90_", "triton_gemm")
-
-
-def cluster(num_atoms: int) -> e2f.Structure:
-  rng = np.random.default_rng(SEED)
-  spacing = DENSITY ** (-1 / 3)
-  side = int(np.ceil(num_atoms ** (1 / 3)))
-  grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)
-  positions = (grid[:num_atoms] + JITTER * rng.uniform(-0.5, 0.5, (num_atoms, 3))) * spacing
-  return e2f.Structure(numbers=rng.choice(ELEMENTS, num_atoms), positions=positions)
+# Groups shown in the RESULTS.md line.
+SHOWN_GROUPS = 6
+SMOKE = dict(config="smoke", atoms=24, calls=1)
 
 
 def group_of(name: str) -> str:
@@ -101,7 +88,7 @@ def summarize(kernels: list[dict], calls: int, top: int, origins: dict[str, dict
   for e in kernels:
     by_name[e["name"]] += e["dur"] / 1e3 / calls  # us -> ms per call
     count[e["name"]] += 1
-  total = sum(by_name.values())
+  total = sum(by_name.values())  # 0 where the trace holds no GPU kernel (a CPU run)
   groups = collections.Counter()
   for name, ms in by_name.items():
     groups[group_of(name)] += ms
@@ -109,7 +96,8 @@ def summarize(kernels: list[dict], calls: int, top: int, origins: dict[str, dict
       "gpu_ms_per_call": total,
       "kernels_per_call": sum(count.values()) / calls,
       "groups_ms": dict(groups.most_common()),
-      "top": [{"name": name, "ms": ms, "share": ms / total, "launches_per_call": count[name] / calls,
+      "top": [{"name": name, "ms": ms, "share": ms / total if total else 0.0,
+               "launches_per_call": count[name] / calls,
                **({"hlo": origins[name]} if name in origins else {})}
               for name, ms in by_name.most_common(top)],
       "example_args": [e.get("args", {}) for e in
@@ -129,34 +117,36 @@ def profile(fn, args, calls: int, top: int) -> dict:
   return summarize(kernels, calls, top, hlo_origins(compiled.as_text()))
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def result_line(entry: dict) -> str:
+  shown = list(entry["groups_ms"].items())[:SHOWN_GROUPS]
+  groups = ", ".join(f"{name} {ms:.1f}" for name, ms in shown)
+  return (f"GPU {entry['gpu_ms_per_call']:.1f} ms per call ({entry['kernels_per_call']:.0f} "
+          f"kernels)" + (f": {groups} ms" if groups else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (every option; documented commands are checked against it)."""
+  parser = report.script_parser(__doc__, SMOKE)
   parser.add_argument("--atoms", type=int, default=10000)
+  parser.add_argument("--config", choices=model_run.CONFIG_NAMES, default="paper")
   parser.add_argument("--train", action="store_true", help="also profile one training step")
   parser.add_argument("--calls", type=int, default=3, help="traced calls of each function")
   parser.add_argument("--top", type=int, default=25, help="longest kernels listed")
-  parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
-  parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_model.json"))
-  parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
-  args = parser.parse_args()
+  return parser
 
+
+def main(argv=None) -> list[report.Record]:
+  args = report.parse(build_parser(), argv)
   device = jax.devices()[0]
   impl = e2f.AttentionImpl.PALLAS if device.platform == "gpu" else e2f.AttentionImpl.XLA
-  cfg = e2f.paper_config().replace(attention_impl=impl)
+  cfg = model_run.config(args.config).replace(attention_impl=impl)
   model = e2f.E2Former(cfg)
-  structure = cluster(args.atoms)
-  graph = e2f.build_graph([structure], cutoff=cfg.cutoff, max_neighbors=cfg.max_neighbors,
-                          num_molecules=2)
-  small = e2f.build_graph([cluster(8)], cutoff=cfg.cutoff, max_neighbors=cfg.max_neighbors,
-                          num_molecules=2)
-  params = jax.jit(model.init)(jax.random.key(SEED), small)  # weights do not depend on N
+  graph = structures.cluster_batch(structures.Batch(1, args.atoms), cfg.cutoff, cfg.max_neighbors)
+  small = structures.cluster_batch(structures.Batch(1, 8), cfg.cutoff, cfg.max_neighbors)
+  params = model.init(jax.random.key(SEED), small)  # the weights do not depend on N
   graph = jax.device_put(graph)
-  report = {"device": device.device_kind, "commit": args.commit,
-            "date": datetime.date.today().isoformat(), "atoms": args.atoms,
-            "attention_impl": impl.value, "calls": args.calls}
-
-  report["energy_forces"] = profile(lambda p, g: e2f.energy_and_forces(model, p, g),
-                                    (params, graph), args.calls, args.top)
+  profiles = {"energy_forces": profile(lambda p, g: e2f.energy_and_forces(model, p, g),
+                                       (params, graph), args.calls, args.top)}
   if args.train:
     tx = optax.adam(1e-4)
     targets = jnp.zeros((graph.positions.shape[0], 3), jnp.float32)
@@ -166,29 +156,24 @@ def main() -> None:
         energy, forces = e2f.energy_and_forces(model, p, g)
         return jnp.mean(energy ** 2) + jnp.mean((forces - targets) ** 2)
 
-      grads = jax.grad(loss)(p)
-      updates, opt_state = tx.update(grads, opt_state, p)
+      updates, opt_state = tx.update(jax.grad(loss)(p), opt_state, p)
       return optax.apply_updates(p, updates), opt_state
 
-    report["train_step"] = profile(step, (params, tx.init(params), graph), args.calls, args.top)
+    profiles["train_step"] = profile(step, (params, tx.init(params), graph), args.calls, args.top)
 
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=1))
-  parts = []
-  for phase in ("energy_forces", "train_step"):
-    if phase in report:
-      r = report[phase]
-      groups = ", ".join(f"{name} {ms:.1f}" for name, ms in list(r["groups_ms"].items())[:6])
-      parts.append(f"{phase}: GPU {r['gpu_ms_per_call']:.1f} ms per call "
-                   f"({r['kernels_per_call']:.0f} kernels): {groups} ms")
-  line = (f"| {report['date']} | {report['device']} | commit {args.commit} | profile_model (paper "
-          f"config, {args.atoms} atoms, {impl.value}) | " + " | ".join(parts) + f" | {out.name} |")
-  if args.results_md:
-    with open(args.results_md, "a") as f:
-      f.write(line + "\n")
-  print(line)
+  commit = args.commit or report.git_commit()
+  suffix = "" if args.config == "paper" else f" ({args.config} configuration)"
+  records = [report.Record(f"{phase} N={args.atoms}{suffix}", result_line(entry),
+                           report.device_name(device), commit, report.today(),
+                           {"atoms": args.atoms, "attention_impl": impl.value, "calls": args.calls,
+                            **entry})
+             for phase, entry in profiles.items()]
+  for r in records:
+    print(f"{r.case}: {r.result}", flush=True)
+  path = report.record(BENCHMARK, records, report.results_dir(args))
+  print("recorded in", path, flush=True)
+  return records
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

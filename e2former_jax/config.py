@@ -24,6 +24,9 @@ class MessagePath(enum.Enum):
 class AttentionImpl(enum.Enum):
   """Implementation of the fused node-centric attention (dispatcher in ``e2former_jax.ops``)."""
 
+  # The Pallas kernels when the computation is traced for a GPU, the jnp reference otherwise
+  # (Pallas' Triton lowering needs a GPU). Resolved in one place: ``ops.resolve_impl``.
+  AUTO = "auto"
   XLA = "xla"  # pure jnp reference, compiled by XLA
   PALLAS = "pallas"  # Pallas/Triton kernels (GPU)
   PALLAS_INTERPRET = "pallas_interpret"  # the same kernels in interpret mode (CPU tests)
@@ -47,7 +50,8 @@ class E2FormerConfig:
     num_species: size of the atom-type tables; valid atomic numbers are 1 .. num_species - 1.
     avg_degree: constant normaliser of the edge-degree embedding (authors' value, spec 3.5).
     message_path: node-centric (default) or materialised per-edge message.
-    attention_impl: kernel implementation of the node-centric attention.
+    attention_impl: kernel implementation of the node-centric attention (default: automatic,
+      Pallas on GPU); it changes speed and memory, not the numbers beyond round-off.
     direct_force_head: add a linear l=1 -> force head (stage-1 training); conservative forces
       -dE/dx are always available.
     remat: rematerialise in the backward pass (``flax.linen.remat``) each transformer block and,
@@ -69,7 +73,7 @@ class E2FormerConfig:
   num_species: int = 119
   avg_degree: float = 23.01
   message_path: MessagePath = MessagePath.NODE_CENTRIC
-  attention_impl: AttentionImpl = AttentionImpl.XLA
+  attention_impl: AttentionImpl = AttentionImpl.AUTO
   direct_force_head: bool = True
   remat: bool = False
 

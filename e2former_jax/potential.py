@@ -6,7 +6,21 @@ import jax
 import jax.numpy as jnp
 
 from e2former_jax.graph import Graph
-from e2former_jax.nn.model import E2Former
+from e2former_jax.nn.model import E2Former, ModelOutput
+
+
+def output_and_forces(model: E2Former, params, graph: Graph) -> tuple[ModelOutput, jax.Array]:
+  """The model's whole output (energies, direct-head forces if any, features) and F = -dE/dx [N, 3].
+
+  One forward and one backward pass: what evaluation needs to score both force kinds at once.
+  """
+
+  def total_energy(positions):
+    out = model.apply(params, graph.replace(positions=positions))
+    return out.energy.sum(), out
+
+  grad, out = jax.grad(total_energy, has_aux=True)(graph.positions)
+  return out, -grad * graph.node_mask[:, None].astype(grad.dtype)
 
 
 def energy_and_forces(model: E2Former, params, graph: Graph, *, conservative: bool = True
@@ -25,13 +39,8 @@ def energy_and_forces(model: E2Former, params, graph: Graph, *, conservative: bo
       raise ValueError("this model has no direct force head (config.direct_force_head=False)")
     return out.energy, out.direct_forces
 
-  def total_energy(positions):
-    energy = model.apply(params, graph.replace(positions=positions)).energy
-    return energy.sum(), energy
-
-  grad, energy = jax.grad(total_energy, has_aux=True)(graph.positions)
-  forces = -grad * graph.node_mask[:, None].astype(grad.dtype)
-  return energy, forces
+  out, forces = output_and_forces(model, params, graph)
+  return out.energy, forces
 
 
 def energy_forces_stress(model: E2Former, params, graph: Graph

@@ -5,11 +5,12 @@ Layout under ``<workdir>/checkpoints``::
   last/<step>/   train_state  (params, optimiser state, counters, random state; orbax)
                  ema_params   (EMA weights: what evaluation and export use; orbax)
                  meta/        (JSON: step, data position, validation metrics)
-                 predictor/   (JSON: model config, fitted per-element reference energies, run config)
+                 predictor/   (JSON: model config, fitted reference energies, run config)
   best/<step>/   the same items, written when the validation loss improves
 
 Each manager keeps one step; saving is asynchronous (the next save or :meth:`Checkpointer.close`
-waits). A checkpoint folder alone rebuilds the predictor: :func:`load_predictor`.
+waits). A checkpoint folder alone rebuilds the predictor: :func:`load_predictor` (and the ASE
+calculator, :func:`load_calculator`); :func:`load_checkpoint` also gives the run's configuration.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from e2former_jax.config import E2FormerConfig
+from e2former_jax.config import AttentionImpl, E2FormerConfig
+from e2former_jax.interop.predictor import Predictor
 from e2former_jax.nn.model import E2Former
-from train.run_config import (RunConfig, model_config_from_dict, model_config_to_dict,
+from e2former_jax.reference_energies import ReferenceEnergies
+from train.run_config import (ForceMode, RunConfig, model_config_from_dict, model_config_to_dict,
                               run_config_from_dict)
 from train.state import TrainState
 
 CHECKPOINT_DIRNAME = "checkpoints"
 LAST = "last"
 BEST = "best"
-# Bumped when the items or their meaning change; load_predictor refuses unknown versions.
-FORMAT_VERSION = 1
+# Bumped when the items or their meaning change; load_predictor refuses unknown versions. Version 2
+# stores charge and spin reference offsets; version 1 (per-element references only) still loads.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,30 +45,37 @@ class PredictorInfo:
 
   Attributes:
     model_config: the architecture.
-    reference_energies: eV per element (atomic number -> energy) subtracted from the targets; the
-      model predicts E - sum_i ref[Z_i].
+    reference_energies: subtracted from the targets; the model predicts E - E_ref(Z, q, 2S+1).
     run_config: the run that produced the checkpoint.
   """
 
   model_config: E2FormerConfig
-  reference_energies: dict[int, float]
+  reference_energies: ReferenceEnergies
   run_config: RunConfig
 
   def to_json(self) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "model_config": model_config_to_dict(self.model_config),
-        "reference_energies": {str(z): float(e) for z, e in sorted(self.reference_energies.items())},
+        "reference_energies": self.reference_energies.to_dict(),
         "run_config": self.run_config.to_dict(),
     }
+
+  def predictor(self, params, *, attention_impl: AttentionImpl = AttentionImpl.AUTO,
+                remat: bool = False) -> Predictor:
+    """The :class:`Predictor` of these weights, computed with ``attention_impl`` and ``remat``."""
+    config = self.model_config.replace(attention_impl=attention_impl, remat=remat)
+    return Predictor(model=E2Former(config), params=params, reference_energies=self.reference_energies,
+                     conservative_forces_trained=self.run_config.loss.forces is ForceMode.CONSERVATIVE)
 
   @classmethod
   def from_json(cls, tree: dict[str, Any], *, source: str) -> "PredictorInfo":
     version = tree.get("format_version")
-    if version != FORMAT_VERSION:
-      raise ValueError(f"{source}: checkpoint format version {version!r}, this code reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+      raise ValueError(f"{source}: checkpoint format version {version!r}, this code reads "
+                       f"{list(READABLE_VERSIONS)}")
     return cls(model_config=model_config_from_dict(tree["model_config"]),
-               reference_energies={int(z): float(e) for z, e in tree["reference_energies"].items()},
+               reference_energies=ReferenceEnergies.from_dict(tree["reference_energies"]),
                run_config=run_config_from_dict(tree["run_config"], source=source))
 
 
@@ -169,18 +181,12 @@ def resolve_checkpoint_dir(path: str | Path, which: str | None = None) -> Path:
   raise ValueError(f"no checkpoint found under {path} (looked for {which or 'best or last'})")
 
 
-def load_predictor(checkpoint_dir: str | Path, which: str | None = None
-                   ) -> tuple[E2Former, dict, E2FormerConfig, dict[int, float], RunConfig]:
-  """Rebuilds the trained predictor from a checkpoint folder alone.
+def load_checkpoint(checkpoint_dir: str | Path, which: str | None = None) -> tuple[Any, PredictorInfo]:
+  """The EMA weights (``{"params": ...}``) and the :class:`PredictorInfo` of a checkpoint folder.
 
   Args:
     checkpoint_dir: a run's working directory, its ``checkpoints`` folder, or ``.../last`` / ``.../best``.
     which: "best" or "last"; None prefers "best" and falls back to "last".
-
-  Returns:
-    ``(model, params, model_config, reference_energies, run_config)``: ``model.apply(params, graph)``
-    predicts reference-subtracted energies in eV; add ``sum_i reference_energies[Z_i]`` for totals.
-    ``params`` are the EMA weights (``{"params": ...}``).
 
   Raises:
     ValueError: when no checkpoint is found or its format is unknown.
@@ -195,6 +201,31 @@ def load_predictor(checkpoint_dir: str | Path, which: str | None = None
   restored = manager.restore(step, args=ocp.args.Composite(
       ema_params=ocp.args.StandardRestore(target), predictor=ocp.args.JsonRestore()))
   manager.close()
-  info = PredictorInfo.from_json(restored["predictor"], source=f"{directory}/{step}")
-  params = restored["ema_params"]
-  return E2Former(info.model_config), params, info.model_config, info.reference_energies, info.run_config
+  return restored["ema_params"], PredictorInfo.from_json(restored["predictor"], source=f"{directory}/{step}")
+
+
+def load_predictor(checkpoint_dir: str | Path, which: str | None = None, *,
+                   attention_impl: AttentionImpl = AttentionImpl.AUTO, remat: bool = False) -> Predictor:
+  """The trained model of a checkpoint folder as a :class:`Predictor` (EMA weights, references).
+
+  Args:
+    checkpoint_dir: a run's working directory, its ``checkpoints`` folder, or ``.../last`` / ``.../best``.
+    which: "best" or "last"; None prefers "best" and falls back to "last".
+    attention_impl: how to compute the attention (default: Pallas on GPU, XLA elsewhere, whatever
+      the run trained with; the weights do not depend on it).
+    remat: rematerialise in the force pass (large systems; see ``E2FormerConfig.remat``).
+
+  Raises:
+    ValueError: when no checkpoint is found or its format is unknown.
+  """
+  params, info = load_checkpoint(checkpoint_dir, which)
+  return info.predictor(params, attention_impl=attention_impl, remat=remat)
+
+
+def load_calculator(checkpoint_dir: str | Path, which: str | None = None, *,
+                    attention_impl: AttentionImpl = AttentionImpl.AUTO, remat: bool = False):
+  """An :class:`~e2former_jax.interop.ase.E2FormerCalculator` for a checkpoint (see :func:`load_predictor`)."""
+  from e2former_jax.interop.ase import E2FormerCalculator
+
+  return E2FormerCalculator(load_predictor(checkpoint_dir, which, attention_impl=attention_impl,
+                                           remat=remat))

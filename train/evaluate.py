@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -11,16 +12,18 @@ import numpy as np
 from jax.sharding import Mesh
 
 from train import sharding
-from train.checkpoint import load_predictor, resolve_checkpoint_dir
+from train.budget import PassTiming
+from train.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from train.data import BatchIterator
 from train.metrics import ALL_SUBSETS, ErrorSums, error_table, write_error_table
-from train.run_config import EnergyLoss, ForceLoss, LossConfig, apply_overrides
-from train.run_data import empty_batch, make_iterator, open_run_data, references_from_mapping
+from train.run_config import EnergyLoss, ForceLoss, ForceMode, LossConfig, apply_overrides
+from train.run_data import empty_batch, make_iterator, open_run_data
 from train.step import make_eval_step
 
 
 def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, local_batches: int,
-             subset_names: list[str], *, max_batches: int | None = None) -> dict[str, ErrorSums]:
+             subset_names: list[str], *, max_batches: int | None = None,
+             timing: list[PassTiming] | None = None) -> dict[str, ErrorSums]:
   """Error sums of one pass over ``iterator`` (this process's share; summed over processes).
 
   Args:
@@ -31,6 +34,7 @@ def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, l
     local_batches: sub-batches this process feeds per step.
     subset_names: the dataset's subset names (``Batch.subset`` indexes them).
     max_batches: stop after this many sub-batches of this process (None: the whole split).
+    timing: the pass's wall time is appended here when given.
 
   Returns:
     subset name -> :class:`ErrorSums`, plus ``"all"``; subsets without molecules are left out.
@@ -40,6 +44,7 @@ def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, l
   stream = iterator.iterate(epoch=0)
   batches = stream if max_batches is None else itertools.islice(stream, max_batches)
   padding = None
+  start, first_done, steps = time.perf_counter(), None, 0
   while True:
     chunk = list(itertools.islice(batches, local_batches))
     if not chunk:
@@ -50,14 +55,21 @@ def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, l
     stacked = sharding.stack(chunk)
     out = sharding.to_host_local(mesh, eval_step(params, sharding.shard_batch(mesh, stacked)))
     real = stacked.subset >= 0  # [S, B]
-    subset = stacked.subset[real]
     atoms = out["atoms"][real]
-    values = np.stack([np.ones_like(atoms), atoms, out["energy_abs"][real] / np.maximum(atoms, 1),
-                       out["energy_abs"][real], out["force_abs"][real], out["force_l2"][real]], -1)
-    np.add.at(sums, subset, values)
+    derived = {"molecules": np.ones_like(atoms),
+               "energy_abs_per_atom": out["energy_abs"][real] / np.maximum(atoms, 1)}
+    # A field the step does not return (no direct head) stays NaN: ErrorSums reads it as None.
+    values = np.stack([derived[f] if f in derived else out[f][real] if f in out
+                       else np.full_like(atoms, np.nan) for f in ErrorSums.FIELDS], -1)
+    np.add.at(sums, stacked.subset[real], values)
+    steps += 1
+    first_done = first_done or time.perf_counter()
   stream.close()  # stops the prefetch thread when max_batches ended the pass early
   # Processes must stay in lockstep: every process runs the same number of steps (the iterator
   # pads with empty batches), and the sums are combined here.
+  if timing is not None:
+    end = time.perf_counter()
+    timing.append(PassTiming(end - start, (first_done or end) - start, steps))
   sums = sharding.sum_across_processes(sums)
   result = {name: ErrorSums.from_array(row) for name, row in zip(subset_names, sums) if row[0] > 0}
   result[ALL_SUBSETS] = ErrorSums.from_array(sums.sum(0))
@@ -65,10 +77,14 @@ def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, l
 
 
 def validation_loss(config: LossConfig, errors: ErrorSums) -> float:
-  """The training objective (spec 9.1) evaluated over a whole split: selects the best checkpoint."""
+  """The training objective (spec 9.1) evaluated over a whole split: selects the best checkpoint.
+
+  Its force term uses the forces the run trains: the direct head's in a direct-force run.
+  """
   mol, atoms = max(errors.molecules, 1.0), max(errors.atoms, 1.0)
   energy = errors.energy_abs_per_atom if config.energy is EnergyLoss.PER_ATOM else errors.energy_abs
-  force = errors.force_l2 / (mol if config.force is ForceLoss.L2MAE else atoms)
+  force_l2 = errors.direct_force_l2 if config.forces is ForceMode.DIRECT else errors.force_l2
+  force = force_l2 / (mol if config.force is ForceLoss.L2MAE else atoms)
   return config.energy_weight * energy / mol + config.force_weight * force
 
 
@@ -95,20 +111,21 @@ def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, dat
     The table rows (see :func:`train.metrics.error_table`).
   """
   directory = resolve_checkpoint_dir(checkpoint, which)
-  _, params, model_config, references, run_config = load_predictor(directory)
+  params, info = load_checkpoint(directory)
+  model_config, run_config = info.model_config, info.run_config
   bad = [o for o in overrides if not o.startswith("data.")]
   if bad:
     raise ValueError(f"eval accepts only data.* overrides, got {bad}")
   overrides = list(overrides) + ([f"data.path={data_path}"] if data_path else [])
   run_config = apply_overrides(run_config, overrides)
-  data = open_run_data(run_config.data, references=references_from_mapping(references))
+  data = open_run_data(run_config.data, references=info.reference_energies)
   mesh = sharding.make_mesh(num_devices)
   params = jax.device_put(params, sharding.replicated(mesh))  # laid out as in training: one executable
   per_step = run_config.data.batches_per_step
   if per_step is None or per_step % mesh.devices.size:  # the run's value, if this mesh can take it
     per_step = mesh.devices.size
   local_batches = sharding.local_batches_per_step(mesh, per_step)
-  eval_step = make_eval_step(model_config, run_config.loss.forces, mesh)
+  eval_step = make_eval_step(model_config, mesh)
   results = {}
   for split in splits:
     if not len(data.splits[split]):

@@ -63,23 +63,29 @@ def loss_terms(config: LossConfig, graph: Graph, energy: jax.Array, forces: jax.
 
 
 def molecule_error_sums(graph: Graph, energy: jax.Array, forces: jax.Array, target_energy: jax.Array,
-                        target_forces: jax.Array) -> dict[str, jax.Array]:
+                        target_forces: jax.Array, direct_forces: jax.Array | None = None
+                        ) -> dict[str, jax.Array]:
   """Per-molecule-slot error sums for evaluation tables (zeros on padded molecule slots).
+
+  Args:
+    forces: [N, 3] the forces simulations use, -dE/dx.
+    direct_forces: [N, 3] the direct head's forces, scored separately when given.
 
   Returns:
     ``energy_abs`` [B] |E - E*|; ``atoms`` [B] real atoms; ``force_abs`` [B] sum over the molecule's
-    atoms and components of |F - F*|; ``force_l2`` [B] sum over its atoms of |F - F*|_2.
+    atoms and components of |F - F*|; ``force_l2`` [B] sum over its atoms of |F - F*|_2; with
+    ``direct_forces``, ``direct_force_abs`` and ``direct_force_l2`` likewise.
   """
   mol_mask = graph.molecule_mask
   weights = graph.node_mask.astype(forces.dtype)
-  diff = forces - target_forces  # [N, 3]
-  per_atom_abs = jnp.abs(diff).sum(-1) * weights  # [N]
-  per_atom_l2 = safe_norm(diff) * weights  # [N]
   seg = lambda x: jax.ops.segment_sum(x, graph.molecule_index, graph.num_molecules)
   zero_pad = lambda x: jnp.where(mol_mask, x, 0.0)
-  return {
-      "energy_abs": zero_pad(jnp.abs(energy - target_energy)),
-      "atoms": zero_pad(atoms_per_molecule(graph)),
-      "force_abs": zero_pad(seg(per_atom_abs)),
-      "force_l2": zero_pad(seg(per_atom_l2)),
-  }
+  sums = {"energy_abs": zero_pad(jnp.abs(energy - target_energy)),
+          "atoms": zero_pad(atoms_per_molecule(graph))}
+  for prefix, predicted in (("", forces), ("direct_", direct_forces)):
+    if predicted is None:
+      continue
+    diff = predicted - target_forces  # [N, 3]
+    sums[f"{prefix}force_abs"] = zero_pad(seg(jnp.abs(diff).sum(-1) * weights))
+    sums[f"{prefix}force_l2"] = zero_pad(seg(safe_norm(diff) * weights))
+  return sums

@@ -10,9 +10,9 @@ with a Langevin or Nose-Hoover thermostat. Written to the output folder:
 * ``PLOT_FILENAME``: potential, kinetic and total energy and the temperature against time;
 * ``SUMMARY_FILENAME``: the settings, energy drift, mean temperature and speed.
 
-Checkpoints belong to ``train/``; :func:`load_predictor` turns one into the
+Checkpoints belong to ``train/``: ``train.checkpoint.load_predictor`` turns one into the
 :class:`~e2former_jax.interop.predictor.Predictor` the simulation interfaces consume, and
-:func:`load_calculator` into an ASE calculator.
+``train.checkpoint.load_calculator`` into an ASE calculator.
 
 Example::
 
@@ -50,43 +50,6 @@ ALL_PAIRS_MAX_ATOMS = 1024
 # Free space around a large system inside the neighbour list's cell-list box (angstrom): atoms
 # must stay inside the box, which is checked after every chunk.
 BOX_MARGIN = 20.0
-
-
-def default_attention_impl() -> AttentionImpl:
-  """The fused Pallas kernels on GPU, the XLA reference elsewhere (Pallas-Triton needs a GPU)."""
-  return AttentionImpl.PALLAS if jax.default_backend() == "gpu" else AttentionImpl.XLA
-
-
-def load_predictor(checkpoint: str | Path, *, which: str | None = None,
-                   attention_impl: AttentionImpl | None = None, remat: bool = False) -> Predictor:
-  """The EMA weights, architecture and reference energies of a checkpoint as a Predictor.
-
-  Args:
-    checkpoint: a run folder, its ``checkpoints`` folder, or ``.../best`` / ``.../last``.
-    which: "best" or "last" (default: best if present, else last).
-    attention_impl: attention implementation to run with (default: :func:`default_attention_impl`;
-      the weights do not depend on it, so a GPU-trained checkpoint runs on CPU).
-    remat: rematerialise in the force pass (large systems; see ``E2FormerConfig.remat``).
-  """
-  from train.checkpoint import load_predictor as load_checkpoint
-
-  return _predictor(load_checkpoint(checkpoint, which), attention_impl, remat)
-
-
-def _predictor(loaded: tuple, attention_impl: AttentionImpl | None, remat: bool) -> Predictor:
-  """Predictor from the tuple of ``train.checkpoint.load_predictor``."""
-  model, params, _, references, _ = loaded
-  predictor = Predictor(model=model, params=params, reference_energies=dict(references))
-  return predictor.with_compute(attention_impl=attention_impl or default_attention_impl(), remat=remat)
-
-
-def load_calculator(checkpoint: str | Path, *, which: str | None = None,
-                    attention_impl: AttentionImpl | None = None, remat: bool = False):
-  """An :class:`~e2former_jax.interop.ase.E2FormerCalculator` for a checkpoint (see load_predictor)."""
-  from e2former_jax.interop.ase import E2FormerCalculator
-
-  return E2FormerCalculator(load_predictor(checkpoint, which=which, attention_impl=attention_impl,
-                                           remat=remat))
 
 
 def molecule_key(name: str) -> str:
@@ -221,7 +184,7 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
   dtype = jnp.float64 if settings.float64 else jnp.float32
   species = predictor.check_species(structure.numbers)
   n = len(species)
-  reference = predictor.reference_energy(species)
+  reference = predictor.reference_energy(species, structure.charge, structure.spin)
   positions = np.asarray(structure.positions, np.float64)
   free_box, to_cartesian = None, None
   common = dict(charge=structure.charge, spin=structure.spin, include_references=False)
@@ -434,8 +397,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tau", type=float, default=50.0, help="Nose-Hoover period in fs")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--float64", action="store_true", help="double precision")
-  parser.add_argument("--attention-impl", choices=[i.value for i in AttentionImpl], default=None,
-                      help="attention implementation (default: pallas on GPU, xla otherwise)")
+  parser.add_argument("--attention-impl", choices=[i.value for i in AttentionImpl],
+                      default=AttentionImpl.AUTO.value,
+                      help="attention implementation (default auto: pallas on GPU, xla otherwise)")
   parser.add_argument("--remat", action="store_true",
                       help="recompute activations in the force pass: about half the memory, slower "
                            "(large systems)")
@@ -446,20 +410,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
   """``e2former md``: load the checkpoint, pick the structure, simulate, print the summary."""
-  from train.checkpoint import load_predictor as load_checkpoint
-  from train.checkpoint import resolve_checkpoint_dir
+  from train.checkpoint import load_checkpoint
   from train.run_data import dataset_path
 
-  directory = resolve_checkpoint_dir(args.checkpoint, args.which)
-  impl = AttentionImpl(args.attention_impl) if args.attention_impl else None
-  loaded = load_checkpoint(directory)
-  predictor = _predictor(loaded, impl, args.remat)
+  params, info = load_checkpoint(args.checkpoint, args.which)
+  predictor = info.predictor(params, attention_impl=AttentionImpl(args.attention_impl), remat=args.remat)
   if args.structure is not None:
     structure = read_structure(args.structure, index=args.index, charge=args.charge, spin=args.spin)
   else:
     data = args.data
     if data is None:
-      data = dataset_path(loaded[4].data)
+      data = dataset_path(info.run_config.data)
     structure = dataset_structure(data, args.molecule, args.conformer)
     if args.charge is not None or args.spin is not None:
       structure = dataclasses.replace(

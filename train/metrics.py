@@ -101,11 +101,17 @@ def plot_learning_curves(records: list[dict[str, Any]], path: str | Path) -> Pat
     axes[0].plot(steps, [r["energy_loss"] for r in train], label="energy term", alpha=0.7)
     axes[0].plot(steps, [r["force_loss"] for r in train], label="force term", alpha=0.7)
   axes[0].set(title="training", xlabel="step", yscale="log")
-  for ax, key, title in ((axes[1], "energy_mae_mev_per_atom", "validation energy MAE (meV/atom)"),
-                         (axes[2], "force_mae_mev_per_a", "validation force MAE (meV/\u00c5)")):
-    if val:
-      ax.plot([r["step"] for r in val], [r[key] for r in val], "o-")
+  panels = ((axes[1], ("energy_mae_mev_per_atom",), "validation energy MAE (meV/atom)"),
+            (axes[2], ("force_mae_mev_per_a", "direct_force_mae_mev_per_a"),
+             "validation force MAE (meV/\u00c5)"))
+  for ax, keys, title in panels:
+    for key, label in zip(keys, ("-dE/dx", "direct head")):
+      points = [(r["step"], r[key]) for r in val if key in r]
+      if points:
+        ax.plot(*zip(*points), "o-", label=label if len(keys) > 1 else None)
     ax.set(title=title, xlabel="step", yscale="log")
+  if any("direct_force_mae_mev_per_a" in r for r in val):
+    axes[2].legend()
   for ax in axes:
     ax.grid(True, which="both", alpha=0.3)
   axes[0].legend()
@@ -125,8 +131,10 @@ class ErrorSums:
     atoms: number of atoms.
     energy_abs_per_atom: sum over molecules of |E - E*| / n (eV/atom).
     energy_abs: sum over molecules of |E - E*| (eV).
-    force_abs: sum over atoms and Cartesian components of |F - F*| (eV/A).
+    force_abs: sum over atoms and Cartesian components of |F - F*| (eV/A), F = -dE/dx.
     force_l2: sum over atoms of |F - F*|_2 (eV/A).
+    direct_force_abs, direct_force_l2: the same for the direct force head; None for a model
+      without one.
   """
 
   molecules: float = 0.0
@@ -135,20 +143,22 @@ class ErrorSums:
   energy_abs: float = 0.0
   force_abs: float = 0.0
   force_l2: float = 0.0
+  direct_force_abs: float | None = None
+  direct_force_l2: float | None = None
 
-  FIELDS = ("molecules", "atoms", "energy_abs_per_atom", "energy_abs", "force_abs", "force_l2")
-
-  def as_array(self) -> np.ndarray:
-    return np.array([getattr(self, f) for f in self.FIELDS], np.float64)
+  FIELDS = ("molecules", "atoms", "energy_abs_per_atom", "energy_abs", "force_abs", "force_l2",
+            "direct_force_abs", "direct_force_l2")
 
   @classmethod
   def from_array(cls, values: np.ndarray) -> "ErrorSums":
-    return cls(**{f: float(v) for f, v in zip(cls.FIELDS, values)})
+    """From [len(FIELDS)] sums; NaN marks an absent (None) field."""
+    return cls(**{f: None if np.isnan(v) else float(v) for f, v in zip(cls.FIELDS, values)})
 
   def summary(self) -> dict[str, float]:
-    """MAEs in meV: energy per atom and per molecule, force per component and per atom (L2)."""
+    """MAEs in meV: energy per atom and per molecule, force (-dE/dx) per component and per atom
+    (L2), and the direct head's force MAEs when the model has one."""
     mol, atoms = max(self.molecules, 1.0), max(self.atoms, 1.0)
-    return {
+    summary = {
         "molecules": int(self.molecules),
         "atoms": int(self.atoms),
         "energy_mae_mev_per_atom": MEV * self.energy_abs_per_atom / mol,
@@ -156,6 +166,10 @@ class ErrorSums:
         "force_mae_mev_per_a": MEV * self.force_abs / (3.0 * atoms),
         "force_l2mae_mev_per_a": MEV * self.force_l2 / atoms,
     }
+    if self.direct_force_abs is not None:
+      summary["direct_force_mae_mev_per_a"] = MEV * self.direct_force_abs / (3.0 * atoms)
+      summary["direct_force_l2mae_mev_per_a"] = MEV * self.direct_force_l2 / atoms
+    return summary
 
 
 def error_table(results: dict[str, dict[str, ErrorSums]]) -> list[dict[str, Any]]:
@@ -168,11 +182,18 @@ def error_table(results: dict[str, dict[str, ErrorSums]]) -> list[dict[str, Any]
 
 
 def write_error_table(rows: list[dict[str, Any]], workdir: str | Path) -> str:
-  """Writes ``eval_table.md`` and ``eval_table.json``; returns the markdown."""
-  header = ("| split | subset | molecules | atoms | energy MAE (meV/atom) | force MAE (meV/\u00c5) |\n"
-            "|---|---|---:|---:|---:|---:|\n")
+  """Writes ``eval_table.md`` and ``eval_table.json``; returns the markdown.
+
+  The force column is -dE/dx, the forces the simulation interfaces use; a model with a direct force
+  head gets a second, labelled column for the head's forces.
+  """
+  direct = any("direct_force_mae_mev_per_a" in r for r in rows)
+  header = ("| split | subset | molecules | atoms | energy MAE (meV/atom) | force MAE, -dE/dx (meV/\u00c5) |"
+            + (" force MAE, direct head (meV/\u00c5) |" if direct else "") + "\n"
+            + "|---|---|---:|---:|---:|---:|" + ("---:|" if direct else "") + "\n")
   lines = [f"| {r['split']} | {r['subset']} | {r['molecules']} | {r['atoms']} | "
-           f"{r['energy_mae_mev_per_atom']:.2f} | {r['force_mae_mev_per_a']:.1f} |" for r in rows]
+           f"{r['energy_mae_mev_per_atom']:.2f} | {r['force_mae_mev_per_a']:.1f} |"
+           + (f" {r['direct_force_mae_mev_per_a']:.1f} |" if direct else "") for r in rows]
   markdown = header + "\n".join(lines) + "\n"
   workdir = Path(workdir)
   (workdir / TABLE_MD_FILENAME).write_text(markdown)

@@ -139,9 +139,12 @@ class TrainConfig:
   """Length of the run, logging, evaluation and checkpoint cadence.
 
   Attributes:
-    steps: optimiser steps of the run (also T of the schedule unless ``optim.decay_steps`` is set).
+    steps: optimiser steps of the run (also T of the schedule unless ``optim.decay_steps`` is set);
+      None = as many as ``max_minutes`` allows, with T sized to them once the run has measured its
+      speed (``train/budget.py``).
     max_minutes: wall-clock budget of one invocation, counted from its start (dataset build and
-      compilation included); training stops at the first step boundary past it (but not before
+      compilation included), the closing evaluation included; training stops at the first step
+      boundary where what is left would not cover the closing evaluation (but not before
       ``min_steps``), then the run evaluates and saves as if it had reached ``steps`` (None = no
       budget).
     min_steps: steps trained even past ``max_minutes``, so that a slow start (first-time dataset
@@ -155,7 +158,7 @@ class TrainConfig:
       direct force head is dropped when this run has none); optimiser and schedule start fresh.
   """
 
-  steps: int = 1_400_000  # spec 9.6 (e2formerv2 stage 1 and 2)
+  steps: int | None = 1_400_000  # spec 9.6 (e2formerv2 stage 1 and 2)
   max_minutes: float | None = None
   min_steps: int = 0
   seed: int = 6666  # spec 9.4
@@ -189,7 +192,8 @@ class RunConfig:
     return build_model_config(self.model, direct_force_head=self.loss.forces is ForceMode.DIRECT)
 
   @property
-  def decay_steps(self) -> int:
+  def decay_steps(self) -> int | None:
+    """T of the schedule; None when it is sized from the time budget (``train.steps: null``)."""
     return self.optim.decay_steps if self.optim.decay_steps is not None else self.train.steps
 
   def to_dict(self) -> dict[str, Any]:
@@ -280,6 +284,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
       raise ValueError(f"{path}: expected a mapping of sections at the top level")
     config = run_config_from_dict(tree, source=str(path))
   config = apply_overrides(config, list(overrides))
+  if config.train.steps is None and config.train.max_minutes is None:
+    raise ValueError("train.steps: null (as many steps as the budget allows) needs train.max_minutes")
   try:
     config.model_config()
   except (TypeError, ValueError) as err:

@@ -22,7 +22,7 @@ class RunData:
   """Attributes:
     dataset: the opened dataset (lazy).
     splits: split name -> record indices (molecule-level, deterministic in ``split_seed``).
-    references: per-element reference energies (fitted on the training split, or restored).
+    references: reference energies (fitted on the training split, or restored).
     max_molecules: molecule budget per sub-batch, the same for every split (one compiled shape).
   """
 
@@ -82,15 +82,6 @@ def make_iterator(data: RunData, split: str, config: DataConfig, model_config: E
       max_neighbors=model_config.max_neighbors, shuffle=training, seed=seed, drop_last=training,
       process_index=process_index, process_count=process_count,
       prefetch=config.prefetch, references=data.references, num_species=model_config.num_species)
-
-
-def references_to_mapping(references: ReferenceEnergies) -> dict[int, float]:
-  """{atomic number: eV} of the fitted elements (the form checkpoints store)."""
-  return {int(z): float(e) for z, e in references.to_dict()["energies"].items()}
-
-
-def references_from_mapping(mapping: dict[int, float]) -> ReferenceEnergies:
-  return ReferenceEnergies.from_dict({"unit": "eV", "energies": {str(z): e for z, e in mapping.items()}})
 
 
 def empty_batch(iterator: BatchIterator) -> Batch:

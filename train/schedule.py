@@ -19,8 +19,11 @@ import optax
 
 def warmup_cosine_schedule(peak_lr: float, *, warmup_steps: int, warmup_factor: float,
                            decay_steps: int, lr_min_factor: float) -> optax.Schedule:
-  """lr(s) = peak_lr * f(s) (formula in the module docstring); s is the optimiser step count."""
-  if decay_steps <= 0:
+  """lr(s) = peak_lr * f(s) (formula in the module docstring); s is the optimiser step count.
+
+  ``decay_steps`` may be a traced scalar (a run sized by its budget fixes T after compiling).
+  """
+  if isinstance(decay_steps, int) and decay_steps <= 0:
     raise ValueError(f"decay_steps must be positive, got {decay_steps}")
   if warmup_steps < 0:
     raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from e2former_jax.config import E2FormerConfig
 from e2former_jax.graph import Graph
 from e2former_jax.nn.model import E2Former
-from e2former_jax.potential import energy_and_forces
+from e2former_jax.potential import energy_and_forces, output_and_forces
 from train import sharding
 from train.data.batch import Batch
 from train.loss import loss_terms, molecule_error_sums
@@ -46,11 +46,13 @@ def make_init(model_config: E2FormerConfig) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(model_config: E2FormerConfig, loss_config: LossConfig, optim_config: OptimConfig,
-                    decay_steps: int, mesh: Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings.
+                    mesh: Mesh) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+  """``step(state, batch, decay_steps) -> (state, metrics)``, jitted with explicit shardings.
 
   The optimiser is :func:`train.optimizer.make_optimizer` ``(optim_config, decay_steps, params)``;
-  ``state`` must have been created with it. ``batch`` is a stacked :class:`~train.data.batch.Batch` [S, ...]
+  ``state`` must have been created with it. ``decay_steps`` (T of the schedule, an int32 scalar) is
+  an argument, not a constant: a run that sizes T from its wall-clock budget (``train.budget``)
+  fixes it after compiling. ``batch`` is a stacked :class:`~train.data.batch.Batch` [S, ...]
   sharded by :func:`train.sharding.shard_batch`; the state is replicated.
 
   Metrics (replicated scalars): loss, energy_loss, force_loss (means over the S sub-batches),
@@ -67,7 +69,7 @@ def make_train_step(model_config: E2FormerConfig, loss_config: LossConfig, optim
     loss, terms = jax.vmap(sub_batch_loss, in_axes=(None, 0))(params, batch)  # [S], {k: [S]}
     return loss.mean(), jax.tree.map(jnp.mean, terms)
 
-  def step(state: TrainState, batch: Batch):
+  def step(state: TrainState, batch: Batch, decay_steps: jax.Array):
     optimizer, schedule = make_optimizer(optim_config, decay_steps, state.params)
     (loss, terms), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params, batch)
     # Optimiser, EMA and the finiteness test run on flat [P] vectors: a few fused operations.
@@ -100,22 +102,26 @@ def make_train_step(model_config: E2FormerConfig, loss_config: LossConfig, optim
   state_sharding = sharding.replicated(mesh)
   # Donation lets the new state reuse the old state's device memory; the CPU backend cannot donate.
   donate = (0,) if jax.default_backend() != "cpu" else ()
-  return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh),
+                                    sharding.replicated(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=donate)
 
 
 @functools.lru_cache(maxsize=None)
-def make_eval_step(model_config: E2FormerConfig, forces: ForceMode, mesh: Mesh
+def make_eval_step(model_config: E2FormerConfig, mesh: Mesh
                    ) -> Callable[[object, Batch], dict[str, jax.Array]]:
   """``eval_step(params, batch) -> {name: [S, B]}`` per-molecule error sums (see ``molecule_error_sums``).
 
+  Forces are always scored as -dE/dx, the forces every simulation interface uses, and also from
+  the direct head when the model has one, whichever of the two the run trained.
   Outputs stay sharded like the batch; read them with :func:`train.sharding.to_host_local`.
   """
   model = E2Former(model_config)
 
   def sub_batch(params, batch: Batch):
-    energy, predicted_forces = predict(model, params, batch.graph, forces)
-    return molecule_error_sums(batch.graph, energy, predicted_forces, batch.energy, batch.forces)
+    out, forces = output_and_forces(model, params, batch.graph)
+    return molecule_error_sums(batch.graph, out.energy, forces, batch.energy, batch.forces,
+                               direct_forces=out.direct_forces)
 
   def step(params, batch: Batch):
     return jax.vmap(sub_batch, in_axes=(None, 0))(params, batch)

@@ -26,15 +26,15 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from train import sharding
-from train.checkpoint import BEST, CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo, load_predictor
+from train.budget import CLOSING_SECONDS, UNKNOWN_HORIZON, PassTiming, plan_horizon
+from train.checkpoint import BEST, CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo, load_checkpoint
 from train.data import DataPosition
 from train.evaluate import evaluate, validation_loss
 from train.metrics import (ALL_SUBSETS, CURVE_FILENAME, MetricsLog, error_table, plot_learning_curves,
                            write_error_table)
 from train.optimizer import make_optimizer
 from train.run_config import RunConfig
-from train.run_data import (empty_batch, make_iterator, open_run_data, references_from_mapping,
-                            references_to_mapping)
+from train.run_data import empty_batch, make_iterator, open_run_data
 from train.state import create_train_state
 from train.step import make_eval_step, make_init, make_train_step
 
@@ -101,14 +101,13 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     raise ValueError(f"{workdir} already holds a run (checkpoints in {checkpointer.directory}); resume it, "
                      "or start over in an empty folder")
 
-  data = open_run_data(config.data, references=None if saved is None else
-                       references_from_mapping(saved.reference_energies))
+  data = open_run_data(config.data, references=None if saved is None else saved.reference_energies)
   iterators = {split: make_iterator(data, split, config.data, model_config, training=split == "train",
                                     seed=config.train.seed, process_index=jax.process_index(),
                                     process_count=jax.process_count())
                for split in ("train", *EVAL_SPLITS) if len(data.splits[split])}
-  predictor = PredictorInfo(model_config=model_config,
-                            reference_energies=references_to_mapping(data.references), run_config=config)
+  predictor = PredictorInfo(model_config=model_config, reference_energies=data.references,
+                            run_config=config)
   say(f"data: {data.dataset.path} ({len(data.dataset)} records; "
       + ", ".join(f"{s} {len(data.splits[s])}" for s in ("train", *EVAL_SPLITS)) + "); "
       f"sub-batch: {config.data.atoms_per_batch} atoms x {data.max_molecules + 1} molecule slots; "
@@ -119,7 +118,7 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   if config.train.init_from:
     params = _params_from_checkpoint(config.train.init_from, params)
     say(f"initialised from the EMA weights of {config.train.init_from}")
-  optimizer, _ = make_optimizer(config.optim, config.decay_steps, params)
+  optimizer, _ = make_optimizer(config.optim, config.decay_steps or UNKNOWN_HORIZON, params)
   state = create_train_state(params, optimizer, config.train.seed)
   state_shardings = sharding.state_sharding(mesh, state)
   state = jax.device_put(state, state_shardings)
@@ -127,50 +126,81 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
       f"{config.loss.forces.value}")
 
   position, best_val = DataPosition(), math.inf
+  # T of the schedule: configured, or (None) sized from the wall-clock budget once measured.
+  budget_mode = config.train.steps is None
+  horizon = config.decay_steps
   restored = checkpointer.restore(LAST, state, state_shardings) if resume else None
   if restored is not None:
     state, meta = restored
     position = DataPosition.from_dict(meta["data_position"])
     best_val = meta.get("best_val_loss", math.inf)
+    horizon = meta.get("decay_steps", horizon)
     say(f"resumed from step {meta['step']} (data epoch {position.epoch}, batch {position.batch})")
   step = int(jax.device_get(state.step))
   log = MetricsLog(workdir, resume_step=step if restored is not None else None, enabled=is_main)
 
-  train_step = make_train_step(model_config, config.loss, config.optim, config.decay_steps, mesh)
-  eval_step = make_eval_step(model_config, config.loss.forces, mesh)
+  train_step = make_train_step(model_config, config.loss, config.optim, mesh)
+  eval_step = make_eval_step(model_config, mesh)
+
+  pass_timing: list[PassTiming] = []
 
   def run_eval(split: str):
     return evaluate(eval_step, state.ema_params, iterators[split], mesh, local_batches,
-                    data.subset_names, max_batches=config.data.max_eval_batches)
+                    data.subset_names, max_batches=config.data.max_eval_batches, timing=pass_timing)
 
-  def validate() -> None:
+  def validate():
     nonlocal best_val
     if "val" not in iterators:
-      return
+      return None
     errors = run_eval("val")
     val_loss = validation_loss(config.loss, errors[ALL_SUBSETS])
     record = log.write("val", step, {"loss": val_loss, **errors[ALL_SUBSETS].summary()})
+    direct = record.get("direct_force_mae_mev_per_a")
     say(f"step {step}: validation energy {record['energy_mae_mev_per_atom']:.2f} meV/atom, force "
-        f"{record['force_mae_mev_per_a']:.1f} meV/A (loss {val_loss:.4g})")
+        f"(-dE/dx) {record['force_mae_mev_per_a']:.1f} meV/A"
+        + (f", direct head {direct:.1f} meV/A" if direct is not None else "")
+        + f" (loss {val_loss:.4g})")
     if val_loss < best_val:
       best_val = val_loss
       checkpointer.save(BEST, state, meta=checkpoint_meta(), predictor=predictor)
+    return errors
 
   def checkpoint_meta() -> dict[str, Any]:
-    return {"data_position": position.to_dict(), "best_val_loss": best_val}
+    return {"data_position": position.to_dict(), "best_val_loss": best_val, "decay_steps": horizon}
 
-  total_steps = config.train.steps
-  bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+  def closing_seconds() -> float:
+    """The closing evaluation of the validation and test splits plus writing the outputs."""
+    if not (final_eval and pass_timing):
+      return CLOSING_SECONDS
+    per_record = pass_timing[-1].steady_seconds() / max(len(data.splits["val"]), 1)
+    return CLOSING_SECONDS + per_record * sum(len(data.splits[s]) for s in EVAL_SPLITS)
+
+  def fix_horizon() -> None:
+    """Budget mode: T from this machine's measured step and validation times (train.budget)."""
+    nonlocal horizon
+    now = time.perf_counter()
+    step_seconds = (timing["last_done"] - timing["first_done"]) / max(timing["steps_after_first"] - 1, 1)
+    horizon = max(plan_horizon(step=step, now=now, deadline=deadline, step_seconds=step_seconds,
+                               validation_seconds=pass_timing[-1].steady_seconds() if pass_timing else 0.0,
+                               eval_every=config.train.eval_every,
+                               closing_eval_seconds=closing_seconds()), config.train.min_steps, step)
+    bar.total = horizon
+    say(f"budget: {step_seconds:.3g} s/step measured; training to step {horizon} "
+        f"(cosine horizon) within train.max_minutes={config.train.max_minutes}")
+
+  bar = tqdm(total=config.train.steps or horizon, initial=step, unit="step", dynamic_ncols=True,
              disable=not (progress and is_main), file=sys.stderr)
   losses: list[float] = []
   window: list[dict[str, float]] = []
-  timing = {"start": time.perf_counter(), "first_done": None, "atoms_after_first": 0, "steps_after_first": 0}
+  timing = {"start": time.perf_counter(), "first_done": None, "last_done": None, "atoms_after_first": 0,
+            "steps_after_first": 0}
 
   def consume(done_step: int, metrics, atoms: int) -> None:
     """Reads back one step's metrics: losses, progress, logging, non-finite accounting."""
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()
     losses.append(m["loss"])
+    timing["last_done"] = now
     if timing["first_done"] is None:
       timing["first_done"] = now  # the first step includes compilation: excluded from throughput
     else:
@@ -203,19 +233,27 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   pending = None
   deadline = (call_start + 60.0 * config.train.max_minutes
               if config.train.max_minutes is not None else None)
+  last_val = None
   try:
-    while step < total_steps and (step < config.train.min_steps or not _past(deadline)):
+    while (step < (config.train.steps if not budget_mode else horizon or math.inf)
+           and (step < config.train.min_steps or not _past(deadline, closing_seconds()))):
       items = [next(stream) for _ in range(local_batches)]
       position = items[-1][0]
       stacked = sharding.stack([batch for _, batch in items])
       atoms = int(stacked.num_atoms.sum()) * jax.process_count()
-      state, metrics = train_step(state, sharding.shard_batch(mesh, stacked))
+      state, metrics = train_step(state, sharding.shard_batch(mesh, stacked),
+                                  np.int32(horizon or UNKNOWN_HORIZON))
       step += 1
       if pending is not None:
         consume(*pending)
       pending = (step, metrics, atoms)
+      last_val = None
       if step % config.train.eval_every == 0:
-        validate()
+        last_val = validate()
+        if budget_mode and horizon is None:
+          consume(*pending)  # the step time must include this step
+          pending = None
+          fix_horizon()
       if step % config.train.checkpoint_every == 0:
         checkpointer.save(LAST, state, meta=checkpoint_meta(), predictor=predictor)
     if pending is not None:
@@ -224,15 +262,17 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     stream.close()
     bar.close()
 
-  if final_eval and step % config.train.eval_every:
-    validate()
+  if final_eval and last_val is None:
+    last_val = validate()
   last_meta = checkpointer.latest_meta(LAST)
   if last_meta is None or last_meta["step"] != step:
     checkpointer.save(LAST, state, meta=checkpoint_meta(), predictor=predictor)
 
   table = []
   if final_eval:
-    results = {split: run_eval(split) for split in EVAL_SPLITS if split in iterators}
+    # The closing validation above is this step's validation: not evaluated twice.
+    results = {split: last_val if split == "val" and last_val is not None else run_eval(split)
+               for split in EVAL_SPLITS if split in iterators}
     table = error_table(results)
     if is_main:
       markdown = write_error_table(table, workdir)
@@ -249,10 +289,11 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   return TrainResult(workdir=workdir, step=step, losses=losses, table=table, summary=summary)
 
 
-def _past(deadline: float | None) -> bool:
+def _past(deadline: float | None, reserve: float = 0.0) -> bool:
+  """Whether less than ``reserve`` seconds are left before ``deadline`` (never without one)."""
   if deadline is None:
     return False
-  past = time.perf_counter() > deadline
+  past = time.perf_counter() > deadline - reserve
   if jax.process_count() > 1:  # every process must stop at the same step
     past = bool(multihost_utils.broadcast_one_to_all(np.asarray(past)))
   return past
@@ -264,7 +305,7 @@ def _params_from_checkpoint(path: str, template):
   Raises:
     ValueError: when a module of this model is missing from the checkpoint or a shape differs.
   """
-  _, loaded, _, _, _ = load_predictor(path)
+  loaded, _ = load_checkpoint(path)
   loaded, wanted = dict(loaded["params"]), dict(template["params"])
   missing = sorted(set(wanted) - set(loaded))
   if missing:

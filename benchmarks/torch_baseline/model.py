@@ -1,10 +1,9 @@
 """E2Former-V2 in plain PyTorch: our own baseline of the JAX model, for side-by-side benchmarks.
 
-Written from the architecture spec (``../shared/docs/e2former_v2_spec.md``) to compute exactly what
-``e2former_jax.nn`` computes, module for module and parameter for parameter (converter:
-:mod:`benchmarks.torch_baseline.convert`). Only static numpy tables (Clebsch-Gordan couplings, row
-degrees, path lists, normalising constants) come from ``e2former_jax``; every operation on tensors
-is PyTorch.
+It computes exactly what ``e2former_jax.nn`` computes (the model of ``docs/model.md``), module for
+module and parameter for parameter (converter: :mod:`benchmarks.torch_baseline.convert`). Only
+static numpy tables (Clebsch-Gordan couplings, row degrees, path lists, normalising constants) come
+from ``e2former_jax``; every operation on tensors is PyTorch.
 
 Two evaluations of the attention message sum_k a_ik T(v_j, r_ij):
 

@@ -7,5 +7,5 @@
 * :mod:`e2former_jax.interop.ase`: an ASE calculator.
 
 The submodules are not imported here, so that importing one does not pull in the other package.
-Checkpoints are read by ``train.md.load_predictor`` (the checkpoint format belongs to ``train/``).
+Checkpoints are read by ``train.checkpoint.load_predictor`` (the checkpoint format belongs to ``train/``).
 """

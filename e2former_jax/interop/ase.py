@@ -3,15 +3,15 @@
 Typical use::
 
   from e2former_jax.interop.ase import E2FormerCalculator
-  atoms.calc = E2FormerCalculator(predictor)        # or train.md.load_calculator(checkpoint_dir)
+  atoms.calc = E2FormerCalculator(predictor)        # or train.checkpoint.load_calculator(run_dir)
   atoms.info.update(charge=0, spin=1)               # total charge, multiplicity 2S + 1
   ase.optimize.BFGS(atoms).run(fmax=0.05)
 
 The structure is checked (:func:`~e2former_jax.structure.validate_structure`), its neighbour slots
 are searched on the host (:func:`~e2former_jax.neighbors.build_graph`) and the atoms are padded to a
 size bucket, so one compiled executable serves every structure of that bucket: MD and relaxations
-compile once. Energies are in eV (network energy plus the per-element reference energies, added in
-float64), forces in eV/angstrom (conservative, -dE/dx). Atoms with ``pbc`` are periodic cells
+compile once. Energies are in eV (network energy plus the reference energies of the composition,
+charge and spin, added in float64), forces in eV/angstrom (conservative, -dE/dx). Atoms with ``pbc`` are periodic cells
 (lattice images are neighbours, any cell size); they also get the stress in eV/A^3 (ASE's Voigt
 order xx, yy, zz, yz, xz, xy and sign: positive under tension). Molecules have no stress.
 """
@@ -73,6 +73,7 @@ class E2FormerCalculator(Calculator):
 
   def __init__(self, predictor: Predictor, **kwargs):
     super().__init__(**kwargs)
+    predictor.warn_if_untrained_forces("ASE calculator")
     self.predictor = predictor
 
   def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
@@ -98,7 +99,7 @@ class E2FormerCalculator(Calculator):
       energy, forces, stress = jax.device_get(_energy_forces_stress(model, params, graph))
     else:
       (energy, forces), stress = jax.device_get(_energy_and_forces(model, params, graph)), None
-    total = float(energy[0]) + self.predictor.reference_energy(numbers)
+    total = float(energy[0]) + self.predictor.reference_energy(numbers, charge, spin)
     self.results = {"energy": total, "free_energy": total,
                     "forces": np.asarray(forces[:n], dtype=np.float64)}
     if stress is not None:

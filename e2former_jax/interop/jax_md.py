@@ -565,7 +565,8 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
     fractional_coordinates: positions are fractional (``periodic_general``'s default).
     charge: default total charge (``charge=`` at call time overrides it).
     spin: default spin multiplicity 2S + 1 (``spin=`` at call time overrides it).
-    include_references: add sum_i ref[Z_i] (a constant) so the result is the total energy; without
+    include_references: add the reference energy of the composition, charge and spin (a constant)
+      so the result is the total energy; without
       it the energy is the network's alone (same forces; more significant digits in float32).
     all_images: accept a box narrower than twice the cutoff, for use with an
       :class:`ImageNeighborList` (the only neighbour argument that works in such a box).
@@ -582,7 +583,13 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
   species_np = predictor.check_species(np.asarray(species), where="jax_md species")
   species = jnp.asarray(species_np)
   config = predictor.config
-  reference = predictor.reference_energy(species_np) if include_references else 0.0
+  predictor.warn_if_untrained_forces("JAX MD energy function")
+  # The composition part is summed in float64 on the host; the charge and spin offsets are looked up
+  # in the energy function, since JAX MD may pass a charge or spin at call time.
+  refs = predictor.reference_energies
+  composition = refs.composition(species_np)
+  if include_references:
+    refs.energy(species_np, charge, spin)  # warns now if the default charge or spin has no offset
   narrow = False
   if box is not None:
     if all_images:
@@ -591,6 +598,11 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
       check_box(box, config.cutoff)
   elif fractional_coordinates:
     raise ValueError("fractional_coordinates needs the periodic box")
+
+  def reference(q, s, dtype) -> jax.Array:
+    if not include_references:
+      return jnp.zeros((), dtype)
+    return jnp.asarray(composition, dtype) + predictor.state_offset(q, s, dtype)
 
   def energy_fn(position: jax.Array, neighbor=None, **kwargs) -> jax.Array:
     if position.shape != (species.shape[0], 3):
@@ -616,7 +628,7 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
     nbrs = select_neighbors(position, candidates, displacement_fn, cutoff=config.cutoff,
                             max_neighbors=config.max_neighbors, cartesian=cartesian, **kwargs)
     graph = system_graph(cartesian, species, nbrs, q, s, cell)
-    return predictor.model_energy(graph)[0] + jnp.asarray(reference, position.dtype)
+    return predictor.model_energy(graph)[0] + reference(q, s, position.dtype)
 
   def image_energy(position: jax.Array, neighbor: ImageNeighborList, q, s, **kwargs) -> jax.Array:
     if box is None:
@@ -641,7 +653,7 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
     nbrs = select_image_neighbors(cartesian, cell, frac, neighbor, cutoff=config.cutoff,
                                   max_neighbors=config.max_neighbors)
     graph = system_graph(cartesian, species, nbrs, q, s, cell)
-    return predictor.model_energy(graph)[0] + jnp.asarray(reference, position.dtype)
+    return predictor.model_energy(graph)[0] + reference(q, s, position.dtype)
 
   return energy_fn
 

@@ -2,5 +2,6 @@
 
 from e2former_jax.ops.attention import attention_weights
 from e2former_jax.ops.attention import message_attention
+from e2former_jax.ops.attention import resolve_impl
 
-__all__ = ["attention_weights", "message_attention"]
+__all__ = ["attention_weights", "message_attention", "resolve_impl"]

@@ -18,8 +18,20 @@ from e2former_jax.config import AttentionImpl
 SOFTMAX_SINK = 1e-3
 
 
+def resolve_impl(impl: AttentionImpl) -> AttentionImpl:
+  """The implementation that runs: AUTO becomes PALLAS when tracing for a GPU, else XLA.
+
+  The only place that chooses between the kernels and the reference by platform, so training,
+  evaluation, MD and predictors all get the kernels on a GPU without being told.
+  """
+  if impl is AttentionImpl.AUTO:
+    return AttentionImpl.PALLAS if jax.default_backend() == "gpu" else AttentionImpl.XLA
+  return impl
+
+
 def _call(impl: AttentionImpl, kernel, reference, *args, **kwargs) -> jax.Array:
   """One kernel op under the selected implementation (XLA = the op's jnp reference)."""
+  impl = resolve_impl(impl)
   if impl is AttentionImpl.XLA:
     return reference(*args, **kwargs)
   return kernel(*args, **kwargs, interpret=impl is AttentionImpl.PALLAS_INTERPRET)

@@ -129,5 +129,5 @@ def test_converter_covers_the_paper_model():
   model.load_state_dict(state, strict=True)
   num_flax = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
   assert sum(p.numel() for p in model.parameters()) == num_flax
-  # Spec section 12 counts ~24.5 M with the reference's dead parameters, dropped here (decision D7).
+  # The reference counts ~24.5 M with its dead parameters, dropped here (docs/model.md §9.6, D7).
   assert 23e6 < num_flax < 24.5e6

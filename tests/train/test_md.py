@@ -1,4 +1,4 @@
-"""``e2former md`` and the checkpoint loaders of train/md.py, on a random-weight checkpoint."""
+"""``e2former md`` and the checkpoint loaders, on a random-weight checkpoint."""
 
 from __future__ import annotations
 
@@ -21,10 +21,14 @@ from e2former_jax.neighbors import build_graph
 from e2former_jax.nn.model import E2Former
 from e2former_jax.structure import Structure
 from train import md
-from train.checkpoint import CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo
+from e2former_jax import ops
+from e2former_jax.interop.predictor import DirectForcesOnlyWarning
+from e2former_jax.reference_energies import ReferenceEnergies
+from train.checkpoint import (CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo, load_calculator,
+                              load_predictor)
 from train.cli import main as cli_main
 from train.data.units import BOHR_A, HARTREE_EV
-from train.run_config import DataConfig, RunConfig
+from train.run_config import DataConfig, ForceMode, LossConfig, RunConfig
 from train.state import create_train_state
 
 MICRO = dict(num_layers=1, channels=8, num_heads=2, head_dim=4, num_rbf=8, max_neighbors=8,
@@ -55,20 +59,24 @@ def run_dir(tmp_path_factory):
                       max_neighbors=config.max_neighbors)
   params = jax.jit(E2Former(config).init)(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, graph))
   checkpointer = Checkpointer(root / "run" / CHECKPOINT_DIRNAME)
-  run_config = RunConfig(model={"preset": "tiny", **MICRO}, data=DataConfig(path=str(data)))
+  run_config = RunConfig(model={"preset": "tiny", **MICRO}, data=DataConfig(path=str(data)),
+                         loss=LossConfig(forces=ForceMode.CONSERVATIVE))
   checkpointer.save(LAST, create_train_state(params, optax.sgd(1e-3), seed=0), meta={},
-                    predictor=PredictorInfo(config, REFERENCES, run_config))
+                    predictor=PredictorInfo(config, ReferenceEnergies(elements=REFERENCES), run_config))
   checkpointer.close()
   return root / "run"
 
 
 def test_load_predictor_and_calculator(run_dir):
-  predictor = md.load_predictor(run_dir)
-  assert predictor.config.attention_impl is AttentionImpl.XLA  # chosen for this (CPU) backend
-  assert predictor.reference_energies == REFERENCES
+  predictor = load_predictor(run_dir)
+  # Whatever the run trained with, the loader leaves the choice to the platform (XLA on this CPU).
+  assert predictor.config.attention_impl is AttentionImpl.AUTO
+  assert ops.resolve_impl(predictor.config.attention_impl) is AttentionImpl.XLA
+  assert dict(predictor.reference_energies.elements) == REFERENCES
+  assert predictor.conservative_forces_trained
   assert predictor.config.replace(attention_impl=AttentionImpl.PALLAS) == tiny_config(
       **MICRO, attention_impl=AttentionImpl.PALLAS)
-  calculator = md.load_calculator(run_dir, attention_impl=AttentionImpl.PALLAS_INTERPRET, remat=True)
+  calculator = load_calculator(run_dir, attention_impl=AttentionImpl.PALLAS_INTERPRET, remat=True)
   assert isinstance(calculator, E2FormerCalculator)
   assert calculator.predictor.config.attention_impl is AttentionImpl.PALLAS_INTERPRET
   assert calculator.predictor.config.remat and not predictor.config.remat
@@ -119,7 +127,7 @@ def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
   """
   rng = np.random.default_rng(4)
   cell = np.array([[8.5, 0.0, 0.0], [0.85, 8.5, 0.0], [0.0, 0.4, 8.5]])
-  assert lattice.plane_spacings(cell).max() < 2 * md.load_predictor(run_dir).config.cutoff
+  assert lattice.plane_spacings(cell).max() < 2 * load_predictor(run_dir).config.cutoff
   atoms = random_periodic_atoms(rng, cell, 40)
   path = tmp_path / "cell.extxyz"
   ase.io.write(path, atoms)
@@ -138,7 +146,7 @@ def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
   assert summary["num_atoms"] == 40 and summary["settings"]["thermostat"] == "langevin"
   assert "max_drift_eV_per_atom" not in summary  # Langevin conserves nothing
 
-  predictor = md.load_predictor(run_dir)
+  predictor = load_predictor(run_dir)
   spin = atoms.info["spin"]
   c, s = np.cos(0.5), np.sin(0.5)
   rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])

@@ -23,7 +23,7 @@ from tiny_training import SUBSETS, TINY, write_dataset
 
 from e2former_jax.nn.model import E2Former
 from train import sharding
-from train.checkpoint import LAST, Checkpointer, load_predictor
+from train.checkpoint import LAST, Checkpointer, load_checkpoint
 from train.cli import main as cli_main
 from train.metrics import (CURVE_FILENAME, JSONL_FILENAME, TABLE_JSON_FILENAME, TABLE_MD_FILENAME,
                            read_records)
@@ -142,8 +142,8 @@ def test_resume_reproduces_uninterrupted_losses(dataset, tmp_path):
   second = train_and_evaluate(config, tmp_path / "resumed", progress=False, final_eval=False)
   assert first.step == 3 and second.step == 6
   np.testing.assert_array_equal(first.losses + second.losses, straight.losses)
-  _, p_straight, *_ = load_predictor(tmp_path / "straight", "last")
-  _, p_resumed, *_ = load_predictor(tmp_path / "resumed", "last")
+  p_straight, _ = load_checkpoint(tmp_path / "straight", "last")
+  p_resumed, _ = load_checkpoint(tmp_path / "resumed", "last")
   jax.tree.map(np.testing.assert_array_equal, p_straight, p_resumed)
 
 
@@ -155,7 +155,8 @@ def test_nonfinite_step_is_skipped_without_moving_the_optimizer(dataset):
   params = make_init(model_config)(jax.random.key(0), jax.tree.map(jnp.asarray, batches[0].graph))
   optimizer, _ = make_optimizer(config.optim, config.decay_steps, params)
   mesh = sharding.make_mesh(1)
-  step = make_train_step(model_config, config.loss, config.optim, config.decay_steps, mesh)
+  train_step = make_train_step(model_config, config.loss, config.optim, mesh)
+  step = lambda state, batch: train_step(state, batch, np.int32(config.decay_steps))
   state = create_train_state(params, optimizer, 0)
   state = jax.device_put(state, sharding.state_sharding(mesh, state))  # as in the loop: one executable
   good = sharding.shard_batch(mesh, sharding.stack(batches))
@@ -182,11 +183,11 @@ def test_consecutive_nonfinite_steps_halt_and_keep_last_good_checkpoint(dataset,
   def poisoned_after_two(*args, **kwargs):
     step = real(*args, **kwargs)
 
-    def wrapped(state, batch):
+    def wrapped(state, batch, decay_steps):
       calls["n"] += 1
       if calls["n"] > 2:
         batch = batch.replace(energy=batch.energy * jnp.nan)
-      return step(state, batch)
+      return step(state, batch, decay_steps)
 
     return wrapped
 
@@ -219,9 +220,9 @@ def test_cli_train_and_eval_smoke(dataset, tmp_path, capsys):
 
 
 def test_load_predictor_and_stage2_init(trained, dataset, tmp_path):
-  model, params, model_config, references, run_config = load_predictor(trained.workdir)
-  assert model_config.direct_force_head and run_config.train.steps == 30
-  assert set(references) == {1, 6, 7, 8}
+  params, info = load_checkpoint(trained.workdir)
+  assert info.model_config.direct_force_head and info.run_config.train.steps == 30
+  assert set(info.reference_energies.elements) == {1, 6, 7, 8}
   # Stage 2: conservative forces, no direct head; initialised from the stage-1 EMA weights.
   config = tiny_config(dataset, "loss.forces=conservative", f"train.init_from={trained.workdir}")
   data = open_run_data(config.data)
@@ -243,6 +244,36 @@ def test_four_devices_equal_one_device(dataset, tmp_path, four_device_run):
   four = json.loads((workdir / "stdout.txt").read_text().strip().splitlines()[-1])
   assert len(one.losses) == 3 and np.isfinite(one.losses).all()
   np.testing.assert_allclose(four, one.losses, rtol=1e-5)
-  _, p1, *_ = load_predictor(tmp_path, "last")
-  _, p4, *_ = load_predictor(workdir, "last")
+  p1, _ = load_checkpoint(tmp_path, "last")
+  p4, _ = load_checkpoint(workdir, "last")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p1, p4)
+
+
+def test_budget_mode_sizes_the_schedule_at_the_first_validation(dataset, tmp_path, monkeypatch):
+  """train.steps: null -> T is planned from measured times at the first validation and checkpointed."""
+  planned, real_plan = [], train_module.plan_horizon
+
+  def plan(**kwargs):
+    planned.append(kwargs)
+    assert real_plan(**kwargs) > kwargs["step"]  # 30 minutes leave room to go on
+    return 7
+
+  monkeypatch.setattr(train_module, "plan_horizon", plan)
+  config = tiny_config(dataset, "train.steps=null", "optim.decay_steps=null", "train.max_minutes=30",
+                       "train.eval_every=4", "train.checkpoint_every=100")
+  result = train_and_evaluate(config, tmp_path, progress=False)
+  (kwargs,) = planned
+  assert kwargs["step"] == 4 and kwargs["eval_every"] == 4
+  assert kwargs["step_seconds"] > 0 and kwargs["validation_seconds"] > 0
+  assert kwargs["closing_eval_seconds"] > train_module.CLOSING_SECONDS  # val + test estimated
+  assert result.step == 7
+  checkpointer = Checkpointer(tmp_path / "checkpoints")
+  assert checkpointer.latest_meta(LAST)["decay_steps"] == 7
+  checkpointer.close()
+  # The schedule after step 4 is the cosine with T = 7.
+  lr = {r["step"]: r["lr"] for r in read_records(tmp_path) if r["kind"] == "train"}
+  schedule = make_optimizer(config.optim, 7, None)[1]
+  assert lr[7] == pytest.approx(float(schedule(6)), rel=1e-6)
+  # Resumed, the run keeps its T: nothing is left to train and nothing is planned again.
+  again = train_and_evaluate(config, tmp_path, progress=False, final_eval=False)
+  assert again.step == 7 and len(planned) == 1

@@ -8,6 +8,6 @@ from train.data.iterator import BatchIterator, DataPosition
 from train.data.omol25 import OMol25Dataset
 from train.data.packing import pack
 from train.data.records import Dataset, InvalidRecordError, Record, validate_record
-from train.data.reference_energies import ReferenceEnergies, fit_on_dataset
+from train.data.reference_energies import ReferenceEnergies, fit_on_dataset, fit_reference_energies
 from train.data.spice import SpiceHDF5Dataset
 from train.data.splits import split_by_molecule

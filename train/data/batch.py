@@ -68,7 +68,8 @@ def collate(records: Sequence[Record], subset_ids: Sequence[int], *, cutoff: flo
   energy = np.zeros(num_molecules, np.float64)  # [B]; subtraction in float64, then cast
   energy[:m] = [r.energy for r in records]
   if references is not None:
-    energy[:m] -= [references.energy(r.structure.numbers) for r in records]
+    energy[:m] -= [references.energy(r.structure.numbers, r.structure.charge, r.structure.spin)
+                   for r in records]
   forces = np.zeros((num_nodes, 3), dtype)  # [N, 3]
   if m:
     forces[:sizes.sum()] = np.concatenate([r.forces for r in records])

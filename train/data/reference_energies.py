@@ -1,99 +1,91 @@
-"""Per-element reference energies, fitted by least squares and subtracted from the targets.
+"""Least-squares fit of the reference energies (``e2former_jax.reference_energies``) to training records.
 
-E_total ~ sum_Z n_Z e_Z: the fit removes the large, composition-only part of the energy (about
--1000 eV per carbon atom) so the network learns the small remainder; predictions add it back, so
-they come out as total energies. Stored with the model through :meth:`ReferenceEnergies.to_dict`.
+E_total ~ sum_Z n_Z e_Z + c_q + s_m: per-element energies plus one offset per total charge q != 0 and
+one per spin multiplicity m != 1. The fit removes the large composition part of the energy (about
+-1000 eV per carbon atom) and the nearly constant cost of adding or removing an electron or
+unpairing one, so the network learns the small remainder; predictions add it back.
 
-The fit accumulates the normal equations (counts^T counts, counts^T E) in float64 while streaming
-the records, so any number of records fits in O(Z^2) memory, and solves them with a minimum-norm
-least-squares solve: elements whose counts are collinear (e.g. always present in a fixed ratio)
-get the minimum-norm split of their joint reference, which fits every training energy equally well.
+The fit accumulates the normal equations (X^T X, X^T E over the design columns: element counts,
+then one indicator column per charge/multiplicity seen) in float64 while streaming the records, so
+any number of records fits in memory independent of their number, and solves them with a
+minimum-norm least-squares solve: elements whose counts are collinear (e.g. always present in a
+fixed ratio) get the minimum-norm split of their joint reference, which fits every training energy
+equally well.
 
-Elements absent from the fitting records have no reference: :meth:`ReferenceEnergies.energy`
-raises for them rather than silently using 0 (which would offset that molecule's energy by ~1 keV).
-Fit on records that cover every element the model will see.
+Elements, charges and multiplicities absent from the fitting records have no reference:
+``ReferenceEnergies.energy`` raises for them rather than silently using 0. Fit on records that cover
+everything the model will see.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
+from e2former_jax.reference_energies import NEUTRAL_CHARGE, SINGLET, UNSPECIFIED_MULTIPLICITY
+from e2former_jax.reference_energies import ReferenceEnergies
 from train.data.records import Dataset, InvalidRecordError, Record, warn_skipped
 
 # Atom-type table size: atomic numbers 0..118 (0 unused).
 NUM_ELEMENTS = 119
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class ReferenceEnergies:
-  """Reference energy per element.
+class _NormalEquations:
+  """X^T X and X^T y of a growing design: element counts, then indicator columns added on first use."""
 
-  Attributes:
-    values: [NUM_ELEMENTS] float64 reference energy of each atomic number in eV (0 where unseen).
-    seen: [NUM_ELEMENTS] bool, True for the elements present in the fitting records.
-  """
+  def __init__(self):
+    self.states: list[tuple[str, int]] = []  # ("charge", q) or ("multiplicity", m) per extra column
+    self.gram = np.zeros((NUM_ELEMENTS, NUM_ELEMENTS))
+    self.rhs = np.zeros(NUM_ELEMENTS)
+    self.rows = 0
 
-  values: np.ndarray
-  seen: np.ndarray
+  def _column(self, state: tuple[str, int]) -> int:
+    if state not in self.states:
+      self.states.append(state)
+      self.gram = np.pad(self.gram, ((0, 1), (0, 1)))
+      self.rhs = np.pad(self.rhs, (0, 1))
+    return NUM_ELEMENTS + self.states.index(state)
 
-  @classmethod
-  def fit(cls, records: Iterable[Record]) -> "ReferenceEnergies":
-    """Least-squares fit of E_total = sum_Z n_Z e_Z over the records (float64).
+  def add(self, numbers: np.ndarray, charge: int, multiplicity: int, energy: float) -> None:
+    columns = []
+    if charge != NEUTRAL_CHARGE:
+      columns.append(self._column(("charge", charge)))
+    if multiplicity not in (SINGLET, UNSPECIFIED_MULTIPLICITY):
+      columns.append(self._column(("multiplicity", multiplicity)))
+    x = np.zeros(len(self.rhs))
+    x[:NUM_ELEMENTS] = np.bincount(numbers, minlength=NUM_ELEMENTS)[:NUM_ELEMENTS]
+    x[columns] = 1.0
+    self.gram += np.outer(x, x)
+    self.rhs += x * energy
+    self.rows += 1
 
-    Raises:
-      ValueError: if there are no records.
-    """
-    gram = np.zeros((NUM_ELEMENTS, NUM_ELEMENTS))  # counts^T counts
-    rhs = np.zeros(NUM_ELEMENTS)  # counts^T energies
-    num_records = 0
-    for record in records:
-      counts = np.bincount(np.asarray(record.structure.numbers), minlength=NUM_ELEMENTS)
-      counts = counts[:NUM_ELEMENTS].astype(np.float64)
-      gram += np.outer(counts, counts)
-      rhs += counts * float(record.energy)
-      num_records += 1
-    if num_records == 0:
-      raise ValueError("cannot fit reference energies to no records")
-    seen = np.diag(gram) > 0
-    values = np.zeros(NUM_ELEMENTS)
-    # The normal equations restricted to the seen elements share the least-squares problem's
+  def solve(self) -> ReferenceEnergies:
+    seen = np.diag(self.gram) > 0
+    values = np.zeros(len(self.rhs))
+    # The normal equations restricted to the seen columns share the least-squares problem's
     # minimum-norm solution; lstsq handles rank deficiency.
-    values[seen] = np.linalg.lstsq(gram[np.ix_(seen, seen)], rhs[seen], rcond=None)[0]
-    return cls(values=values, seen=seen)
+    values[seen] = np.linalg.lstsq(self.gram[np.ix_(seen, seen)], self.rhs[seen], rcond=None)[0]
+    extra = dict(zip(self.states, values[NUM_ELEMENTS:]))
+    return ReferenceEnergies(
+        elements={z: values[z] for z in np.flatnonzero(seen[:NUM_ELEMENTS])},
+        charges={q: e for (kind, q), e in extra.items() if kind == "charge"},
+        multiplicities={m: e for (kind, m), e in extra.items() if kind == "multiplicity"})
 
-  def energy(self, numbers: np.ndarray) -> float:
-    """Sum of the reference energies of the atoms, in eV.
 
-    Raises:
-      ValueError: for an atomic number without a fitted reference.
-    """
-    numbers = np.asarray(numbers)
-    in_table = (numbers >= 0) & (numbers < NUM_ELEMENTS)
-    known = np.zeros(numbers.shape, bool)
-    known[in_table] = self.seen[numbers[in_table]]
-    if not known.all():
-      missing = sorted(set(numbers[~known].tolist()))
-      raise ValueError(f"no reference energy for atomic numbers {missing}: they were absent from "
-                       f"the records the references were fitted to")
-    return float(self.values[numbers].sum())
+def fit_reference_energies(records: Iterable[Record]) -> ReferenceEnergies:
+  """Least-squares fit of E_total = sum_Z n_Z e_Z + c_q + s_m over the records (float64).
 
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-serialisable form: the reference energy in eV of every seen element, keyed by str(Z)."""
-    energies = {str(z): float(self.values[z]) for z in np.flatnonzero(self.seen)}
-    return {"unit": "eV", "energies": energies}
-
-  @classmethod
-  def from_dict(cls, data: dict[str, Any]) -> "ReferenceEnergies":
-    if data.get("unit", "eV") != "eV":
-      raise ValueError(f"reference energies must be in eV, got unit {data['unit']!r}")
-    values = np.zeros(NUM_ELEMENTS)
-    seen = np.zeros(NUM_ELEMENTS, bool)
-    for z, e in data["energies"].items():
-      values[int(z)], seen[int(z)] = float(e), True
-    return cls(values=values, seen=seen)
+  Raises:
+    ValueError: if there are no records.
+  """
+  equations = _NormalEquations()
+  for record in records:
+    s = record.structure
+    equations.add(np.asarray(s.numbers), int(s.charge), int(s.spin), float(record.energy))
+  if equations.rows == 0:
+    raise ValueError("cannot fit reference energies to no records")
+  return equations.solve()
 
 
 def fit_on_dataset(dataset: Dataset, indices: np.ndarray | None = None, *,
@@ -116,6 +108,6 @@ def fit_on_dataset(dataset: Dataset, indices: np.ndarray | None = None, *,
           raise
         errors.append(e)
 
-  references = ReferenceEnergies.fit(records())
+  references = fit_reference_energies(records())
   warn_skipped(dataset.path, "records", errors)
   return references

@@ -13,7 +13,7 @@ import pytest
 from e2f_testing import random_molecule
 from jax_md import partition, quantity, simulate, space
 
-from benchmarks.md import water_box
+from benchmarks.structures import water_box
 from e2former_jax.interop import jax_md as e2f_md
 from e2former_jax.neighbors import build_graph, neighbor_list
 from e2former_jax.potential import energy_and_forces, energy_forces_stress

@@ -14,7 +14,7 @@ LMAX, CHANNELS, FEATURES, HIDDEN = 2, 6, 8, 4
 
 def test_no_per_atom_gather_or_scatter():
   """A boolean row mask left a gather per degree and a scatter-add over [N, S, P] in the backward
-  (the `wrapped_scatter` kernels of benchmarks/notes_profile.md)."""
+  (the `wrapped_scatter` kernels of docs/performance.md §4)."""
   x = jnp.asarray(np.random.default_rng(0).normal(size=(NUM_ATOMS, (LMAX + 1) ** 2, CHANNELS)),
                   jnp.float32)
   assert per_atom_indexing(SO3LinearToScalar(FEATURES, HIDDEN), x) == []

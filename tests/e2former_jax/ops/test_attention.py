@@ -59,3 +59,26 @@ def test_kernels_match_xla_with_gradients(inputs):
   np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
   for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5 * np.abs(g_ref).max())
+
+
+def test_auto_chooses_the_kernels_exactly_on_gpu(inputs, monkeypatch):
+  """AUTO (the default) resolves by the platform being traced for: Pallas on GPU, XLA elsewhere."""
+  import pallas_kernels
+
+  assert ops.resolve_impl(AttentionImpl.AUTO) is AttentionImpl.XLA  # this CPU
+  calls = []
+
+  def kernel(*args, interpret, **kwargs):
+    calls.append(interpret)
+    return pallas_kernels.message_attention_reference(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_kernels, "message_attention", kernel)
+  message_of(inputs, AttentionImpl.AUTO)
+  assert calls == []
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert ops.resolve_impl(AttentionImpl.AUTO) is AttentionImpl.PALLAS
+  for explicit in (AttentionImpl.XLA, AttentionImpl.PALLAS_INTERPRET):
+    assert ops.resolve_impl(explicit) is explicit  # an explicit choice is kept on any platform
+  np.testing.assert_array_equal(message_of(inputs, AttentionImpl.AUTO),
+                                message_of(inputs, AttentionImpl.XLA))
+  assert calls == [False]  # the compiled (not interpreted) kernels

@@ -14,7 +14,7 @@ from train.data import (
   BatchIterator,
   DataPosition,
   InvalidRecordError,
-  ReferenceEnergies,
+  fit_reference_energies,
   open_dataset,
 )
 
@@ -44,7 +44,7 @@ def assert_same_batches(first, second):
 
 
 def test_shapes_contents_and_coverage(dataset):
-  ref = ReferenceEnergies.fit(dataset.read(i) for i in range(len(dataset)))
+  ref = fit_reference_energies(dataset.read(i) for i in range(len(dataset)))
   it = BatchIterator(dataset, max_atoms=MAX_ATOMS, cutoff=CUTOFF, max_neighbors=K, references=ref,
                      prefetch=2)
   plan = it.plan()
@@ -59,8 +59,9 @@ def test_shapes_contents_and_coverage(dataset):
     records = [dataset.read(i) for i in indices]
     m, n = len(records), sum(r.structure.num_atoms for r in records)
     assert n <= MAX_ATOMS and batch.graph.node_mask.sum() == n and batch.graph.molecule_mask.sum() == m
-    np.testing.assert_allclose(batch.energy[:m], [r.energy - ref.energy(r.structure.numbers) for r in records],
-                               rtol=1e-6, atol=1e-4)
+    expected = [r.energy - ref.energy(r.structure.numbers, r.structure.charge, r.structure.spin)
+                for r in records]
+    np.testing.assert_allclose(batch.energy[:m], expected, rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(batch.forces[:n], np.concatenate([r.forces for r in records]), rtol=1e-6)
     assert batch.num_atoms[:m].tolist() == [r.structure.num_atoms for r in records]
     assert [dataset.subset_names[s] for s in batch.subset[:m]] == [r.subset for r in records]

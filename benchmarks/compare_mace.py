@@ -1,0 +1,291 @@
+"""Accuracy per minute of training: our main-command model against MACE, on the same data and CPU.
+
+Both models train on the training split of our run's dataset (by default the built-in GFN2-xTB one
+that ``bash scripts/main.sh`` trains on) for a fixed wall time on this machine, and are scored on
+the same test split: energy MAE (meV/atom) and force MAE (meV/A, per component) per subset, forces
+being the ones each model simulates with (our -dE/dx, MACE's -dE/dx). Our model trains with its
+run config's recipe within ``--minutes``; MACE trains for ``--mace-factor`` times as long (MACE's own
+``mace_run_train``; its checkpoints, written when its validation loss improves, are snapshots of its
+learning curve, and the newest one at 1x and at the end are its models at 1x and 2x our budget).
+
+MACE (mace-torch, with PyTorch) may live in another interpreter: ``--mace-python`` runs its
+training and ``mace_eval.py`` there; the two sides exchange extxyz and npz files.
+
+The MACE configuration is its "small" model of MACE-OFF23 (96 invariant channels, max_L = 0,
+correlation order 3, 2 interactions), at our cutoff of 4.5 A, with MACE's default optimiser recipe
+(Adam + AMSGrad, lr 0.01, batch 10, EMA 0.99, loss weights energy 1 / forces 100, per-element E0s
+fitted by least squares). MACE knows neither total charge nor spin.
+
+  python benchmarks/compare_mace.py --mace-python /path/to/mace-env/bin/python
+  python benchmarks/compare_mace.py --dry-run --set data.path=small.hdf5   # tiny models, seconds
+
+Writes ``compare_mace.json`` and ``compare_mace.png`` to ``--out`` (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ase
+import ase.io
+import numpy as np
+
+from train.run_config import load_run_config
+from train.run_data import open_run_data
+from train.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+MEV = 1000.0
+SPLITS = ("train", "val", "test")
+# MACE-OFF23 "small" (Kovacs et al. 2023): 96x0e hidden features, L = 0; MACE's defaults otherwise.
+MACE_ARCHITECTURE = ["--model=MACE", "--num_channels=96", "--max_L=0", "--correlation=3",
+                     "--num_interactions=2", "--max_ell=3", "--num_radial_basis=8"]
+MACE_TRAINING = ["--batch_size=10", "--valid_batch_size=20", "--lr=0.01", "--ema", "--ema_decay=0.99",
+                 "--amsgrad", "--energy_weight=1", "--forces_weight=100", "--E0s=average",
+                 "--max_num_epochs=100000", "--eval_interval=1", "--default_dtype=float32",
+                 "--device=cpu", "--seed=0", "--error_table=PerAtomMAE"]
+DRY_RUN_MACE_ARCHITECTURE = ["--model=MACE", "--num_channels=8", "--max_L=0", "--correlation=2",
+                             "--num_interactions=1", "--max_ell=1", "--num_radial_basis=4"]
+# How often the driver looks for a new MACE checkpoint (seconds): fine against epochs of ~a minute.
+POLL_SECONDS = 2.0
+# Snapshots of MACE's learning curve that are evaluated on the test split (besides 1x and 2x).
+CURVE_POINTS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+  """A MACE checkpoint taken during training: its epoch, file, and the training wall time then."""
+
+  epoch: int
+  path: Path
+  seconds: float
+
+
+def write_split(data, split: str, path: Path) -> list[str]:
+  """The split as extxyz with MACE's REF_* keys, subset as config_type; returns the subsets in order."""
+  frames, subsets = [], []
+  for i in data.splits[split]:
+    record = data.dataset.read(int(i))
+    s = record.structure
+    atoms = ase.Atoms(numbers=s.numbers, positions=s.positions)
+    atoms.info.update(REF_energy=float(record.energy), config_type=record.subset.replace(" ", "_"),
+                      charge=int(s.charge), spin=int(s.spin))
+    atoms.arrays["REF_forces"] = np.asarray(record.forces, np.float64)
+    frames.append(atoms)
+    subsets.append(record.subset)
+  ase.io.write(path, frames, format="extxyz")
+  return subsets
+
+
+def errors(frames, subsets: list[str], energy: np.ndarray, forces: np.ndarray) -> dict[str, dict]:
+  """Energy MAE (meV/atom, per molecule then averaged) and force MAE (meV/A, per component) by subset."""
+  sizes = np.array([len(a) for a in frames])
+  ref_e = np.array([a.info["REF_energy"] for a in frames])
+  ref_f = np.concatenate([a.arrays["REF_forces"] for a in frames])
+  e_err = np.abs(energy - ref_e) / sizes  # [configs]
+  f_err = np.abs(forces - ref_f).mean(axis=1)  # [atoms], mean over components
+  owner = np.repeat(np.arange(len(frames)), sizes)
+  table = {}
+  for name in ["all", *sorted(set(subsets))]:
+    chosen = np.ones(len(frames), bool) if name == "all" else np.array([s == name for s in subsets])
+    table[name] = {"molecules": int(chosen.sum()),
+                   "energy_mae_mev_per_atom": MEV * float(e_err[chosen].mean()),
+                   "force_mae_mev_per_a": MEV * float(f_err[chosen[owner]].mean())}
+  return table
+
+
+def train_ours(args, config, out: Path) -> dict:
+  start = time.perf_counter()
+  result = train_and_evaluate(config, out / "ours", progress=not args.quiet)
+  seconds = time.perf_counter() - start
+  rows = {r["subset"]: r for r in result.table if r["split"] == "test"}
+  return {"wall_seconds": seconds, "steps": result.step,
+          "test": {name: {"molecules": r["molecules"],
+                          "energy_mae_mev_per_atom": r["energy_mae_mev_per_atom"],
+                          "force_mae_mev_per_a": r["force_mae_mev_per_a"]} for name, r in rows.items()}}
+
+
+def mace_command(args, folder: Path, cutoff: float, numbers: list[int], max_epochs: int | None = None
+                 ) -> list[str]:
+  architecture = DRY_RUN_MACE_ARCHITECTURE if args.dry_run else MACE_ARCHITECTURE
+  command = [args.mace_python, "-m", "mace.cli.run_train", "--name=mace",
+             f"--train_file={folder / 'train.xyz'}", f"--valid_file={folder / 'val.xyz'}",
+             "--energy_key=REF_energy", "--forces_key=REF_forces", f"--r_max={cutoff}",
+             f"--atomic_numbers={numbers}", f"--work_dir={folder}", *architecture, *MACE_TRAINING]
+  if max_epochs is not None:  # a restart that only saves the loaded checkpoint as a model
+    command = [c for c in command if not c.startswith("--max_num_epochs")]
+    command += [f"--max_num_epochs={max_epochs}", "--restart_latest"]
+  return command
+
+
+def train_mace(args, folder: Path, cutoff: float, numbers: list[int], seconds: float) -> list[Snapshot]:
+  """Runs MACE's training for ``seconds`` of wall time, keeping every checkpoint it writes."""
+  checkpoints, kept = folder / "checkpoints", folder / "snapshots"
+  kept.mkdir(parents=True, exist_ok=True)
+  log = (folder / "mace_train.log").open("w")
+  start = time.perf_counter()
+  process = subprocess.Popen(mace_command(args, folder, cutoff, numbers), cwd=folder, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+  snapshots: dict[str, Snapshot] = {}
+  try:
+    while time.perf_counter() - start < seconds and process.poll() is None:
+      time.sleep(POLL_SECONDS)
+      for path in checkpoints.glob("*_epoch-*.pt") if checkpoints.is_dir() else ():
+        if path.name not in snapshots:
+          copy = kept / path.name
+          shutil.copy2(path, copy)
+          epoch = int(path.stem.rsplit("_epoch-", 1)[1])
+          snapshots[path.name] = Snapshot(epoch, copy, time.perf_counter() - start)
+  finally:
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGTERM)
+      process.wait(timeout=60)
+    log.close()
+  if process.returncode not in (0, -signal.SIGTERM, None):
+    raise RuntimeError(f"MACE training failed (exit {process.returncode}); see {folder / 'mace_train.log'}")
+  return sorted(snapshots.values(), key=lambda s: s.seconds)
+
+
+def mace_model(args, folder: Path, cutoff: float, numbers: list[int], last: Snapshot) -> Path:
+  """A whole MACE model file for the run's architecture: restart from the last snapshot and save."""
+  restart = folder / "restart"
+  shutil.rmtree(restart, ignore_errors=True)
+  (restart / "checkpoints").mkdir(parents=True)
+  shutil.copy2(last.path, restart / "checkpoints" / last.path.name)
+  for name in ("train.xyz", "val.xyz"):
+    shutil.copy2(folder / name, restart / name)
+  with (folder / "mace_restart.log").open("w") as log:
+    subprocess.run(mace_command(args, restart, cutoff, numbers, max_epochs=last.epoch), cwd=restart,
+                   stdout=log, stderr=subprocess.STDOUT, check=True)
+  return next((restart / "checkpoints").glob("*.model"))
+
+
+def curve_points(snapshots: list[Snapshot], budget: float) -> list[Snapshot]:
+  """The snapshots to evaluate: the newest at 1x and at the end, and up to CURVE_POINTS between."""
+  chosen = {id(s): s for s in snapshots[:: max(1, len(snapshots) // CURVE_POINTS)]}
+  at_budget = [s for s in snapshots if s.seconds <= budget]
+  for s in ([at_budget[-1]] if at_budget else []) + snapshots[-1:]:
+    chosen[id(s)] = s
+  return sorted(chosen.values(), key=lambda s: s.seconds)
+
+
+def plot(report: dict, path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  curve = report["mace"]["curve"]
+  ax.plot([p["minutes"] for p in curve], [p["test"]["all"]["force_mae_mev_per_a"] for p in curve],
+          "o-", label="MACE (small), test")
+  ours = report["ours"]
+  ax.plot([ours["wall_seconds"] / 60], [ours["test"]["all"]["force_mae_mev_per_a"]], "*", ms=14,
+          label="E2Former (main command), test")
+  ax.axvline(report["minutes"], color="grey", ls=":", lw=1)
+  ax.axvline(report["minutes"] * report["mace_factor"], color="grey", ls=":", lw=1)
+  ax.set(xlabel="training wall time (min, same 2-core CPU)", ylabel="test force MAE (meV/\u00c5)",
+         yscale="log", title="Force error against training time")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+  """The comparison table: test MAE per subset for ours (1x) and MACE (1x, 2x)."""
+  columns = [("E2Former, 1x", report["ours"]["test"]), ("MACE, 1x", report["mace"]["at_1x"]),
+             (f"MACE, {report['mace_factor']:g}x", report["mace"]["at_end"])]
+  lines = ["| subset | " + " | ".join(f"{c} E (meV/atom) | {c} F (meV/\u00c5)" for c, _ in columns) + " |",
+           "|---|" + "---:|" * (2 * len(columns))]
+  for subset in report["ours"]["test"]:
+    cells = []
+    for _, table in columns:
+      row = table.get(subset)
+      cells += ["-", "-"] if row is None else [f"{row['energy_mae_mev_per_atom']:.1f}",
+                                              f"{row['force_mae_mev_per_a']:.1f}"]
+    lines.append(f"| {subset} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.yaml",
+                      help="our run config (default: the main command's)")
+  parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--minutes", type=float, default=None,
+                      help="our training budget (default: the config's train.max_minutes)")
+  parser.add_argument("--mace-factor", type=float, default=2.0, help="MACE trains this many times as long")
+  parser.add_argument("--mace-python", default=sys.executable, help="interpreter with mace-torch")
+  parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compare_mace")
+  parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+  parser.add_argument("--dry-run", action="store_true",
+                      help="tiny models, seconds of training (give a small dataset with --set data.path=...)")
+  parser.add_argument("--quiet", action="store_true")
+  args = parser.parse_args(argv)
+
+  overrides = list(args.overrides)
+  if args.dry_run:
+    overrides += ["model.num_layers=1", "model.channels=8",
+                  "model.num_heads=2", "model.num_rbf=8", "model.edge_hidden=8", "model.type_embed_dim=4",
+                  "train.eval_every=5", "train.log_every=5"]
+    args.minutes = args.minutes or 0.4
+  config = load_run_config(args.config, overrides)
+  minutes = args.minutes or config.train.max_minutes
+  config = load_run_config(args.config, overrides + [f"train.max_minutes={minutes}", "train.steps=null",
+                                                     "optim.decay_steps=null"])
+  shutil.rmtree(args.work, ignore_errors=True)
+  folder = args.work / "mace"
+  folder.mkdir(parents=True)
+  data = open_run_data(config.data)
+  subsets = {split: write_split(data, split, folder / f"{split}.xyz") for split in SPLITS}
+  numbers = sorted({int(z) for a in ase.io.read(folder / "train.xyz", index=":") for z in a.numbers})
+  cutoff = config.model_config().cutoff
+
+  ours = train_ours(args, config, args.work)
+  budget = 60.0 * minutes
+  snapshots = train_mace(args, folder, cutoff, numbers, args.mace_factor * budget)
+  if not snapshots:
+    raise RuntimeError(f"MACE wrote no checkpoint in {args.mace_factor * budget:.0f} s")
+  points = curve_points(snapshots, budget)
+  model = mace_model(args, folder, cutoff, numbers, points[-1])
+  predictions = folder / "predictions"
+  subprocess.run([args.mace_python, str(Path(__file__).with_name("mace_eval.py")), "--model", str(model),
+                  "--xyz", str(folder / "test.xyz"), "--out", str(predictions),
+                  "--checkpoint", *[str(p.path) for p in points]], check=True)
+  test_frames = ase.io.read(folder / "test.xyz", index=":")
+  curve = []
+  for p in points:
+    npz = np.load(predictions / f"{p.path.stem}.npz")
+    curve.append({"minutes": p.seconds / 60, "epoch": p.epoch,
+                  "test": errors(test_frames, subsets["test"], npz["energy"], npz["forces"])})
+  at_budget = [c for c in curve if c["minutes"] <= minutes]
+  report = {
+      "minutes": minutes, "mace_factor": args.mace_factor, "config": str(args.config),
+      "overrides": overrides, "records": {s: len(data.splits[s]) for s in SPLITS},
+      "ours": ours,
+      "mace": {"architecture": MACE_ARCHITECTURE, "training": MACE_TRAINING, "curve": curve,
+               "at_1x": at_budget[-1]["test"] if at_budget else {}, "at_end": curve[-1]["test"]},
+  }
+  args.out.mkdir(parents=True, exist_ok=True)
+  name = "compare_mace_dry_run" if args.dry_run else "compare_mace"
+  (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+  plot(report, args.out / f"{name}.png")
+  table = markdown(report)
+  (args.out / f"{name}.md").write_text(table)
+  print(table)
+  return report
+
+
+if __name__ == "__main__":
+  main()
