@@ -43,7 +43,7 @@ import pytest
 from e2f_testing import environment_without_launchers
 from tiny_training import TINY, write_dataset
 
-from train.checkpoint import CHECKPOINT_DIRNAME, LAST, load_predictor
+from train.checkpoint import CHECKPOINT_DIRNAME, LAST, load_checkpoint
 from train.metrics import TABLE_JSON_FILENAME, read_records
 from train.run_config import load_run_config
 from train.run_data import make_iterator, open_run_data
@@ -167,8 +167,8 @@ def test_two_processes_train_like_one(tmp_path):
   expected = _train_losses(reference)
   assert len(expected) == STEPS and np.isfinite(expected).all()
   np.testing.assert_allclose(_train_losses(shared), expected, rtol=1e-5)
-  _, params, *_ = load_predictor(shared, "last")
-  _, expected_params, *_ = load_predictor(reference, "last")
+  params, _ = load_checkpoint(shared, "last")
+  expected_params, _ = load_checkpoint(reference, "last")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, expected_params)
   table = json.loads((shared / TABLE_JSON_FILENAME).read_text())
   expected_table = json.loads((reference / TABLE_JSON_FILENAME).read_text())
