@@ -16,10 +16,12 @@ correlation order 3, 2 interactions), at our cutoff of 4.5 A, with MACE's defaul
 (Adam + AMSGrad, lr 0.01, batch 10, EMA 0.99, loss weights energy 1 / forces 100, per-element E0s
 fitted by least squares). MACE knows neither total charge nor spin.
 
-  python benchmarks/compare_mace.py --mace-python /path/to/mace-env/bin/python
-  python benchmarks/compare_mace.py --dry-run --set data.path=small.hdf5   # tiny models, seconds
+  python -m benchmarks.compare_mace --mace-python /path/to/mace-env/bin/python
+  python -m benchmarks.compare_mace --smoke    # tiny models on synthetic molecules, ~2 min
 
-Writes ``compare_mace.json`` and ``compare_mace.png`` to ``--out`` (default benchmarks/results/).
+Records the cases "E2Former <minutes> min", "MACE small <minutes> min" and "MACE small <2x> min"
+(test MAE, overall and per subset) with ``benchmarks/report.py``, and plots the test force MAE
+against training time to ``results/compare_mace.png``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import ase
 import ase.io
 import numpy as np
 
+from benchmarks import report
 from train.run_config import load_run_config
 from train.run_data import open_run_data
 from train.train import train_and_evaluate
@@ -53,7 +56,7 @@ MACE_TRAINING = ["--batch_size=10", "--valid_batch_size=20", "--lr=0.01", "--ema
                  "--amsgrad", "--energy_weight=1", "--forces_weight=100", "--E0s=average",
                  "--max_num_epochs=100000", "--eval_interval=1", "--default_dtype=float32",
                  "--device=cpu", "--seed=0", "--error_table=PerAtomMAE"]
-DRY_RUN_MACE_ARCHITECTURE = ["--model=MACE", "--num_channels=8", "--max_L=0", "--correlation=2",
+SMOKE_MACE_ARCHITECTURE = ["--model=MACE", "--num_channels=8", "--max_L=0", "--correlation=2",
                              "--num_interactions=1", "--max_ell=1", "--num_radial_basis=4"]
 # How often the driver looks for a new MACE checkpoint (seconds): fine against epochs of ~a minute.
 POLL_SECONDS = 2.0
@@ -116,7 +119,7 @@ def train_ours(args, config, out: Path) -> dict:
 
 def mace_command(args, folder: Path, cutoff: float, numbers: list[int], max_epochs: int | None = None
                  ) -> list[str]:
-  architecture = DRY_RUN_MACE_ARCHITECTURE if args.dry_run else MACE_ARCHITECTURE
+  architecture = SMOKE_MACE_ARCHITECTURE if args.smoke else MACE_ARCHITECTURE
   command = [args.mace_python, "-m", "mace.cli.run_train", "--name=mace",
              f"--train_file={folder / 'train.xyz'}", f"--valid_file={folder / 'val.xyz'}",
              "--energy_key=REF_energy", "--forces_key=REF_forces", f"--r_max={cutoff}",
@@ -178,22 +181,22 @@ def curve_points(snapshots: list[Snapshot], budget: float) -> list[Snapshot]:
   return sorted(chosen.values(), key=lambda s: s.seconds)
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(summary: dict, path: Path) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  curve = report["mace"]["curve"]
+  curve = summary["mace"]["curve"]
   ax.plot([p["minutes"] for p in curve], [p["test"]["all"]["force_mae_mev_per_a"] for p in curve],
           "o-", label="MACE (small), test")
-  ours = report["ours"]
+  ours = summary["ours"]
   ax.plot([ours["wall_seconds"] / 60], [ours["test"]["all"]["force_mae_mev_per_a"]], "*", ms=14,
           label="E2Former (main command), test")
-  ax.axvline(report["minutes"], color="grey", ls=":", lw=1)
-  ax.axvline(report["minutes"] * report["mace_factor"], color="grey", ls=":", lw=1)
-  ax.set(xlabel="training wall time (min, same 2-core CPU)", ylabel="test force MAE (meV/\u00c5)",
+  for minutes in (summary["minutes"], summary["minutes"] * summary["mace_factor"]):
+    ax.axvline(minutes, color="grey", ls=":", lw=1)
+  ax.set(xlabel="training wall time (min, same CPU)", ylabel="test force MAE (meV/\u00c5)",
          yscale="log", title="Force error against training time")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
@@ -202,46 +205,62 @@ def plot(report: dict, path: Path) -> None:
   plt.close(fig)
 
 
-def markdown(report: dict) -> str:
-  """The comparison table: test MAE per subset for ours (1x) and MACE (1x, 2x)."""
-  columns = [("E2Former, 1x", report["ours"]["test"]), ("MACE, 1x", report["mace"]["at_1x"]),
-             (f"MACE, {report['mace_factor']:g}x", report["mace"]["at_end"])]
-  lines = ["| subset | " + " | ".join(f"{c} E (meV/atom) | {c} F (meV/\u00c5)" for c, _ in columns) + " |",
-           "|---|" + "---:|" * (2 * len(columns))]
-  for subset in report["ours"]["test"]:
-    cells = []
-    for _, table in columns:
-      row = table.get(subset)
-      cells += ["-", "-"] if row is None else [f"{row['energy_mae_mev_per_atom']:.1f}",
-                                              f"{row['force_mae_mev_per_a']:.1f}"]
-    lines.append(f"| {subset} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+def result_line(test: dict[str, dict]) -> str:
+  """Test MAE of every subset: energy meV/atom / force meV/A."""
+  return "; ".join(f"{name} {row['energy_mae_mev_per_atom']:.1f} / {row['force_mae_mev_per_a']:.1f}"
+                   for name, row in test.items()) + " (test, E meV/atom / F meV/\u00c5)"
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def synthetic_dataset(path: Path, molecules: int = 12, conformers: int = 4) -> Path:
+  """A small labelled extxyz dataset for --smoke: random H/C/N/O chains with a pair potential."""
+  rng = np.random.default_rng(0)
+  frames = []
+  for m in range(molecules):
+    n = int(rng.integers(3, 8))
+    numbers = np.concatenate([[6], rng.choice([1, 6, 7, 8], n - 1)])
+    base = np.cumsum(rng.normal(size=(n, 3)), 0)
+    base *= 1.3 / np.maximum(np.linalg.norm(np.diff(base, axis=0), axis=1).min(), 1e-3)
+    for _ in range(conformers):
+      positions = base + rng.normal(scale=0.08, size=base.shape)
+      diff = positions[:, None] - positions[None]
+      dist = np.linalg.norm(diff, axis=-1)
+      np.fill_diagonal(dist, np.inf)
+      pair = 4.0 * np.exp(-dist / 0.8)
+      atoms = ase.Atoms(numbers=numbers, positions=positions)
+      atoms.info.update(energy=0.5 * pair.sum() - 100.0 * n, molecule=f"mol{m}",
+                        config_type="synthetic", charge=0, spin=1 + int(numbers.sum()) % 2)
+      atoms.arrays["forces"] = ((pair / 0.8 / dist)[..., None] * diff).sum(1)
+      frames.append(atoms)
+  ase.io.write(path, frames, format="extxyz")
+  return path
+
+
+SMOKE = {"minutes": 0.4, "mace_factor": 2.0}
+
+
+def main(argv=None) -> list[report.Record]:
+  parser = report.script_parser(__doc__, SMOKE)
   parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.yaml",
                       help="our run config (default: the main command's)")
-  parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="overrides of our run config")
   parser.add_argument("--minutes", type=float, default=None,
                       help="our training budget (default: the config's train.max_minutes)")
   parser.add_argument("--mace-factor", type=float, default=2.0, help="MACE trains this many times as long")
   parser.add_argument("--mace-python", default=sys.executable, help="interpreter with mace-torch")
-  parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compare_mace")
-  parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-  parser.add_argument("--dry-run", action="store_true",
-                      help="tiny models, seconds of training (give a small dataset with --set data.path=...)")
+  parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compare_mace",
+                      help="scratch folder of both trainings (replaced)")
   parser.add_argument("--quiet", action="store_true")
-  args = parser.parse_args(argv)
+  args = report.parse(parser, argv)
+  results = report.results_dir(args)
 
   overrides = list(args.overrides)
-  if args.dry_run:
-    overrides += ["model.num_layers=1", "model.channels=8",
-                  "model.num_heads=2", "model.num_rbf=8", "model.edge_hidden=8", "model.type_embed_dim=4",
-                  "train.eval_every=5", "train.log_every=5"]
-    args.minutes = args.minutes or 0.4
-  config = load_run_config(args.config, overrides)
-  minutes = args.minutes or config.train.max_minutes
+  if args.smoke:
+    overrides += ["model.num_layers=1", "model.channels=8", "model.num_heads=2", "model.num_rbf=8",
+                  "model.edge_hidden=8", "model.type_embed_dim=4", "train.eval_every=5",
+                  "train.log_every=5", "data.split=[0.5, 0.25, 0.25]",
+                  f"data.path={synthetic_dataset(results / 'synthetic.extxyz')}"]
+  minutes = args.minutes or load_run_config(args.config, overrides).train.max_minutes
   config = load_run_config(args.config, overrides + [f"train.max_minutes={minutes}", "train.steps=null",
                                                      "optim.decay_steps=null"])
   shutil.rmtree(args.work, ignore_errors=True)
@@ -270,21 +289,25 @@ def main(argv=None) -> dict:
     curve.append({"minutes": p.seconds / 60, "epoch": p.epoch,
                   "test": errors(test_frames, subsets["test"], npz["energy"], npz["forces"])})
   at_budget = [c for c in curve if c["minutes"] <= minutes]
-  report = {
-      "minutes": minutes, "mace_factor": args.mace_factor, "config": str(args.config),
-      "overrides": overrides, "records": {s: len(data.splits[s]) for s in SPLITS},
-      "ours": ours,
-      "mace": {"architecture": MACE_ARCHITECTURE, "training": MACE_TRAINING, "curve": curve,
-               "at_1x": at_budget[-1]["test"] if at_budget else {}, "at_end": curve[-1]["test"]},
-  }
-  args.out.mkdir(parents=True, exist_ok=True)
-  name = "compare_mace_dry_run" if args.dry_run else "compare_mace"
-  (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-  plot(report, args.out / f"{name}.png")
-  table = markdown(report)
-  (args.out / f"{name}.md").write_text(table)
-  print(table)
-  return report
+  summary = {"minutes": minutes, "mace_factor": args.mace_factor, "config": str(args.config),
+             "overrides": overrides, "records": {s: len(data.splits[s]) for s in SPLITS},
+             "cpu_cores": len(os.sched_getaffinity(0)), "ours": ours,
+             "mace": {"architecture": MACE_ARCHITECTURE, "training": MACE_TRAINING, "curve": curve}}
+  (results / report.RESULTS_SUBDIR).mkdir(parents=True, exist_ok=True)
+  plot(summary, results / report.RESULTS_SUBDIR / "compare_mace.png")
+  # The E2Former record carries the whole comparison (both curves, settings) in its data.
+  cases = [(f"E2Former ({args.config.name}) {minutes:g} min", ours["test"], summary),
+           (f"MACE small {minutes:g} min", at_budget[-1]["test"] if at_budget else None,
+            at_budget[-1] if at_budget else {}),
+           (f"MACE small {args.mace_factor * minutes:g} min", curve[-1]["test"], curve[-1])]
+  commit, date = args.commit or report.git_commit(), report.today()
+  device = f"cpu ({summary['cpu_cores']} cores)"
+  records = [report.Record(case, result_line(test) if test else "no checkpoint yet", device, commit,
+                           date, payload) for case, test, payload in cases]
+  report.record("compare_mace", records, results)
+  for r in records:
+    print(f"{r.case}: {r.result}")
+  return records
 
 
 if __name__ == "__main__":

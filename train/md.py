@@ -55,16 +55,13 @@ BOX_MARGIN = 20.0
 def molecule_key(name: str) -> str:
   """The dataset key of a built-in molecule given by name (e.g. "ethanol"); other strings as is.
 
-  The built-in dataset keys molecules by RDKit's canonical SMILES, so a name needs RDKit.
+  Names are those of the hand-curated molecules (``train.data.builtin.molecules``). The built-in
+  dataset keys molecules by RDKit's canonical SMILES, so a name needs RDKit.
   """
-  from train.data.builtin import builtin_molecules
+  from train.data.builtin.molecules import CURATED_MOLECULES, canonical_key
 
-  match = [m for m in builtin_molecules() if m.name.lower() == name.lower()]
-  if not match:
-    return name
-  from rdkit import Chem
-
-  return Chem.MolToSmiles(Chem.MolFromSmiles(match[0].smiles))
+  match = [m for m in CURATED_MOLECULES if m.name.lower() == name.lower()]
+  return canonical_key(match[0]) if match else name
 
 
 def dataset_structure(path: str | Path, molecule: str | None = None, conformer: int = 0

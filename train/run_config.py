@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from e2former_jax.config import AttentionImpl, E2FormerConfig, MessagePath, paper_config, tiny_config
+from train.data.builtin.sizes import BuiltinSize
 
 
 class ForceMode(enum.Enum):
@@ -49,7 +50,8 @@ class DataConfig:
       GFN2-xTB dataset (built on first use, then cached).
     builtin_dir: cache folder of the built-in dataset; None = the data package's default.
     builtin_conformers: geometries per molecule of the built-in dataset; None = its default.
-    builtin_small: build only the small test subset of the built-in dataset.
+    builtin: which build of the built-in dataset: ``small`` (tests), ``default`` (the main command on
+      a 2-core CPU) or ``large`` (thousands of molecules, for a GPU run).
     on_error: "raise" on an invalid record, or "skip" it (counted in a warning).
     split: molecule-level train/validation/test fractions.
     split_seed: seed of the molecule-level split and of the reference-energy subsample.
@@ -66,7 +68,7 @@ class DataConfig:
   path: str | None = None
   builtin_dir: str | None = None
   builtin_conformers: int | None = None
-  builtin_small: bool = False
+  builtin: BuiltinSize = BuiltinSize.DEFAULT
   on_error: str = "raise"
   split: tuple[float, float, float] = (0.9, 0.05, 0.05)
   split_seed: int = 12345  # spec 10.1 (authors' random split seed)

@@ -42,8 +42,8 @@ def dataset_path(config: DataConfig) -> Path:
     return Path(config.path).expanduser()
   from train.data.builtin import HDF5_FILENAME, build_builtin_dataset  # needs RDKit + tblite
 
-  folder = build_builtin_dataset(config.builtin_dir, num_conformers=config.builtin_conformers,
-                                 small=config.builtin_small)
+  folder = build_builtin_dataset(config.builtin_dir, size=config.builtin,
+                                 num_conformers=config.builtin_conformers)
   return folder / HDF5_FILENAME
 
 

@@ -192,8 +192,10 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
              disable=not (progress and is_main), file=sys.stderr)
   losses: list[float] = []
   window: list[dict[str, float]] = []
+  # input_wait: seconds the loop blocked on the data pipeline (its prefetch queue empty): time in
+  # which the devices may have run out of work because batches were not ready.
   timing = {"start": time.perf_counter(), "first_done": None, "last_done": None, "atoms_after_first": 0,
-            "steps_after_first": 0}
+            "steps_after_first": 0, "input_wait": 0.0}
 
   def consume(done_step: int, metrics, atoms: int) -> None:
     """Reads back one step's metrics: losses, progress, logging, non-finite accounting."""
@@ -237,7 +239,9 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   try:
     while (step < (config.train.steps if not budget_mode else horizon or math.inf)
            and (step < config.train.min_steps or not _past(deadline, closing_seconds()))):
+      waiting = time.perf_counter()
       items = [next(stream) for _ in range(local_batches)]
+      timing["input_wait"] += time.perf_counter() - waiting
       position = items[-1][0]
       stacked = sharding.stack([batch for _, batch in items])
       atoms = int(stacked.num_atoms.sum()) * jax.process_count()
@@ -285,7 +289,7 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   if is_main:
     (workdir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n")
     say(f"done: step {step}; {summary['steps_per_s']:.3g} steps/s, {summary['atoms_per_s']:,.0f} atoms/s"
-        f"; peak device memory {_format_bytes(summary['peak_device_memory_bytes'])}; outputs in {workdir}")
+        f"; waited for data {100 * summary['input_wait_fraction']:.1f} % of the time; peak device memory {_format_bytes(summary['peak_device_memory_bytes'])}; outputs in {workdir}")
   return TrainResult(workdir=workdir, step=step, losses=losses, table=table, summary=summary)
 
 
@@ -331,6 +335,8 @@ def _summary(timing: dict, step: int, state, mesh) -> dict[str, Any]:
       "steps_per_s": steps / elapsed if elapsed > 0 and steps else float("nan"),
       "atoms_per_s": timing["atoms_after_first"] / elapsed if elapsed > 0 and steps else float("nan"),
       "train_wall_s": time.perf_counter() - timing["start"],
+      "input_wait_s": timing["input_wait"],
+      "input_wait_fraction": timing["input_wait"] / max(time.perf_counter() - timing["start"], 1e-9),
       "skipped_steps": int(jax.device_get(state.nonfinite_total)),
       "peak_device_memory_bytes": stats.get("peak_bytes_in_use"),
   }

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from e2former_jax.config import MessagePath
+from train.data.builtin import BuiltinSize
 from train.run_config import (EnergyLoss, ForceLoss, ForceMode, RunConfig, load_run_config,
                               model_config_from_dict, model_config_to_dict, run_config_from_dict)
 
@@ -40,10 +41,11 @@ def test_overrides_parse_types_and_enums(tmp_path):
   path.write_text("model:\n  preset: tiny\n  channels: 16\noptim:\n  lr: 1e-3  # a comment\n")
   config = load_run_config(path, ["optim.lr=2e-3", "model.channels=32", "loss.forces=direct",
                                   "loss.force=l2mae", "data.split=[0.8,0.1,0.1]", "train.steps=7",
-                                  "model.message_path=per_edge", "data.path=null"])
+                                  "model.message_path=per_edge", "data.path=null", "data.builtin=large"])
   assert config.optim.lr == 2e-3 and isinstance(config.optim.lr, float)
   assert config.loss.forces is ForceMode.DIRECT and config.loss.force is ForceLoss.L2MAE
   assert config.data.split == (0.8, 0.1, 0.1) and config.train.steps == 7 and config.data.path is None
+  assert config.data.builtin is BuiltinSize.LARGE
   model = config.model_config()
   assert model.channels == 32 and model.num_layers == 2 and model.message_path is MessagePath.PER_EDGE
   assert model.direct_force_head
@@ -55,6 +57,7 @@ def test_overrides_parse_types_and_enums(tmp_path):
     (["optimizer.lr=1"], "unknown section 'optimizer'"),
     (["optim.lr"], "section.key=value"),
     (["loss.forces=sideways"], "loss.forces must be one of"),
+    (["data.builtin=huge"], "data.builtin must be one of"),
     (["model.channelz=3"], "unknown model field 'channelz'"),
     (["model.preset=huge"], "model.preset must be one of"),
     (["model.channels=30", "model.num_heads=4"], "multiple of num_heads"),

@@ -119,6 +119,13 @@ def test_training_reduces_loss_and_writes_outputs(trained):
                TABLE_MD_FILENAME, TABLE_JSON_FILENAME, "summary.json", "run_config.yaml"):
     assert (trained.workdir / name).is_file(), name
   assert Checkpointer(trained.workdir / "checkpoints").latest_meta(LAST)["step"] == 30
+  summary = json.loads((trained.workdir / "summary.json").read_text())
+  assert 0 <= summary["input_wait_s"] <= summary["train_wall_s"]
+  assert summary["input_wait_fraction"] == pytest.approx(summary["input_wait_s"] / summary["train_wall_s"],
+                                                         rel=0.05)
+  # A direct-force run scores both force kinds; the table labels them.
+  assert "direct_force_mae_mev_per_a" in val[-1] and "force MAE, direct head" in (
+      trained.workdir / TABLE_MD_FILENAME).read_text()
 
 
 def test_eval_table_has_per_subset_rows(trained):

@@ -1,0 +1,44 @@
+"""compare_mace.py end to end on the CPU (tiny models, synthetic molecules), where mace-torch is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# The interpreter that has mace-torch: this one, or the one named by the environment variable.
+MACE_PYTHON = os.environ.get("E2F_MACE_PYTHON", sys.executable)
+
+
+def _has_mace(python: str) -> bool:
+  if python == sys.executable:
+    return importlib.util.find_spec("mace") is not None
+  return subprocess.run([python, "-c", "import mace"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_mace(MACE_PYTHON),
+                    reason="mace-torch is not installed (pip install 'e2former-jax[mace]', or point "
+                           "E2F_MACE_PYTHON at an interpreter that has it)")
+def test_smoke_run_trains_both_and_records_three_cases(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.compare_mace", "--smoke", "--quiet", "--results", str(tmp_path),
+       "--work", str(tmp_path / "work"), "--mace-python", MACE_PYTHON],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  records = json.loads((tmp_path / "results" / "compare_mace.json").read_text())["records"]
+  assert [r["case"].split(" ")[0] for r in records] == ["E2Former", "MACE", "MACE"]
+  summary = records[0]["data"]
+  curve = summary["mace"]["curve"]
+  assert curve and all(p["minutes"] <= 2 * summary["minutes"] + 0.5 for p in curve)
+  for point in [summary["ours"]] + curve:
+    row = point["test"]["all"]
+    assert row["molecules"] == summary["records"]["test"]  # every test geometry scored
+    assert 0 < row["force_mae_mev_per_a"] < 1e5 and 0 <= row["energy_mae_mev_per_atom"] < 1e6
+  assert (tmp_path / "results" / "compare_mace.png").stat().st_size > 10_000
+  assert "| MACE small 0.8 min |" in (tmp_path / "RESULTS.md").read_text()
