@@ -6,7 +6,7 @@ Every run is ``python -m train.cli train`` in subprocesses on localhost:
 - the reference: 1 process, 4 devices, all steps and the final evaluation;
 - launch 1 (at the same time): 2 processes started with ``--coordinator-address``,
   ``--num-processes`` and ``--process-id``, the first steps and a checkpoint;
-- launch 2: the same 2 processes started the way a cluster scheduler does it (SLURM's variables and
+- launch 2: 2 processes again, started the way a cluster scheduler does it (SLURM's variables and
   ``--auto-cluster``, i.e. a bare ``jax.distributed.initialize()``), resuming from that checkpoint
   to the last step and the final evaluation.
 
