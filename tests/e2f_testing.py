@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -12,6 +13,14 @@ import numpy as np
 from e2former_jax.graph import Graph
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Variables of launchers and cluster schedulers that jax.distributed.initialize() detects.
+_LAUNCHER_ENV_PREFIXES = ("SLURM_", "OMPI_", "PMIX_", "KUBERNETES_", "JAX_COORDINATOR",
+                          "JAX_LOCAL_DEVICE_IDS", "E2F_")
+
+
+def environment_without_launchers() -> dict[str, str]:
+  """``os.environ`` minus what would make a child process join, or detect, a multi-process launch."""
+  return {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV_PREFIXES)}
 
 
 def brute_force_graph(molecules, *, cutoff, max_neighbors, num_nodes=None, num_molecules=None,

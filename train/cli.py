@@ -55,7 +55,8 @@ def _run(args) -> int:
   # Before anything touches a device: a multi-process launch must initialise the runtime first.
   sharding.maybe_initialize_distributed(getattr(args, "coordinator_address", None),
                                         getattr(args, "num_processes", None),
-                                        getattr(args, "process_id", None))
+                                        getattr(args, "process_id", None),
+                                        auto=getattr(args, "auto_cluster", False))
   if args.command == "train":
     return _train(args)
   if args.command == "md":
@@ -107,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"multi-process launch: number of processes (or ${sharding.NUM_PROCESSES_ENV})")
     sub.add_argument("--process-id", type=int, default=None,
                      help=f"multi-process launch: this process's index (or ${sharding.PROCESS_ID_ENV})")
+    sub.add_argument("--auto-cluster", action="store_true",
+                     help="multi-process launch configured by the cluster scheduler: jax.distributed "
+                          f"reads the environment of {sharding.AUTO_DETECTED_CLUSTERS} (e.g. srun)")
   return parser
 
 

@@ -41,7 +41,8 @@ class MetricsLog:
   def __init__(self, workdir: str | Path, *, resume_step: int | None = None, enabled: bool = True):
     self.workdir = Path(workdir)
     self.enabled = enabled
-    self._records = [] if resume_step is None else [
+    # Only the writing process reads the files back: the others would race with its rewrite.
+    self._records = [] if resume_step is None or not enabled else [
         r for r in read_records(self.workdir) if r["step"] <= resume_step]
     if enabled:
       self._rewrite()

@@ -19,92 +19,27 @@ import textwrap
 import warnings
 from pathlib import Path
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_training import SUBSETS, TINY, write_dataset
 
 from e2former_jax.nn.model import E2Former
 from train import sharding
 from train.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
 from train.cli import main as cli_main
-from train.data.splits import split_by_molecule
 from train.metrics import (CURVE_FILENAME, JSONL_FILENAME, TABLE_JSON_FILENAME, TABLE_MD_FILENAME,
                            read_records)
 from train.optimizer import make_optimizer
 from train.run_config import load_run_config
-from train.run_data import SPLITS, empty_batch, make_iterator, open_run_data
+from train.run_data import empty_batch, make_iterator, open_run_data
 from train.state import create_train_state
 from train.step import make_init, make_train_step
 from train.train import NonFiniteHalt, train_and_evaluate
 import train.train as train_module
 
 REPO = Path(__file__).resolve().parents[2]
-HARTREE_EV = 27.211386245988
-BOHR_A = 0.529177210903
-SUBSETS = ("alpha", "beta")
-NUM_MOLECULES = 16
-CONFORMERS = 4
-SPLIT = (0.5, 0.25, 0.25)
-SPLIT_SEED = 12345
-
-# The tiny run every test shares: same shapes and constants (the schedule's horizon included), so
-# one compilation serves all through the persistent cache.
-TINY = [
-    "model.preset=tiny", "model.num_layers=1", "model.channels=8", "model.num_heads=2",
-    "model.head_dim=4", "model.num_rbf=8", "model.max_neighbors=8", "model.edge_hidden=8",
-    "model.type_embed_dim=4", "loss.forces=direct", "loss.energy_weight=1", "loss.force_weight=1",
-    "data.atoms_per_batch=32", "data.molecules_per_batch=6", "data.prefetch=1",
-    "data.batches_per_step=4", f"data.split={list(SPLIT)}", f"data.split_seed={SPLIT_SEED}",
-    "optim.lr=5e-3", "optim.warmup_steps=2", "optim.weight_decay=0", "optim.decay_steps=30",
-    "optim.ema_decay=0.9", "train.log_every=1", "train.seed=0",
-]
-
-
-def _pair_energy_forces(numbers, positions):
-  """A smooth repulsive pair potential plus per-element offsets (eV, eV/A): learnable labels."""
-  offsets = {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0}
-  diff = positions[:, None] - positions[None]  # [n, n, 3]
-  dist = np.linalg.norm(diff, axis=-1)
-  np.fill_diagonal(dist, np.inf)
-  pair = 4.0 * np.exp(-dist / 0.8)  # [n, n]
-  energy = 0.5 * pair.sum() + sum(offsets[int(z)] for z in numbers)
-  forces = ((pair / 0.8 / dist)[..., None] * diff).sum(1)  # -dE/dx_i
-  return energy, forces
-
-
-def write_dataset(path: Path, seed: int = 0) -> Path:
-  """Random small molecules (3-8 atoms, H/C/N/O), several perturbed conformers each, SPICE layout.
-
-  Subsets alternate within each split of the run's molecule-level split, so every split has both.
-  """
-  rng = np.random.default_rng(seed)
-  keys = [f"mol{m:02d}" for m in range(NUM_MOLECULES)]
-  splits = split_by_molecule(keys, seed=SPLIT_SEED, fractions=dict(zip(SPLITS, SPLIT)))
-  subset_of = {int(m): SUBSETS[i % 2] for members in splits.values() for i, m in enumerate(members)}
-  with h5py.File(path, "w") as f:
-    for m in range(NUM_MOLECULES):
-      n = int(rng.integers(3, 9))
-      numbers = rng.choice([1, 6, 7, 8], n)
-      base = np.cumsum(rng.normal(size=(n, 3)), 0)
-      base *= 1.3 / np.maximum(np.linalg.norm(np.diff(base, axis=0), axis=1).min(), 1e-3)
-      confs, energies, grads = [], [], []
-      for _ in range(CONFORMERS):
-        pos = base + rng.normal(scale=0.08, size=base.shape)
-        e, f_ = _pair_energy_forces(numbers, pos)
-        confs.append(pos / BOHR_A)
-        energies.append(e / HARTREE_EV)
-        grads.append(-f_ / HARTREE_EV * BOHR_A)
-      g = f.create_group(keys[m])
-      g["atomic_numbers"] = numbers.astype(np.int16)
-      g["conformations"] = np.asarray(confs, np.float32)
-      g["dft_total_energy"] = np.asarray(energies)
-      g["dft_total_gradient"] = np.asarray(grads, np.float32)
-      g["total_charge"] = np.array([0], np.int16)
-      g["spin_multiplicity"] = np.array([1 + int(numbers.sum()) % 2], np.int16)
-      g["subset"] = np.array([subset_of[m].encode()])
-  return path
 
 
 @pytest.fixture(scope="module", autouse=True)
