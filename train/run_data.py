@@ -22,13 +22,14 @@ class RunData:
   """Attributes:
     dataset: the opened dataset (lazy).
     splits: split name -> record indices (molecule-level, deterministic in ``split_seed``).
-    references: per-element reference energies (fitted on the training split, or restored).
+    references: per-element reference energies (fitted on the training split, or restored); None
+      for a model that predicts total energies (nothing is subtracted from the targets).
     max_molecules: molecule budget per sub-batch, the same for every split (one compiled shape).
   """
 
   dataset: Dataset
   splits: dict[str, np.ndarray]
-  references: ReferenceEnergies
+  references: ReferenceEnergies | None
   max_molecules: int
 
   @property
@@ -47,8 +48,10 @@ def dataset_path(config: DataConfig) -> Path:
   return folder / HDF5_FILENAME
 
 
-def open_run_data(config: DataConfig, *, references: ReferenceEnergies | None = None) -> RunData:
-  """Opens the dataset, splits it by molecule and fits (or takes) the reference energies.
+def open_run_data(config: DataConfig, *, references: ReferenceEnergies | None = None,
+                  total_energies: bool = False) -> RunData:
+  """Opens the dataset, splits it by molecule and fits (or takes) the reference energies; with
+  ``total_energies`` (a model without references, e.g. an imported checkpoint) none are used.
 
   Raises:
     ValueError: when the training split is empty or the fractions are invalid.
@@ -59,7 +62,7 @@ def open_run_data(config: DataConfig, *, references: ReferenceEnergies | None = 
   if len(splits["train"]) == 0:
     raise ValueError(f"{dataset.path}: the training split is empty ({len(dataset)} records, "
                      f"fractions {fractions})")
-  if references is None:
+  if references is None and not total_energies:
     references = fit_on_dataset(dataset, splits["train"], max_records=config.reference_fit_records,
                                 seed=config.split_seed)
   max_molecules = config.molecules_per_batch
@@ -79,7 +82,8 @@ def make_iterator(data: RunData, split: str, config: DataConfig, model_config: E
   return BatchIterator(
       data.dataset, data.splits[split], max_atoms=config.atoms_per_batch,
       max_molecules=data.max_molecules, cutoff=model_config.cutoff,
-      max_neighbors=model_config.max_neighbors, shuffle=training, seed=seed, drop_last=training,
+      max_neighbors=model_config.max_neighbors, reference_slots=model_config.reference_slots,
+      shuffle=training, seed=seed, drop_last=training,
       process_index=process_index, process_count=process_count,
       prefetch=config.prefetch, references=data.references, num_species=model_config.num_species)
 

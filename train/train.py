@@ -100,6 +100,8 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   if saved is not None and not resume:
     raise ValueError(f"{workdir} already holds a run (checkpoints in {checkpointer.directory}); resume it, "
                      "or start over in an empty folder")
+  if saved is not None:  # a run started before the LayerNorm default changed keeps its epsilon
+    model_config = model_config.replace(layer_norm_eps=saved.model_config.layer_norm_eps)
 
   data = open_run_data(config.data, references=None if saved is None else
                        references_from_mapping(saved.reference_energies))
