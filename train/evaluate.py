@@ -101,7 +101,9 @@ def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, dat
     raise ValueError(f"eval accepts only data.* overrides, got {bad}")
   overrides = list(overrides) + ([f"data.path={data_path}"] if data_path else [])
   run_config = apply_overrides(run_config, overrides)
-  data = open_run_data(run_config.data, references=references_from_mapping(references))
+  # A checkpoint without references predicts total energies (an imported one): nothing to subtract.
+  data = open_run_data(run_config.data, references=references_from_mapping(references) if references
+                       else None, total_energies=not references)
   mesh = sharding.make_mesh(num_devices)
   params = jax.device_put(params, sharding.replicated(mesh))  # laid out as in training: one executable
   per_step = run_config.data.batches_per_step
