@@ -90,7 +90,8 @@ class ImportReport:
   Attributes:
     config_sources: config field -> where its value came from.
     mapped: source key -> our parameter paths ("block_0/attention/value/weight").
-    truncated: source key -> the rows kept, for tables larger than ours.
+    truncated: source key -> [rows kept (the first ones), rows in the checkpoint], for tables
+      larger than ours.
     checked_constants: constant keys compared with the values the model uses.
     dead: trainable keys without effect in the authors' model (dropped).
     unused_constants: constant keys of code paths the model does not run (dropped).
@@ -101,7 +102,7 @@ class ImportReport:
 
   config_sources: dict[str, str]
   mapped: dict[str, list[str]]
-  truncated: dict[str, str]
+  truncated: dict[str, list[int]]
   checked_constants: list[str]
   dead: list[str]
   unused_constants: list[str]
@@ -119,7 +120,8 @@ class ImportReport:
              f"dropped {len(self.dead)} dead tensors: {', '.join(self.dead) or '-'}",
              f"dropped {len(self.unused_constants)} unused constant tables; checked "
              f"{len(self.checked_constants)} constants"]
-    lines += [f"kept {rows} of {key}" for key, rows in self.truncated.items()]
+    lines += [f"kept rows 0..{kept - 1} of {total} of {key}"
+              for key, (kept, total) in self.truncated.items()]
     if self.other_heads:
       lines.append(f"dropped the heads of other data sets: {', '.join(self.other_heads)}")
     lines += [f"{field} = {source}" for field, source in self.config_sources.items()]
@@ -467,7 +469,7 @@ class _Mapper:
     if len(shape) != 2 or shape[1] != width or shape[0] < rows:
       raise ValueError(f"key {key!r} has shape {shape}, expected ({rows} or more, {width})")
     if shape[0] > rows:
-      self.truncated[key] = f"rows 0..{rows - 1} of {shape[0]}"
+      self.truncated[key] = [rows, shape[0]]
     self.targets.append((path, key, lambda w: w[:rows]))
 
   def degree_constants(self, key: str, balance: bool) -> None:
