@@ -149,10 +149,11 @@ def paper_config(**overrides) -> E2FormerConfig:
   return E2FormerConfig(**overrides)
 
 
-# The numerics of the authors' code where our defaults differ (docs/decisions.md, "Imported
-# checkpoints"); an imported checkpoint gets them, so it reproduces the authors' numbers.
-REFERENCE_NUMERICS = dict(layer_norm_eps=DEFAULT_LAYER_NORM_EPS, gate_normalisers=GateNormalisers.MONTE_CARLO,
-                          inverse_distance_eps=1e-8, softmax_sink=SoftmaxSink.MAX_LOGIT)
+# The numerics of the authors' code (docs/decisions.md D14); an imported checkpoint gets them, so it
+# reproduces the authors' numbers. 1e-8: their 1 / (|r_ij| + 1e-8).
+REFERENCE_NUMERICS = dict(layer_norm_eps=DEFAULT_LAYER_NORM_EPS,
+                          gate_normalisers=GateNormalisers.MONTE_CARLO, inverse_distance_eps=1e-8,
+                          softmax_sink=SoftmaxSink.MAX_LOGIT)
 
 
 def tiny_config(**overrides) -> E2FormerConfig:

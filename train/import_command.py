@@ -54,7 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="max_logit (default): the authors' numbers; zero: our smooth sink "
                            "(continuous at the cutoff, works with neighbour lists and periodic "
                            "cells; docs/decisions.md D1)")
-  parser.add_argument("--float64", action="store_true", help="store the weights in float64")
 
 
 def run_command(args) -> int:
@@ -64,8 +63,9 @@ def run_command(args) -> int:
   reference_config = None
   if args.reference_config is not None:
     reference_config = _read_mapping(args.reference_config)
+  # float32, the format training writes (their checkpoints are float32 too).
   imported = import_checkpoint(args.checkpoint, reference_config=reference_config, head=args.head,
-                               prefix=args.prefix, dtype=np.float64 if args.float64 else np.float32)
+                               prefix=args.prefix, dtype=np.float32)
   config = imported.config.replace(softmax_sink=SoftmaxSink(args.softmax_sink))
   source = {"file": str(args.checkpoint.expanduser().absolute()),
             "sha256": file_sha256(args.checkpoint),

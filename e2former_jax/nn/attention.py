@@ -91,8 +91,8 @@ class E2Attention(nn.Module):
     h, d, _k_slots = cfg.num_heads, cfg.head_dim, graph.num_neighbors
     qk_width = h * d
     eps = cfg.layer_norm_eps
-    q = SO3LinearToScalar(qk_width, qk_width // 2, eps, name="query")(x).reshape(n, h, d)  # [N, H, D]
-    k = SO3LinearToScalar(qk_width, qk_width // 2, eps, name="key")(x).reshape(n, h, d)  # [N, H, D]
+    q = SO3LinearToScalar(qk_width, qk_width // 2, eps, name="query")(x).reshape(n, h, d)  # [N,H,D]
+    k = SO3LinearToScalar(qk_width, qk_width // 2, eps, name="key")(x).reshape(n, h, d)  # [N,H,D]
 
     target_table = self.param("target_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     source_table = self.param("source_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))

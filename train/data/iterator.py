@@ -83,7 +83,8 @@ class BatchIterator:
 
   def __init__(self, dataset: Dataset, indices: np.ndarray | None = None, *, max_atoms: int,
                max_molecules: int | None = None, cutoff: float, max_neighbors: int,
-               reference_slots: bool = False, shuffle: bool = True, seed: int = 0, epoch: int = 0, drop_last: bool = False,
+               reference_slots: bool = False, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+               drop_last: bool = False,
                process_index: int = 0, process_count: int = 1, prefetch: int = 2,
                references: ReferenceEnergies | None = None, num_species: int | None = None,
                dtype=np.float32):
@@ -195,8 +196,9 @@ class BatchIterator:
       subsets.append(self.dataset.subset_ids[i])
     try:
       return collate(records, subsets, cutoff=self.cutoff, max_neighbors=self.max_neighbors,
-                     reference_slots=self.reference_slots, num_nodes=self.max_atoms, num_molecules=self.num_molecule_slots,
-                     references=self.references, dtype=self.dtype)
+                     reference_slots=self.reference_slots, num_nodes=self.max_atoms,
+                     num_molecules=self.num_molecule_slots, references=self.references,
+                     dtype=self.dtype)
     except ValueError as e:  # e.g. an element without a reference energy
       names = ", ".join(self.dataset.record_name(i) for i in record_indices)
       raise ValueError(f"{self.dataset.path}: cannot collate records [{names}]: {e}") from e

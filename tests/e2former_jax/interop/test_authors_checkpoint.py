@@ -23,6 +23,7 @@ from e2former_jax.interop.predictor import Predictor
 from e2former_jax.neighbors import build_graph
 from e2former_jax.nn.model import E2Former
 from e2former_jax.potential import energy_and_forces
+from e2former_jax.structure import Structure
 
 pytestmark = pytest.mark.skipif(not REFERENCE_PARITY.is_dir(),
                                 reason=f"the reference parity fixture is absent ({REFERENCE_PARITY})")
@@ -63,8 +64,6 @@ def imported(dtype):
 
 def our_graph(s: int, dtype):
   """Our neighbour search in the authors' slot mode, padded."""
-  from e2former_jax.structure import Structure
-
   io = structure(s)
   st = Structure(io["numbers"], io["positions"], charge=int(io["charge"]), spin=int(io["spin"]))
   graph = build_graph([st], cutoff=4.5, max_neighbors=16, num_nodes=NUM_NODES,
