@@ -74,7 +74,7 @@ def run_command(args) -> int:
             "softmax_sink": config.softmax_sink.value,
             "mapping": imported.report.to_json()}
   write_run(out, config, imported.params, source)
-  print(imported.report.summary())
+  print(imported.report.summary(config))
   print(f"wrote {out} (checkpoint {out / CHECKPOINT_DIRNAME / LAST})")
   return 0
 

@@ -97,7 +97,8 @@ class ImportReport:
     unused_constants: constant keys of code paths the model does not run (dropped).
     other_heads: keys of the heads of other data sets (dropped).
     energy_head: the data-set head that was imported.
-    ignored_config_keys: keys of their config mapping that do not affect the model's numbers.
+    ignored_config_keys: keys of their config mapping the import does not read (training
+      settings, dropout, their periodic image expansion, unused encoder widths).
   """
 
   config_sources: dict[str, str]
@@ -113,8 +114,8 @@ class ImportReport:
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
-  def summary(self) -> str:
-    """A few lines for the command line."""
+  def summary(self, config: E2FormerConfig) -> str:
+    """A few lines for the command line, with the values of ``config`` (the imported one)."""
     lines = [f"mapped {len(self.mapped)} tensors onto {sum(map(len, self.mapped.values()))} "
              f"parameters (energy head {self.energy_head!r})",
              f"dropped {len(self.dead)} dead tensors: {', '.join(self.dead) or '-'}",
@@ -124,8 +125,12 @@ class ImportReport:
               for key, (kept, total) in self.truncated.items()]
     if self.other_heads:
       lines.append(f"dropped the heads of other data sets: {', '.join(self.other_heads)}")
-    lines += [f"{field} = {source}" for field, source in self.config_sources.items()]
-    return "\n".join(lines)
+    if self.ignored_config_keys:
+      lines.append(f"config keys not read: {', '.join(self.ignored_config_keys)}")
+    lines += [f"{field} = {getattr(config, field)} ({source})"
+              for field, source in self.config_sources.items() if hasattr(config, field)]
+    numerics = ", ".join(f"{field}={getattr(config, field)}" for field in REFERENCE_NUMERICS)
+    return "\n".join(lines + [f"numerics: {numerics}"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +281,6 @@ def plan_import(shapes: Mapping[str, tuple[int, ...]], *,
       head_dim=dims.head_dim, num_rbf=dims.num_rbf, edge_hidden=dims.hidden,
       type_embed_dim=dims.type_width, num_species=num_species,
       direct_force_head=force_key in shapes, **settings, **REFERENCE_NUMERICS)
-  sources["numerics"] = "the authors' (config.REFERENCE_NUMERICS)"
 
   mapper = _Mapper(shapes, config)
   mapper.build(head, force_key in shapes)
