@@ -144,7 +144,7 @@ def reference_neighbor_slots(positions: np.ndarray, cutoff: float, max_neighbors
   enter the SoftmaxSink.MAX_LOGIT sink. Ties are broken by atom index (theirs by their sort).
 
   K_mol is per molecule here; their padded batches take it per batch, which makes their numbers
-  depend on the batch (docs/decisions.md, "Imported checkpoints").
+  depend on the batch (docs/decisions.md D14).
 
   Every pair of a molecule is examined (O(n^2) time per molecule in bounded chunks), as their code
   does.

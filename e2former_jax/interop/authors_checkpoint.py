@@ -23,7 +23,7 @@ What the import does:
   multiplicity tables that our model indexes (atomic numbers 0..118, charges -10..10,
   multiplicities 0..20);
 * sets the authors' numerics (``config.REFERENCE_NUMERICS``) so the model reproduces their
-  numbers; see docs/decisions.md, "Imported checkpoints".
+  numbers; see docs/decisions.md D14.
 """
 
 from __future__ import annotations
