@@ -9,6 +9,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+# Epsilon of the LayerNorms in the radial MLPs and the query/key readout: the authors' (torch's
+# default). Until the field existed every LayerNorm used flax's default, LEGACY_LAYER_NORM_EPS, and a
+# saved model config without the field means that value.
+DEFAULT_LAYER_NORM_EPS = 1e-5
+LEGACY_LAYER_NORM_EPS = 1e-6
+
 
 class MessagePath(enum.Enum):
   """How the first-order equivariant message sum_j a_ij T(v_j, r_ij) is evaluated."""
@@ -30,6 +36,26 @@ class AttentionImpl(enum.Enum):
   XLA = "xla"  # pure jnp reference, compiled by XLA
   PALLAS = "pallas"  # Pallas/Triton kernels (GPU)
   PALLAS_INTERPRET = "pallas_interpret"  # the same kernels in interpret mode (CPU tests)
+
+
+class SoftmaxSink(enum.Enum):
+  """Where the attention sink of strength 1e-3 sits in the softmax (docs/decisions.md D1)."""
+
+  # Ours: alpha_k = exp(l_k) phi_k / (sum_k' exp(l_k') phi_k' + 1e-3) over the valid slots, the sink
+  # at logit 0. Weights are C2 in positions; masked slots have no effect.
+  ZERO = "zero"
+  # The authors': the sink at M = the largest logit over every slot that holds an atom, masked ones
+  # included: alpha_k = exp(l_k) phi_k / (sum_k' exp(l_k') phi_k' + 1e-3 exp(M)). Graphs must then
+  # hold the authors' masked slots (``E2FormerConfig.reference_slots``). Energies jump where M
+  # changes its slot set (atoms entering or leaving the K nearest).
+  MAX_LOGIT = "max_logit"
+
+
+class GateNormalisers(enum.Enum):
+  """Second-moment normalisers of the S3 feed-forward gates (docs/decisions.md D10)."""
+
+  EXACT = "exact"  # ours: E[(c f(z))^2] = 1 computed by quadrature (SiLU 1.67653, sigmoid 1.84623)
+  MONTE_CARLO = "monte_carlo"  # the authors': e3nn's Monte-Carlo estimates (1.679177, 1.846706)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +80,13 @@ class E2FormerConfig:
       Pallas on GPU); it changes speed and memory, not the numbers beyond round-off.
     direct_force_head: add a linear l=1 -> force head (stage-1 training); conservative forces
       -dE/dx are always available.
+    layer_norm_eps: epsilon of the LayerNorms inside the radial MLPs and the query/key readout
+      (the authors' and torch's 1e-5; checkpoints saved before this field existed used flax's
+      1e-6, and load with it).
+    gate_normalisers: constants of the S3 feed-forward gates.
+    inverse_distance_eps: the post-softmax weight divides by |r_ij| + inverse_distance_eps (the
+      authors' code adds 1e-8; ours 0, see docs/decisions.md D4).
+    softmax_sink: where the attention sink sits (docs/decisions.md D1).
     remat: rematerialise in the backward pass (``flax.linen.remat``) each transformer block and,
       inside, every per-edge radial MLP: the gradient keeps the block inputs [N, S, C] and the
       MLP outputs instead of their [N, K, hidden] activations, for one or two more forward passes.
@@ -75,6 +108,10 @@ class E2FormerConfig:
   message_path: MessagePath = MessagePath.NODE_CENTRIC
   attention_impl: AttentionImpl = AttentionImpl.AUTO
   direct_force_head: bool = True
+  layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS
+  gate_normalisers: GateNormalisers = GateNormalisers.EXACT
+  inverse_distance_eps: float = 0.0
+  softmax_sink: SoftmaxSink = SoftmaxSink.ZERO
   remat: bool = False
 
   def __post_init__(self):
@@ -87,6 +124,16 @@ class E2FormerConfig:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
     if not self.cutoff > 0:
       raise ValueError(f"cutoff must be positive, got {self.cutoff}")
+    if not self.layer_norm_eps > 0:
+      raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
+    if not self.inverse_distance_eps >= 0:
+      raise ValueError(f"inverse_distance_eps must be >= 0, got {self.inverse_distance_eps}")
+
+  @property
+  def reference_slots(self) -> bool:
+    """Whether graphs must fill masked slots as the authors' code does (see
+    ``e2former_jax.neighbors.build_graph``): only the MAX_LOGIT sink reads them."""
+    return self.softmax_sink is SoftmaxSink.MAX_LOGIT
 
   @property
   def num_rows(self) -> int:
@@ -104,6 +151,13 @@ def paper_config(**overrides) -> E2FormerConfig:
   (the backbone yaml's max_radius; the authors' OMol25 stage scripts use 6 A, see docs/decisions.md).
   """
   return E2FormerConfig(**overrides)
+
+
+# The numerics of the authors' code (docs/decisions.md D14); an imported checkpoint gets them, so it
+# reproduces the authors' numbers. 1e-8: their 1 / (|r_ij| + 1e-8).
+REFERENCE_NUMERICS = dict(layer_norm_eps=DEFAULT_LAYER_NORM_EPS,
+                          gate_normalisers=GateNormalisers.MONTE_CARLO, inverse_distance_eps=1e-8,
+                          softmax_sink=SoftmaxSink.MAX_LOGIT)
 
 
 def tiny_config(**overrides) -> E2FormerConfig:

@@ -79,8 +79,17 @@ class Graph:
     """x[nbr_idx] with zeros on empty slots: [N, ...] -> [N, K, ...]."""
     return jnp.take(x, self.nbr_idx, axis=0, mode="fill", fill_value=0)
 
-  def edge_vectors(self, positions: jax.Array | None = None) -> jax.Array:
-    """r_ij = x_i - (x_j + shift_ij) for every slot, zero on empty slots: [N, K, 3]."""
+  @property
+  def slot_holds_atom(self) -> jax.Array:
+    """[N, K] bool: slots whose index is an atom (not the sentinel), masked or not. Graphs built
+    with ``reference_slots`` (``e2former_jax.neighbors.build_graph``) hold atoms beyond the cutoff
+    in some masked slots; otherwise this equals ``nbr_mask``."""
+    return self.nbr_idx < self.num_nodes
+
+  def edge_vectors(self, positions: jax.Array | None = None, *, where: jax.Array | None = None
+                   ) -> jax.Array:
+    """r_ij = x_i - (x_j + shift_ij) on the slots ``where`` (default ``nbr_mask``), zero elsewhere:
+    [N, K, 3]."""
     x = self.positions if positions is None else positions
     vec = x[:, None, :] - (self.gather_sources(x) + self.nbr_shift)
-    return jnp.where(self.nbr_mask[..., None], vec, 0.0)
+    return jnp.where((self.nbr_mask if where is None else where)[..., None], vec, 0.0)

@@ -61,10 +61,11 @@ class NeighborList(NamedTuple):
   """K-nearest-within-cutoff neighbour slots of n atoms.
 
   Attributes:
-    idx: [n, K] int32 source atom of each slot; n (sentinel) on empty slots.
+    idx: [n, K] int32 source atom of each slot; n (sentinel) on empty slots (from
+      :func:`reference_neighbor_slots`, some masked slots hold atoms beyond the cutoff).
     mask: [n, K] bool, True on real slots (always a prefix of each row).
-    distances: [n, K] float64 distance |x_i - (x_j + shifts @ cell)| in angstrom; inf on empty
-      slots.
+    distances: [n, K] float64 distance |x_i - (x_j + shifts @ cell)| in angstrom; inf on slots
+      without an atom.
     shifts: [n, K, 3] int32 lattice image S of the source (zero without periodicity and on empty
       slots).
   """
@@ -130,6 +131,46 @@ def neighbor_list(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
     segments = np.zeros(n, np.int64) if segments is None else segments
     order, starts, counts = _cell_ranges(positions, cutoff, segments)
   return _neighbor_list_from(*_nearest(positions, cutoff, k, order, starts, counts))
+
+
+def reference_neighbor_slots(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
+                             segments: np.ndarray | None = None) -> NeighborList:
+  """The neighbour slots of the authors' code, for molecules (one per segment).
+
+  Their code sorts every other atom of a molecule by distance and keeps K_mol = max(1, min(K,
+  max_i #{j: d_ij <= cutoff})) slots per atom, the same K_mol for every atom of the molecule: the
+  in-cutoff neighbours (the mask, identical to :func:`neighbor_list`'s), then the next-nearest
+  atoms beyond the cutoff, masked but real. Slots past K_mol hold the sentinel. Their masked slots
+  enter the SoftmaxSink.MAX_LOGIT sink. Ties are broken by atom index (theirs by their sort).
+
+  K_mol is per molecule here; their padded batches take it per batch, which makes their numbers
+  depend on the batch (docs/decisions.md D14).
+
+  Every pair of a molecule is examined (O(n^2) time per molecule in bounded chunks), as their code
+  does.
+
+  Args:
+    positions: [n, 3] in angstrom.
+    cutoff: inclusive radius of the mask.
+    max_neighbors: K, the number of slots per atom.
+    segments: optional [n] molecule of each atom (default: one molecule).
+
+  Returns:
+    A :class:`NeighborList` whose masked slots may hold atoms (``idx < n``, finite distance).
+  """
+  positions = np.asarray(positions, dtype=np.float64)
+  n, k = positions.shape[0], int(max_neighbors)
+  segments = np.zeros(n, np.int64) if segments is None else np.asarray(segments)
+  if n < 2:
+    return _neighbor_list_from(np.full((n, k), n), np.full((n, k), np.inf))
+  idx, dist = _nearest(positions, np.inf, k, *_dense_ranges(segments))  # the K nearest, any distance
+  within = dist <= cutoff  # [n, K], a prefix of each row
+  _, molecule = np.unique(segments, return_inverse=True)
+  slots = np.ones(molecule.max() + 1, np.int64)  # K_mol >= 1
+  np.maximum.at(slots, molecule, within.sum(axis=1))
+  holds = (np.arange(k) < slots[molecule][:, None]) & np.isfinite(dist)  # [n, K]
+  return NeighborList(idx=np.where(holds, idx, n).astype(np.int32), mask=within,
+                      distances=np.where(holds, dist, np.inf), shifts=np.zeros((n, k, 3), np.int32))
 
 
 def _neighbor_list_from(idx: np.ndarray, distances: np.ndarray,
@@ -353,7 +394,8 @@ def _select_nearest(rows: np.ndarray, sources: np.ndarray, d: np.ndarray, row_at
 
 def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbors: int,
                 num_nodes: int | None = None, num_molecules: int | None = None,
-                dtype: np.dtype = np.float32, periodic: bool | None = None) -> Graph:
+                dtype: np.dtype = np.float32, periodic: bool | None = None,
+                reference_slots: bool = False) -> Graph:
   """Packs structures into one padded :class:`Graph` (host numpy arrays) with static shapes.
 
   Real atoms fill the first slots in order (molecule 0's atoms, then molecule 1's, ...). Padding:
@@ -385,13 +427,16 @@ def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbo
       docs/decisions.md D11). None: only when some structure is periodic; True: always (zero cells
       for molecules), which keeps one pytree structure, hence one compilation, for a data set that
       mixes molecules and cells; False: never, and a periodic structure is an error.
+    reference_slots: fill each molecule's slots as the authors' code does
+      (:func:`reference_neighbor_slots`; ``E2FormerConfig.reference_slots``): masked slots hold
+      the next-nearest atoms beyond the cutoff. Molecules only.
 
   Returns:
     The padded Graph, N = num_nodes, K = max_neighbors, B = num_molecules.
 
   Raises:
     ValueError: when the atoms or molecules do not fit the requested padding, on a bad cell, or on
-      a periodic structure with ``periodic=False``.
+      a periodic structure with ``periodic=False`` or ``reference_slots``.
   """
   sizes = np.array([len(s.numbers) for s in structures], np.int64)  # [M]
   total = int(sizes.sum())
@@ -406,6 +451,11 @@ def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbo
     s = structures[int(np.argmax(is_periodic))]
     raise ValueError(f"periodic structure {s.key or ''!r} (pbc={s.pbc}) in a build_graph call "
                      f"with periodic=False")
+  if reference_slots and is_periodic.any():
+    s = structures[int(np.argmax(is_periodic))]
+    raise ValueError(f"periodic structure {s.key or ''!r}: the authors' softmax sink "
+                     f"(SoftmaxSink.MAX_LOGIT) is reproduced for molecules only; use "
+                     f"softmax_sink=zero for periodic cells")
   k = int(max_neighbors)
 
   molecule = np.repeat(np.arange(len(structures)), sizes)  # [total]
@@ -422,8 +472,10 @@ def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbo
   cell = np.zeros((b_pad, 3, 3), np.float64)
   # Molecules: one search over all of them, segments keeping them apart.
   atoms = np.flatnonzero(~is_periodic[molecule]) if structures else np.zeros(0, np.int64)
-  nbrs = neighbor_list(positions[atoms], cutoff, k, segments=molecule[atoms])
-  nbr_idx[atoms] = np.where(nbrs.mask, atoms[np.where(nbrs.mask, nbrs.idx, 0)], n_pad)
+  search = reference_neighbor_slots if reference_slots else neighbor_list
+  nbrs = search(positions[atoms], cutoff, k, segments=molecule[atoms])
+  holds = nbrs.idx < len(atoms)  # the mask, or more with reference slots
+  nbr_idx[atoms] = np.where(holds, atoms[np.where(holds, nbrs.idx, 0)], n_pad)
   nbr_mask[atoms] = nbrs.mask
   # Periodic cells: one search each.
   for m in np.flatnonzero(is_periodic):

@@ -15,6 +15,11 @@ the R + S = 29 rows of ``[T(v_j, x_j); v_j]`` that ``node_attention`` needs for 
 and it uses the true edge vector (periodic images included), so no difference of two large node
 terms is formed.
 
+An optional sink logit L [N, H] (differentiable) moves the softmax's sink from logit 0 to L: the
+denominator's sink term is sink * exp(L), and the online softmax starts its running maximum at L.
+Its cotangent is -s <g, out> per target and head, s = sink exp(L - m) / denominator the sink's
+share, which the fused backward has at hand (the softmax row term is <g, out>).
+
 The backward is two fused kernels: one per target for every target-side cotangent (one more pass
 over the slots that gathers what the forward gathered, using the forward's softmax statistics and
 output) and one per source for the key and value cotangents (one walk of the reverse neighbour
@@ -118,9 +123,9 @@ def _make_static(coupling, scale, sink, block_sizes, backward_block_sizes,
 # ----------------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, out_ref,
-                    *stats_ref, static: _MessageStatic, block_sizes: BlockSizes, d_pad: int,
-                    group: int, g_pad: int):
+def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, *refs,
+                    static: _MessageStatic, block_sizes: BlockSizes, d_pad: int, group: int,
+                    g_pad: int, with_sink_logit: bool):
   """One program: block_n targets in turn, a block of heads; online softmax over the slots, block_k
   single slots per loop step sharing one update of the running maximum (one rescale per step).
 
@@ -128,8 +133,10 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
   row (each a contiguous [G, BH] segment of the source's [S*G, H] block), since a Triton tile
   cannot be sliced into rows afterwards, and the coupling is applied to the tiles at the end.
   With a ``stats_ref`` it also writes the softmax statistics (shift and denominator) for the
-  backward: only then, since storing them cost ~11 % of the forward's time (run 16).
+  backward: only then, since storing them cost ~11 % of the forward's time (run 16). With a sink
+  logit ([N, 1, H], the first of ``refs``) the running maximum starts there instead of at 0.
   """
+  sink_logit_ref, (out_ref, *stats_ref) = (refs[0], refs[1:]) if with_sink_logit else (None, refs)
   num_targets, num_slots, num_heads = gate_ref.shape
   num_out_rows, num_in_rows, _ = static.shape
   block_h, block_k = block_sizes.block_h, block_sizes.block_k
@@ -168,10 +175,13 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
       return m_new, l, tuple(acc)
 
     zeros = jnp.zeros((g_pad, block_h), jnp.float32)
-    init = (jnp.zeros((block_h,), jnp.float32), jnp.zeros((block_h,), jnp.float32),
-            (zeros,) * (_NUM_AXES * num_in_rows))
+    sink_logit = None
+    m0 = jnp.zeros((block_h,), jnp.float32)
+    if with_sink_logit:
+      sink_logit = m0 = _tiles.load_row(sink_logit_ref, n, heads, head_mask, 1)[0]  # [BH]
+    init = (m0, jnp.zeros((block_h,), jnp.float32), (zeros,) * (_NUM_AXES * num_in_rows))
     m, l, acc = _tiles.slot_loop(pl.cdiv(num_slots, block_k), step, init, block_sizes.unroll)
-    denominator = softmax_denominator(l, m, static.sink)  # [BH]
+    denominator = softmax_denominator(l, m, static.sink, sink_logit)  # [BH]
     inv = (1.0 / denominator)[None]  # [1, BH]
     for row in range(num_out_rows):
       out = zeros
@@ -186,8 +196,13 @@ def _forward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref,
   _tiles.for_each_row(block_sizes.block_n, num_targets, target)
 
 
+def _sink_logit_rows(sink_logit) -> tuple[jax.Array, ...]:
+  """The optional kernel input: () or ([N, 1, H],), a one-row array as the row loaders read it."""
+  return () if sink_logit is None else (sink_logit[:, None, :],)
+
+
 def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
-                  nbrs: Neighbors, with_stats: bool):
+                  sink_logit, nbrs: Neighbors, with_stats: bool):
   """out [N, R*G, H] in the dtype of values, or with_stats: (out in float32, stats [N, 2, H]),
   stats[:, 0] the softmax shift m and stats[:, 1] its denominator (float32)."""
   num_targets, head_dim, num_heads = q.shape
@@ -197,7 +212,7 @@ def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
   block_sizes = static.block_sizes or default.at_most_heads(num_heads)
   kernel = functools.partial(
       _forward_kernel, static=static, block_sizes=block_sizes, d_pad=pl.next_power_of_2(head_dim),
-      group=group, g_pad=pl.next_power_of_2(group))
+      group=group, g_pad=pl.next_power_of_2(group), with_sink_logit=sink_logit is not None)
   outputs = pl.pallas_call(
       kernel,
       out_shape=(
@@ -209,7 +224,7 @@ def _forward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
       compiler_params=block_sizes.compiler_params(),
       interpret=static.interpret,
       name="message_attention_fwd",
-  )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values)
+  )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values, *_sink_logit_rows(sink_logit))
   return outputs if with_stats else outputs[0]
 
 
@@ -231,11 +246,13 @@ def _pull_back_coupling(static: _MessageStatic, g: jax.Array) -> list[jax.Array]
 
 
 def _composed_backward(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
-                       g, nbrs: Neighbors):
+                       sink_logit, g, nbrs: Neighbors):
   """The backward from the gather primitives: the derivative of the fused backward (second order).
 
   out = sum_k a sum_b r_b (G_b v_j): with u_b = G_b^T g and E_b[n,k,h] = <u_b[n], v_j>_h,
-  d a = sum_b r_b E_b, d r_b = sum_h a E_b, d v_j = sum_b scatter(a r_b, u_b).
+  d a = sum_b r_b E_b, d r_b = sum_h a E_b, d v_j = sum_b scatter(a r_b, u_b). Returns the
+  cotangents of (q, k, gate, post_weight, envelope, vectors, values, sink_logit), the last None
+  without a sink logit.
   """
   by_rows = functools.partial(make_static, jnp.float32, None, static.interpret,
                               row_dim=values.shape[1], num_slots=gate.shape[1],
@@ -247,19 +264,20 @@ def _composed_backward(static: _MessageStatic, q, k, gate, post_weight, envelope
   d_weights = sum(r[..., b, None] * e[b] for b in range(_NUM_AXES))  # [N, K, H]
   weights, softmax_cotangents = softmax_backward(
       q, k, gate, post_weight, envelope, nbrs, d_weights, scale=static.scale, sink=static.sink,
-      interpret=static.interpret)
+      interpret=static.interpret, sink_logit=sink_logit)
+  d_sink_logit = softmax_cotangents[5] if sink_logit is not None else None
   d_vectors = jnp.stack([jnp.sum(weights * e[b], axis=-1) for b in range(_NUM_AXES)], axis=-1)
   # One scatter per moment: concatenating the three along heads would copy u and the weights.
   scatter = by_rows(row_dtype=jnp.float32)  # u is float32
   d_values = sum(scatter_sum_prepared(scatter, weights * r[..., b, None], u[b], nbrs)
                  for b in range(_NUM_AXES))  # [M, S*G, H]
-  return (*softmax_cotangents, d_vectors.astype(vectors.dtype), d_values.astype(values.dtype))
+  return (*softmax_cotangents[:5], d_vectors.astype(vectors.dtype), d_values.astype(values.dtype),
+          d_sink_logit)
 
 
 def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref, v_ref, g_ref,
-                     out_ref, stats_ref, d_q_ref, d_gate_ref, d_pw_ref, d_dots_ref, w_ref,
-                     d_env_ref, d_vec_ref, *, static: _MessageStatic, block_sizes: BlockSizes,
-                     d_pad: int, group: int, g_pad: int):
+                     out_ref, stats_ref, *refs, static: _MessageStatic, block_sizes: BlockSizes,
+                     d_pad: int, group: int, g_pad: int, with_sink_logit: bool):
   """One program: block_n targets in turn, a block of heads, one pass over the slots.
 
   First it pulls the cotangent back through the coupling, u_b = G_b^T g, and forms the softmax
@@ -268,8 +286,12 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
   target-side cotangent in registers: E_b = <u_b, v_j>, d a = sum_b r_b E_b, the softmax backward
   and d q. It writes the per-edge cotangents, d dots and the weights (what the source side needs)
   and accumulates d q; head sums (d envelope, d vectors) go to column ``head block`` of their
-  [N, K, blocks] outputs.
+  [N, K, blocks] outputs. With a sink logit (input [N, 1, H] after stats_ref) it also writes
+  d sink_logit = -s <g, out> [N, 1, H] (last output), s = sink exp(L - m) / denominator.
   """
+  if with_sink_logit:
+    sink_logit_ref, *refs = refs
+  d_q_ref, d_gate_ref, d_pw_ref, d_dots_ref, w_ref, d_env_ref, d_vec_ref, *d_sink_ref = refs
   num_targets, num_slots, num_heads = gate_ref.shape
   num_in_rows = static.shape[1]
   block_h, block_k = block_sizes.block_h, block_sizes.block_k
@@ -293,6 +315,10 @@ def _backward_kernel(slots_ref, q_ref, k_ref, gate_ref, pw_ref, env_ref, vec_ref
     m, denominator = node_rows(stats_ref, n, _NUM_STATS, 1, 1)  # [1, BH] each
     # Masked heads load 0; keep their lanes finite (they are never stored).
     denominator = jnp.where(denominator > 0, denominator, 1.0)
+    if with_sink_logit:
+      sink_logit = _tiles.load_row(sink_logit_ref, n, heads, head_mask, 1)  # [1, BH]
+      share = static.sink * jnp.exp(sink_logit - m) / denominator  # the sink's share
+      _tiles.store_row(d_sink_ref[0], n, heads, head_mask, -share * total[None])
 
     def contract(u_b, rows):  # sum_s u_b[s] * rows[s]: [BK, GP, BH]
       out = u_b[0][None] * rows[0]
@@ -384,11 +410,11 @@ def _scatter_kernel(offsets_ref, order_ref, w_ref, d_dots_ref, vec_ref, q_ref, g
   _tiles.for_each_row(block_sizes.block_n, num_sources, source)
 
 
-def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values, g,
-                   out, stats, nbrs: Neighbors):
+def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
+                   sink_logit, g, out, stats, nbrs: Neighbors):
   """Every input cotangent: one fused kernel for the target side, one for the source side (d k and
   d v, walking the reverse CSR). Returns (d_q, d_k, d_gate, d_post_weight, d_envelope, d_vectors,
-  d_values)."""
+  d_values, d_sink_logit), the last None without a sink logit."""
   num_targets, head_dim, num_heads = q.shape
   num_slots = gate.shape[1]
   group = values.shape[1] // static.shape[1]
@@ -400,20 +426,25 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   def edge(dtype, width=num_heads):
     return jax.ShapeDtypeStruct((num_targets, num_slots, width), dtype)
 
+  with_sink_logit = sink_logit is not None
   kernel = functools.partial(
       _backward_kernel, static=static, block_sizes=block_sizes,
-      d_pad=pl.next_power_of_2(head_dim), group=group, g_pad=pl.next_power_of_2(group))
-  d_q, d_gate, d_post_weight, d_dots, weights, d_env, d_vec = pl.pallas_call(
+      d_pad=pl.next_power_of_2(head_dim), group=group, g_pad=pl.next_power_of_2(group),
+      with_sink_logit=with_sink_logit)
+  d_q, d_gate, d_post_weight, d_dots, weights, d_env, d_vec, *d_sink = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), edge(gate.dtype),
                  edge(post_weight.dtype), edge(jnp.float32), edge(jnp.float32),
                  edge(jnp.float32, num_head_blocks),
-                 edge(jnp.float32, num_head_blocks * _NUM_AXES)),
+                 edge(jnp.float32, num_head_blocks * _NUM_AXES),
+                 *([jax.ShapeDtypeStruct((num_targets, 1, num_heads), jnp.float32)]
+                   if with_sink_logit else [])),
       grid=block_sizes.grid(num_targets, num_heads),
       compiler_params=block_sizes.compiler_params(),
       interpret=static.interpret,
       name="message_attention_bwd",
-  )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values, g, out, stats)
+  )(nbrs.slots, q, k, gate, post_weight, envelope, vectors, values, g, out, stats,
+    *_sink_logit_rows(sink_logit))
   num_sources = nbrs.num_sources
   num_edges = num_targets * num_slots
   # Per-edge arrays flattened to the CSR's slot ids n*K + k; the vectors as [1, N*K, 3] so that
@@ -431,24 +462,27 @@ def _backward_call(static: _MessageStatic, q, k, gate, post_weight, envelope, ve
   )(nbrs.source_offsets, nbrs.edge_order, weights.reshape(num_edges, num_heads),
     d_dots.reshape(num_edges, num_heads), vectors.reshape(1, num_edges, _NUM_AXES), q, g)
   d_vectors = d_vec.reshape(num_targets, num_slots, num_head_blocks, _NUM_AXES).sum(axis=2)
+  d_sink_logit = d_sink[0].reshape(num_targets, num_heads).astype(sink_logit.dtype) if d_sink \
+      else None
   return (d_q, d_k, d_gate, d_post_weight, jnp.sum(d_env, axis=-1).astype(envelope.dtype),
-          d_vectors.astype(vectors.dtype), d_values)
+          d_vectors.astype(vectors.dtype), d_values, d_sink_logit)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _backward(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values, g, out,
-              stats, nbrs: Neighbors):
+def _backward(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
+              sink_logit, g, out, stats, nbrs: Neighbors):
   """The fused backward. Differentiated (force training), the composed backward runs instead,
   once: it yields the same cotangents and the residuals of its own VJP, so the fused pass would
   only add time. out and stats merely cache what the inputs determine and take no cotangent."""
-  return _backward_call(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats,
-                        nbrs)
+  return _backward_call(static, q, k, gate, post_weight, envelope, vectors, values, sink_logit, g,
+                        out, stats, nbrs)
 
 
-def _backward_fwd(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats, nbrs):
+def _backward_fwd(static, q, k, gate, post_weight, envelope, vectors, values, sink_logit, g, out,
+                  stats, nbrs):
   del out, stats
   return jax.vjp(lambda *xs: _composed_backward(static, *xs, nbrs), q, k, gate, post_weight,
-                 envelope, vectors, values, g)
+                 envelope, vectors, values, sink_logit, g)
 
 
 def _backward_bwd(static, vjp, cotangents):
@@ -460,28 +494,29 @@ _backward.defvjp(_backward_fwd, _backward_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _message_attention(static: _MessageStatic, with_stats: bool, q, k, gate, post_weight, envelope,
-                       vectors, values, nbrs: Neighbors):
+                       vectors, values, sink_logit, nbrs: Neighbors):
   """out in the dtype of values, or with_stats: (out in float32, stats), what the backward reads.
   The stats feed only this op's backward, so their cotangent is always 0."""
-  return _forward_call(static, q, k, gate, post_weight, envelope, vectors, values, nbrs, with_stats)
+  return _forward_call(static, q, k, gate, post_weight, envelope, vectors, values, sink_logit,
+                       nbrs, with_stats)
 
 
 def _message_attention_fwd(static, with_stats, q, k, gate, post_weight, envelope, vectors, values,
-                           nbrs):
+                           sink_logit, nbrs):
   # Through the custom_vjp so that outer derivatives (force training) stay in kernels. The
   # backward's softmax row term is <g, out>: it reads out in float32 (a bf16 out would make it
   # the largest error of the bf16 gradients), and the primal output is cast from it.
   out, stats = _message_attention(static, True, q, k, gate, post_weight, envelope, vectors, values,
-                                  nbrs)
-  residuals = (q, k, gate, post_weight, envelope, vectors, values, out, stats, nbrs)
+                                  sink_logit, nbrs)
+  residuals = (q, k, gate, post_weight, envelope, vectors, values, sink_logit, out, stats, nbrs)
   return ((out, stats) if with_stats else out.astype(values.dtype)), residuals
 
 
 def _message_attention_bwd(static: _MessageStatic, with_stats, residuals, cotangents):
-  q, k, gate, post_weight, envelope, vectors, values, out, stats, nbrs = residuals
+  q, k, gate, post_weight, envelope, vectors, values, sink_logit, out, stats, nbrs = residuals
   g = cotangents[0] if with_stats else cotangents
-  return (*_backward(static, q, k, gate, post_weight, envelope, vectors, values, g, out, stats,
-                     nbrs), None)
+  return (*_backward(static, q, k, gate, post_weight, envelope, vectors, values, sink_logit, g,
+                     out, stats, nbrs), None)
 
 
 _message_attention.defvjp(_message_attention_fwd, _message_attention_bwd)
@@ -491,9 +526,13 @@ _message_attention.defvjp(_message_attention_fwd, _message_attention_bwd)
 
 
 def _check_inputs(static: _MessageStatic, q, k, gate, post_weight, envelope, vectors, values,
-                  nbr_idx, nbr_mask) -> None:
+                  nbr_idx, nbr_mask, sink_logit) -> None:
   check_attention_inputs(q, k, values, nbr_idx, nbr_mask, static.sink, gate=gate,
                          post_weight=post_weight, envelope=envelope, vectors=vectors)
+  if sink_logit is not None and (sink_logit.shape != (q.shape[0], q.shape[2]) or
+                                 not jnp.issubdtype(sink_logit.dtype, jnp.floating)):
+    raise ValueError(f"sink_logit must be a float [N, H] = {(q.shape[0], q.shape[2])} array; got "
+                     f"{sink_logit.shape} {sink_logit.dtype}")
   num_in_rows = static.shape[1]
   if values.shape[1] % num_in_rows:
     raise ValueError(f"values must be [M, S*G, H] with S={num_in_rows} the coupling's feature "
@@ -502,16 +541,17 @@ def _check_inputs(static: _MessageStatic, q, k, gate, post_weight, envelope, vec
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _message_attention_jit(static, q, k, gate, post_weight, envelope, vectors, values, nbr_idx,
-                           nbr_mask):
+                           nbr_mask, sink_logit):
   nbrs = prepare_neighbors(nbr_idx, nbr_mask, k.shape[0])
   return _message_attention(static, False, q, k, gate, post_weight, envelope, vectors, values,
-                            nbrs)
+                            sink_logit, nbrs)
 
 
 def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
                       envelope: jax.Array, vectors: jax.Array, values: jax.Array,
                       nbr_idx: jax.Array, nbr_mask: jax.Array, *, coupling, scale: float,
-                      sink: float = 1e-3, block_sizes: BlockSizes | None = None,
+                      sink: float = 1e-3, sink_logit: jax.Array | None = None,
+                      block_sizes: BlockSizes | None = None,
                       backward_block_sizes: tuple[BlockSizes, BlockSizes] | None = None,
                       interpret: bool = False) -> jax.Array:
   """Fused attention message ``sum_k a T(v_j, r)`` (see the module docstring for the formula).
@@ -529,7 +569,9 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     nbr_mask: [N, K] bool, True on real edges.
     coupling: [R, S, 3] static array G of T (e.g. the l1 (x) 1 -> l3 Clebsch-Gordan table).
     scale: logit scale (1/sqrt(D) in the paper).
-    sink: strength of the attention sink (relative to logit 0); must be >= 0.
+    sink: strength of the attention sink; must be >= 0.
+    sink_logit: [N, H] logit L of the sink, which adds sink * exp(L) to the softmax denominator
+      (differentiable); None puts it at logit 0.
     block_sizes: tiling of the forward kernel; None picks 64 heads (fewer if H is smaller) x 4
       slots per step x 1 warp for float32 values, 128 heads x 2 slots x 2 warps for narrower ones.
     backward_block_sizes: tilings of the fused backward's (target-side, source-side) kernels;
@@ -545,14 +587,15 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     ValueError: on inconsistent shapes or dtypes, a malformed coupling or a negative sink.
   """
   static = _make_static(coupling, scale, sink, block_sizes, backward_block_sizes, interpret)
-  _check_inputs(static, q, k, gate, post_weight, envelope, vectors, values, nbr_idx, nbr_mask)
+  _check_inputs(static, q, k, gate, post_weight, envelope, vectors, values, nbr_idx, nbr_mask,
+                sink_logit)
   return _message_attention_jit(static, q, k, gate, post_weight, envelope, vectors, values,
-                                nbr_idx, nbr_mask)
+                                nbr_idx, nbr_mask, sink_logit)
 
 
 def message_attention_reference(q, k, gate, post_weight, envelope, vectors, values, nbr_idx,
-                                nbr_mask, *, coupling, scale, sink=1e-3, block_sizes=None,
-                                backward_block_sizes=None, interpret=False):
+                                nbr_mask, *, coupling, scale, sink=1e-3, sink_logit=None,
+                                block_sizes=None, backward_block_sizes=None, interpret=False):
   """Pure-jnp ``message_attention`` in (at least) float32; materialises the gathered v rows."""
   del block_sizes, backward_block_sizes, interpret
   coupling = np.asarray(coupling)
@@ -560,7 +603,8 @@ def message_attention_reference(q, k, gate, post_weight, envelope, vectors, valu
   valid = valid_slots(nbr_idx, nbr_mask, k.shape[0])
   dots = jnp.einsum("ndh,nkdh->nkh", upcast(q), gather_sources(k, nbr_idx, valid),
                     precision=_HIGHEST)  # [N, K, H]
-  weights = attention_weights(dots, gate, post_weight, envelope, valid, scale=scale, sink=sink)
+  weights = attention_weights(dots, gate, post_weight, envelope, valid, scale=scale, sink=sink,
+                              sink_logit=sink_logit)
   rows = gather_sources(values, nbr_idx, valid)  # [N, K, S*G, H]
   n, num_slots, _, h = rows.shape
   rows = rows.reshape(n, num_slots, num_in_rows, -1, h)  # [N, K, S, G, H]

@@ -141,10 +141,11 @@ def _online_softmax_update(m, l, slots):
   return m_new, l, rescale, weights
 
 
-def softmax_denominator(l: jax.Array, m: jax.Array, sink: float) -> jax.Array:
-  """sum of exp(logits - m) * envelope plus the sink, [BH]; 1 where it is 0 (no valid slot and no
-  sink: the accumulator is 0 as well)."""
-  denom = l + sink * jnp.exp(-m)
+def softmax_denominator(l: jax.Array, m: jax.Array, sink: float,
+                        sink_logit: jax.Array | None = None) -> jax.Array:
+  """sum of exp(logits - m) * envelope plus the sink (at logit 0, or at ``sink_logit``), [BH]; 1
+  where it is 0 (no valid slot and no sink: the accumulator is 0 as well)."""
+  denom = l + sink * (jnp.exp(-m) if sink_logit is None else jnp.exp(sink_logit - m))
   return jnp.where(denom > 0, denom, 1.0)
 
 
@@ -244,22 +245,22 @@ def _node_attention_bwd(static: _AttentionStatic, residuals, g):
 
 
 def softmax_backward(q, k, gate, post_weight, envelope, nbrs: Neighbors, d_weights, *,
-                     scale: float, sink: float, interpret: bool):
+                     scale: float, sink: float, interpret: bool, sink_logit=None):
   """From the cotangent of the attention weights [N, K, H] to those of their inputs (shared by the
   fused kernels' backwards): recomputes the q.k products, runs the fused softmax VJP and returns
-  the weights [N, K, H] (float32) and (d_q, d_k, d_gate, d_post_weight, d_envelope), each in its
-  primal's dtype.
+  the weights [N, K, H] (float32) and (d_q, d_k, d_gate, d_post_weight, d_envelope), plus
+  d_sink_logit [N, H] when a sink logit is given, each in its primal's dtype.
   """
   qk_f32 = make_static(jnp.float32, None, interpret, row_dim=q.shape[1], num_slots=gate.shape[1],
                        num_heads=gate.shape[2], row_dtype=k.dtype)
   dots = edge_dot_prepared(qk_f32, q, k, nbrs)  # [N, K, H]
-  weights, d_dots, d_gate, d_post_weight, d_envelope = attention_weights_vjp(
+  weights, d_dots, d_gate, d_post_weight, d_envelope, *d_sink_logit = attention_weights_vjp(
       dots, gate, post_weight, envelope, nbrs.slots >= 0, d_weights, scale=scale, sink=sink,
-      interpret=interpret)  # [N, K, H] but d_envelope [N, K]
+      sink_logit=sink_logit, interpret=interpret)  # [N, K, H] but d_envelope [N, K]
   d_q = gather_sum_prepared(qk_f32.with_dtype(q.dtype), d_dots, k, nbrs)  # [N, D, H]
   d_k = scatter_sum_prepared(qk_f32.with_dtype(k.dtype), d_dots, q, nbrs)  # [M, D, H]
   return weights, (d_q, d_k, d_gate.astype(gate.dtype), d_post_weight.astype(post_weight.dtype),
-                   d_envelope.astype(envelope.dtype))
+                   d_envelope.astype(envelope.dtype), *d_sink_logit)
 
 
 _node_attention.defvjp(_node_attention_fwd, _node_attention_bwd)

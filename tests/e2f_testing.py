@@ -22,6 +22,9 @@ def environment_without_launchers() -> dict[str, str]:
   """``os.environ`` minus what would make a child process join, or detect, a multi-process launch."""
   return {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV_PREFIXES)}
 
+# Numbers of the authors' own code (README there): tests that read it skip when it is absent.
+REFERENCE_PARITY = SHARED_DATA / "reference_parity"
+
 
 def brute_force_graph(molecules, *, cutoff, max_neighbors, num_nodes=None, num_molecules=None,
                       dtype=np.float64) -> Graph:
@@ -64,6 +67,35 @@ def brute_force_graph(molecules, *, cutoff, max_neighbors, num_nodes=None, num_m
                nbr_idx=jnp.asarray(nbr_idx), nbr_mask=jnp.asarray(nbr_mask),
                nbr_shift=jnp.zeros((n, max_neighbors, 3), dtype), charge=jnp.asarray(charge),
                spin=jnp.asarray(spin), molecule_mask=jnp.asarray(molecule_mask))
+
+
+def authors_graph(structure: dict, *, num_nodes: int, num_molecules: int, max_neighbors: int,
+                  dtype=np.float64) -> Graph:
+  """A padded one-molecule Graph from a reference-parity structure (keys of inputs_outputs.npz
+  without the ``sN_`` prefix) with the authors' own neighbour arrays: ``nbr`` [n, K_ref] and
+  ``nbr_mask`` (True = beyond the cutoff; those slots still hold atoms)."""
+  nbr, beyond = structure["nbr"], structure["nbr_mask"]
+  n, k_ref = nbr.shape
+  positions = np.zeros((num_nodes, 3), dtype)
+  positions[:n] = structure["positions"]
+  species = np.zeros(num_nodes, np.int32)
+  species[:n] = structure["numbers"]
+  nbr_idx = np.full((num_nodes, max_neighbors), num_nodes, np.int32)
+  nbr_idx[:n, :k_ref] = nbr
+  nbr_mask = np.zeros((num_nodes, max_neighbors), bool)
+  nbr_mask[:n, :k_ref] = ~beyond
+  molecule_index = np.full(num_nodes, num_molecules - 1, np.int32)
+  molecule_index[:n] = 0
+  charge = np.zeros(num_molecules, np.int32)
+  spin = np.zeros(num_molecules, np.int32)
+  charge[0], spin[0] = int(structure["charge"]), int(structure["spin"])
+  return Graph(positions=jnp.asarray(positions), species=jnp.asarray(species),
+               node_mask=jnp.asarray(np.arange(num_nodes) < n),
+               molecule_index=jnp.asarray(molecule_index), nbr_idx=jnp.asarray(nbr_idx),
+               nbr_mask=jnp.asarray(nbr_mask),
+               nbr_shift=jnp.zeros((num_nodes, max_neighbors, 3), dtype),
+               charge=jnp.asarray(charge), spin=jnp.asarray(spin),
+               molecule_mask=jnp.asarray(np.arange(num_molecules) == 0))
 
 
 def random_molecule(rng: np.random.Generator, num_atoms: int, *, min_dist: float = 0.9,

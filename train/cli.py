@@ -6,6 +6,7 @@ Examples::
   e2former train --config configs/paper_spice.yaml --data /path/to/SPICE.hdf5
   e2former eval runs/tiny --splits val test
   e2former md runs/tiny --molecule ethanol --ensemble nvt --temperature 300 --steps 2000
+  e2former import their_checkpoint.pt --out runs/imported
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def _run(args) -> int:
     from train.md import run_command
 
     return run_command(args)
+  if args.command == "import":
+    from train.import_command import run_command as run_import
+
+    return run_import(args)
   return _eval(args)
 
 
@@ -98,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
 
   md = commands.add_parser("md", help="molecular dynamics of a molecule with a trained checkpoint")
   add_md_arguments(md)
+
+  from train.import_command import add_arguments as add_import_arguments
+
+  add_import_arguments(commands.add_parser(
+      "import", help="a checkpoint trained with the authors' code as a run folder of ours"))
 
   for sub in (train, evaluate):
     sub.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")

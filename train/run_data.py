@@ -22,13 +22,14 @@ class RunData:
   """Attributes:
     dataset: the opened dataset (lazy).
     splits: split name -> record indices (molecule-level, deterministic in ``split_seed``).
-    references: reference energies (fitted on the training split, or restored).
+    references: reference energies (fitted on the training split, or restored; empty for a model
+      that predicts total energies).
     max_molecules: molecule budget per sub-batch, the same for every split (one compiled shape).
   """
 
   dataset: Dataset
   splits: dict[str, np.ndarray]
-  references: ReferenceEnergies
+  references: ReferenceEnergies | None
   max_molecules: int
 
   @property
@@ -49,6 +50,9 @@ def dataset_path(config: DataConfig) -> Path:
 
 def open_run_data(config: DataConfig, *, references: ReferenceEnergies | None = None) -> RunData:
   """Opens the dataset, splits it by molecule and fits (or takes) the reference energies.
+
+  ``references``: a checkpoint's (empty ones for a model that predicts total energies, e.g. an
+  imported checkpoint: nothing is subtracted); None fits them on the training split.
 
   Raises:
     ValueError: when the training split is empty, the fractions are invalid, or (with
@@ -108,7 +112,8 @@ def make_iterator(data: RunData, split: str, config: DataConfig, model_config: E
   return BatchIterator(
       data.dataset, data.splits[split], max_atoms=config.atoms_per_batch,
       max_molecules=data.max_molecules, cutoff=model_config.cutoff,
-      max_neighbors=model_config.max_neighbors, shuffle=training, seed=seed, drop_last=training,
+      max_neighbors=model_config.max_neighbors, reference_slots=model_config.reference_slots,
+      shuffle=training, seed=seed, drop_last=training,
       process_index=process_index, process_count=process_count,
       prefetch=config.prefetch, references=data.references, num_species=model_config.num_species)
 

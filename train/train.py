@@ -101,6 +101,8 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   if saved is not None and not resume:
     raise ValueError(f"{workdir} already holds a run (checkpoints in {workdir / CHECKPOINT_DIRNAME}); "
                      "resume it, or start over in an empty folder")
+  if saved is not None:  # a run started before the LayerNorm default changed keeps its epsilon
+    model_config = model_config.replace(layer_norm_eps=saved.model_config.layer_norm_eps)
 
   data = open_run_data(config.data, references=None if saved is None else saved.reference_energies)
   iterators = {split: make_iterator(data, split, config.data, model_config, training=split == "train",

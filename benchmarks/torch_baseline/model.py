@@ -32,16 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from e2former_jax import so3
-from e2former_jax.config import E2FormerConfig, MessagePath
+from e2former_jax.config import DEFAULT_LAYER_NORM_EPS, E2FormerConfig, MessagePath
 from e2former_jax.nn.embedding import MAX_ABS_CHARGE, MAX_MULTIPLICITY
 from e2former_jax.nn.ffn import second_moment_normaliser
 from e2former_jax.nn.init import EMBEDDING_INIT_SCALE
 from e2former_jax.nn.norm import RMS_NORM_EPS
 from e2former_jax.ops.attention import SOFTMAX_SINK
 
-# flax.linen.LayerNorm's default epsilon, which every LayerNorm of the JAX model uses (torch's
-# default is 1e-5).
-LAYER_NORM_EPS = 1e-6
+# The JAX model's default LayerNorm epsilon (E2FormerConfig.layer_norm_eps); the baseline is built
+# for configs that keep it.
+LAYER_NORM_EPS = DEFAULT_LAYER_NORM_EPS
+# The numerics options the baseline implements (E2FormerConfig's defaults).
+_DEFAULT_NUMERICS = {f: getattr(E2FormerConfig(), f) for f in (
+    "layer_norm_eps", "gate_normalisers", "inverse_distance_eps", "softmax_sink")}
 
 
 @dataclasses.dataclass
@@ -522,6 +525,10 @@ class E2FormerTorch(nn.Module):
   def __init__(self, config: E2FormerConfig):
     super().__init__()
     cfg = self.config = config
+    numerics = {f: getattr(cfg, f) for f in _DEFAULT_NUMERICS}
+    if numerics != _DEFAULT_NUMERICS:
+      raise ValueError(f"the torch baseline implements the default numerics {_DEFAULT_NUMERICS}; "
+                       f"got {numerics}")
     self.edge_degree = EdgeDegreeEmbedding(cfg)
     self.molecule = MoleculeEmbedding(cfg.channels)
     for layer in range(cfg.num_layers):

@@ -92,7 +92,8 @@ class E2FormerCalculator(Calculator):
     config = self.predictor.config
     n = len(atoms)
     graph = build_graph([structure], cutoff=config.cutoff, max_neighbors=config.max_neighbors,
-                        num_nodes=size_bucket(n), num_molecules=1,
+                        reference_slots=config.reference_slots, num_nodes=size_bucket(n),
+                        num_molecules=1,
                         dtype=jax.dtypes.canonicalize_dtype(np.float64))
     model, params = self.predictor.model, self.predictor.params
     if graph.periodic:

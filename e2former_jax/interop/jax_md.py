@@ -2,7 +2,7 @@
 
 Typical use (units: eV, angstrom, amu; one time unit is ``1 / FEMTOSECOND`` = 10.18 fs), here
 with a random-weight model; a trained one comes from a checkpoint with
-``predictor = train.md.load_predictor("runs/tiny")``::
+``predictor = train.checkpoint.load_predictor("runs/tiny")``::
 
   import jax
   import jax.numpy as jnp
@@ -140,13 +140,20 @@ INITIAL_HOST_SLOTS = 64
 FREE_SPACE_MARGIN = 20.0
 
 EnergyFn = Callable[..., jax.Array]
+# The authors' softmax (SoftmaxSink.MAX_LOGIT, imported checkpoints) reads masked slots that hold
+# the nearest atoms beyond the cutoff: only a search over every atom finds them.
+_REFERENCE_SLOTS_NEED_ALL_ATOMS = (
+    "this model uses the authors' softmax sink (softmax_sink=max_logit), whose masked slots hold "
+    "the nearest atoms beyond the cutoff: it runs in free space with neighbor=None (every atom a "
+    "candidate); for neighbour lists or periodic boxes use softmax_sink=zero")
 
 
 class ModelNeighbors(NamedTuple):
   """The model's neighbour slots of N atoms, selected on device.
 
   Attributes:
-    idx: [N, K] int32 source atom of each slot; N (sentinel) on empty slots.
+    idx: [N, K] int32 source atom of each slot; N (sentinel) on empty slots (with reference slots,
+      masked slots may hold atoms beyond the cutoff).
     mask: [N, K] bool, True on real slots.
     shift: [N, K, 3] Cartesian image shift of each source (zero in free space and on empty slots).
     count: [N] int32 number of atoms within the cutoff (more than K means the nearest K were kept).
@@ -213,7 +220,7 @@ def needs_all_images(box, cutoff: float) -> bool:
 
 def select_neighbors(position: jax.Array, candidates: jax.Array | None, displacement_fn,
                      *, cutoff: float, max_neighbors: int, cartesian: jax.Array | None = None,
-                     **kwargs) -> ModelNeighbors:
+                     reference_slots: bool = False, **kwargs) -> ModelNeighbors:
   """The K nearest atoms within the cutoff among candidates: [N, M] -> [N, K] slots; jittable.
 
   Args:
@@ -226,6 +233,10 @@ def select_neighbors(position: jax.Array, candidates: jax.Array | None, displace
     max_neighbors: K.
     cartesian: [N, 3] Cartesian positions when ``position`` is fractional (default: ``position``);
       the image shifts refer to them.
+    reference_slots: the authors' slots (``E2FormerConfig.reference_slots``): the
+      K_mol = max(1, max_i min(K, #within)) nearest candidates of every atom, masked beyond the
+      cutoff (``neighbors.reference_neighbor_slots``); equal to theirs when every atom is a
+      candidate.
     **kwargs: passed to ``displacement_fn`` (e.g. ``box``, ``perturbation``).
 
   Returns:
@@ -246,7 +257,8 @@ def select_neighbors(position: jax.Array, candidates: jax.Array | None, displace
   sources = jnp.take(position, jnp.where(real, candidates, 0), axis=0)  # [N, M, 3]
   displacement = functools.partial(displacement_fn, **kwargs)
   vectors = jax.vmap(jax.vmap(displacement, (None, 0)), (0, 0))(position, sources)  # [N, M, 3]
-  slot, idx, mask, count = _nearest_within(vectors, candidates, real, cutoff, max_neighbors)
+  slot, idx, mask, count = _nearest_within(vectors, candidates, real, cutoff, max_neighbors,
+                                           reference_slots)
   vec = jnp.take_along_axis(vectors, slot[..., None], axis=1)  # [N, K, 3]
   x = position if cartesian is None else cartesian
   source = jnp.take(x, jnp.where(mask, idx, 0), axis=0)  # [N, K, 3]
@@ -256,8 +268,10 @@ def select_neighbors(position: jax.Array, candidates: jax.Array | None, displace
 
 
 def _nearest_within(vectors: jax.Array, candidates: jax.Array, real: jax.Array, cutoff: float,
-                    max_neighbors: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The K nearest real candidates within the cutoff, from their [N, M, 3] edge vectors.
+                    max_neighbors: int, reference_slots: bool = False
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The K nearest real candidates within the cutoff, from their [N, M, 3] edge vectors (with
+  ``reference_slots``, the K_mol nearest real ones, masked beyond the cutoff).
 
   Returns:
     (slot [N, K] chosen candidate columns, then :class:`ModelNeighbors`' idx [N, K], mask [N, K]
@@ -267,9 +281,14 @@ def _nearest_within(vectors: jax.Array, candidates: jax.Array, real: jax.Array, 
   dist2 = jax.lax.stop_gradient(jnp.sum(vectors * vectors, axis=-1))  # [N, M]
   within = real & (dist2 <= cutoff * cutoff)  # [N, M]
   # top_k of -d^2: the K nearest, in increasing distance; excluded candidates sort last as -inf.
-  _, slot = jax.lax.top_k(jnp.where(within, -dist2, -jnp.inf), max_neighbors)  # [N, K]
+  _, slot = jax.lax.top_k(jnp.where(real if reference_slots else within, -dist2, -jnp.inf),
+                          max_neighbors)  # [N, K]
   mask = jnp.take_along_axis(within, slot, axis=1)  # [N, K]
-  idx = jnp.where(mask, jnp.take_along_axis(candidates, slot, axis=1), n).astype(jnp.int32)  # [N, K]
+  holds = mask
+  if reference_slots:  # every atom keeps K_mol slots, the in-cutoff ones first
+    k_mol = jnp.maximum(1, jnp.max(jnp.sum(mask, axis=1)))
+    holds = jnp.take_along_axis(real, slot, axis=1) & (jnp.arange(max_neighbors) < k_mol)
+  idx = jnp.where(holds, jnp.take_along_axis(candidates, slot, axis=1), n).astype(jnp.int32)
   assert idx.shape == mask.shape == (n, max_neighbors), idx.shape
   return slot, idx, mask, within.sum(axis=1).astype(jnp.int32)
 
@@ -606,12 +625,16 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
     box) an :class:`ImageNeighborList` with the model's cutoff.
 
   Raises:
-    ValueError: for unknown elements or elements without a reference energy, a bad box, or
-      (without ``all_images``) a box too small for the minimum image convention.
+    ValueError: for unknown elements or elements without a reference energy, a bad box,
+      (without ``all_images``) a box too small for the minimum image convention, or a model with
+      the authors' softmax sink (``E2FormerConfig.reference_slots``) in a periodic box or, at call
+      time, with a neighbour list.
   """
   species_np = predictor.check_species(np.asarray(species), where="jax_md species")
   species = jnp.asarray(species_np)
   config = predictor.config
+  if config.reference_slots and box is not None:
+    raise ValueError(_REFERENCE_SLOTS_NEED_ALL_ATOMS)
   predictor.warn_if_untrained_forces("JAX MD energy function")
   # The composition part is summed in float64 on the host; the charge and spin offsets are looked up
   # in the energy function, since JAX MD may pass a charge or spin at call time.
@@ -645,6 +668,8 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
       check_box(box, config.cutoff)  # raises: only the image list holds every image here
     candidates = None
     if neighbor is not None:
+      if config.reference_slots:
+        raise ValueError(_REFERENCE_SLOTS_NEED_ALL_ATOMS)
       if neighbor.format is not partition.NeighborListFormat.Dense:
         raise ValueError(f"e2former energy needs a Dense neighbour list, got {neighbor.format}")
       candidates = neighbor.idx
@@ -655,7 +680,8 @@ def e2former_energy(displacement_fn, predictor: Predictor, species, *, box=None,
       if fractional_coordinates:
         cartesian = space.transform(current, position)
     nbrs = select_neighbors(position, candidates, displacement_fn, cutoff=config.cutoff,
-                            max_neighbors=config.max_neighbors, cartesian=cartesian, **kwargs)
+                            max_neighbors=config.max_neighbors, cartesian=cartesian,
+                            reference_slots=config.reference_slots, **kwargs)
     graph = system_graph(cartesian, species, nbrs, q, s, cell)
     return predictor.model_energy(graph)[0] + reference(q, s, position.dtype)
 
@@ -723,10 +749,13 @@ def e2former_neighbor_list(displacement_fn, box, predictor: Predictor, species, 
     ``(neighbor_fn, energy_fn)``.
 
   Raises:
-    ValueError: on a bad box, ``all_images=True`` without ``periodic``, or as
-      :func:`e2former_energy`.
+    ValueError: on a bad box, ``all_images=True`` without ``periodic``, a model with the authors'
+      softmax sink (it needs every atom as a candidate: :func:`e2former_energy` without a list),
+      or as :func:`e2former_energy`.
   """
   cutoff = predictor.config.cutoff
+  if predictor.config.reference_slots:
+    raise ValueError(_REFERENCE_SLOTS_NEED_ALL_ATOMS)
   if all_images and not periodic:
     raise ValueError("all_images=True needs a periodic space (periodic=True with its box)")
   if periodic and box is None:

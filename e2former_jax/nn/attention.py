@@ -2,7 +2,8 @@
 
 Per target atom i and neighbour slot k (source j):
   logit_ikh = gate_ikh (q_ih . k_jh) / sqrt(d)
-  alpha_ikh = envelope-weighted softmax with a sink (ops.sink_softmax)
+  alpha_ikh = envelope-weighted softmax with a sink (at logit 0, or at the largest logit of the
+              slots that hold an atom: config.SoftmaxSink)
   a_ikh     = alpha_ikh * inputhead_ikh / |r_ij|
   m_i       = sum_k a_ik T(v_j, r_ij)          T = channel-wise CG product l1 (x) 1 -> l3
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from e2former_jax import ops, so3
-from e2former_jax.config import E2FormerConfig, MessagePath
+from e2former_jax.config import E2FormerConfig, MessagePath, SoftmaxSink
 from e2former_jax.graph import Graph
 from e2former_jax.nn.init import embedding_init, kaiming_uniform
 from e2former_jax.nn.linear import SO3Linear, SO3LinearToScalar
@@ -39,13 +40,16 @@ class EdgeGeometry:
     vectors: [N, K, 3] r_ij = x_i - x_j (target minus source), zero on empty slots.
     distances: [N, K] |r_ij| (safe norm: finite value and gradient on empty slots).
     envelope: [N, K] phi(|r_ij|), zero on empty slots.
-    inv_dist: [N, K] 1 / |r_ij|, zero on empty slots.
+    inv_dist: [N, K] 1 / (|r_ij| + inverse_distance_eps), zero on empty slots.
+    holds_atom: [N, K] bool, the slots whose gate logits enter the MAX_LOGIT sink: every slot that
+      holds an atom (masked ones too, with real ``distances``) under that sink, else the mask.
   """
 
   vectors: jax.Array
   distances: jax.Array
   envelope: jax.Array
   inv_dist: jax.Array
+  holds_atom: jax.Array
 
 
 class PathMix(nn.Module):
@@ -86,36 +90,42 @@ class E2Attention(nn.Module):
     n, _, c = x.shape
     h, d, _k_slots = cfg.num_heads, cfg.head_dim, graph.num_neighbors
     qk_width = h * d
-    q = SO3LinearToScalar(qk_width, qk_width // 2, name="query")(x).reshape(n, h, d)  # [N, H, D]
-    k = SO3LinearToScalar(qk_width, qk_width // 2, name="key")(x).reshape(n, h, d)  # [N, H, D]
+    eps = cfg.layer_norm_eps
+    q = SO3LinearToScalar(qk_width, qk_width // 2, eps, name="query")(x).reshape(n, h, d)  # [N,H,D]
+    k = SO3LinearToScalar(qk_width, qk_width // 2, eps, name="key")(x).reshape(n, h, d)  # [N,H,D]
 
     target_table = self.param("target_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     source_table = self.param("source_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     radial_mlp = nn.remat(RadialMLP) if cfg.remat else RadialMLP
-    edge = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, name="edge_gates")(
+    edge = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps, name="edge_gates")(
         distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)
     gate, inputhead = edge[..., :h], edge[..., h:]  # [N, K, H] each
     post_weight = inputhead * geometry.inv_dist[..., None]  # [N, K, H]
+    sink_logit = None  # SoftmaxSink.ZERO
+    if cfg.softmax_sink is SoftmaxSink.MAX_LOGIT:
+      sink_logit = ops.max_slot_logit(q, k, gate, graph.nbr_idx, geometry.holds_atom,
+                                      impl=cfg.attention_impl)  # [N, H]
 
     v = SO3Linear(c, name="value")(x)  # [N, S, C]
     if cfg.message_path is MessagePath.NODE_CENTRIC:
       message = ops.message_attention(q, k, gate, post_weight, geometry.envelope, geometry.vectors,
-                                      v, graph.nbr_idx, graph.nbr_mask,
+                                      v, graph.nbr_idx, graph.nbr_mask, sink_logit=sink_logit,
                                       impl=cfg.attention_impl)  # [N, R, C]
     else:
-      message = _per_edge_message(q, k, gate, post_weight, v, graph, geometry)
+      message = _per_edge_message(q, k, gate, post_weight, v, graph, geometry, sink_logit)
     assert message.shape[:1] + message.shape[2:] == (n, c), message.shape
     mixed = PathMix(c, cfg.lmax, name="path_mix")(message)  # [N, S, C]
     return SO3Linear(c, name="proj")(mixed)
 
 
-def _per_edge_message(q, k, gate, post_weight, v, graph: Graph, geometry: EdgeGeometry) -> jax.Array:
+def _per_edge_message(q, k, gate, post_weight, v, graph: Graph, geometry: EdgeGeometry,
+                      sink_logit: jax.Array | None) -> jax.Array:
   """sum_k a_ik T(v_j, r_ij) with every per-edge tensor materialised: [N, R, C]."""
   n, h, d = q.shape
   c = v.shape[-1]
   dots = jnp.einsum("nhd,nkhd->nkh", q, graph.gather_sources(k))  # [N, K, H]
   weights = ops.attention_weights(dots, gate, post_weight, geometry.envelope, graph.nbr_mask,
-                                  head_dim=d)  # [N, K, H]
+                                  head_dim=d, sink_logit=sink_logit)  # [N, K, H]
   edge_tp = so3.tensor_product_vector(graph.gather_sources(v), geometry.vectors)  # [N, K, R, C]
   weights_c = jnp.tile(weights, (1, 1, c // h))  # [N, K, C], channel c uses head c % H
   return jnp.einsum("nkc,nkrc->nrc", weights_c, edge_tp)

@@ -23,5 +23,9 @@ class TransformerBlock(nn.Module):
     """x: [N, S, C]; molecule_signal: [N, C] charge/spin embedding of each atom's molecule."""
     xt = RMSNormSH(name="attn_norm")(x)
     xt = xt.at[:, 0, :].add(molecule_signal)
+    # The attention's input is no module's output: sown for stage-by-stage comparisons (no cost
+    # unless the "intermediates" collection is mutable).
+    self.sow("intermediates", "attn_in", xt)
     x = x + E2Attention(self.config, name="attention")(xt, graph, geometry)
-    return x + S3FeedForward(self.config.channels, name="ffn")(RMSNormSH(name="ffn_norm")(x))
+    ffn = S3FeedForward(self.config.channels, self.config.gate_normalisers, name="ffn")
+    return x + ffn(RMSNormSH(name="ffn_norm")(x))

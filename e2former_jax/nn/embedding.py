@@ -47,6 +47,7 @@ class EdgeDegreeEmbedding(nn.Module):
     avg_degree: constant normaliser of the neighbour sum.
     cutoff: radial basis range (angstrom).
     num_rbf: radial basis size, also the width of the type tables.
+    layer_norm_eps: epsilon of the radial MLPs' LayerNorms.
     remat: recompute each degree's radial MLP and neighbour sum in the backward pass instead of
       keeping their [N, K, hidden] activations (E2FormerConfig.remat).
   """
@@ -58,6 +59,7 @@ class EdgeDegreeEmbedding(nn.Module):
   avg_degree: float
   cutoff: float
   num_rbf: int
+  layer_norm_eps: float
   remat: bool = False
 
   @nn.compact
@@ -86,7 +88,8 @@ class EdgeDegreeEmbedding(nn.Module):
         d_l, blocks[-1] = jax.lax.optimization_barrier((distances, blocks[-1]))
       else:
         d_l = distances
-      radial_mlp = RadialMLP(self.hidden, self.channels, self.cutoff, self.num_rbf, name=f"radial_l{l}")
+      radial_mlp = RadialMLP(self.hidden, self.channels, self.cutoff, self.num_rbf, self.layer_norm_eps,
+                             name=f"radial_l{l}")
       blocks.append(degree_sum(radial_mlp, d_l, target_types, source_types, nbr_idx,
                                edge_sh[..., degrees == l] * envelope_weights[..., None]))  # [N, 2l+1, C]
     return jnp.concatenate(blocks, axis=-2) / self.avg_degree  # [N, S, C]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from e2former_jax.config import GateNormalisers
 from e2former_jax.nn.init import kaiming_uniform
 from e2former_jax.nn.linear import SO3Linear
 from e2former_jax.so3.layout import lmax_from_rows
@@ -16,14 +17,21 @@ from e2former_jax.so3.layout import lmax_from_rows
 # Gauss-Hermite nodes for E_{z~N(0,1)}[f(z)^2]; 200 nodes integrate these smooth functions to
 # machine precision.
 _QUADRATURE_NODES = 200
+# The authors' values of the same constants: e3nn's normalize2mom estimates from 10^6 N(0, 1)
+# samples (torch generator seed 0, float64), which differ from the integrals by up to 0.16 %.
+# Read from the reference parity fixture (tiny_config.json, "constants").
+_MONTE_CARLO_NORMALISERS = {"silu": 1.6791767923989418, "sigmoid": 1.8467055342154763}
 
 
 @functools.cache
-def second_moment_normaliser(name: str) -> float:
-  """c such that E[(c f(z))^2] = 1 for z ~ N(0, 1) (e3nn's normalize2mom, computed exactly).
+def second_moment_normaliser(name: str, kind: GateNormalisers = GateNormalisers.EXACT) -> float:
+  """c such that E[(c f(z))^2] = 1 for z ~ N(0, 1) (e3nn's normalize2mom).
 
-  silu -> 1.67653, sigmoid -> 1.84623 (the authors' Monte-Carlo estimates differ by <= 0.16 %).
+  EXACT: by quadrature, silu -> 1.67653, sigmoid -> 1.84623. MONTE_CARLO: the authors' estimates
+  (1.679177, 1.846706).
   """
+  if kind is GateNormalisers.MONTE_CARLO:
+    return _MONTE_CARLO_NORMALISERS[name]
   fn = {"silu": lambda z: z / (1.0 + np.exp(-z)), "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z))}[name]
   z, w = np.polynomial.hermite_e.hermegauss(_QUADRATURE_NODES)
   second_moment = np.sum(w * fn(z) ** 2) / np.sqrt(2.0 * np.pi)
@@ -32,9 +40,15 @@ def second_moment_normaliser(name: str) -> float:
 
 class S3FeedForward(nn.Module):
   """z = SO3Linear(x); g = Linear(z_0) -> (lmax+1) C gates;
-  row 0 <- c_s SiLU(g_0); rows of degree l > 0 <- c_g sigmoid(g_l) * z_l; out = SO3Linear(.)."""
+  row 0 <- c_s SiLU(g_0); rows of degree l > 0 <- c_g sigmoid(g_l) * z_l; out = SO3Linear(.).
+
+  Attributes:
+    channels: C.
+    normalisers: which values of c_s and c_g.
+  """
 
   channels: int
+  normalisers: GateNormalisers = GateNormalisers.EXACT
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -44,8 +58,9 @@ class S3FeedForward(nn.Module):
     z = SO3Linear(self.channels, name="linear_in")(x)  # [N, S, C]
     gates = nn.Dense((lmax + 1) * self.channels, kernel_init=kaiming_uniform, name="gate")(z[..., 0, :])
     gates = gates.reshape(*gates.shape[:-1], lmax + 1, self.channels)  # [N, lmax+1, C]
-    scalar = second_moment_normaliser("silu") * nn.silu(gates[..., :1, :])  # [N, 1, C]
-    gate_l = second_moment_normaliser("sigmoid") * nn.sigmoid(gates[..., 1:, :])  # [N, lmax, C]
+    c_silu, c_sigmoid = (second_moment_normaliser(f, self.normalisers) for f in ("silu", "sigmoid"))
+    scalar = c_silu * nn.silu(gates[..., :1, :])  # [N, 1, C]
+    gate_l = c_sigmoid * nn.sigmoid(gates[..., 1:, :])  # [N, lmax, C]
     # Each degree's gate broadcast over its 2l+1 rows: an index array here would be a gather of
     # [N, S-1, C] and a scatter-add in the backward (benchmarks/notes_profile.md).
     gate_rows = jnp.concatenate(

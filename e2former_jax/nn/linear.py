@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from e2former_jax.config import DEFAULT_LAYER_NORM_EPS
 from e2former_jax.nn.init import fan_in_uniform, kaiming_uniform
 from e2former_jax.so3.layout import degree_slice, lmax_from_rows, row_degrees
 
@@ -47,10 +48,12 @@ class SO3LinearToScalar(nn.Module):
   Attributes:
     features: output width (heads * head_dim).
     hidden: width P of u, w and the MLP hidden layer (features // 2 in the paper).
+    layer_norm_eps: epsilon of the MLP's LayerNorm.
   """
 
   features: int
   hidden: int
+  layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -65,5 +68,5 @@ class SO3LinearToScalar(nn.Module):
         [products[..., degree_slice(l), :].sum(axis=-2) for l in range(lmax + 1)],
         axis=-1)  # [N, (lmax+1) P]
     h = nn.Dense(self.hidden, kernel_init=kaiming_uniform, name="mlp_in")(invariants)
-    h = nn.silu(nn.LayerNorm(name="mlp_norm")(h))
+    h = nn.silu(nn.LayerNorm(epsilon=self.layer_norm_eps, name="mlp_norm")(h))
     return nn.Dense(self.features, kernel_init=kaiming_uniform, name="mlp_out")(h)  # [N, features]

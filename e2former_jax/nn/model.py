@@ -35,15 +35,20 @@ class ModelOutput:
 
 def edge_geometry(config: E2FormerConfig, graph: Graph, positions: jax.Array) -> EdgeGeometry:
   """Per-slot geometry shared by every block; NaN-free (value and gradient) on empty slots."""
-  vectors = graph.edge_vectors(positions)  # [N, K, 3]
-  dist = so3.safe_norm(vectors)  # [N, K]
   mask = graph.nbr_mask
-  inv_dist = jnp.where(mask, 1.0 / jnp.where(mask, dist, 1.0), 0.0)
+  vectors = graph.edge_vectors(positions)  # [N, K, 3]
+  # The MAX_LOGIT sink reads the gate logits of masked slots that hold an atom too, so their
+  # lengths are real; the edge vectors (messages, harmonics) stay zero there.
+  holds_atom = graph.slot_holds_atom if config.reference_slots else mask
+  dist = so3.safe_norm(graph.edge_vectors(positions, where=holds_atom) if config.reference_slots
+                       else vectors)  # [N, K]
+  inv_dist = jnp.where(mask, 1.0 / (jnp.where(mask, dist, 1.0) + config.inverse_distance_eps), 0.0)
   return EdgeGeometry(
       vectors=vectors,
       distances=dist,
       envelope=jnp.where(mask, envelope(dist, config.cutoff), 0.0),
       inv_dist=inv_dist,
+      holds_atom=holds_atom,
   )
 
 
@@ -61,7 +66,7 @@ class E2Former(nn.Module):
     edge_sh = jnp.where(graph.nbr_mask[..., None], edge_sh, 0.0)
 
     x = EdgeDegreeEmbedding(cfg.channels, cfg.lmax, cfg.edge_hidden, cfg.num_species, cfg.avg_degree,
-                            cfg.cutoff, cfg.num_rbf, cfg.remat, name="edge_degree")(
+                            cfg.cutoff, cfg.num_rbf, cfg.layer_norm_eps, cfg.remat, name="edge_degree")(
         graph.species, geometry.distances, geometry.envelope, edge_sh, graph.nbr_idx)  # [N, S, C]
     assert x.shape == (n, cfg.num_rows, cfg.channels), x.shape
     molecule_signal = MoleculeEmbedding(cfg.channels, name="molecule")(graph.charge, graph.spin)

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from e2former_jax.config import DEFAULT_LAYER_NORM_EPS
 from e2former_jax.nn.init import kaiming_uniform
 
 
@@ -52,12 +53,14 @@ class RadialMLP(nn.Module):
     out: output width.
     cutoff: the basis spans [0, cutoff] (angstrom).
     num_rbf: number of Gaussians.
+    layer_norm_eps: epsilon of both LayerNorms.
   """
 
   hidden: int
   out: int
   cutoff: float
   num_rbf: int
+  layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS
 
   @nn.compact
   def __call__(self, distances: jax.Array, target_types: jax.Array, source_types: jax.Array,
@@ -78,7 +81,7 @@ class RadialMLP(nn.Module):
     source = nn.Dense(self.hidden, use_bias=False, kernel_init=kaiming_uniform,
                       name="source_in")(source_types)  # [N, hidden]
     h = h + jnp.take(source, nbr_idx, axis=0, mode="fill", fill_value=0)
-    h = nn.silu(nn.LayerNorm(name="norm_0")(h))
+    h = nn.silu(nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm_0")(h))
     h = nn.Dense(self.hidden, kernel_init=kaiming_uniform, name="hidden")(h)
-    h = nn.silu(nn.LayerNorm(name="norm_1")(h))
+    h = nn.silu(nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm_1")(h))
     return nn.Dense(self.out, kernel_init=kaiming_uniform, name="out")(h)  # [N, K, out]

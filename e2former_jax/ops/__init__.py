@@ -1,7 +1,8 @@
 """Dispatchers: the one place where the model reaches the Pallas kernels."""
 
 from e2former_jax.ops.attention import attention_weights
+from e2former_jax.ops.attention import max_slot_logit
 from e2former_jax.ops.attention import message_attention
 from e2former_jax.ops.attention import resolve_impl
 
-__all__ = ["attention_weights", "message_attention", "resolve_impl"]
+__all__ = ["attention_weights", "max_slot_logit", "message_attention", "resolve_impl"]

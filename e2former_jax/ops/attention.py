@@ -8,13 +8,14 @@ imports ``pallas_kernels``.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 import pallas_kernels
 from e2former_jax import so3
 from e2former_jax.config import AttentionImpl
 
 # Strength of the attention sink in the softmax denominator (authors' value, spec 6.4; see
-# docs/decisions.md D1 for why it is relative to logit 0).
+# docs/decisions.md D1 for the logit it sits at).
 SOFTMAX_SINK = 1e-3
 
 
@@ -45,27 +46,54 @@ def _head_last(values: jax.Array, num_heads: int) -> jax.Array:
 
 
 def attention_weights(dots: jax.Array, gate: jax.Array, post_weight: jax.Array, envelope: jax.Array,
-                      nbr_mask: jax.Array, *, head_dim: int) -> jax.Array:
+                      nbr_mask: jax.Array, *, head_dim: int, sink_logit: jax.Array | None = None
+                      ) -> jax.Array:
   """a_ikh = alpha_ikh * post_ikh from the raw products q_i . k_j (for the per-edge message path).
 
-  The same function the kernels evaluate (see :func:`node_attention`).
+  The same function the kernels evaluate (see :func:`message_attention`).
 
   Args:
     dots: [N, K, H]. gate, post_weight: [N, K, H]. envelope: [N, K]. nbr_mask: [N, K] bool.
     head_dim: d of the logit scale 1/sqrt(d).
+    sink_logit: [N, H] logit of the sink (None: 0).
   Returns:
     [N, K, H], zero on masked slots.
   """
   return pallas_kernels.attention_weights(dots, gate, post_weight, envelope, nbr_mask,
-                                          scale=head_dim**-0.5, sink=SOFTMAX_SINK)
+                                          scale=head_dim**-0.5, sink=SOFTMAX_SINK,
+                                          sink_logit=sink_logit)
+
+
+def max_slot_logit(q: jax.Array, k: jax.Array, gate: jax.Array, nbr_idx: jax.Array,
+                   holds_atom: jax.Array, *, impl: AttentionImpl) -> jax.Array:
+  """M_ih = max over the slots k that hold an atom of l_ikh = gate_ikh (q_ih . k_jh) / sqrt(d).
+
+  The sink logit of the authors' softmax (config.SoftmaxSink.MAX_LOGIT). Differentiable: the
+  gradient reaches the arg-max slot (shared equally between exact ties).
+
+  Args:
+    q: [N, H, D]. k: [M, H, D]. gate: [N, K, H]. nbr_idx: [N, K] (M = no atom).
+    holds_atom: [N, K] bool, the slots that take part (masked ones included).
+    impl: implementation of the q.k products (the ``edge_dot`` kernel or its jnp reference).
+  Returns:
+    [N, H]; 0 on a row without any such slot (its weights are 0 whatever the sink).
+  """
+  d = q.shape[-1]
+  dots = _call(impl, pallas_kernels.edge_dot, pallas_kernels.edge_dot_reference,
+               q.transpose(0, 2, 1), k.transpose(0, 2, 1), nbr_idx, holds_atom)  # [N, K, H]
+  logits = jnp.where(holds_atom[..., None], gate * d**-0.5 * dots, -jnp.inf)
+  top = jnp.max(logits, axis=1)  # [N, H]
+  return jnp.where(jnp.isfinite(top), top, 0.0)
 
 
 def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
                       envelope: jax.Array, vectors: jax.Array, v: jax.Array, nbr_idx: jax.Array,
-                      nbr_mask: jax.Array, *, impl: AttentionImpl) -> jax.Array:
+                      nbr_mask: jax.Array, *, impl: AttentionImpl,
+                      sink_logit: jax.Array | None = None) -> jax.Array:
   """m_i[r, c] = sum_k a_ikh T(v_j, r_ik)[r, c], h = c mod H: the attention message.
 
-  a_ikh = alpha_ikh post_ikh with alpha_ikh = exp(l_ikh) phi_ik / (sum_k' exp(l_ik'h) phi_ik' + sink)
+  a_ikh = alpha_ikh post_ikh with
+  alpha_ikh = exp(l_ikh) phi_ik / (sum_k' exp(l_ik'h) phi_ik' + sink exp(sink_logit_ih))
   over valid slots and l_ikh = gate_ikh (q_ih . k_jh) / sqrt(d); T = so3.tensor_product_vector.
 
   Args:
@@ -75,6 +103,7 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     v: [M, S, C] source features, S = (lmax+1)^2, channel c in head c % H.
     nbr_idx: [N, K] int32 in [0, M] (M = empty). nbr_mask: [N, K] bool.
     impl: implementation.
+    sink_logit: [N, H] logit of the sink, differentiable (None: 0, docs/decisions.md D1).
   Returns:
     [N, R, C] in the l3-sequential layout of T (R = 20 for lmax = 2).
   """
@@ -86,5 +115,5 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
   out = _call(impl, pallas_kernels.message_attention, pallas_kernels.message_attention_reference,
               q.transpose(0, 2, 1), k.transpose(0, 2, 1), gate, post_weight, envelope, vectors,
               _head_last(v, h), nbr_idx, nbr_mask, coupling=coupling, scale=d**-0.5,
-              sink=SOFTMAX_SINK)
+              sink=SOFTMAX_SINK, sink_logit=sink_logit)
   return out.reshape(n, coupling.shape[0], c)

@@ -266,3 +266,42 @@ def test_build_graph_periodic(rng):
   np.testing.assert_allclose(np.where(nl.mask, lengths, np.inf), nl.distances, atol=1e-12)
   forced = build_graph([molecule], cutoff=3.0, max_neighbors=40, periodic=True)
   np.testing.assert_array_equal(forced.cell, np.zeros((1, 3, 3)))
+
+
+def _reference_slots_brute_force(positions, cutoff, k):
+  """The authors' rule written out: K_mol = max(1, min(K, max_i #in-cutoff)) nearest atoms per atom."""
+  n = len(positions)
+  dist = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+  np.fill_diagonal(dist, np.inf)
+  k_mol = max(1, min(k, int((dist <= cutoff).sum(1).max())))
+  order = np.lexsort((np.tile(np.arange(n), (n, 1)), dist), axis=1)[:, :min(k_mol, n - 1)]
+  return order, np.take_along_axis(dist, order, 1) <= cutoff
+
+
+def test_reference_slots_per_molecule(rng):
+  """Masked slots hold the next-nearest atoms beyond the cutoff, K_mol per molecule (not per batch):
+  a packed batch has each molecule's own slots."""
+  mols = [random_molecule(rng, n) for n in (9, 14, 2, 1)]
+  structures = [Structure(numbers=z, positions=x) for z, x in mols]
+  cutoff, k = 2.5, 6
+  graph = build_graph(structures, cutoff=cutoff, max_neighbors=k, num_nodes=30, num_molecules=5,
+                      reference_slots=True)
+  plain = build_graph(structures, cutoff=cutoff, max_neighbors=k, num_nodes=30, num_molecules=5)
+  np.testing.assert_array_equal(graph.nbr_mask, plain.nbr_mask)
+  np.testing.assert_array_equal(np.where(plain.nbr_mask, graph.nbr_idx, -1),
+                                np.where(plain.nbr_mask, plain.nbr_idx, -1))
+  start, widths = 0, []
+  for z, x in mols:
+    n = len(z)
+    order, within = _reference_slots_brute_force(x, cutoff, k)
+    width = order.shape[1]
+    rows = slice(start, start + n)
+    np.testing.assert_array_equal(graph.nbr_idx[rows, :width], order + start)
+    np.testing.assert_array_equal(graph.nbr_mask[rows, :width], within)
+    assert np.all(graph.nbr_idx[rows, width:] == 30)
+    widths.append(width)
+    start += n
+  assert widths[0] != widths[1] and widths[2:] == [1, 0]  # K_mol differs between the molecules
+  cell = Structure(numbers=mols[0][0], positions=mols[0][1], cell=np.eye(3) * 9.0, pbc=True)
+  with pytest.raises(ValueError, match="reproduced for molecules only"):
+    build_graph([cell], cutoff=cutoff, max_neighbors=k, reference_slots=True)

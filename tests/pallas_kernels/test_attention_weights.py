@@ -90,6 +90,37 @@ class TestAttentionWeightsVjp:
 
     kt.assert_close(contracted(kernel), contracted(reference), SECOND_ORDER_RTOL, "second order")
 
+  @pytest.mark.parametrize("logit_scale", [1.0, 300.0], ids=["unit", "large-logits"])
+  def test_sink_logit_matches_reference(self, kt, rng, neighbors, logit_scale):
+    """A sink at a per-(target, head) logit (the authors' softmax): outputs, d sink_logit, and the
+    second order through it."""
+    inputs = _inputs(kt, rng, neighbors, MANY_HEADS, logit_scale=logit_scale)
+    sink_logit = logit_scale * kt.normal(rng, kt.N, MANY_HEADS)
+    kernel, reference = self._ops()
+    outputs = kernel(*inputs, sink_logit=sink_logit)
+    expected = reference(*inputs, sink_logit=sink_logit)
+    assert len(outputs) == len(expected) == 6
+    kt.assert_close(outputs, expected, F32_RTOL, "with sink logit")
+    directions = [kt.normal(rng, *x.shape) for x in expected]
+    valid = inputs[4]
+
+    def contracted(fn):
+      def loss(dots, gate, post_weight, envelope, d_weights, sink_logit):
+        outs = fn(dots, gate, post_weight, envelope, valid, d_weights, sink_logit=sink_logit)
+        return sum(jnp.sum(r * jnp.tanh(o)) for r, o in zip(directions, outs))
+      return jax.grad(loss, argnums=range(NUM_DIFF_INPUTS + 1))(*inputs[:4], inputs[5], sink_logit)
+
+    if logit_scale == 1.0:  # large logits underflow the reference's own second order
+      kt.assert_close(contracted(kernel), contracted(reference), SECOND_ORDER_RTOL, "second order")
+
+
+def test_sink_logit_zero_is_the_default(kt, rng, neighbors):
+  """sink_logit = 0 gives the weights and cotangents of the default sink at logit 0."""
+  inputs = _inputs(kt, rng, neighbors, kt.H)
+  opts = dict(scale=SCALE, sink=SINK)
+  with_zero = pk.attention_weights_vjp_reference(*inputs, sink_logit=jnp.zeros((kt.N, kt.H)), **opts)
+  kt.assert_close(with_zero[:5], pk.attention_weights_vjp_reference(*inputs, **opts), 1e-6, "zero")
+
 
 def test_rejects_mismatched_shapes(kt, rng, neighbors):
   dots, gate, post_weight, envelope, valid, d_weights = _inputs(kt, rng, neighbors, kt.H)

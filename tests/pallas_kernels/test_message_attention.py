@@ -50,8 +50,8 @@ class TestMessageAttention:
     kernel = functools.partial(
         pk.message_attention, block_sizes=block_sizes, interpret=self.INTERPRET,
         backward_block_sizes=None if block_sizes is None else (block_sizes, block_sizes), **opts)
-    return ((lambda *xs: kernel(*xs, *nbr)),
-            (lambda *xs: pk.message_attention_reference(*xs, *nbr, **opts)))
+    return ((lambda *xs, **kw: kernel(*xs, *nbr, **kw)),
+            (lambda *xs, **kw: pk.message_attention_reference(*xs, *nbr, **opts, **kw)))
 
   @pytest.mark.parametrize("block_sizes, groups", [(RAGGED_BLOCKS, 2), (RAGGED_BLOCKS, 3),
                                                    (None, 2)],
@@ -81,6 +81,25 @@ class TestMessageAttention:
     inputs = _inputs(kt, rng)
     run_kernel, run_reference = self._ops(kt, neighbors)
     cotangent = kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H)
+    directions = [kt.normal(rng, *x.shape) for x in inputs]
+    kt.assert_close(kt.second_order_grads(run_kernel, inputs, cotangent, directions),
+                    kt.second_order_grads(run_reference, inputs, cotangent, directions),
+                    SECOND_ORDER_RTOL, "second order")
+
+  def test_sink_logit_matches_reference(self, kt, rng, neighbors):
+    """A sink at a per-(target, head) logit L (the authors' softmax, differentiable): forward, VJP
+    (the fused backward's d L = -s <g, out>) and second order (the composed backward)."""
+    inputs = (*_inputs(kt, rng), 2.0 * kt.normal(rng, kt.N, kt.H))  # L above and below the logits
+    kernel, reference = self._ops(kt, neighbors)
+
+    def with_sink(fn):
+      return lambda *xs: fn(*xs[:7], sink_logit=xs[7])
+
+    run_kernel, run_reference = with_sink(kernel), with_sink(reference)
+    kt.assert_close(run_kernel(*inputs), run_reference(*inputs), F32_RTOL, "forward")
+    cotangent = kt.normal(rng, kt.N, NUM_OUT_ROWS * 2, kt.H)
+    kt.assert_close(kt.input_grads(run_kernel, inputs, cotangent),
+                    kt.input_grads(run_reference, inputs, cotangent), F32_RTOL, "vjp")
     directions = [kt.normal(rng, *x.shape) for x in inputs]
     kt.assert_close(kt.second_order_grads(run_kernel, inputs, cotangent, directions),
                     kt.second_order_grads(run_reference, inputs, cotangent, directions),

@@ -54,12 +54,25 @@ def _message_specs(dtype):
           s((m, COUPLING.shape[1] * GROUPS, h), dtype), s((n, k), jnp.int32), s((n, k), jnp.bool_))
 
 
+def _message_sink_specs(dtype):
+  """message_attention's inputs with a sink logit [N, H] after the values."""
+  *inputs, nbr_idx, nbr_mask = _message_specs(dtype)
+  return (*inputs, jax.ShapeDtypeStruct((NUM_TARGETS, NUM_HEADS), dtype), nbr_idx, nbr_mask)
+
+
+def _message_with_sink(*args):
+  *inputs, sink_logit, nbr_idx, nbr_mask = args
+  return pk.message_attention(*inputs, nbr_idx, nbr_mask, sink_logit=sink_logit, coupling=COUPLING,
+                              scale=HEAD_DIM ** -0.5)
+
+
 # op: (forward, number of differentiable inputs, input specs, per-edge [N, K, H] arrays the
 # backward may hold side by side: message_attention scatters its three moments in one call).
 OPS = {
     "node": (lambda *a: pk.node_attention(*a, scale=HEAD_DIM ** -0.5), 6, _node_specs, 1),
     "message": (lambda *a: pk.message_attention(*a, coupling=COUPLING, scale=HEAD_DIM ** -0.5),
                 7, _message_specs, 3),
+    "message_sink": (_message_with_sink, 8, _message_sink_specs, 3),
 }
 
 
@@ -92,9 +105,11 @@ def _largest_tensor(text: str) -> int:
      ("node", 0, jnp.bfloat16, 1), ("node", 1, jnp.bfloat16, 6),
      ("message", 0, jnp.float32, 1), ("message", 1, jnp.float32, 3),
      ("message", 2, jnp.float32, 16), ("message", 0, jnp.bfloat16, 1),
-     ("message", 1, jnp.bfloat16, 3)],
+     ("message", 1, jnp.bfloat16, 3), ("message_sink", 0, jnp.float32, 1),
+     ("message_sink", 1, jnp.float32, 3), ("message_sink", 2, jnp.float32, 16)],
     ids=["fwd-f32", "bwd-f32", "double-bwd-f32", "fwd-bf16", "bwd-bf16", "message-fwd-f32",
-         "message-bwd-f32", "message-double-bwd-f32", "message-fwd-bf16", "message-bwd-bf16"])
+         "message-bwd-f32", "message-double-bwd-f32", "message-fwd-bf16", "message-bwd-bf16",
+         "message-sink-fwd-f32", "message-sink-bwd-f32", "message-sink-double-bwd-f32"])
 def test_lowers_for_h100_with_linear_memory(op, order, dtype, min_kernels):
   _, _, specs, edge_arrays = OPS[op]
   text = _lower(_derivative(op, order), specs(dtype))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from e2former_jax.config import MessagePath
+from e2former_jax.config import LEGACY_LAYER_NORM_EPS, MessagePath, tiny_config
 from train.cli import main as cli_main
 from train.config_fields import FieldError, coerce
 from train.data.builtin import BuiltinSize
@@ -26,6 +26,14 @@ def test_shipped_configs_load_and_round_trip(path):
   model = config.model_config()
   assert model_config_from_dict(model_config_to_dict(model)) == model
   assert model.direct_force_head == (config.loss.forces is ForceMode.DIRECT)
+
+
+def test_saved_model_config_without_layer_norm_eps_is_legacy():
+  """Checkpoints saved before the field existed were trained with flax's 1e-6 and load with it."""
+  saved = model_config_to_dict(tiny_config())
+  del saved["layer_norm_eps"]
+  assert model_config_from_dict(saved).layer_norm_eps == LEGACY_LAYER_NORM_EPS == 1e-6
+  assert tiny_config().layer_norm_eps == 1e-5
 
 
 def test_defaults_are_the_authors_stage2_recipe():

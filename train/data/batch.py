@@ -44,7 +44,7 @@ class Batch:
 
 
 def collate(records: Sequence[Record], subset_ids: Sequence[int], *, cutoff: float,
-            max_neighbors: int, num_nodes: int, num_molecules: int,
+            max_neighbors: int, num_nodes: int, num_molecules: int, reference_slots: bool = False,
             references: ReferenceEnergies | None = None, dtype=np.float32) -> Batch:
   """Packs records into one padded :class:`Batch` (host numpy arrays) of fixed shapes.
 
@@ -55,6 +55,7 @@ def collate(records: Sequence[Record], subset_ids: Sequence[int], *, cutoff: flo
     max_neighbors: K.
     num_nodes: N atom slots (>= total atoms).
     num_molecules: B molecule slots (>= len(records)).
+    reference_slots: the authors' neighbour slots (see :func:`~e2former_jax.neighbors.build_graph`).
     references: subtracted from the total energies when given (energies stay total otherwise).
     dtype: float dtype of positions, energies and forces.
 
@@ -62,7 +63,8 @@ def collate(records: Sequence[Record], subset_ids: Sequence[int], *, cutoff: flo
     The Batch; its graph's padding follows :func:`e2former_jax.neighbors.build_graph`.
   """
   graph = build_graph([r.structure for r in records], cutoff=cutoff, max_neighbors=max_neighbors,
-                      num_nodes=num_nodes, num_molecules=num_molecules, dtype=dtype)
+                      num_nodes=num_nodes, num_molecules=num_molecules, dtype=dtype,
+                      reference_slots=reference_slots)
   m = len(records)
   sizes = np.array([r.structure.num_atoms for r in records], np.int32)  # [M]
   energy = np.zeros(num_molecules, np.float64)  # [B]; subtraction in float64, then cast

@@ -61,6 +61,8 @@ class BatchIterator:
       ``max_atoms``, i.e. only the atom budget binds). Batches have ``max_molecules + 1`` slots.
     cutoff: neighbour cutoff in angstrom.
     max_neighbors: K, neighbour slots per atom.
+    reference_slots: fill the neighbour slots as the authors' code does (the model config's
+      ``reference_slots``; see ``e2former_jax.neighbors.build_graph``).
     shuffle: shuffle the records every epoch (else keep ``indices`` order).
     seed: seed of the shuffle.
     epoch: default epoch of :meth:`iterate` and ``iter()``.
@@ -82,7 +84,8 @@ class BatchIterator:
 
   def __init__(self, dataset: Dataset, indices: np.ndarray | None = None, *, max_atoms: int,
                max_molecules: int | None = None, cutoff: float, max_neighbors: int,
-               shuffle: bool = True, seed: int = 0, epoch: int = 0, drop_last: bool = False,
+               reference_slots: bool = False, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+               drop_last: bool = False,
                process_index: int = 0, process_count: int = 1, prefetch: int = 2,
                references: ReferenceEnergies | None = None, num_species: int | None = None,
                dtype=np.float32):
@@ -93,7 +96,7 @@ class BatchIterator:
                        f"max_molecules={max_molecules}")
     self.dataset = dataset
     self.max_atoms, self.max_neighbors = int(max_atoms), int(max_neighbors)
-    self.cutoff = float(cutoff)
+    self.cutoff, self.reference_slots = float(cutoff), bool(reference_slots)
     self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, int(seed), int(epoch), drop_last
     self.process_index, self.process_count = int(process_index), int(process_count)
     self.prefetch, self.references = int(prefetch), references
@@ -186,8 +189,9 @@ class BatchIterator:
       subsets.append(self.dataset.subset_ids[i])
     try:
       return collate(records, subsets, cutoff=self.cutoff, max_neighbors=self.max_neighbors,
-                     num_nodes=self.max_atoms, num_molecules=self.num_molecule_slots,
-                     references=self.references, dtype=self.dtype)
+                     reference_slots=self.reference_slots, num_nodes=self.max_atoms,
+                     num_molecules=self.num_molecule_slots, references=self.references,
+                     dtype=self.dtype)
     except ValueError as e:  # e.g. an element without a reference energy
       names = ", ".join(self.dataset.record_name(i) for i in record_indices)
       raise ValueError(f"{self.dataset.path}: cannot collate records [{names}]: {e}") from e

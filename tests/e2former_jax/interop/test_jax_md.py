@@ -15,7 +15,10 @@ from jax_md import partition, quantity, simulate, space
 
 from benchmarks.structures import water_box
 from e2former_jax.interop import jax_md as e2f_md
+from e2former_jax import neighbors
+from e2former_jax.config import SoftmaxSink
 from e2former_jax.neighbors import build_graph, neighbor_list
+from e2former_jax.nn.model import E2Former
 from e2former_jax.potential import energy_and_forces, energy_forces_stress
 from e2former_jax.structure import Structure
 
@@ -60,6 +63,29 @@ def test_select_neighbors_matches_the_host_search(rng):
     assert not np.any(nbrs.shift)  # free space: no image shifts
   with pytest.raises(ValueError, match="Dense neighbour list"):
     e2f_md.select_neighbors(position, candidates[:10], displacement, cutoff=cutoff, max_neighbors=k)
+
+
+def test_reference_slots_from_all_pairs(rng, predictor):
+  """The authors' slots (masked ones holding atoms beyond the cutoff) from every atom as a candidate
+  equal the host's; neighbour lists and boxes are refused with the authors' sink."""
+  numbers, positions = random_molecule(rng, 40)
+  cutoff, k = 3.0, 8
+  host = neighbors.reference_neighbor_slots(positions, cutoff, k)
+  assert (host.idx < 40).sum() > host.mask.sum()  # masked slots hold atoms
+  displacement, _ = space.free()
+  nbrs = jax.device_get(e2f_md.select_neighbors(jnp.asarray(positions, jnp.float32), None,
+                                                displacement, cutoff=cutoff, max_neighbors=k,
+                                                reference_slots=True))
+  np.testing.assert_array_equal(_slot_sets(nbrs.idx, nbrs.idx < 40, 40),
+                                _slot_sets(host.idx, host.idx < 40, 40))
+  np.testing.assert_array_equal(_slot_sets(nbrs.idx, nbrs.mask, 40),
+                                _slot_sets(host.idx, host.mask, 40))
+  theirs = dataclasses.replace(predictor, model=E2Former(predictor.config.replace(
+      softmax_sink=SoftmaxSink.MAX_LOGIT)))
+  with pytest.raises(ValueError, match="authors' softmax sink"):
+    e2f_md.e2former_neighbor_list(displacement, BOX, theirs, numbers)
+  with pytest.raises(ValueError, match="authors' softmax sink"):
+    e2f_md.e2former_energy(displacement, theirs, numbers, box=BOX)
 
 
 def _random_crystal(rng, cell: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
