@@ -29,7 +29,7 @@ class RunData:
 
   dataset: Dataset
   splits: dict[str, np.ndarray]
-  references: ReferenceEnergies | None
+  references: ReferenceEnergies
   max_molecules: int
 
   @property
