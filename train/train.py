@@ -278,10 +278,12 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
       pending = (step, metrics, atoms)
       last_val = None
       if step % config.train.eval_every == 0:
-        last_val = validate()
-        if budget_mode and horizon is None:
-          consume(*pending)  # the measured step time must include this step
+        planning = budget_mode and horizon is None
+        if planning:  # the steps are timed up to here: without the validation pass
+          consume(*pending)
           pending = None
+        last_val = validate()
+        if planning:
           fix_horizon()
       if step % config.train.checkpoint_every == 0:
         checkpointer.save(LAST, state, meta=checkpoint_meta(), predictor=predictor)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -260,6 +261,9 @@ def test_four_devices_equal_one_device(dataset, tmp_path, four_device_run):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p1, p4)
 
 
+VALIDATION_OVERHEAD_S = 2.0
+
+
 def test_budget_mode_sizes_the_schedule_at_the_first_validation(dataset, tmp_path, monkeypatch):
   """train.steps: null -> T is planned from measured times at the first validation and checkpointed."""
   planned, real_plan = [], train_module.plan_horizon
@@ -269,13 +273,21 @@ def test_budget_mode_sizes_the_schedule_at_the_first_validation(dataset, tmp_pat
     assert real_plan(**kwargs) > kwargs["step"]  # 30 minutes leave room to go on
     return 7
 
+  def slow_evaluate(*args, **kwargs):  # a validation pass whose overhead must not count as step time
+    time.sleep(VALIDATION_OVERHEAD_S)
+    return real_evaluate(*args, **kwargs)
+
+  real_evaluate = train_module.evaluate
+  monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
   monkeypatch.setattr(train_module, "plan_horizon", plan)
   config = tiny_config(dataset, "train.steps=null", "optim.decay_steps=null", "train.max_minutes=30",
                        "train.eval_every=4", "train.checkpoint_every=100")
   result = train_and_evaluate(config, tmp_path, progress=False)
   (kwargs,) = planned
   assert kwargs["step"] == 4 and kwargs["eval_every"] == 4
-  assert kwargs["step_seconds"] > 0 and kwargs["validation_seconds"] > 0
+  assert kwargs["validation_seconds"] > 0
+  # Steps 2-4 were timed before the validation pass: its 2 s would make each step look 1 s slower.
+  assert 0 < kwargs["step_seconds"] < VALIDATION_OVERHEAD_S / 4
   assert kwargs["closing_eval_seconds"] > train_module.CLOSING_SECONDS  # val + test estimated
   assert result.step == 7
   checkpointer = Checkpointer(tmp_path / "checkpoints")
