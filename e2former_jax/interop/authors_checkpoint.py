@@ -6,7 +6,8 @@ force head, per data set under ``head.``. The architecture is the one implemente
 layout and a few numerical details differ. The layout facts used below (torch ``Linear`` weights
 are [out, in]; SO(3)-linear weights [lmax+1, out, in] with the bias on the invariant row; the
 radial MLPs' first Linear reads [rbf; target type; source type]; path-major tensor-product
-columns; head-major query/key) are documented in ``../shared/data/reference_parity/README.md``.
+columns; head-major query/key) are those of docs/model.md, with the differences in
+docs/decisions.md D14.
 
 What the import does:
 
