@@ -299,7 +299,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     raise KeyboardInterrupt
 
   monkeypatch.setattr(build, "write_aselmdb", interrupted)
-  monkeypatch.setattr(build, "_sample_all", lambda *args: [])
+  monkeypatch.setattr(build, "_sample_all", lambda *args: ([], {}))
   with pytest.raises(KeyboardInterrupt):
     build.build_builtin_dataset(tmp_path / "out", size=BuiltinSize.SMALL, progress=False)
   assert list(tmp_path.iterdir()) == []
@@ -320,3 +320,19 @@ def test_default_dir_follows_environment(monkeypatch, tmp_path):
   assert build.default_builtin_dir(BuiltinSize.LARGE) == tmp_path / "builtin-v2-large"
   monkeypatch.delenv(build.DATA_DIR_ENV)
   assert build.default_builtin_dir() == Path("~/.cache/e2former_jax/builtin-v2").expanduser()
+
+
+def test_a_molecule_without_any_labelled_geometry_is_left_out_not_fatal(tmp_path, monkeypatch):
+  """One molecule the xTB SCF cannot label (seen in the large build) must not stop the build."""
+  def no_geometry(task):
+    raise sampling.RejectedMolecule(f"molecule {task.index}: every geometry was rejected")
+
+  monkeypatch.setattr(sampling, "sample_molecule", no_geometry)
+  task = sampling.Task(3, sizes.builtin_molecules(BuiltinSize.SMALL)[0], 2)
+  assert sampling.sample_or_reject(task) == (3, "molecule 3: every geometry was rejected")
+  everything_rejected = lambda molecules, *args: ([None] * len(molecules),
+                                                  {i: f"molecule {i}" for i in range(len(molecules))})
+  monkeypatch.setattr(build, "_sample_all", everything_rejected)
+  with pytest.raises(ValueError, match="every built-in molecule was rejected, e.g. molecule 0"):
+    build.build_builtin_dataset(tmp_path / "out", size=BuiltinSize.SMALL, progress=False)
+  assert list(tmp_path.iterdir()) == []

@@ -94,25 +94,36 @@ def _cached_manifest(out_dir: Path, params: dict[str, Any]) -> dict[str, Any] | 
 
 
 def _sample_all(molecules: Sequence[BuiltinMolecule], num_conformers: int, workers: int,
-                progress: bool) -> list[MoleculeSamples]:
-  """Labels every molecule in ``workers`` single-threaded processes; results in table order."""
+                progress: bool) -> tuple[list[MoleculeSamples | None], dict[int, str]]:
+  """Labels every molecule in ``workers`` single-threaded processes.
+
+  Returns:
+    The samples in table order (None for a rejected molecule) and {table index: reason} of the
+    molecules none of whose geometries could be labelled. Which ones those are depends only on the
+    molecules (per-molecule seeds), so the build stays deterministic.
+  """
   sizes = [sampling.num_atoms(m) for m in molecules]  # validates the table up front
   # Largest first so that the last tasks to finish are short ones (better load balance).
   tasks = sorted((Task(i, m, num_conformers) for i, m in enumerate(molecules)),
                  key=lambda t: -sizes[t.index])
   results: list[MoleculeSamples | None] = [None] * len(molecules)
+  rejected: dict[int, str] = {}
   # Fresh interpreters: thread settings apply before tblite loads, whatever the parent imported.
   context = multiprocessing.get_context("spawn")
   with context.Pool(min(workers, len(tasks)), initializer=sampling.init_worker) as pool, \
       tqdm(total=len(tasks), desc="built-in dataset (GFN2-xTB)", unit="mol", disable=not progress) as bar:
     num_done = 0
-    for sample in pool.imap_unordered(sampling.sample_molecule, tasks):
-      results[sample.index] = sample
-      num_done += len(sample.energy)
+    for sample in pool.imap_unordered(sampling.sample_or_reject, tasks):
+      if isinstance(sample, tuple):
+        rejected[sample[0]] = sample[1]
+      else:
+        results[sample.index] = sample
+        num_done += len(sample.energy)
       bar.set_postfix(conformers=num_done)
       bar.update()
-  assert all(r is not None for r in results)  # imap_unordered re-raises a worker's error
-  return results
+  # imap_unordered re-raises a worker's error: every molecule has its samples or was rejected.
+  assert all((r is None) == (i in rejected) for i, r in enumerate(results))
+  return results, rejected
 
 
 def _counts(molecules: Sequence[BuiltinMolecule], samples: Sequence[MoleculeSamples]) -> dict[str, Any]:
@@ -181,7 +192,11 @@ def build_builtin_dataset(out_dir: str | os.PathLike[str] | None = None, *,
   start = time.perf_counter()
   try:
     partial.mkdir()
-    samples = _sample_all(molecules, num_conformers, workers, progress)
+    samples, rejected = _sample_all(molecules, num_conformers, workers, progress)
+    if len(rejected) == len(molecules):
+      raise ValueError(f"every built-in molecule was rejected, e.g. {next(iter(rejected.values()))}")
+    kept = [i for i, sample in enumerate(samples) if sample is not None]
+    molecules, samples = [molecules[i] for i in kept], [samples[i] for i in kept]
     write_hdf5(partial / HDF5_FILENAME, molecules, samples, BUILTIN_VERSION)
     write_aselmdb(partial / ASELMDB_DIRNAME, molecules, samples)
     manifest = {
@@ -190,6 +205,7 @@ def build_builtin_dataset(out_dir: str | os.PathLike[str] | None = None, *,
       "level_of_theory": level_of_theory(),
       "note": THEORY_NOTE,
       "counts": _counts(molecules, samples),
+      "rejected_molecules": sorted(rejected.values()),
       "sha256": {HDF5_FILENAME: _sha256(partial / HDF5_FILENAME)},
       "software": {name: importlib.metadata.version(name) for name in ("tblite", "rdkit", "ase")},
       "workers": workers,

@@ -254,13 +254,28 @@ class _Xtb:
     return -np.array(self._restart.get("gradient")) * (HARTREE_EV / BOHR_A)
 
 
+class RejectedMolecule(ValueError):
+  """A molecule none of whose geometries could be labelled: the build leaves it out."""
+
+
+def sample_or_reject(task: Task) -> MoleculeSamples | tuple[int, str]:
+  """:func:`sample_molecule`, or ``(task.index, reason)`` for a rejected molecule (runs in a worker)."""
+  try:
+    return sample_molecule(task)
+  except RejectedMolecule as err:
+    return task.index, str(err)
+
+
 def _fire_relax(xtb: _Xtb, positions_a: np.ndarray) -> np.ndarray:
   """Short FIRE minimisation (Bitzek et al. 2006, standard parameters) of a [n, 3] geometry."""
   from tblite.exceptions import TBLiteRuntimeError
 
   dt, dt_max, max_step, alpha, alpha_start, n_downhill = 0.1, 1.0, 0.2, 0.1, 0.1, 0
   velocity = np.zeros_like(positions_a)
-  forces = xtb.forces_ev_a(positions_a)
+  try:
+    forces = xtb.forces_ev_a(positions_a)
+  except TBLiteRuntimeError:  # no SCF at the start geometry: left as it is (labelling decides)
+    return positions_a
   for _ in range(RELAX_MAX_STEPS):
     if np.linalg.norm(forces, axis=1).max() < RELAX_FMAX_EV_PER_A:
       break
@@ -398,7 +413,8 @@ def sample_molecule(task: Task) -> MoleculeSamples:
     gradients.append(gradient.astype(np.float32))
   num_rejected = task.num_conformers - len(conformations)
   if not conformations:
-    raise ValueError(f"built-in molecule {molecule.name!r} ({molecule.smiles}): every geometry was rejected")
+    raise RejectedMolecule(f"built-in molecule {molecule.name!r} ({molecule.smiles}): every geometry "
+                           "was rejected (broken, or no GFN2-xTB SCF convergence)")
   return MoleculeSamples(
     index=task.index,
     key=canonical_key(molecule),
