@@ -64,14 +64,14 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, row_dim: int, num_slots: int, num_heads: int,
-                  max_block_h: int = _DEFAULT_BLOCK_H, itemsize: int = 4) -> BlockSizes:
+                  itemsize: int = 4) -> BlockSizes:
     """A tiling for rows of ``row_dim`` (X) elements of ``itemsize`` bytes with ``num_slots`` (K)
     slots and ``num_heads`` heads."""
     row_pad = pl.next_power_of_2(row_dim)
     if row_pad * itemsize <= _WIDE_ROW_BYTES:
       return cls(block_h=min(_WIDE_BLOCK_H, pl.next_power_of_2(num_heads)),
                  block_k=min(_WIDE_BLOCK_K, pl.next_power_of_2(num_slots)))
-    block_h = min(max_block_h, pl.next_power_of_2(num_heads))
+    block_h = min(_DEFAULT_BLOCK_H, pl.next_power_of_2(num_heads))
     block_k = _DEFAULT_TILE_ELEMENTS // (row_pad * block_h)
     block_k = max(1, min(block_k, pl.next_power_of_2(num_slots)))
     return cls(block_h=block_h, block_k=block_k)
