@@ -1,4 +1,4 @@
-"""The attention softmax over neighbour slots, as the fused kernels compute it (docs/model.md §8.4).
+"""The attention softmax over neighbour slots as the fused kernels compute it (docs/model.md §8.4).
 
 For target n, slot k with source j = idx[n, k] and head h:
 
@@ -10,10 +10,10 @@ with the sink logit L = 0 unless given and m = max(L, max over valid slots of th
 weights are invariant to m, so m is a constant for differentiation (stop_gradient) and an online
 softmax may start its running maximum at L: a target with no valid slot then gives exactly 0.
 
-Here are the pieces the kernels share: in-kernel, a slot's key row and logit (:func:`slot_logits`,
-:func:`load_slot`) and the denominator (:func:`softmax_denominator`); outside, the backward from the
-weights' cotangent to those of q, k, gate, post_weight, envelope (:func:`softmax_backward`), composed
-of the fused softmax VJP and the gather primitives, so that it is differentiable again with the same
+Here are its pieces: in-kernel, a slot's key row and logit (:func:`slot_logits`, :func:`load_slot`)
+and the denominator (:func:`softmax_denominator`); outside, the backward from the weights'
+cotangent to those of q, k, gate, post_weight, envelope (:func:`softmax_backward`), composed of the
+fused softmax VJP and the gather primitives, so that it is differentiable again with the same
 linear memory.
 """
 
@@ -56,7 +56,8 @@ def load_slot(slots_ref, k_ref, gate_ref, pw_ref, env_ref, n, i, q, *, scale: fl
 
   Returns:
     (k, sources, valid, logits, envelope, post_weight): the slot number, source row and validity
-    [1]; the logits [BH] (``_tiles.NEG_INF`` where invalid); the envelope [1]; the post weights [BH].
+    [1]; the logits [BH] (``_tiles.NEG_INF`` where invalid); the envelope [1]; the post weights
+    [BH].
   """
   num_slots = gate_ref.shape[1]
   k, _, sources, valid, _, _, _, logits = slot_logits(

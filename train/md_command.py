@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="recompute activations in the force pass: about half the memory, slower "
                            "(large systems)")
   parser.add_argument("--out", type=Path, default=None,
-                      help=f"output folder (default: <run folder>/{MD_DIRNAME}/<molecule>_<ensemble>)")
+                      help=f"output folder (default: <run>/{MD_DIRNAME}/<molecule>_<ensemble>)")
   parser.add_argument("--on-unphysical", choices=[o.value for o in OnUnphysical],
                       default=OnUnphysical.WARN.value,
                       help="when a bond breaks or forms, atoms come too close or the temperature or "
@@ -78,7 +78,7 @@ def run_command(args: argparse.Namespace) -> int:
   from train.checkpoint import load_checkpoint, resolve_checkpoint_dir
   from train.run_data import dataset_path
 
-  checkpoint = resolve_checkpoint_dir(args.checkpoint, args.which)  # <run folder>/checkpoints/<which>
+  checkpoint = resolve_checkpoint_dir(args.checkpoint, args.which)  # <run>/checkpoints/<which>
   params, info = load_checkpoint(checkpoint)
   predictor = info.predictor(params, attention_impl=AttentionImpl(args.attention_impl), remat=args.remat)
   if args.structure is not None:

@@ -3,9 +3,9 @@
 Their model (IQuestLab/UBio-MolFM, branch ``e2formerv2``) is a backbone under the key prefix
 ``decoder.`` (its core under ``decoder.decoder.``) and one energy head, with an optional direct
 force head, per data set under ``head.``. The architecture is the one implemented here; only the
-layout and a few numerical details differ. The layout facts (``authors_layout``; torch ``Linear`` weights
-are [out, in]; SO(3)-linear weights [lmax+1, out, in] with the bias on the invariant row; the
-radial MLPs' first Linear reads [rbf; target type; source type]; path-major tensor-product
+layout and a few numerical details differ. The layout facts (``authors_layout``; torch ``Linear``
+weights are [out, in]; SO(3)-linear weights [lmax+1, out, in] with the bias on the invariant row;
+the radial MLPs' first Linear reads [rbf; target type; source type]; path-major tensor-product
 columns; head-major query/key) are documented in ``../shared/data/reference_parity/README.md``.
 
 What the import does:

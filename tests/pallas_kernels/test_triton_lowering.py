@@ -98,7 +98,8 @@ def _largest_tensor(text: str) -> int:
      ("message", 1, jnp.bfloat16, 3), ("message_sink", 0, jnp.float32, 1),
      ("message_sink", 1, jnp.float32, 3), ("message_sink", 2, jnp.float32, 16)],
     ids=["message-fwd-f32", "message-bwd-f32", "message-double-bwd-f32", "message-fwd-bf16",
-         "message-bwd-bf16", "message-sink-fwd-f32", "message-sink-bwd-f32", "message-sink-double-bwd-f32"])
+         "message-bwd-bf16", "message-sink-fwd-f32", "message-sink-bwd-f32",
+         "message-sink-double-bwd-f32"])
 def test_lowers_for_h100_with_linear_memory(op, order, dtype, min_kernels):
   _, _, specs, edge_arrays = OPS[op]
   text = _lower(_derivative(op, order), specs(dtype))
