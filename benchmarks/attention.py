@@ -8,8 +8,6 @@ Implementations (``--impls``):
   sum_k a_ik T(v_j, r_ij) ([N, 20, C]) gathering only the 9 rows of v_j per edge.
 * ``per_edge_message``: the same message with T(v_j, r_ij) formed on every edge ([N, K, 20, C])
   and summed, compiled by XLA (the standard way; the baseline).
-* ``node_attention``: ``pallas_kernels.node_attention`` over 58 random value rows per head (the
-  29-row [T(v_j, x_j); v_j] stack of the absolute-position identity, docs/decisions.md D12).
 
 Per (implementation, size, dtype), in a fresh process (peak memory is per case): the forward and
 the forward + backward (gradient of sum(out^2) with respect to every float input), median time
@@ -48,10 +46,9 @@ from e2former_jax.nn.radial import envelope  # noqa: E402
 from e2former_jax.ops.attention import SOFTMAX_SINK  # noqa: E402
 
 BENCHMARK = "attention"
-IMPLS = ("message_attention", "per_edge_message", "node_attention")
+IMPLS = ("message_attention", "per_edge_message")
 CUTOFF = 4.5  # angstrom, the paper configuration's
 LMAX = 2
-NUM_NODE_ROWS = 29  # node_attention's stack: 20 rows of T(v_j, x_j) and 9 of v_j (lmax = 2)
 # HBM bandwidth by device name (datasheets), for the roofline fraction of the kernels' forward.
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 # A timed sample batches calls up to this long, so that sub-millisecond kernels time accurately.
@@ -83,10 +80,10 @@ SMOKE = dict(sizes="48", dtypes="float32", repeats=2, interpret=True)
 # ------------------------------------------------------------------------------ inputs and functions
 
 
-def make_inputs(impl: str, dims: Dims, num_atoms: int, dtype, seed: int = 0
+def make_inputs(dims: Dims, num_atoms: int, dtype, seed: int = 0
                 ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, jax.Array]]:
   """(float inputs, (nbr_idx, nbr_mask)) of one case on the device: the per-edge scalars, then
-  the edge vectors and node features v [N, 9, C], or node_attention's value rows [N, 29 G, H]."""
+  the edge vectors and node features v [N, 9, C]."""
   positions = structures.random_box(num_atoms, CUTOFF, seed)
   idx, mask, dist = structures.neighbor_slots(positions, CUTOFF, dims.slots)
   rng = np.random.default_rng(seed + 1)
@@ -100,12 +97,9 @@ def make_inputs(impl: str, dims: Dims, num_atoms: int, dtype, seed: int = 0
         array(rng.normal(size=(n, k, h))),  # gate
         array(0.3 * rng.normal(size=(n, k, h))),  # post_weight
         array(np.where(mask, envelope(dist, CUTOFF), 0.0)))  # envelope
-  if impl == "node_attention":
-    xs += (array(rng.normal(size=(n, NUM_NODE_ROWS * dims.groups, h))),)
-  else:
-    sources = positions[np.minimum(idx, n - 1)]
-    xs += (array(np.where(mask[..., None], positions[:, None] - sources, 0.0)),  # r_ij [N, K, 3]
-           array(rng.normal(size=(n, (LMAX + 1) ** 2, dims.channels))))  # v [N, S, C]
+  sources = positions[np.minimum(idx, n - 1)]
+  xs += (array(np.where(mask[..., None], positions[:, None] - sources, 0.0)),  # r_ij [N, K, 3]
+         array(rng.normal(size=(n, (LMAX + 1) ** 2, dims.channels))))  # v [N, S, C]
   return xs, (jnp.asarray(idx), jnp.asarray(mask))
 
 
@@ -131,10 +125,6 @@ def make_fn(impl: str, dims: Dims, blocks=None, backward_blocks=None, interpret:
       weights_c = jnp.tile(weights, (1, 1, dims.groups)).astype(per_edge.dtype)  # head c % H
       return jnp.einsum("nkc,nkrc->nrc", weights_c, per_edge,
                         precision=jax.lax.Precision.HIGHEST).astype(v.dtype)
-  elif impl == "node_attention":
-    def fn(q, k, gate, post_weight, envelope, rows, nbr_idx, nbr_mask):
-      return pk.node_attention(q, k, gate, post_weight, envelope, rows, nbr_idx, nbr_mask,
-                               block_sizes=blocks, interpret=interpret, **options)
   else:
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
   return fn
@@ -156,8 +146,6 @@ def hbm_floor_bytes(impl: str, dims: Dims, num_atoms: int, itemsize: int) -> int
   index_bytes = edges * 5  # int32 index and bool mask per slot
   if impl == "message_attention":
     rows_in, rows_out, per_edge = (LMAX + 1) ** 2, 20, 2 * h + 4  # gate, post_weight; envelope, r
-  elif impl == "node_attention":
-    rows_in, rows_out, per_edge = NUM_NODE_ROWS, NUM_NODE_ROWS, 2 * h + 1
   else:
     return None
   channels = dims.channels
@@ -180,7 +168,7 @@ def measure_case(spec: dict) -> dict:
   """One (implementation, size, dtype) in this process: forward, then forward + backward."""
   dims = Dims(**spec["dims"])
   device = jax.devices()[0]
-  xs, nbrs = make_inputs(spec["impl"], dims, spec["atoms"], jnp.dtype(spec["dtype"]))
+  xs, nbrs = make_inputs(dims, spec["atoms"], jnp.dtype(spec["dtype"]))
   fn = make_fn(spec["impl"], dims, _blocks(spec["blocks"]), _blocks(spec["backward_blocks"]),
                spec["interpret"])
   result = {"status": "ok", "edges": int(np.asarray(nbrs[1]).sum())}
@@ -262,7 +250,7 @@ def main(argv=None) -> list[report.Record]:
     for impl in impls:
       for size in sizes:
         for dtype in args.dtypes.split(","):
-          xs, nbrs = make_inputs(impl, dims, size, jnp.dtype(dtype))
+          xs, nbrs = make_inputs(dims, size, jnp.dtype(dtype))
           fn = make_fn(impl, dims, _blocks(args.blocks), _blocks(args.backward_blocks), interpret)
           for f in (fn, with_gradient(fn)):
             jax.block_until_ready(jax.jit(f)(*xs, *nbrs))

@@ -2,17 +2,17 @@
 
 Public ops (each with a pure-jnp ``*_reference`` of the same signature):
 
-* ``node_attention``: fused q.k logits, envelope-weighted softmax with a sink and value aggregation.
-* ``message_attention``: the same softmax with the aggregation of a first-order tensor product
-  ``sum_k a T(v_j, r_ij)``, gathering only v_j per edge (three moments, coupling applied per node).
-* ``edge_dot``, ``gather_sum``, ``scatter_sum``: the neighbour gather-reduce primitives its
-  backward is built from; closed under differentiation, so reverse-mode derivatives of any order
+* ``message_attention``: fused q.k logits, envelope-weighted softmax with a sink and the
+  aggregation of a first-order tensor product ``sum_k a T(v_j, r_ij)``, gathering only v_j per
+  edge (three moments, coupling applied per node).
+* ``edge_dot``, ``gather_sum``, ``scatter_sum``: the neighbour gather-reduce primitives its second
+  order is built from; closed under differentiation, so reverse-mode derivatives of any order
   stay in Pallas kernels with linear memory.
 * ``attention_weights_vjp``: the softmax weights and their VJP fused in one kernel (the rest of
   that backward); ``attention_weights`` is the plain jnp definition of the weights.
 """
 
-from pallas_kernels.neighbor_ops import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.neighbor_ops import edge_dot
 from pallas_kernels.neighbor_ops import edge_dot_reference
 from pallas_kernels.neighbor_ops import gather_sum
@@ -24,8 +24,6 @@ from pallas_kernels.attention_weights import attention_weights_vjp
 from pallas_kernels.attention_weights import attention_weights_vjp_reference
 from pallas_kernels.message_attention import message_attention
 from pallas_kernels.message_attention import message_attention_reference
-from pallas_kernels.node_attention import node_attention
-from pallas_kernels.node_attention import node_attention_reference
 
 __all__ = [
     "BlockSizes",
@@ -38,8 +36,6 @@ __all__ = [
     "gather_sum_reference",
     "message_attention",
     "message_attention_reference",
-    "node_attention",
-    "node_attention_reference",
     "scatter_sum",
     "scatter_sum_reference",
 ]

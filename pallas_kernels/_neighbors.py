@@ -116,8 +116,3 @@ def gather_sources(x: jax.Array, nbr_idx: jax.Array, valid: jax.Array) -> jax.Ar
   safe = jnp.where(valid, nbr_idx, x.shape[0])
   return jnp.take(upcast(x), safe, axis=0, mode="fill", fill_value=0)
 
-
-def decode_neighbors(nbrs: Neighbors) -> tuple[jax.Array, jax.Array]:
-  """The (nbr_idx, nbr_mask) pair equivalent to ``nbrs`` (sentinel M on invalid slots)."""
-  mask = nbrs.slots >= 0
-  return jnp.where(mask, nbrs.slots, nbrs.num_sources), mask

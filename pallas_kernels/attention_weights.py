@@ -1,4 +1,4 @@
-"""The attention weights of node_attention and their fused VJP (Pallas / Triton).
+"""The attention weights of the fused attention kernels and their fused VJP (Pallas / Triton).
 
 ``attention_weights`` maps the per-edge q.k products to the weights that multiply the value rows:
 
@@ -12,12 +12,12 @@ are invariant to it). It is plain jnp: the reference attention and the model use
 With a sink logit L [N, H] the sink term is sink * exp(L - m) and m = max(L, max over valid slots);
 L is differentiable (the authors' softmax puts it at their largest logit).
 
-``attention_weights_vjp`` is what node_attention's backward needs from it: the weights and the
-cotangents of (dots, gate, post_weight, envelope[, sink_logit]) for a cotangent of the weights. Under XLA the
-jax.vjp of the jnp function took eight fusions over [N, K, H] arrays (13.3 ms at N = 100k,
-H = 128 on an H100, 30 % of the attention backward); the kernel does it in one program per
-(target, block of heads) that holds all K slots, 5 arrays read and 4 written (5.0 ms;
-benchmarks/notes_attention.md, run 7). In closed form, with alpha = W / post_weight:
+``attention_weights_vjp`` is what the attention's composed backward (``_softmax``) needs from it:
+the weights and the cotangents of (dots, gate, post_weight, envelope[, sink_logit]) for a cotangent
+of the weights. Under XLA the jax.vjp of the jnp function took eight fusions over [N, K, H] arrays
+(13.3 ms at N = 100k, H = 128 on an H100, 30 % of the attention backward); the kernel does it in
+one program per (target, block of heads) that holds all K slots, 5 arrays read and 4 written
+(5.0 ms; benchmarks/notes_attention.md, run 7). In closed form, with alpha = W / post_weight:
 
   d post_weight = dW * alpha
   d e           = (dW * post_weight - sum_k alpha dW post_weight) / denominator

@@ -1,8 +1,8 @@
 """Fused attention message with a first-order tensor product (E2Former-V2 spec sections 5.8, 6.5).
 
 For target atoms n with neighbour slots k pointing at sources j = idx[n, k], edge vectors r[n, k],
-attention weights a[n, k, h] (the softmax of ``node_attention``, times post_weight) and source
-features v[j, s, c] with channel c in head h = c mod H:
+attention weights a[n, k, h] (the softmax with a sink of ``_softmax``, docs/model.md §8.4) and
+source features v[j, s, c] with channel c in head h = c mod H:
 
   out[n, row, c] = sum_k a[n, k, h] T(v_j, r[n, k])[row, c]
   T(v, r)[row, c] = sum_{s,b} G[row, s, b] v[s, c] r[b]
@@ -11,9 +11,9 @@ for a static coupling G [R, S, 3] (the Clebsch-Gordan table of l1 (x) 1 -> l3). 
 so the kernel accumulates per target the three moments ``m_b = sum_k a r_b v_j`` ([S, C] each;
 only per-edge *scalars* a r_b multiply node rows) and applies G once per target:
 ``out = sum_{s,b} G[:, s, b] m_b[s]``. Per edge it gathers the S rows of v_j (9 for lmax = 2), not
-the R + S = 29 rows of ``[T(v_j, x_j); v_j]`` that ``node_attention`` needs for the same message,
-and it uses the true edge vector (periodic images included), so no difference of two large node
-terms is formed.
+the R + S = 29 rows of ``[T(v_j, x_j); v_j]`` that the absolute-position identity needs for the
+same message (docs/decisions.md D12), and it uses the true edge vector (periodic images included),
+so no difference of two large node terms is formed.
 
 An optional sink logit L [N, H] (differentiable) moves the softmax's sink from logit 0 to L: the
 denominator's sink term is sink * exp(L), and the online softmax starts its running maximum at L.
@@ -48,19 +48,10 @@ from pallas_kernels._neighbors import (
     upcast,
     valid_slots,
 )
+from pallas_kernels._softmax import load_slot, slot_logits, softmax_backward, softmax_denominator
 from pallas_kernels.attention_weights import attention_weights
-from pallas_kernels.neighbor_ops import (
-    BlockSizes,
-    edge_dot_prepared,
-    make_static,
-    scatter_sum_prepared,
-)
-from pallas_kernels.node_attention import (
-    load_slot,
-    slot_logits,
-    softmax_backward,
-    softmax_denominator,
-)
+from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.neighbor_ops import edge_dot_prepared, make_static, scatter_sum_prepared
 
 # Components of an edge vector (x, y, z).
 _NUM_AXES = 3

@@ -61,7 +61,7 @@ def _run(args) -> int:
   if args.command == "train":
     return _train(args)
   if args.command == "md":
-    from train.md import run_command
+    from train.md_command import run_command
 
     return run_command(args)
   if args.command == "import":
@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--out", type=Path, default=None,
                         help="folder for eval_table.md/json (default: the run folder)")
 
-  from train.md import add_arguments as add_md_arguments
+  from train.md_command import add_arguments as add_md_arguments
 
   md = commands.add_parser("md", help="molecular dynamics of a molecule with a trained checkpoint")
   add_md_arguments(md)

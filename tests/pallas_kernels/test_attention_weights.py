@@ -1,4 +1,5 @@
-"""The fused attention_weights_vjp kernel against jax.vjp of the jnp attention weights."""
+"""The jnp attention weights against their formula, and the fused attention_weights_vjp kernel
+against jax.vjp of them."""
 
 from __future__ import annotations
 
@@ -120,6 +121,54 @@ def test_sink_logit_zero_is_the_default(kt, rng, neighbors):
   opts = dict(scale=SCALE, sink=SINK)
   with_zero = pk.attention_weights_vjp_reference(*inputs, sink_logit=jnp.zeros((kt.N, kt.H)), **opts)
   kt.assert_close(with_zero[:5], pk.attention_weights_vjp_reference(*inputs, **opts), 1e-6, "zero")
+
+
+def _formula_float64(dots, gate, post_weight, envelope, valid, scale, sink):
+  """The defining formula, looped in float64 with no max shift (for moderate logits)."""
+  dots, gate, post_weight, envelope = (np.asarray(x, np.float64)
+                                       for x in (dots, gate, post_weight, envelope))
+  weights = np.zeros_like(dots)
+  for n in range(dots.shape[0]):
+    slots = np.nonzero(valid[n])[0]
+    e = np.exp(gate[n, slots] * scale * dots[n, slots]) * envelope[n, slots, None]  # [k, H]
+    weights[n, slots] = e / (e.sum(axis=0) + sink) * post_weight[n, slots]
+  return weights
+
+
+def test_weights_match_formula(kt, rng, neighbors):
+  dots, gate, post_weight, envelope, valid, _ = _inputs(kt, rng, neighbors, kt.H)
+  weights = pk.attention_weights(dots, gate, post_weight, envelope, valid, scale=SCALE, sink=SINK)
+  expected = _formula_float64(dots, gate, post_weight, envelope, neighbors.valid, SCALE, SINK)
+  np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_shift_is_exact_for_derivatives(kt, rng):
+  """The stop_gradient max shift leaves the derivatives exact: gradient and Hessian-vector product
+  against central differences in float64."""
+  small = kt.make_neighbor_case(rng, num_targets=4, num_sources=3, num_slots=3)
+  valid = jnp.asarray(small.valid)
+  eps = 1e-5
+  with jax.enable_x64(True):
+    x = [rng.normal(size=(4, 3, 2)) for _ in range(3)] + [rng.uniform(0.0, 1.0, (4, 3))]
+    v = [rng.normal(size=a.shape) for a in x]
+    cotangent = rng.normal(size=(4, 3, 2))
+
+    @jax.jit
+    def loss(*xs):  # dots, gate, post_weight, envelope
+      weights = pk.attention_weights(*xs, valid, scale=0.7, sink=SINK)
+      return jnp.sum(cotangent * weights ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=range(len(x))))
+    hvp = jax.jit(jax.grad(lambda *xs: sum(jnp.sum(g * d) for g, d in zip(grad(*xs), v)),
+                           argnums=range(len(x))))
+    plus = [a + eps * d for a, d in zip(x, v)]
+    minus = [a - eps * d for a, d in zip(x, v)]
+    directional = (float(loss(*plus)) - float(loss(*minus))) / (2 * eps)
+    exact = sum(np.sum(np.asarray(g) * d) for g, d in zip(grad(*x), v))
+    np.testing.assert_allclose(exact, directional, rtol=1e-6)
+    for exact, g_plus, g_minus in zip(hvp(*x), grad(*plus), grad(*minus)):
+      differences = (np.asarray(g_plus) - np.asarray(g_minus)) / (2 * eps)
+      np.testing.assert_allclose(exact, differences, rtol=1e-6, atol=1e-8)
 
 
 def test_rejects_mismatched_shapes(kt, rng, neighbors):

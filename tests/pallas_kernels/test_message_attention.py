@@ -15,6 +15,7 @@ from e2former_jax import so3
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 RAGGED_BLOCKS = pk.BlockSizes(block_h=4, block_k=4, block_n=4)
+UNROLLED_BLOCKS = pk.BlockSizes(block_h=4, block_k=4, block_n=4, unroll=True)
 F32_RTOL = 2e-5
 SECOND_ORDER_RTOL = 1e-4
 SINK = 1e-3
@@ -54,8 +55,8 @@ class TestMessageAttention:
             (lambda *xs, **kw: pk.message_attention_reference(*xs, *nbr, **opts, **kw)))
 
   @pytest.mark.parametrize("block_sizes, groups", [(RAGGED_BLOCKS, 2), (RAGGED_BLOCKS, 3),
-                                                   (None, 2)],
-                           ids=["ragged", "ragged-3-groups", "default"])
+                                                   (UNROLLED_BLOCKS, 2), (None, 2)],
+                           ids=["ragged", "ragged-3-groups", "ragged-unrolled", "default"])
   def test_forward_matches_reference(self, kt, rng, neighbors, block_sizes, groups):
     inputs = _inputs(kt, rng, groups=groups)
     run_kernel, run_reference = self._ops(kt, neighbors, block_sizes)

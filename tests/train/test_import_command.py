@@ -17,7 +17,6 @@ import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 from e2f_testing import REFERENCE_PARITY
 
-from train import md
 from train.checkpoint import CHECKPOINT_DIRNAME, LAST, Checkpointer, load_calculator, load_predictor
 from train.cli import main as cli_main
 

@@ -1,13 +1,11 @@
-"""``e2former md`` and the checkpoint loaders, on a random-weight checkpoint."""
+"""``e2former md`` and the checkpoint loaders, on a random-weight checkpoint (the simulation library
+itself: tests/train/simulation)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
-import ase
 import ase.io
-import ase.units
 import h5py
 import jax
 import jax.numpy as jnp
@@ -16,23 +14,20 @@ import optax
 import pytest
 from e2f_testing import random_molecule, random_periodic_atoms
 
-from e2former_jax import lattice
+from e2former_jax import lattice, ops
 from e2former_jax.config import AttentionImpl, tiny_config
 from e2former_jax.interop.ase import E2FormerCalculator
 from e2former_jax.interop.jax_md import BOLTZMANN
-from e2former_jax.interop.predictor import Predictor
 from e2former_jax.neighbors import build_graph
 from e2former_jax.nn.model import E2Former
-from e2former_jax.structure import Structure
-from train import md, md_watchdog
-from e2former_jax import ops
-from e2former_jax.interop.predictor import DirectForcesOnlyWarning
 from e2former_jax.reference_energies import ReferenceEnergies
+from e2former_jax.structure import Structure
 from train.checkpoint import (CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo, load_calculator,
                               load_predictor)
 from train.cli import main as cli_main
 from train.data.units import BOHR_A, HARTREE_EV
 from train.run_config import DataConfig, ForceMode, LossConfig, RunConfig
+from train.simulation import PLOT_FILENAME, SUMMARY_FILENAME, TRAJECTORY_FILENAME
 from train.state import create_train_state
 
 MICRO = dict(num_layers=1, channels=8, num_heads=2, head_dim=4, num_rbf=8, max_neighbors=8,
@@ -95,7 +90,7 @@ def test_md_command_writes_trajectory_plot_and_summary(run_dir, tmp_path):
                    "--thermostat", "nose-hoover", "--temperature", "200", "--timestep", "0.1",
                    "--float64", "--steps", "35", "--record-every", "10", "--out", str(out),
                    "--quiet"]) == 0
-  frames = ase.io.read(out / md.TRAJECTORY_FILENAME, index=":")
+  frames = ase.io.read(out / TRAJECTORY_FILENAME, index=":")
   assert [f.info["step"] for f in frames] == [0, 10, 20, 30, 40]  # 35 rounded up to whole chunks
   with h5py.File(run_dir.parent / "data.hdf5") as f:
     start = f["mol1/conformations"][1] * BOHR_A
@@ -113,8 +108,8 @@ def test_md_command_writes_trajectory_plot_and_summary(run_dir, tmp_path):
   reference = sum(REFERENCES[int(z)] for z in numbers)
   assert abs(frames[0].get_potential_energy() - reference) < 50.0
   assert frames[-1].positions.tolist() != frames[0].positions.tolist()
-  assert (out / md.PLOT_FILENAME).stat().st_size > 10_000
-  summary = json.loads((out / md.SUMMARY_FILENAME).read_text())
+  assert (out / PLOT_FILENAME).stat().st_size > 10_000
+  summary = json.loads((out / SUMMARY_FILENAME).read_text())
   assert summary["structure"] == "mol1/1" and summary["num_atoms"] == 7 and summary["steps"] == 40
   assert summary["settings"]["ensemble"] == "nvt" and summary["settings"]["thermostat"] == "nose-hoover"
   assert summary["mean_temperature_K"] > 0 and summary["steps_per_s"] > 0
@@ -124,7 +119,8 @@ def test_md_command_writes_trajectory_plot_and_summary(run_dir, tmp_path):
 
 
 def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
-  """--structure with a lattice: a periodic box in fractional coordinates, frames keep the cell.
+  """--structure with a lattice: a periodic box in fractional coordinates, frames keep the cell;
+  without --out, in <run folder>/md/<structure file stem>_<ensemble>.
 
   The cell is narrower than twice the cutoff (several images of one atom are neighbours), so this
   runs the all-images neighbour list; wide boxes use JAX MD's own (tests/e2former_jax/interop).
@@ -135,10 +131,10 @@ def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
   atoms = random_periodic_atoms(rng, cell, 40)
   path = tmp_path / "cell.extxyz"
   ase.io.write(path, atoms)
-  out = tmp_path / "md"
   assert cli_main(["md", str(run_dir), "--structure", str(path), "--ensemble", "nvt", "--steps", "20",
-                   "--record-every", "10", "--remat", "--out", str(out), "--quiet"]) == 0
-  frames = ase.io.read(out / md.TRAJECTORY_FILENAME, index=":")
+                   "--record-every", "10", "--remat", "--quiet"]) == 0
+  out = run_dir / "md" / "cell_nvt-langevin"
+  frames = ase.io.read(out / TRAJECTORY_FILENAME, index=":")
   assert len(frames) == 3
   for frame in frames:
     np.testing.assert_allclose(frame.cell[:], cell)
@@ -146,100 +142,12 @@ def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
     scaled = np.linalg.solve(cell.T, frame.positions.T).T
     assert (scaled > -1e-6).all() and (scaled < 1 + 1e-6).all()  # wrapped into the cell
   np.testing.assert_allclose(frames[0].get_scaled_positions(), atoms.get_scaled_positions(), atol=1e-5)
-  summary = json.loads((out / md.SUMMARY_FILENAME).read_text())
+  summary = json.loads((out / SUMMARY_FILENAME).read_text())
   assert summary["num_atoms"] == 40 and summary["settings"]["thermostat"] == "langevin"
   assert "max_drift_eV_per_atom" not in summary  # Langevin conserves nothing
-
-  predictor = load_predictor(run_dir)
-  spin = atoms.info["spin"]
-  c, s = np.cos(0.5), np.sin(0.5)
-  rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-  rotated = Structure(numbers=atoms.numbers, positions=atoms.positions @ rotation.T,
-                      cell=cell @ rotation.T, pbc=True, spin=spin)
-  with pytest.raises(ValueError, match="standard orientation"):
-    md.simulate(predictor, rotated, md.MDSettings(), tmp_path / "rotated")
-
-
-def test_structure_selection_errors(run_dir, tmp_path):
-  data = run_dir.parent / "data.hdf5"
-  assert md.dataset_structure(data).key == "mol0/0"
-  with pytest.raises(ValueError, match="no molecule 'nope'"):
-    md.dataset_structure(data, "nope")
-  with pytest.raises(ValueError, match="has 2 conformers, asked for conformer 5"):
-    md.dataset_structure(data, "mol1", 5)
-  with pytest.raises(ValueError, match="ensemble must be one of"):
-    md.MDSettings(ensemble="npt")
-  xyz = tmp_path / "water.extxyz"
-  ase.io.write(xyz, ase.Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]],
-                              info={"charge": 0, "spin": 1}))
-  structure = md.read_structure(xyz, spin=3)
-  assert structure.num_atoms == 3 and structure.charge == 0 and structure.spin == 3
-
-
-def test_builtin_names_map_to_dataset_keys():
-  pytest.importorskip("rdkit")
-  assert md.molecule_key("ethanol") == "CCO"
-  assert md.molecule_key("Aspirin") == "CC(=O)Oc1ccccc1C(=O)O"
-  assert md.molecule_key("CCO") == "CCO"  # not a name: a key as given
 
 
 def test_md_command_missing_structure_file_is_one_line(run_dir, tmp_path, capsys):
   missing = tmp_path / "missing.xyz"
   assert cli_main(["md", str(run_dir), "--structure", str(missing), "--quiet"]) == 2
   assert capsys.readouterr().err.splitlines() == [f"error: structure file {missing} does not exist"]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _SpringPredictor(Predictor):
-  """A diatomic held by a harmonic spring E = k/2 (d - d0)^2 in place of the network (watchdog tests)."""
-
-  rest_length: float = 1.0
-  stiffness: float = 1.0  # eV/A^2
-
-  def model_energy(self, graph):
-    d = jnp.linalg.norm(graph.positions[0] - graph.positions[1])
-    return (0.5 * self.stiffness * (d - self.rest_length) ** 2)[None]
-
-
-def _spring(rest_length: float, stiffness: float) -> _SpringPredictor:
-  return _SpringPredictor(model=E2Former(tiny_config(**MICRO)), params={}, rest_length=rest_length,
-                          stiffness=stiffness)
-
-
-# A C-O pair 1.1 A apart (covalent radii 0.76 + 0.66 A) released at rest from a spring whose rest
-# length is 3 A: d(t) = 3 - 1.9 cos(w t), w = sqrt(k / mu). The spring is soft enough that the
-# temperature stays below the watchdog's 600 K until the bond breaks (1.5 x 1.42 A, ~130 fs).
-CO_START, PULL_REST_LENGTH, PULL_STIFFNESS = 1.1, 3.0, 0.05
-MD_TIMESTEP_FS, MD_RECORD_EVERY = 1.0, 5
-
-
-def test_watchdog_stops_md_at_the_step_a_bond_breaks(tmp_path):
-  structure = Structure(numbers=np.array([6, 8]), positions=np.array([[0.0, 0, 0], [CO_START, 0, 0]]))
-  settings = md.MDSettings(temperature_k=0.0, timestep_fs=MD_TIMESTEP_FS, steps=400,
-                           record_every=MD_RECORD_EVERY, float64=True)
-  summary = md.simulate(_spring(PULL_REST_LENGTH, PULL_STIFFNESS), structure, settings, tmp_path,
-                        progress=False, on_unphysical=md.OnUnphysical.STOP)
-  masses = ase.Atoms("CO").get_masses()
-  omega = np.sqrt(PULL_STIFFNESS / (masses.prod() / masses.sum())) * ase.units.fs  # 1/fs
-  steps = np.arange(0, 400, MD_RECORD_EVERY)
-  distance = PULL_REST_LENGTH - (PULL_REST_LENGTH - CO_START) * np.cos(omega * steps * MD_TIMESTEP_FS)
-  expected = int(steps[np.argmax(distance > md_watchdog.BREAK_FACTOR * (0.76 + 0.66))])
-  assert [(e["step"], e["finding"], e["atoms"]) for e in summary["watchdog"]] == [
-      (expected, "bond_broken", [0, 1])]
-  assert summary["stopped_at_step"] == expected
-  frames = ase.io.read(tmp_path / md.TRAJECTORY_FILENAME, index=":")
-  assert frames[-1].info["step"] == expected  # the trajectory ends there
-  np.testing.assert_allclose(frames[-1].get_distance(0, 1), distance[steps == expected], rtol=1e-4)
-
-
-def test_watchdog_stays_silent_on_a_healthy_run(tmp_path, capsys):
-  structure = Structure(numbers=np.array([6, 8]), positions=np.array([[0.0, 0, 0], [1.13, 0, 0]]))
-  settings = md.MDSettings(temperature_k=300.0, timestep_fs=0.25, steps=400, record_every=10,
-                           float64=True)
-  summary = md.simulate(_spring(1.13, 30.0), structure, settings, tmp_path, progress=False)
-  frames = ase.io.read(tmp_path / md.TRAJECTORY_FILENAME, index=":")
-  # NVE from the rest length: the temperature never exceeds its start, which must be below the limit.
-  assert frames[0].info["temperature_K"] < md_watchdog.TEMPERATURE_FACTOR * 300.0
-  assert summary["watchdog"] == [] and "stopped_at_step" not in summary
-  assert capsys.readouterr().err == ""
-  assert np.ptp([f.get_distance(0, 1) for f in frames]) > 0.01  # it does vibrate

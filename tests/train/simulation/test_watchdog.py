@@ -7,8 +7,8 @@ import ase
 import numpy as np
 from ase.build import molecule
 
-from train.md_watchdog import (BOND_FACTOR, TEMPERATURE_FACTOR, TEMPERATURE_WINDOW_FRAMES, Finding,
-                               Watchdog, report_line)
+from train.simulation.watchdog import (BOND_FACTOR, TEMPERATURE_FACTOR, TEMPERATURE_WINDOW_FRAMES,
+                                       Finding, Watchdog, report_line)
 
 RECORD_EVERY = 10
 FRAMES = 16
