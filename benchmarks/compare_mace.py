@@ -238,7 +238,7 @@ def synthetic_dataset(path: Path, molecules: int = 12, conformers: int = 4) -> P
 SMOKE = {"minutes": 0.4, "mace_factor": 2.0}
 
 
-def main(argv=None) -> list[report.Record]:
+def build_parser():
   parser = report.script_parser(__doc__, SMOKE)
   parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.yaml",
                       help="our run config (default: the main command's)")
@@ -251,7 +251,11 @@ def main(argv=None) -> list[report.Record]:
   parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compare_mace",
                       help="scratch folder of both trainings (replaced)")
   parser.add_argument("--quiet", action="store_true")
-  args = report.parse(parser, argv)
+  return parser
+
+
+def main(argv=None) -> list[report.Record]:
+  args = report.parse(build_parser(), argv)
   results = report.results_dir(args)
 
   overrides = list(args.overrides)
