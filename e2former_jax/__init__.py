@@ -10,9 +10,9 @@ from e2former_jax.config import paper_config
 from e2former_jax.config import tiny_config
 from e2former_jax.graph import Graph
 from e2former_jax.neighbors import build_graph
+from e2former_jax.neighbors import cell_grid
+from e2former_jax.neighbors import device_neighbor_list
 from e2former_jax.neighbors import neighbor_list
-from e2former_jax.neighbors_device import cell_grid
-from e2former_jax.neighbors_device import device_neighbor_list
 from e2former_jax.nn.model import E2Former
 from e2former_jax.nn.model import ModelOutput
 from e2former_jax.potential import energy_and_forces

@@ -1,4 +1,4 @@
-"""Periodic cells on the host: the checks every cell passes, the geometry the neighbour search uses.
+"""Periodic cells: the checks every cell passes (host), the geometry the neighbour searches use.
 
 A cell is a [3, 3] matrix whose rows are the lattice vectors a, b, c in angstrom (the ASE
 convention); a point with fractional coordinates f sits at ``f @ cell``. ``pbc`` says along which of
@@ -9,6 +9,8 @@ the neighbour search works in fractional coordinates.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # A cell whose volume is below this fraction of |a| |b| |c| (the volume of a rectangular box with
@@ -49,14 +51,15 @@ def check_cell(cell, pbc, *,
   return cell, pbc
 
 
-def plane_spacings(cell: np.ndarray) -> np.ndarray:
-  """Distances between neighbouring lattice planes: [3] for a [3, 3] cell.
+def plane_spacings(cell):
+  """Distances between neighbouring lattice planes: [3] for a [3, 3] cell (numpy or jax).
 
   Entry a is the spacing of the planes spanned by the two other vectors, |det| / |b x c| for a = 0:
   a point and its image shifted by n_a along vector a are at least |n_a| spacing[a] apart, so a
   cutoff r reaches ceil(r / spacing[a]) images along a.
   """
-  volume = abs(np.linalg.det(cell))
-  areas = np.linalg.norm(np.cross(np.roll(cell, -1, axis=0), np.roll(cell, -2, axis=0)), axis=1)
+  xp = jnp if isinstance(cell, jax.Array) else np
+  volume = xp.abs(xp.linalg.det(cell))
+  areas = xp.linalg.norm(xp.cross(xp.roll(cell, -1, axis=0), xp.roll(cell, -2, axis=0)), axis=1)
   return volume / areas  # [3]
 

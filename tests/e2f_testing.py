@@ -110,6 +110,14 @@ def random_molecule(rng: np.random.Generator, num_atoms: int, *, min_dist: float
   return rng.choice(elements, num_atoms).astype(np.int32), np.asarray(pos)
 
 
+def random_cell(rng: np.random.Generator, scale: float) -> np.ndarray:
+  """A right- or left-handed triclinic cell with angles well away from degenerate."""
+  while True:
+    cell = np.eye(3) * scale + rng.normal(size=(3, 3)) * 0.3 * scale
+    if abs(np.linalg.det(cell)) > 0.5 * np.prod(np.linalg.norm(cell, axis=1)):
+      return cell * rng.choice([-1, 1])
+
+
 def random_periodic_atoms(rng: np.random.Generator, cell: np.ndarray, num_atoms: int, *,
                           min_dist: float = 1.0, elements=(1, 6, 8)):
   """ase.Atoms of random H/C/O in a periodic cell, no pair (minimum image) closer than min_dist;

@@ -1,4 +1,4 @@
-"""JAX MD interface: neighbour selection, energy/force equality with the model, NVE/NVT dynamics."""
+"""JAX MD interface: energy/force equality with the model, NVE/NVT dynamics, the run loop."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from jax_md import partition, quantity, simulate, space
 
 from benchmarks.structures import water_box
 from e2former_jax.interop import jax_md as e2f_md
-from e2former_jax import neighbors
 from e2former_jax.config import SoftmaxSink
 from e2former_jax.neighbors import build_graph, neighbor_list
 from e2former_jax.nn.model import E2Former
@@ -30,56 +29,11 @@ OFFSET = 10.0
 BOX = 40.0
 
 
-def _brute_force_counts(positions: np.ndarray, cutoff: float) -> np.ndarray:
-  d = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
-  np.fill_diagonal(d, np.inf)
-  return (d <= cutoff).sum(axis=1)
-
-
-def _slot_sets(idx: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-  return np.sort(np.where(mask, idx, n), axis=1)
-
-
-def test_select_neighbors_matches_the_host_search(rng):
-  """Same K nearest within the cutoff as the model's graph, from a cell list or from all pairs."""
-  _, positions = random_molecule(rng, 60)
-  cutoff, k = 4.5, 6
-  counts = _brute_force_counts(positions, cutoff)
-  assert counts.max() > k  # the designed truncation to the K nearest is exercised
-  host = neighbor_list(positions, cutoff, k)
+def test_authors_sink_refuses_neighbour_lists_and_boxes(rng, predictor):
+  """The authors' softmax sink needs every atom as a candidate (neighbors/test_select.py checks those
+  slots): neighbour lists and boxes are refused."""
+  numbers, _ = random_molecule(rng, 40)
   displacement, _ = space.free()
-  position = jnp.asarray(positions + OFFSET, jnp.float32)
-  neighbor_fn = partition.neighbor_list(displacement, BOX, cutoff, dr_threshold=0.5,
-                                        format=partition.NeighborListFormat.Dense)
-  candidates = neighbor_fn.allocate(position).idx
-  assert candidates.shape[1] > k
-  select = jax.jit(lambda r, c: e2f_md.select_neighbors(r, c, displacement, cutoff=cutoff,
-                                                        max_neighbors=k))
-  for cand in (candidates, jnp.broadcast_to(jnp.arange(60), (60, 60))):
-    nbrs = jax.device_get(select(position, cand))
-    np.testing.assert_array_equal(_slot_sets(nbrs.idx, nbrs.mask, 60),
-                                  _slot_sets(host.idx, host.mask, 60))
-    np.testing.assert_array_equal(nbrs.count, counts)
-    assert not np.any(nbrs.shift)  # free space: no image shifts
-  with pytest.raises(ValueError, match="Dense neighbour list"):
-    e2f_md.select_neighbors(position, candidates[:10], displacement, cutoff=cutoff, max_neighbors=k)
-
-
-def test_reference_slots_from_all_pairs(rng, predictor):
-  """The authors' slots (masked ones holding atoms beyond the cutoff) from every atom as a candidate
-  equal the host's; neighbour lists and boxes are refused with the authors' sink."""
-  numbers, positions = random_molecule(rng, 40)
-  cutoff, k = 3.0, 8
-  host = neighbors.reference_neighbor_slots(positions, cutoff, k)
-  assert (host.idx < 40).sum() > host.mask.sum()  # masked slots hold atoms
-  displacement, _ = space.free()
-  nbrs = jax.device_get(e2f_md.select_neighbors(jnp.asarray(positions, jnp.float32), None,
-                                                displacement, cutoff=cutoff, max_neighbors=k,
-                                                reference_slots=True))
-  np.testing.assert_array_equal(_slot_sets(nbrs.idx, nbrs.idx < 40, 40),
-                                _slot_sets(host.idx, host.idx < 40, 40))
-  np.testing.assert_array_equal(_slot_sets(nbrs.idx, nbrs.mask, 40),
-                                _slot_sets(host.idx, host.mask, 40))
   theirs = dataclasses.replace(predictor, model=E2Former(predictor.config.replace(
       softmax_sink=SoftmaxSink.MAX_LOGIT)))
   with pytest.raises(ValueError, match="authors' softmax sink"):
@@ -333,56 +287,6 @@ def test_compiled_forces_hold_no_per_atom_constants(predictor, rng):
   constants = [line for line in hlo.splitlines() if " constant(" in line]
   per_atom = [line.strip()[:120] for line in constants if "[40," in line]
   assert constants and not per_atom, per_atom
-
-
-def test_spatial_order_is_a_permutation_that_keeps_consecutive_atoms_close(rng):
-  _, positions, _ = water_box(3000, seed=1)
-  positions = positions[rng.permutation(len(positions))]
-  order = np.asarray(e2f_md.spatial_order(jnp.asarray(positions, jnp.float32)))
-  assert sorted(order.tolist()) == list(range(len(positions)))
-
-  def mean_step(p):
-    return float(np.linalg.norm(np.diff(p, axis=0), axis=1).mean())
-
-  # Random order: steps of ~20 A in this 31 A cube; Morton order: ~3 A.
-  assert mean_step(positions[order]) < 0.2 * mean_step(positions)
-
-
-def _candidate_sets(nbrs, n: int) -> list[set[int]]:
-  idx = np.asarray(nbrs.idx)
-  return [set(row[row < n].tolist()) - {i} for i, row in enumerate(idx)]
-
-
-def test_free_space_list_places_the_atoms_itself(rng):
-  """Atoms far outside [0, box) and moved further between updates: the list still holds every pair
-  within cutoff + skin (JAX MD's own list would wrap them into wrong cells), and it flags an
-  overflow when they spread wider than its box."""
-  _, positions = random_molecule(rng, 60)
-  positions = positions - 1000.0  # nowhere near the cell-list box
-  cutoff, skin = 3.0, 0.5
-  displacement, _ = space.free()
-  neighbor_fn = e2f_md.free_space_neighbor_list(displacement, None, cutoff, dr_threshold=skin)
-
-  def expected(p):
-    d = np.linalg.norm(p[:, None] - p[None], axis=-1)
-    return [set(np.flatnonzero(row <= cutoff + skin).tolist()) - {i} for i, row in enumerate(d)]
-
-  nbrs = neighbor_fn.allocate(jnp.asarray(positions))
-  assert nbrs.cell_list_fn is not None  # the cell list is in use
-  assert _candidate_sets(nbrs, 60) == expected(positions)
-  # Moved by 2 km and stretched by 5 %: rebuilt (some atom moved more than half the skin relative to
-  # the others).
-  moved = positions.mean(axis=0) + 1.05 * (positions - positions.mean(axis=0)) + 2000.0
-  nbrs = jax.jit(lambda p, n: n.update(p))(jnp.asarray(moved), nbrs)
-  assert not nbrs.did_buffer_overflow
-  assert _candidate_sets(nbrs, 60) == expected(moved)
-  # One atom 100 A away: wider than the box, so run() would re-allocate; the new list fits it.
-  spread = moved.copy()
-  spread[0] += 100.0
-  assert neighbor_fn.update(jnp.asarray(spread), nbrs).did_buffer_overflow
-  assert _candidate_sets(neighbor_fn.allocate(jnp.asarray(spread)), 60) == expected(spread)
-  with pytest.raises(ValueError, match="more than the cell-list box of 40.0 A"):
-    e2f_md.free_space_neighbor_list(displacement, BOX, cutoff).allocate(jnp.asarray(spread))
 
 
 def test_module_docstring_example_runs_as_written(capsys):

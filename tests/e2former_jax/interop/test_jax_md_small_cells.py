@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,8 @@ import pytest
 from jax_md import simulate, space
 
 from e2former_jax.interop import jax_md as e2f_md
-from e2former_jax.neighbors import build_graph, neighbor_list
+from e2former_jax.neighbors import (ImageNeighborListFns, build_graph, image_neighbor_list,
+                                    needs_all_images, neighbor_list)
 from e2former_jax.potential import energy_forces_stress
 from e2former_jax.structure import Structure
 
@@ -72,7 +71,7 @@ def host_model(predictor):
 
 def _check_narrow(cell, numbers, positions, cutoff, max_neighbors):
   """The structure needs several images of one source and truncates to the K nearest, tie-free."""
-  assert e2f_md.needs_all_images(cell.T, cutoff)
+  assert needs_all_images(cell.T, cutoff)
   host = neighbor_list(positions, cutoff, 4 * max_neighbors, cell=cell, pbc=True)
   rows = [set(host.idx[i][host.mask[i]].tolist()) for i in range(len(numbers))]
   assert any(len(r) < host.mask[i].sum() for i, r in enumerate(rows))  # a source twice in a row
@@ -100,7 +99,7 @@ def test_triclinic_narrow_cell_matches_model_supercell_and_stress(x64, host_mode
   displacement, _ = space.periodic_general(box)
   neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(
       displacement, box, pred, numbers, periodic=True, fractional_coordinates=True)
-  assert isinstance(neighbor_fn, e2f_md.ImageNeighborListFns)
+  assert isinstance(neighbor_fn, ImageNeighborListFns)
   frac = np.mod(positions @ np.linalg.inv(TRICLINIC), 1.0)
   nbrs = neighbor_fn.allocate(jnp.asarray(frac))
   assert not nbrs.did_buffer_overflow
@@ -153,7 +152,7 @@ def test_cubic_narrow_cell_nve_run_matches_the_model(x64, host_model, rng):
   displacement, shift = space.periodic(CUBIC_SIDE)
   neighbor_fn, energy_fn = e2f_md.e2former_neighbor_list(
       displacement, CUBIC_SIDE, pred, numbers, periodic=True, dr_threshold=RUN_SKIN)
-  assert isinstance(neighbor_fn, e2f_md.ImageNeighborListFns)
+  assert isinstance(neighbor_fn, ImageNeighborListFns)
   nbrs = neighbor_fn.allocate(jnp.asarray(positions))
   _, apply_fn = simulate.nve(energy_fn, shift, RUN_DT_FS * e2f_md.FEMTOSECOND)
   mass = e2f_md.masses(numbers)[:, None]
@@ -186,64 +185,6 @@ def test_cubic_narrow_cell_nve_run_matches_the_model(x64, host_model, rng):
   assert not any(np.array_equal(a, b) for a, b in itertools.pairwise(references))
 
 
-class _Positions(NamedTuple):
-  position: jax.Array
-
-
-def _slot_set(idx, mask, image) -> list[set]:
-  return [{(int(j), tuple(s)) for j, s in zip(idx[i][mask[i]], image[i][mask[i]].tolist())}
-          for i in range(len(idx))]
-
-
-def test_run_reallocates_an_overflowing_image_list(rng):
-  """A narrow cell's list with its bin capacity made too small on purpose: update() keeps it within
-  the skin and flags the overflow of a rebuild; run() re-allocates (one compilation per allocation)
-  and the final list holds exactly the images within the cutoff."""
-  side, cutoff, skin, n = 3.0, 1.6, 0.2, 12
-  cell = np.eye(3) * side
-  positions = rng.uniform(0.0, side, (n, 3))
-  assert e2f_md.needs_all_images(side, cutoff)
-  _, shift = space.periodic(side)
-  neighbor_fn = e2f_md.image_neighbor_list(side, cutoff, dr_threshold=skin)
-  nbrs = neighbor_fn.allocate(jnp.asarray(positions))
-  assert nbrs.grid.bins == (1, 1, 1) and not nbrs.did_buffer_overflow
-  # Within the skin the list is kept; beyond it (a move of skin / 2, or a 10% larger cell) rebuilt.
-  direction = rng.normal(size=(n, 3))
-  direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-  needs_rebuild = jax.jit(lambda position, box: nbrs.needs_rebuild(position, box=box))
-  for move, box, stale in ((0.45 * skin, side, False), (0.55 * skin, side, True),
-                           (0.0, 1.1 * side, True)):
-    assert bool(needs_rebuild(jnp.asarray(positions + move * direction), box)) == stale
-  # A rebuild in a bin too small on purpose overflows: run() re-allocates.
-  cramped = nbrs.replace(grid=dataclasses.replace(nbrs.grid, capacity=1))
-
-  centre = jnp.full(3, side / 2)
-  seen = []
-
-  def contract(state, neighbor=None):
-    seen.append((neighbor.grid.capacity, neighbor.max_occupancy))  # trace time
-    return _Positions(shift(state.position, 0.05 * (centre - state.position)))
-
-  runs = list(e2f_md.run(contract, _Positions(jnp.asarray(positions)), num_chunks=3,
-                         steps_per_chunk=10, neighbors=cramped, neighbor_fn=neighbor_fn))
-  final_state, final = runs[-1][1], runs[-1][2]
-  assert not final.did_buffer_overflow
-  assert seen[0][0] == 1 and len(seen) == len(set(seen)) >= 2, seen  # once per allocation
-  # Re-allocations add MIN_EXTRA_CAPACITY (then twice as much) to both the bins and the slots.
-  assert seen[1][0] >= nbrs.grid.capacity + e2f_md.MIN_EXTRA_CAPACITY
-  assert seen[1][1] >= nbrs.max_occupancy
-
-  position = np.asarray(final_state.position)
-  host = neighbor_list(position, cutoff, 200, cell=cell, pbc=True)
-  select = jax.jit(e2f_md.select_image_neighbors, static_argnames=("cutoff", "max_neighbors"))
-  slots = select(jnp.asarray(position), jnp.asarray(cell), jnp.asarray(position / side), final,
-                 cutoff=cutoff, max_neighbors=final.max_occupancy)
-  image = np.rint(np.asarray(slots.shift) / side).astype(int)
-  assert host.mask.sum(axis=1).max() < final.max_occupancy
-  assert _slot_set(np.asarray(slots.idx), np.asarray(slots.mask), image) == _slot_set(
-      host.idx, host.mask, host.shifts)
-
-
 def test_small_cell_bad_inputs(predictor, cluster):
   numbers = cluster[0][:3]
   displacement, _ = space.periodic(CUBIC_SIDE)
@@ -263,11 +204,11 @@ def test_small_cell_bad_inputs(predictor, cluster):
   energy_fn = e2f_md.e2former_energy(displacement, predictor, numbers, box=CUBIC_SIDE, all_images=True)
   with pytest.raises(ValueError, match="2 x cutoff"):
     energy_fn(positions)
-  neighbor_fn = e2f_md.image_neighbor_list(CUBIC_SIDE, predictor.config.cutoff)
+  neighbor_fn = image_neighbor_list(CUBIC_SIDE, predictor.config.cutoff)
   with pytest.raises(ValueError, match=r"position must be \[N, 3\]"):
     neighbor_fn.allocate(positions[:, :2])
   with pytest.raises(ValueError, match="must exceed the skin"):
-    e2f_md.image_neighbor_list(0.4, predictor.config.cutoff)
+    image_neighbor_list(0.4, predictor.config.cutoff)
   free_energy = e2f_md.e2former_energy(space.free()[0], predictor, numbers)
   with pytest.raises(ValueError, match="needs a periodic energy function"):
     free_energy(positions, neighbor=neighbor_fn.allocate(positions))

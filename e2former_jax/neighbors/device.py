@@ -1,10 +1,10 @@
 """Periodic neighbour list on device: jittable, static shapes, for molecular-dynamics updates.
 
-The same relation as the host search (:func:`e2former_jax.neighbors.neighbor_list`): every atom's K
-nearest lattice images ``x_j + S @ cell`` within the cutoff (other atoms' and its own), with integer
-shifts S relative to the positions as given. Only the order of ties may differ: the host breaks
-distance ties by (source, shift), this search by candidate position; with K larger than every
-neighbour count both give the same slots up to their order, which the model does not see.
+The same relation as the host search (:func:`~e2former_jax.neighbors.host.neighbor_list`): every
+atom's K nearest lattice images ``x_j + S @ cell`` within the cutoff (other atoms' and its own),
+with integer shifts S relative to the positions as given. Only the order of ties may differ: the
+host breaks distance ties by (source, shift), this search by candidate position; with K larger than
+every neighbour count both give the same slots up to their order, which the model does not see.
 
 Algorithm (a cell list with static capacity, in the spirit of jax_md's dense neighbour lists):
 
@@ -16,7 +16,7 @@ Algorithm (a cell list with static capacity, in the spirit of jax_md's dense nei
    the image shift; one past the edge of a non-periodic axis is empty). Distinct offsets are
    distinct (bin, image) pairs, so a cell narrower than the cutoff (one bin, reach > 1) visits
    several images of the same atoms and never one twice;
-3. the K nearest within the cutoff by ``lax.top_k``.
+3. the K nearest within the cutoff (:func:`~e2former_jax.neighbors.select.nearest_within`).
 
 Memory is O(N D capacity) with D = prod(2 reach + 1) offsets (27 for a cell wider than the cutoff
 along every axis): linear in the atoms. The grid is fixed at allocation (:func:`cell_grid`, on the
@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from e2former_jax import lattice
+from e2former_jax.neighbors import periodic
+from e2former_jax.neighbors.host import check_cutoff
+from e2former_jax.neighbors.select import nearest_within
 
 # Default slack of a bin's capacity over the fullest bin at allocation: density fluctuations in a
 # liquid stay well inside 1.5x over the steps between two re-allocations.
@@ -65,8 +68,7 @@ class CellGrid:
   @property
   def offsets(self) -> np.ndarray:
     """[D, 3] int32 bin offsets searched around each atom's bin."""
-    ranges = [np.arange(-r, r + 1) for r in self.reach]
-    return np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.int32)
+    return periodic.lattice_range(self.reach).astype(np.int32)
 
 
 class DeviceNeighborList(NamedTuple):
@@ -106,8 +108,7 @@ def cell_grid(positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float, *,
     ValueError: on a bad cell or cutoff.
   """
   cell, pbc = lattice.check_cell(cell, pbc)
-  if not np.isfinite(cutoff) or cutoff <= 0:
-    raise ValueError(f"cutoff must be positive and finite, got {cutoff}")
+  check_cutoff(cutoff)
   width = cutoff * (1.0 + margin)
   spacings = lattice.plane_spacings(cell)  # [3]
   bins = np.maximum(np.floor(spacings / width), 1).astype(np.int64)  # [3]
@@ -158,9 +159,7 @@ def device_neighbor_list(positions: jax.Array, cell: jax.Array, *, pbc: tuple[bo
   strides = jnp.asarray([grid.bins[1] * grid.bins[2], grid.bins[2], 1], jnp.int32)  # [3]
   node_mask = jnp.ones(n, bool) if node_mask is None else node_mask
 
-  frac = positions @ jnp.linalg.inv(cell)  # [N, 3]
-  offsets = jnp.where(pbc_arr, jnp.floor(frac), 0.0)  # [N, 3] lattice translation into the cell
-  wrapped = positions - offsets @ cell  # [N, 3]
+  frac, offsets, wrapped = periodic.wrap(positions, cell, pbc)  # [N, 3] each
   own_bin = _bin_coordinates(frac, bins, pbc)  # [N, 3]
 
   # Bin table [num_bins + 1, capacity]: atoms of each bin, sentinel N elsewhere; the extra last
@@ -184,22 +183,14 @@ def device_neighbor_list(positions: jax.Array, cell: jax.Array, *, pbc: tuple[bo
   source = source + (image.astype(dtype) @ cell)[:, :, None, :]
   d2 = jnp.sum((wrapped[:, None, None, :] - source) ** 2, axis=-1)  # [N, D, capacity]
   is_self = (candidate == jnp.arange(n)[:, None, None]) & ~jnp.any(image != 0, axis=-1)[..., None]
-  ok = (candidate < n) & ~is_self & (d2 <= cutoff * cutoff) & node_mask[:, None, None]
-  score = jnp.where(ok, -d2, -jnp.inf).reshape(n, -1)  # [N, D * capacity]
-  if score.shape[1] < max_neighbors:  # fewer candidates than slots: pad with empty ones
-    score = jnp.pad(score, ((0, 0), (0, max_neighbors - score.shape[1])), constant_values=-jnp.inf)
-  best, pick = jax.lax.top_k(score, max_neighbors)  # [N, K]
-  pick = jnp.minimum(pick, candidate.shape[1] * grid.capacity - 1)  # padding picks are masked
-  mask = best > -jnp.inf
-  idx = jnp.take_along_axis(candidate.reshape(n, -1), pick, axis=1)  # [N, K]
+  real = (candidate < n) & ~is_self & node_mask[:, None, None]  # [N, D, capacity]
+  pick, idx, mask, _ = nearest_within(d2.reshape(n, -1), candidate.reshape(n, -1),
+                                      real.reshape(n, -1), cutoff, max_neighbors)  # [N, K] each
   picked_image = jnp.take_along_axis(image, (pick // grid.capacity)[..., None], axis=1)  # [N, K, 3]
-  # Found between wrapped atoms; relative to the given positions the shift is image + o_i - o_j.
-  o = offsets.astype(jnp.int32)
-  shifts = picked_image + o[:, None, :] - jnp.take(o, idx, axis=0, mode="fill", fill_value=0)
+  # Found between the wrapped atoms: relative to the positions as given the shift is corrected.
+  shifts = periodic.untranslated_shifts(picked_image, offsets, jnp.where(mask, idx, 0))
   # The grid spans the cutoff only while reach bins are at least a cutoff wide.
-  spacings = jnp.abs(jnp.linalg.det(cell)) / jnp.linalg.norm(
-      jnp.cross(jnp.roll(cell, -1, axis=0), jnp.roll(cell, -2, axis=0)), axis=1)  # [3]
-  too_narrow = jnp.any(spacings / bins * jnp.asarray(grid.reach) < cutoff)
-  return DeviceNeighborList(idx=jnp.where(mask, idx, n).astype(jnp.int32), mask=mask,
+  too_narrow = jnp.any(lattice.plane_spacings(cell) / bins * jnp.asarray(grid.reach) < cutoff)
+  return DeviceNeighborList(idx=idx, mask=mask,
                             shifts=jnp.where(mask[..., None], shifts, 0).astype(jnp.int32),
                             overflow=full | too_narrow)

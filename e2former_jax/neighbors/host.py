@@ -1,10 +1,9 @@
-"""Host-side neighbour search (numpy) and the padded :class:`~e2former_jax.graph.Graph` builder.
+"""Host neighbour search (numpy cell lists): the model's neighbour slots of molecules and cells.
 
-The model's neighbour relation (spec section 2.2): slot ``(i, k)`` of atom ``i`` holds the k-th
-nearest source within the cutoff (inclusive), at most K of them, sorted by distance, ties broken by
-the smaller source index ``j`` and then by the image shift (lexicographic). Empty slots hold the
-sentinel ``n`` and are masked. The relation is directed and truncated: ``j in N(i)`` does not imply
-``i in N(j)``.
+The relation (docs/model.md §3.3): slot ``(i, k)`` of atom ``i`` holds the k-th nearest source
+within the cutoff (inclusive), at most K of them, sorted by distance, ties broken by the smaller source
+index ``j`` and then by the image shift (lexicographic). Empty slots hold the sentinel ``n`` and are
+masked. The relation is directed and truncated: ``j in N(i)`` does not imply ``i in N(j)``.
 
 Without periodicity a source is another atom ``x_j``. In a periodic cell a source is a lattice image
 ``x_j + S @ cell`` of any atom (integer shift S, zero along non-periodic axes), including images of
@@ -30,15 +29,12 @@ n (1 + 2 r_c / L)^3 for a cell of width L.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from e2former_jax import lattice
-from e2former_jax.graph import Graph
-
-if TYPE_CHECKING:
-  from e2former_jax.structure import Structure
+from e2former_jax.neighbors import periodic
 
 # Below this many candidate pairs (sum over segments of n_s^2) all pairs are tested directly: for
 # molecules and batches of molecules that is faster than building a cell list, and the results are
@@ -62,7 +58,8 @@ class NeighborList(NamedTuple):
 
   Attributes:
     idx: [n, K] int32 source atom of each slot; n (sentinel) on empty slots (from
-      :func:`reference_neighbor_slots`, some masked slots hold atoms beyond the cutoff).
+      :func:`~e2former_jax.neighbors.reference.reference_neighbor_slots`, some masked slots hold
+      atoms beyond the cutoff).
     mask: [n, K] bool, True on real slots (always a prefix of each row).
     distances: [n, K] float64 distance |x_i - (x_j + shifts @ cell)| in angstrom; inf on slots
       without an atom.
@@ -101,8 +98,7 @@ def neighbor_list(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
   positions = np.asarray(positions, dtype=np.float64)
   if positions.ndim != 2 or positions.shape[1] != 3:
     raise ValueError(f"positions must have shape [n, 3], got {positions.shape}")
-  if not np.isfinite(cutoff) or cutoff <= 0:
-    raise ValueError(f"cutoff must be positive and finite, got {cutoff}")
+  check_cutoff(cutoff)
   if int(max_neighbors) != max_neighbors or max_neighbors < 1:
     raise ValueError(f"max_neighbors must be a positive integer, got {max_neighbors}")
   if not np.isfinite(positions).all():
@@ -121,56 +117,27 @@ def neighbor_list(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
       raise ValueError(f"segments must be [n] integers, got shape {segments.shape} "
                        f"dtype {segments.dtype}")
   if n < 2:
-    return _neighbor_list_from(np.full((n, k), n), np.full((n, k), np.inf))
+    return empty_neighbor_list(n, k)
 
   if segments is None and n * n <= DENSE_PAIR_LIMIT:
-    order, starts, counts = np.arange(n), np.zeros((n, 1), np.int64), np.full((n, 1), n)
+    order, starts, counts = _all_pairs(n)
   elif segments is not None and _dense_pair_count(segments) <= DENSE_PAIR_LIMIT:
-    order, starts, counts = _dense_ranges(segments)
+    order, starts, counts = dense_ranges(segments)
   else:
     segments = np.zeros(n, np.int64) if segments is None else segments
     order, starts, counts = _cell_ranges(positions, cutoff, segments)
-  return _neighbor_list_from(*_nearest(positions, cutoff, k, order, starts, counts))
+  return _neighbor_list_from(*nearest(positions, cutoff, k, order, starts, counts))
 
 
-def reference_neighbor_slots(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
-                             segments: np.ndarray | None = None) -> NeighborList:
-  """The neighbour slots of the authors' code, for molecules (one per segment).
+def check_cutoff(cutoff: float) -> None:
+  """Raises ValueError unless the search radius is positive and finite."""
+  if not np.isfinite(cutoff) or cutoff <= 0:
+    raise ValueError(f"cutoff must be positive and finite, got {cutoff}")
 
-  Their code sorts every other atom of a molecule by distance and keeps K_mol = max(1, min(K,
-  max_i #{j: d_ij <= cutoff})) slots per atom, the same K_mol for every atom of the molecule: the
-  in-cutoff neighbours (the mask, identical to :func:`neighbor_list`'s), then the next-nearest
-  atoms beyond the cutoff, masked but real. Slots past K_mol hold the sentinel. Their masked slots
-  enter the SoftmaxSink.MAX_LOGIT sink. Ties are broken by atom index (theirs by their sort).
 
-  K_mol is per molecule here; their padded batches take it per batch, which makes their numbers
-  depend on the batch (docs/decisions.md D14).
-
-  Every pair of a molecule is examined (O(n^2) time per molecule in bounded chunks), as their code
-  does.
-
-  Args:
-    positions: [n, 3] in angstrom.
-    cutoff: inclusive radius of the mask.
-    max_neighbors: K, the number of slots per atom.
-    segments: optional [n] molecule of each atom (default: one molecule).
-
-  Returns:
-    A :class:`NeighborList` whose masked slots may hold atoms (``idx < n``, finite distance).
-  """
-  positions = np.asarray(positions, dtype=np.float64)
-  n, k = positions.shape[0], int(max_neighbors)
-  segments = np.zeros(n, np.int64) if segments is None else np.asarray(segments)
-  if n < 2:
-    return _neighbor_list_from(np.full((n, k), n), np.full((n, k), np.inf))
-  idx, dist = _nearest(positions, np.inf, k, *_dense_ranges(segments))  # the K nearest, any distance
-  within = dist <= cutoff  # [n, K], a prefix of each row
-  _, molecule = np.unique(segments, return_inverse=True)
-  slots = np.ones(molecule.max() + 1, np.int64)  # K_mol >= 1
-  np.maximum.at(slots, molecule, within.sum(axis=1))
-  holds = (np.arange(k) < slots[molecule][:, None]) & np.isfinite(dist)  # [n, K]
-  return NeighborList(idx=np.where(holds, idx, n).astype(np.int32), mask=within,
-                      distances=np.where(holds, dist, np.inf), shifts=np.zeros((n, k, 3), np.int32))
+def empty_neighbor_list(n: int, k: int) -> NeighborList:
+  """The NeighborList of n atoms without neighbours."""
+  return _neighbor_list_from(np.full((n, k), n), np.full((n, k), np.inf))
 
 
 def _neighbor_list_from(idx: np.ndarray, distances: np.ndarray,
@@ -182,9 +149,9 @@ def _neighbor_list_from(idx: np.ndarray, distances: np.ndarray,
                       shifts=shifts)
 
 
-def _nearest(points: np.ndarray, cutoff: float, k: int, order: np.ndarray, starts: np.ndarray,
-             counts: np.ndarray, *, rows: np.ndarray | None = None,
-             num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def nearest(points: np.ndarray, cutoff: float, k: int, order: np.ndarray, starts: np.ndarray,
+            counts: np.ndarray, *, rows: np.ndarray | None = None,
+            num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """The K nearest other points within the cutoff of every target point.
 
   Args:
@@ -231,22 +198,20 @@ def _periodic_neighbor_list(positions: np.ndarray, cutoff: float, k: int, cell: 
   """:func:`neighbor_list` of one periodic structure (arguments already checked)."""
   n = positions.shape[0]
   if n == 0:
-    return _neighbor_list_from(np.zeros((0, k), np.int64), np.zeros((0, k)))
+    return empty_neighbor_list(0, k)
   points, atom, image, images, offsets = _periodic_points(positions, cutoff, cell, pbc)
   home = np.flatnonzero(~images.any(axis=1))[0]  # index of the zero shift
   rows = np.where(image == home, atom, -1)  # [P] the wrapped atoms are the targets
   if n * len(points) <= DENSE_PAIR_LIMIT:
-    p = len(points)
-    order, starts, counts = np.arange(p), np.zeros((p, 1), np.int64), np.full((p, 1), p)
+    order, starts, counts = _all_pairs(len(points))
   else:
     order, starts, counts = _cell_ranges(points, cutoff, np.zeros(len(points), np.int64))
-  point, dist = _nearest(points, cutoff, k, order, starts, counts, rows=rows, num_rows=n)
+  point, dist = nearest(points, cutoff, k, order, starts, counts, rows=rows, num_rows=n)
   valid = np.isfinite(dist)  # [n, K]
   point = np.where(valid, point, 0)
   source = atom[point]  # [n, K]
-  # The image was found between wrapped atoms x_i - o_i @ cell and x_j - o_j @ cell; relative to the
-  # positions as given its shift is image + o_i - o_j.
-  shifts = images[image[point]] + offsets[:, None, :] - offsets[source]  # [n, K, 3]
+  # Found between the wrapped atoms: relative to the positions as given the shift is corrected.
+  shifts = periodic.untranslated_shifts(images[image[point]], offsets, source)  # [n, K, 3]
   return _neighbor_list_from(np.where(valid, source, n), dist,
                              np.where(valid[..., None], shifts, 0))
 
@@ -257,13 +222,11 @@ def _periodic_points(positions: np.ndarray, cutoff: float, cell: np.ndarray, pbc
   Returns:
     points [P, 3] Cartesian coordinates, atom [P] and image [P] (index into ``images``) of each
     point, in increasing (atom, image) order; images [T, 3] int64, the candidate lattice shifts in
-    lexicographic order; offsets [n, 3] int64, the lattice translation that wraps each atom into
+    lexicographic order; offsets [n, 3] int32, the lattice translation that wraps each atom into
     the cell (zero along non-periodic axes).
   """
-  frac = positions @ np.linalg.inv(cell)  # [n, 3]
-  offsets = np.where(pbc, np.floor(frac), 0.0).astype(np.int64)  # [n, 3]
-  frac = frac - offsets
-  wrapped = positions - offsets @ cell  # [n, 3]
+  frac, offsets, wrapped = periodic.wrap(positions, cell, pbc)  # [n, 3] each
+  frac = frac - offsets  # in [0, 1) along periodic axes
   # The cutoff in fractional units along each axis: an image farther than this (in fractional
   # coordinates) from the cell [0, 1) is farther than the cutoff from every wrapped atom.
   reach = cutoff * (1.0 + _CELL_SLACK) / lattice.plane_spacings(cell)  # [3]
@@ -273,8 +236,7 @@ def _periodic_points(positions: np.ndarray, cutoff: float, cell: np.ndarray, pbc
     raise ValueError(f"cell too narrow for the cutoff {cutoff} A: plane spacings "
                      f"{lattice.plane_spacings(cell).round(4).tolist()} A need {num_images} image "
                      f"cells for each of {len(positions)} atoms")
-  images = np.stack(np.meshgrid(*[np.arange(-e, e + 1) for e in extent], indexing="ij"),
-                    axis=-1).reshape(-1, 3)  # [T, 3] lexicographic
+  images = periodic.lattice_range(extent)  # [T, 3]
   near = np.ones((len(positions), len(images)), bool)  # [n, T]
   for axis in np.flatnonzero(pbc):
     f = frac[:, axis, None] + images[None, :, axis]  # [n, T]
@@ -290,7 +252,12 @@ def _dense_pair_count(segments: np.ndarray) -> int:
   return int((sizes.astype(np.int64) ** 2).sum())
 
 
-def _dense_ranges(segments: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _all_pairs(p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Every point as a candidate of every point: one range per point (see :func:`_cell_ranges`)."""
+  return np.arange(p), np.zeros((p, 1), np.int64), np.full((p, 1), p)
+
+
+def dense_ranges(segments: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """All atoms of the same segment as candidates.
 
   Returns:
@@ -392,116 +359,3 @@ def _select_nearest(rows: np.ndarray, sources: np.ndarray, d: np.ndarray, row_at
   dist_out[row_atoms[targets], :width] = dist[targets]
 
 
-def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbors: int,
-                num_nodes: int | None = None, num_molecules: int | None = None,
-                dtype: np.dtype = np.float32, periodic: bool | None = None,
-                reference_slots: bool = False) -> Graph:
-  """Packs structures into one padded :class:`Graph` (host numpy arrays) with static shapes.
-
-  Real atoms fill the first slots in order (molecule 0's atoms, then molecule 1's, ...). Padding:
-
-  * atom slots beyond the real atoms: species 0, position 0, ``node_mask`` False, no edges, and
-    ``molecule_index = num_molecules - 1`` (the last molecule slot; when every molecule slot is real
-    that slot is a real molecule, so every per-molecule reduction must weight atoms by
-    ``node_mask``; leaving one spare molecule slot makes padding land on a padded molecule);
-  * molecule slots beyond the structures: charge 0, spin 0, ``molecule_mask`` False, zero cell;
-  * neighbour slots: sentinel ``num_nodes``, ``nbr_mask`` False, zero ``nbr_shift``.
-
-  A structure is periodic when its ``pbc`` is True along some axis; its neighbours are periodic
-  images (``nbr_shift = S @ cell``, positions kept as given, not wrapped) and its cell goes to
-  ``Graph.cell``. Every other structure is a molecule and gets exactly the graph it would get
-  without this feature (its ``cell``, if any, is ignored).
-
-  Structures are not validated here (see :func:`e2former_jax.structure.validate_structure`); a
-  periodic structure's cell is checked by the neighbour search.
-
-  Args:
-    structures: the molecules and periodic cells, each a
-      :class:`~e2former_jax.structure.Structure`.
-    cutoff: neighbour cutoff in angstrom (inclusive).
-    max_neighbors: K, neighbour slots per atom.
-    num_nodes: N, atom slots (default: the total number of atoms).
-    num_molecules: B, molecule slots (default: the number of structures).
-    dtype: float dtype of positions, shifts and cells.
-    periodic: whether the Graph carries ``cell`` (the model then adds the image-shift term, see
-      docs/decisions.md D11). None: only when some structure is periodic; True: always (zero cells
-      for molecules), which keeps one pytree structure, hence one compilation, for a data set that
-      mixes molecules and cells; False: never, and a periodic structure is an error.
-    reference_slots: fill each molecule's slots as the authors' code does
-      (:func:`reference_neighbor_slots`; ``E2FormerConfig.reference_slots``): masked slots hold
-      the next-nearest atoms beyond the cutoff. Molecules only.
-
-  Returns:
-    The padded Graph, N = num_nodes, K = max_neighbors, B = num_molecules.
-
-  Raises:
-    ValueError: when the atoms or molecules do not fit the requested padding, on a bad cell, or on
-      a periodic structure with ``periodic=False`` or ``reference_slots``.
-  """
-  sizes = np.array([len(s.numbers) for s in structures], np.int64)  # [M]
-  total = int(sizes.sum())
-  n_pad = total if num_nodes is None else int(num_nodes)
-  b_pad = len(structures) if num_molecules is None else int(num_molecules)
-  if total > n_pad:
-    raise ValueError(f"{total} atoms do not fit num_nodes={n_pad}")
-  if len(structures) > b_pad or b_pad < 1:
-    raise ValueError(f"{len(structures)} structures do not fit num_molecules={b_pad}")
-  is_periodic = np.array([s.pbc is not None and any(s.pbc) for s in structures], bool)  # [M]
-  if periodic is False and is_periodic.any():
-    s = structures[int(np.argmax(is_periodic))]
-    raise ValueError(f"periodic structure {s.key or ''!r} (pbc={s.pbc}) in a build_graph call "
-                     f"with periodic=False")
-  if reference_slots and is_periodic.any():
-    s = structures[int(np.argmax(is_periodic))]
-    raise ValueError(f"periodic structure {s.key or ''!r}: the authors' softmax sink "
-                     f"(SoftmaxSink.MAX_LOGIT) is reproduced for molecules only; use "
-                     f"softmax_sink=zero for periodic cells")
-  k = int(max_neighbors)
-
-  molecule = np.repeat(np.arange(len(structures)), sizes)  # [total]
-  starts = np.cumsum(sizes) - sizes  # [M]
-  if structures:
-    positions = np.concatenate([np.asarray(s.positions, np.float64).reshape(-1, 3)
-                                for s in structures])
-    species = np.concatenate([np.asarray(s.numbers) for s in structures]).astype(np.int32)
-  else:
-    positions, species = np.zeros((0, 3)), np.zeros(0, np.int32)
-  nbr_idx = np.full((n_pad, k), n_pad, np.int32)
-  nbr_mask = np.zeros((n_pad, k), bool)
-  nbr_shift = np.zeros((n_pad, k, 3), np.float64)
-  cell = np.zeros((b_pad, 3, 3), np.float64)
-  # Molecules: one search over all of them, segments keeping them apart.
-  atoms = np.flatnonzero(~is_periodic[molecule]) if structures else np.zeros(0, np.int64)
-  search = reference_neighbor_slots if reference_slots else neighbor_list
-  nbrs = search(positions[atoms], cutoff, k, segments=molecule[atoms])
-  holds = nbrs.idx < len(atoms)  # the mask, or more with reference slots
-  nbr_idx[atoms] = np.where(holds, atoms[np.where(holds, nbrs.idx, 0)], n_pad)
-  nbr_mask[atoms] = nbrs.mask
-  # Periodic cells: one search each.
-  for m in np.flatnonzero(is_periodic):
-    s, rows = structures[m], slice(starts[m], starts[m] + sizes[m])
-    nbrs = neighbor_list(positions[rows], cutoff, k, cell=s.cell, pbc=s.pbc)
-    cell[m] = s.cell
-    nbr_idx[rows] = np.where(nbrs.mask, nbrs.idx + starts[m], n_pad)
-    nbr_mask[rows] = nbrs.mask
-    nbr_shift[rows] = nbrs.shifts @ cell[m]
-
-  pos = np.zeros((n_pad, 3), dtype)
-  pos[:total] = positions
-  spec = np.zeros(n_pad, np.int32)
-  spec[:total] = species
-  node_mask = np.zeros(n_pad, bool)
-  node_mask[:total] = True
-  molecule_index = np.full(n_pad, b_pad - 1, np.int32)
-  molecule_index[:total] = molecule
-  charge = np.zeros(b_pad, np.int32)
-  spin = np.zeros(b_pad, np.int32)
-  charge[:len(structures)] = [s.charge for s in structures]
-  spin[:len(structures)] = [s.spin for s in structures]
-  molecule_mask = np.zeros(b_pad, bool)
-  molecule_mask[:len(structures)] = True
-  with_cell = is_periodic.any() if periodic is None else periodic
-  return Graph(positions=pos, species=spec, node_mask=node_mask, molecule_index=molecule_index,
-               nbr_idx=nbr_idx, nbr_mask=nbr_mask, nbr_shift=nbr_shift.astype(dtype), charge=charge,
-               spin=spin, molecule_mask=molecule_mask,
-               cell=cell.astype(dtype) if with_cell else None)

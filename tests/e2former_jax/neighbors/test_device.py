@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2former_jax.neighbors import neighbor_list
-from e2former_jax.neighbors_device import cell_grid, device_neighbor_list
+from e2former_jax.neighbors.device import cell_grid, device_neighbor_list
+from e2former_jax.neighbors.host import neighbor_list
 
 CUTOFF = 3.0
 # One padded shape for every case, so the jitted search compiles once per grid.
