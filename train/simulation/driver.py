@@ -245,6 +245,8 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
   timed_steps = rows[-1]["step"] - start[1] if start else 0
   summary = _summary(rows, settings, structure, n, timed_steps / elapsed if timed_steps else None)
   summary["watchdog"] = [event.to_dict() for event in findings]
+  # Over every recorded frame: the largest relative change of a start bond's length.
+  summary["max_bond_change"] = {"relative": watchdog.max_bond_change, "bond": watchdog.max_bond_change_pair}
   if stop:
     summary["stopped_at_step"] = rows[-1]["step"]
   plot_energies(rows, out_dir / PLOT_FILENAME,

@@ -113,6 +113,10 @@ class Watchdog:
     self._temperatures: list[float] = []
     self._start_energy: float | None = None
     self._reported: set[tuple[Finding, tuple[int, ...]]] = set()
+    # The largest relative change |d / d_start - 1| of a start bond over the frames checked, and
+    # its bond: how far the run strays from a sound geometry even when nothing breaks.
+    self.max_bond_change = 0.0
+    self.max_bond_change_pair = ""
 
   def check(self, step: int, positions: np.ndarray, *, temperature_k: float,
             conserved_energy: float | None = None) -> list[Event]:
@@ -120,6 +124,12 @@ class Watchdog:
     positions = np.asarray(positions, np.float64)
     events = []
     lengths = self._distances(positions, self._bonds)
+    if len(lengths):
+      change = np.abs(lengths / self._start_lengths - 1.0)
+      worst = int(np.argmax(change))
+      if change[worst] > self.max_bond_change:
+        self.max_bond_change = float(change[worst])
+        self.max_bond_change_pair = self._pair(*self._bonds[worst])
     for (i, j), length, start in zip(self._bonds, lengths, self._start_lengths):
       if length > BREAK_FACTOR * self._radii[[i, j]].sum():
         events.append(self._event(step, Finding.BOND_BROKEN, (i, j),

@@ -79,7 +79,11 @@ def test_watchdog_stays_silent_on_a_healthy_run(tmp_path, capsys):
   assert summary["watchdog"] == [] and "stopped_at_step" not in summary
   assert summary["settings"]["ensemble"] == "nve"  # enums by value
   assert capsys.readouterr().err == ""
-  assert np.ptp([f.get_distance(0, 1) for f in frames]) > 0.01  # it does vibrate
+  lengths = np.array([f.get_distance(0, 1) for f in frames])
+  assert np.ptp(lengths) > 0.01  # it does vibrate
+  # The summary's largest bond change is the recorded frames' largest |d / d_start - 1|.
+  assert summary["max_bond_change"]["relative"] == pytest.approx(np.abs(lengths / 1.13 - 1).max(), rel=1e-6)
+  assert summary["max_bond_change"]["bond"] == "C0-O1"
 
 
 def test_settings_take_enums():

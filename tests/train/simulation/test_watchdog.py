@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ase
 import numpy as np
+import pytest
 from ase.build import molecule
 
 from train.simulation.watchdog import (BOND_FACTOR, TEMPERATURE_FACTOR, TEMPERATURE_WINDOW_FRAMES,
@@ -90,6 +91,10 @@ def test_stretched_bond_close_contact_and_energy_drift_are_reported_once():
   assert {(e.finding, e.atoms) for e in events} == {
       (Finding.BOND_BROKEN, (2, 3)), (Finding.TOO_CLOSE, (6, 7)), (Finding.ENERGY_DRIFT, ())}
   assert watchdog.check(20, frame, temperature_k=300.0, conserved_energy=-99.0) == []  # once each
+  # The largest bond change over the frames: the doubled O-H (+100 %), whichever frame came later.
+  assert watchdog.max_bond_change == pytest.approx(1.0) and watchdog.max_bond_change_pair == "O2-H3"
+  watchdog.check(30, atoms.positions, temperature_k=300.0)
+  assert watchdog.max_bond_change == pytest.approx(1.0)
 
 
 def test_bond_across_a_periodic_boundary_is_not_broken():
