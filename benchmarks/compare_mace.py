@@ -26,9 +26,7 @@ against training time to ``results/compare_mace.png``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import shutil
 import signal

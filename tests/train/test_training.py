@@ -20,11 +20,12 @@ import time
 import warnings
 from pathlib import Path
 
+import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_training import SUBSETS, TINY, write_dataset
+from tiny_training import NUM_MOLECULES, SPLIT_SEED, SUBSETS, TINY, write_dataset
 
 from e2former_jax.nn.model import E2Former
 from train import sharding
