@@ -91,6 +91,12 @@ class E2FormerConfig:
       inside, every per-edge radial MLP: the gradient keeps the block inputs [N, S, C] and the
       MLP outputs instead of their [N, K, hidden] activations, for one or two more forward passes.
       Same numbers, same parameters; only memory and time change (for the largest systems).
+    edge_chunk_atoms: evaluate every per-edge radial MLP (attention gates, edge-degree embedding)
+      over chunks of this many target atoms, each chunk recomputed in the backward pass, so that
+      no [N, K, edge_hidden] activation is stored for forces or gradients (and the edge-degree
+      embedding forms no [N, K, C] radial output either); None evaluates each MLP over every edge
+      at once and keeps its activations (rematerialised only under ``remat``). Same numbers, same
+      parameters.
   """
 
   num_layers: int = 4
@@ -113,6 +119,7 @@ class E2FormerConfig:
   inverse_distance_eps: float = 0.0
   softmax_sink: SoftmaxSink = SoftmaxSink.ZERO
   remat: bool = False
+  edge_chunk_atoms: int | None = None
 
   def __post_init__(self):
     if self.channels % self.num_heads:
@@ -122,6 +129,8 @@ class E2FormerConfig:
     for name in ("num_layers", "channels", "num_heads", "head_dim", "num_rbf", "max_neighbors"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.edge_chunk_atoms is not None and self.edge_chunk_atoms < 1:
+      raise ValueError(f"edge_chunk_atoms must be positive or None, got {self.edge_chunk_atoms}")
     if not self.cutoff > 0:
       raise ValueError(f"cutoff must be positive, got {self.cutoff}")
     if not self.layer_norm_eps > 0:

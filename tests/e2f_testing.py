@@ -125,6 +125,18 @@ def random_periodic_atoms(rng: np.random.Generator, cell: np.ndarray, num_atoms:
   return atoms
 
 
+_BUFFER_VALUE = re.compile(r"^\s*value: <.*?> \(size=\d+,offset=\d+\): \w+\[([\d,]*)\]", re.M)
+
+
+def buffer_shapes(lowered, dump_dir: Path) -> list[tuple[int, ...]]:
+  """Shapes of every value in XLA's buffer assignment of a lowered program (what the compiled
+  program allocates: parameters, outputs, temporaries), compiled with its dumps in ``dump_dir``."""
+  lowered.compile(compiler_options={"xla_dump_to": str(dump_dir)})
+  [report] = Path(dump_dir).glob("*buffer-assignment.txt")
+  return [tuple(int(d) for d in dims.split(",") if d)
+          for dims in _BUFFER_VALUE.findall(report.read_text())]
+
+
 _INDEXED_OP = re.compile(r"= \w+\[([\d,]*)\]\S* (?:gather|scatter)\(")
 
 

@@ -85,7 +85,7 @@ class E2Attention(nn.Module):
     # A no-op forward; its transpose fences the cotangents of x and of this layer's edge lengths,
     # so the backward of the per-edge radial MLP (which ends in the edge lengths) completes before
     # the previous block's backward starts. Without it XLA defers every block's [N, K, 2H] gate
-    # cotangent to the end of the backward pass (benchmarks/notes_memory.md).
+    # cotangent to the end of the backward pass (docs/performance.md §5).
     x, distances = jax.lax.optimization_barrier((x, geometry.distances))
     n, _, c = x.shape
     h, d, _k_slots = cfg.num_heads, cfg.head_dim, graph.num_neighbors
@@ -96,8 +96,10 @@ class E2Attention(nn.Module):
 
     target_table = self.param("target_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     source_table = self.param("source_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
-    radial_mlp = nn.remat(RadialMLP) if cfg.remat else RadialMLP
-    edge = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps, name="edge_gates")(
+    # Chunks are rematerialised already.
+    radial_mlp = nn.remat(RadialMLP) if cfg.remat and cfg.edge_chunk_atoms is None else RadialMLP
+    edge = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps, cfg.edge_chunk_atoms,
+                      name="edge_gates")(
         distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)
     gate, inputhead = edge[..., :h], edge[..., h:]  # [N, K, H] each
     post_weight = inputhead * geometry.inv_dist[..., None]  # [N, K, H]

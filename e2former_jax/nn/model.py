@@ -66,7 +66,8 @@ class E2Former(nn.Module):
     edge_sh = jnp.where(graph.nbr_mask[..., None], edge_sh, 0.0)
 
     x = EdgeDegreeEmbedding(cfg.channels, cfg.lmax, cfg.edge_hidden, cfg.num_species, cfg.avg_degree,
-                            cfg.cutoff, cfg.num_rbf, cfg.layer_norm_eps, cfg.remat, name="edge_degree")(
+                            cfg.cutoff, cfg.num_rbf, cfg.layer_norm_eps, cfg.remat, cfg.edge_chunk_atoms,
+                            name="edge_degree")(
         graph.species, geometry.distances, geometry.envelope, edge_sh, graph.nbr_idx)  # [N, S, C]
     assert x.shape == (n, cfg.num_rows, cfg.channels), x.shape
     molecule_signal = MoleculeEmbedding(cfg.channels, name="molecule")(graph.charge, graph.spin)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2f_testing import brute_force_graph, random_molecule
+from e2f_testing import brute_force_graph, buffer_shapes, random_molecule
 from e2former_jax import so3
 from e2former_jax.config import AttentionImpl, MessagePath, paper_config, tiny_config
 from e2former_jax.nn.model import E2Former
@@ -17,6 +17,12 @@ from e2former_jax.potential import energy_and_forces as _energy_and_forces
 
 CUTOFF = 4.5
 K = 12
+# The kernel tests' float32 tolerances (tests/pallas_kernels): max |error| <= rtol * max(1, max |x|).
+F32_RTOL = 2e-5
+SECOND_ORDER_RTOL = 1e-4
+# Ways of computing the same model (E2FormerConfig fields): 24 atoms in chunks of 5 leave a partial
+# chunk.
+COMPUTE_OPTIONS = (dict(remat=True), dict(edge_chunk_atoms=5))
 # Every graph of these tests is padded to the same shape so that each jitted function compiles
 # once per dtype (XLA compilation dominates the cost of these tests on CPU).
 NUM_NODES, NUM_MOLECULES = 24, 3
@@ -29,6 +35,12 @@ def graph_of(mols, dtype=np.float32, **padding):
 # Compiled once per (model, shapes): eager op-by-op execution of the whole network is slow.
 energy_and_forces = jax.jit(_energy_and_forces, static_argnums=0, static_argnames="conservative")
 apply = jax.jit(lambda model, params, graph: model.apply(params, graph), static_argnums=0)
+
+
+def assert_close(actual, expected, rtol):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  error, bound = np.max(np.abs(actual - expected)), rtol * max(1.0, np.max(np.abs(expected)))
+  assert error <= bound, f"max abs error {error:.3e} > {bound:.3e}"
 
 
 def random_rotation(rng) -> np.ndarray:
@@ -193,22 +205,24 @@ def test_jit_compiles_once(setup):
 
 
 def test_force_loss_parameter_gradient_is_finite(setup):
-  """The training gradient (double backward) is finite, nonzero, and the same with remat blocks."""
+  """The training gradient (double backward) is finite, nonzero, and the same with remat blocks
+  and with the radial MLPs in chunks of atoms (float32 second-order tolerance of the kernel tests)."""
   cfg, mols, graph, model, params = setup
   target = jnp.ones_like(graph.positions)
 
   @functools.partial(jax.jit, static_argnums=1)
-  def grads(params, remat):
+  def grads(params, changes):
     def loss(params):
-      _, forces = _energy_and_forces(E2Former(cfg.replace(remat=remat)), params, graph)
+      _, forces = _energy_and_forces(E2Former(cfg.replace(**dict(changes))), params, graph)
       return jnp.abs(forces - target).sum()
     return jax.grad(loss)(params)
 
-  leaves = jax.tree.leaves(grads(params, False))
+  leaves = jax.tree.leaves(grads(params, ()))
   assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
   assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
-  for g0, g1 in zip(leaves, jax.tree.leaves(grads(params, True))):
-    np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-5 * max(float(np.abs(g0).max()), 1.0))
+  for changes in COMPUTE_OPTIONS:
+    for g0, g1 in zip(leaves, jax.tree.leaves(grads(params, tuple(changes.items())))):
+      assert_close(g1, g0, SECOND_ORDER_RTOL)
 
 
 def test_paper_parameter_count():
@@ -233,19 +247,43 @@ def test_pallas_kernel_path_matches_xla(setup):
   np.testing.assert_allclose(f1, f0, atol=1e-5 * np.abs(f0).max())
 
 
-def test_remat_changes_memory_not_numbers(setup):
-  """Rematerialised blocks: same parameters, energy and forces, less temporary memory (gradient: above)."""
+@pytest.mark.parametrize("changes", COMPUTE_OPTIONS, ids=str)
+def test_compute_options_change_memory_not_numbers(setup, changes):
+  """Rematerialised blocks, or radial MLPs in chunks of atoms: same parameters, energy and forces,
+  less temporary memory (gradient: above)."""
   cfg, mols, graph, model, params = setup
-  remat_model = E2Former(cfg.replace(remat=True))
-  assert jax.tree.structure(jax.eval_shape(remat_model.init, jax.random.key(0), graph)) == \
+  other = E2Former(cfg.replace(**changes))
+  assert jax.tree.structure(jax.eval_shape(other.init, jax.random.key(0), graph)) == \
       jax.tree.structure(params)
   e0, f0 = energy_and_forces(model, params, graph)
-  e1, f1 = energy_and_forces(remat_model, params, graph)
-  np.testing.assert_allclose(e1, e0, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(f1, f0, atol=1e-6 * np.abs(f0).max())
+  e1, f1 = energy_and_forces(other, params, graph)
+  assert_close(e1, e0, F32_RTOL)
+  assert_close(f1, f0, F32_RTOL)
 
   def temp_bytes(model):
     compiled = jax.jit(_energy_and_forces, static_argnums=0).lower(model, params, graph).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  assert temp_bytes(remat_model) < temp_bytes(model)
+  assert temp_bytes(other) < temp_bytes(model)
+
+
+def test_edge_chunks_store_no_per_edge_hidden_activation(tmp_path):
+  """XLA's buffer assignment of energy + forces and of the force-loss parameter gradient holds no
+  [N, K, hidden] buffer when the radial MLPs run in chunks of atoms; it does when they do not."""
+  hidden = 40  # no other dimension in play has this size
+  cfg = tiny_config(max_neighbors=K, num_layers=1, lmax=1, edge_hidden=hidden)
+  graph = graph_of(molecules(np.random.default_rng(7)))
+  model, params = init_model(cfg, graph)
+  chunked = E2Former(cfg.replace(edge_chunk_atoms=8))
+
+  def per_edge_hidden(program, name, *args):
+    shapes = buffer_shapes(jax.jit(program).lower(*args), tmp_path / name)
+    # Any layout of [N, K, hidden], or chunks of it stacked over the atoms.
+    return [s for s in shapes if hidden in s and np.prod(s) >= NUM_NODES * K * hidden]
+
+  def force_loss_gradient(model):
+    return jax.grad(lambda p: jnp.sum(_energy_and_forces(model, p, graph)[1] ** 2))
+
+  assert per_edge_hidden(functools.partial(_energy_and_forces, model), "reference", params, graph)
+  assert per_edge_hidden(functools.partial(_energy_and_forces, chunked), "forces", params, graph) == []
+  assert per_edge_hidden(force_loss_gradient(chunked), "train", params) == []

@@ -1,0 +1,90 @@
+"""The radial MLP evaluated in chunks of target atoms equals the one-piece evaluation: values, first
+derivatives and the second derivative that training on forces takes."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from e2former_jax.nn.radial import RadialMLP
+
+# The kernel tests' float32 tolerances (tests/pallas_kernels): max |error| <= rtol * max(1, max |x|).
+F32_RTOL = 2e-5
+SECOND_ORDER_RTOL = 1e-4
+# 11 targets in chunks of at most 4: three chunks of 4, one padding row.
+NUM_ATOMS, NUM_SLOTS, CHUNK_ATOMS = 11, 6, 4
+TYPE_DIM, HIDDEN, OUT, NUM_WEIGHTS = 5, 16, 7, 3
+CUTOFF, NUM_RBF = 4.5, 8
+
+
+def assert_close(actual, expected, rtol):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    assert a.shape == e.shape and np.all(np.isfinite(a))
+    error, bound = np.max(np.abs(a - e)), rtol * max(1.0, np.max(np.abs(e)))
+    assert error <= bound, f"max abs error {error:.3e} > {bound:.3e}"
+
+
+def inputs(rng):
+  """Edge lengths, type embeddings and slot weights (differentiable) and the neighbour list, with
+  empty slots (sentinel NUM_ATOMS) and one atom with none."""
+  nbr_idx = rng.integers(0, NUM_ATOMS, (NUM_ATOMS, NUM_SLOTS))
+  nbr_idx[rng.random(nbr_idx.shape) < 0.3] = NUM_ATOMS
+  nbr_idx[3] = NUM_ATOMS
+  floats = dict(distances=rng.uniform(0.5, CUTOFF, (NUM_ATOMS, NUM_SLOTS)),
+                target_types=rng.normal(size=(NUM_ATOMS, TYPE_DIM)),
+                source_types=rng.normal(size=(NUM_ATOMS, TYPE_DIM)),
+                slot_weights=rng.normal(size=(NUM_ATOMS, NUM_SLOTS, NUM_WEIGHTS)))
+  return {k: jnp.asarray(v, jnp.float32) for k, v in floats.items()}, jnp.asarray(nbr_idx, jnp.int32)
+
+
+@pytest.mark.parametrize("contracted", [False, True], ids=["per-slot", "slot-weighted"])
+def test_chunks_equal_one_piece(rng, contracted):
+  floats, nbr_idx = inputs(rng)
+  if not contracted:
+    floats.pop("slot_weights")
+  one_piece = RadialMLP(HIDDEN, OUT, CUTOFF, NUM_RBF)
+  chunked = RadialMLP(HIDDEN, OUT, CUTOFF, NUM_RBF, chunk_atoms=CHUNK_ATOMS)
+  init_args = (floats["distances"], floats["target_types"], floats["source_types"], nbr_idx)
+  params = one_piece.init(jax.random.key(0), *init_args)
+  # Same parameter tree and initial values: chunking is a way of computing, not another model.
+  assert_close(chunked.init(jax.random.key(0), *init_args), params, 0.0)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def derivatives(mlp, params, floats, cotangent):
+    def run(params, floats):
+      return mlp.apply(params, floats["distances"], floats["target_types"], floats["source_types"],
+                       nbr_idx, floats.get("slot_weights"))
+
+    out, vjp = jax.vjp(run, params, floats)
+
+    def force_loss(params):
+      """Squared derivative with respect to the edge lengths, as a force loss."""
+      lengths = jax.grad(lambda f: jnp.sum(run(params, f) * cotangent))(floats)["distances"]
+      return jnp.sum(lengths**2)
+
+    return out, vjp(cotangent), jax.grad(force_loss)(params)
+
+  shape = (NUM_ATOMS, NUM_WEIGHTS if contracted else NUM_SLOTS, OUT)
+  cotangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  out, grads, second = derivatives(chunked, params, floats, cotangent)
+  out_ref, grads_ref, second_ref = derivatives(one_piece, params, floats, cotangent)
+  assert out.shape == shape
+  assert_close(out, out_ref, F32_RTOL)
+  assert_close(grads, grads_ref, F32_RTOL)
+  assert_close(second, second_ref, SECOND_ORDER_RTOL)
+  # Not vacuous: every parameter but the output bias (a constant shift) has a second derivative.
+  zero = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(second_ref)
+          if not np.any(g)]
+  assert zero == ["['params']['out']['bias']"], zero
+
+
+def test_rejects_non_positive_chunks():
+  from e2former_jax.config import tiny_config
+
+  with pytest.raises(ValueError, match="edge_chunk_atoms must be positive"):
+    tiny_config(edge_chunk_atoms=0)
