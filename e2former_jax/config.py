@@ -97,6 +97,9 @@ class E2FormerConfig:
       embedding forms no [N, K, C] radial output either); None evaluates each MLP over every edge
       at once and keeps its activations (rematerialised only under ``remat``). Same numbers, same
       parameters.
+    auto_memory: per structure, turn on edge chunks and then ``remat`` when energy + forces would
+      not otherwise fit the free memory of the device (``e2former_jax.nn.memory``; never turns off
+      what ``remat`` and ``edge_chunk_atoms`` ask for); False computes exactly as they say.
   """
 
   num_layers: int = 4
@@ -120,6 +123,7 @@ class E2FormerConfig:
   softmax_sink: SoftmaxSink = SoftmaxSink.ZERO
   remat: bool = False
   edge_chunk_atoms: int | None = None
+  auto_memory: bool = True
 
   def __post_init__(self):
     if self.channels % self.num_heads:

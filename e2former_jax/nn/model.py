@@ -13,6 +13,7 @@ from e2former_jax.graph import Graph
 from e2former_jax.nn.attention import EdgeGeometry
 from e2former_jax.nn.block import TransformerBlock
 from e2former_jax.nn.embedding import EdgeDegreeEmbedding, MoleculeEmbedding
+from e2former_jax.nn import memory
 from e2former_jax.nn.init import kaiming_uniform
 from e2former_jax.nn.norm import RMSNormSH
 from e2former_jax.nn.radial import envelope
@@ -53,14 +54,20 @@ def edge_geometry(config: E2FormerConfig, graph: Graph, positions: jax.Array) ->
 
 
 class E2Former(nn.Module):
-  """E2Former-V2 interatomic potential on a padded :class:`~e2former_jax.graph.Graph`."""
+  """E2Former-V2 interatomic potential on a padded :class:`~e2former_jax.graph.Graph`.
+
+  Under ``config.auto_memory`` how it computes (never what) is chosen when it is traced, from the
+  graph's size and the device's free memory (:func:`e2former_jax.nn.memory.plan`).
+  """
 
   config: E2FormerConfig
 
   @nn.compact
   def __call__(self, graph: Graph) -> ModelOutput:
-    cfg = self.config
     n, k = graph.nbr_idx.shape
+    cfg = self.config
+    if cfg.auto_memory:
+      cfg = memory.plan(cfg, n, k, graph.positions.dtype.itemsize)
     geometry = edge_geometry(cfg, graph, graph.positions)
     edge_sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, normalize=True)  # [N, K, S]
     edge_sh = jnp.where(graph.nbr_mask[..., None], edge_sh, 0.0)
