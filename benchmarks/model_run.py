@@ -29,11 +29,16 @@ from benchmarks import measure, report, structures
 # jax, torch and e2former_jax (which imports jax) are imported inside the functions: the parent
 # process of compare_torch chooses the platform (JAX_PLATFORMS) before jax starts.
 
-JAX_IMPLS = {  # name -> (message path, attention kernels, rematerialisation)
-    "jax-pallas": ("node_centric", "pallas", False),
-    "jax-pallas-remat": ("node_centric", "pallas", True),
-    "jax-xla": ("node_centric", "xla", False),
-    "jax-per-edge": ("per_edge", "xla", False),
+# name -> (message path, attention kernels, E2FormerConfig memory choices: "remat" rematerialised
+# blocks, "chunks" radial MLPs in chunks of atoms, "auto" chosen per structure; none: everything kept)
+JAX_IMPLS = {
+    "jax-pallas": ("node_centric", "pallas", ()),
+    "jax-pallas-remat": ("node_centric", "pallas", ("remat",)),
+    "jax-pallas-chunks": ("node_centric", "pallas", ("chunks",)),
+    "jax-pallas-chunks-remat": ("node_centric", "pallas", ("chunks", "remat")),
+    "jax-pallas-auto": ("node_centric", "pallas", ("auto",)),
+    "jax-xla": ("node_centric", "xla", ()),
+    "jax-per-edge": ("per_edge", "xla", ()),
 }
 TORCH_IMPLS = {  # name -> (message path, torch.compile)
     "torch-edge": ("per_edge", False),
@@ -61,15 +66,18 @@ def config(name: str):
 def model_config(name: str, impl: str, device: str):
   """The configuration ``name`` as implementation ``impl`` runs it on ``device``."""
   from e2former_jax.config import AttentionImpl, MessagePath
+  from e2former_jax.nn.memory import AUTO_EDGE_CHUNK_ATOMS
 
   base = config(name)
   if impl in TORCH_IMPLS:
     return base.replace(message_path=MessagePath(TORCH_IMPLS[impl][0]))
-  path, kernels, remat = JAX_IMPLS[impl]
+  path, kernels, memory = JAX_IMPLS[impl]
   attention = AttentionImpl(kernels)
   if attention is AttentionImpl.PALLAS and device == "cpu":
     attention = AttentionImpl.PALLAS_INTERPRET
-  return base.replace(message_path=MessagePath(path), attention_impl=attention, remat=remat)
+  return base.replace(message_path=MessagePath(path), attention_impl=attention,
+                      remat="remat" in memory, auto_memory="auto" in memory,
+                      edge_chunk_atoms=AUTO_EDGE_CHUNK_ATOMS if "chunks" in memory else None)
 
 
 def init_params(config_name: str, path: Path) -> int:
