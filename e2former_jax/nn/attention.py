@@ -98,10 +98,12 @@ class E2Attention(nn.Module):
     source_table = self.param("source_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     # Chunks are rematerialised already.
     radial_mlp = nn.remat(RadialMLP) if cfg.remat and cfg.edge_chunk_atoms is None else RadialMLP
-    edge = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps, cfg.edge_chunk_atoms,
-                      name="edge_gates")(
-        distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)
-    gate, inputhead = edge[..., :h], edge[..., h:]  # [N, K, H] each
+    # One output layer taken as two column blocks: on the GPU the bias cotangent of the whole
+    # [N, K, 2H] output, fused with its per-edge producers, was one slow reduction (docs/
+    # performance.md §4, §6).
+    gate, inputhead = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps,
+                                 cfg.edge_chunk_atoms, (h, h), name="edge_gates")(
+        distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)  # [N, K, H]
     post_weight = inputhead * geometry.inv_dist[..., None]  # [N, K, H]
     sink_logit = None  # SoftmaxSink.ZERO
     if cfg.softmax_sink is SoftmaxSink.MAX_LOGIT:

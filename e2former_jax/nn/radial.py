@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from e2former_jax.config import DEFAULT_LAYER_NORM_EPS
 from e2former_jax.nn.init import kaiming_uniform
@@ -58,6 +59,11 @@ class RadialMLP(nn.Module):
   ``slot_weights``, the output is contracted with them over the slots inside each chunk, so not
   even the [N, K, out] output is formed.
 
+  With ``out_blocks`` the output layer is applied as separate column blocks of its one weight matrix
+  (same parameters, same values): each block's output, and in the backward pass its cotangent and
+  bias reduction, stands on its own instead of being sliced from, and padded back into, one
+  [N, K, out] array.
+
   Attributes:
     hidden_width: hidden width.
     out_width: output width.
@@ -66,6 +72,8 @@ class RadialMLP(nn.Module):
     layer_norm_eps: epsilon of both LayerNorms.
     chunk_atoms: target atoms per chunk (E2FormerConfig.edge_chunk_atoms); None evaluates every
       edge at once and keeps the activations for the backward pass.
+    out_blocks: widths of the output's column blocks (summing to ``out_width``): the MLP returns
+      a tuple of their outputs; None returns one array.
   """
 
   hidden_width: int
@@ -74,6 +82,7 @@ class RadialMLP(nn.Module):
   num_rbf: int
   layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS
   chunk_atoms: int | None = None
+  out_blocks: tuple[int, ...] | None = None
 
   def setup(self):
     # The parameter names (the attribute names) are those of the checkpoints.
@@ -83,7 +92,11 @@ class RadialMLP(nn.Module):
     self.norm_0 = nn.LayerNorm(epsilon=self.layer_norm_eps)
     self.hidden = nn.Dense(self.hidden_width, kernel_init=kaiming_uniform)
     self.norm_1 = nn.LayerNorm(epsilon=self.layer_norm_eps)
-    self.out = nn.Dense(self.out_width, kernel_init=kaiming_uniform)
+    if self.out_blocks is None:
+      self.out = nn.Dense(self.out_width, kernel_init=kaiming_uniform)
+    else:
+      assert sum(self.out_blocks) == self.out_width, (self.out_blocks, self.out_width)
+      self.out = ColumnBlocks(self.out_blocks)
 
   def __call__(self, distances: jax.Array, target_types: jax.Array, source_types: jax.Array,
                nbr_idx: jax.Array, slot_weights: jax.Array | None = None) -> jax.Array:
@@ -96,7 +109,7 @@ class RadialMLP(nn.Module):
       slot_weights: optional [N, K, M] weights of each slot.
     Returns:
       [N, K, out] the MLP of every slot or, with ``slot_weights``, [N, M, out]
-      sum_k slot_weights[:, k, m] MLP[:, k, :].
+      sum_k slot_weights[:, k, m] MLP[:, k, :]; with ``out_blocks``, a tuple of its column blocks.
     """
     source = self.source_in(source_types)  # [N, hidden]
     rows = (distances, self.target_in(target_types))
@@ -124,14 +137,29 @@ class RadialMLP(nn.Module):
     h = h + jnp.take(source, nbr_idx, axis=0, mode="fill", fill_value=0)
     h = nn.silu(self.norm_0(h))
     h = nn.silu(self.norm_1(self.hidden(h)))
-    radial = self.out(h)  # [n, K, out]
+    radial = self.out(h)  # [n, K, out] (or its column blocks)
     if slot_weights is None:
       return radial
-    return jnp.einsum("nkm,nkc->nmc", slot_weights, radial)  # [n, M, out]
+    return jax.tree.map(lambda r: jnp.einsum("nkm,nkc->nmc", slot_weights, r), radial)  # [n, M, out]
 
 
-def map_chunks(fn: Callable[..., jax.Array], chunk_atoms: int, params, shared: jax.Array,
-               index: jax.Array, *rows: jax.Array) -> jax.Array:
+class ColumnBlocks(nn.Module):
+  """``nn.Dense(sum(widths))`` applied as separate column blocks of its weight matrix and bias:
+  the same parameters (names, shapes, initialisation) and outputs, as a tuple of [..., width]."""
+
+  widths: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> tuple[jax.Array, ...]:
+    features = sum(self.widths)
+    kernel = self.param("kernel", kaiming_uniform, (inputs.shape[-1], features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (features,), jnp.float32)
+    starts = np.cumsum((0,) + self.widths)
+    return tuple(inputs @ kernel[:, a:b] + bias[a:b] for a, b in zip(starts[:-1], starts[1:]))
+
+
+def map_chunks(fn: Callable[..., Any], chunk_atoms: int, params, shared: jax.Array,
+               index: jax.Array, *rows: jax.Array) -> Any:
   """``fn(params, shared, index, *rows)``, evaluated over chunks of at most ``chunk_atoms`` target
   atoms in a loop; its derivative stores nothing per chunk.
 
@@ -143,7 +171,7 @@ def map_chunks(fn: Callable[..., jax.Array], chunk_atoms: int, params, shared: j
   and stores every chunk's activations.
 
   Args:
-    fn: (params, shared, index, *rows) -> [n, ...] for n target atoms.
+    fn: (params, shared, index, *rows) -> [n, ...] for n target atoms (or a pytree of them).
     params, shared: passed whole to every chunk (differentiable).
     index: integer array with the target atoms on axis 0 (not differentiated).
     rows: arrays with the target atoms on axis 0 (differentiable).
@@ -159,7 +187,7 @@ def map_chunks(fn: Callable[..., jax.Array], chunk_atoms: int, params, shared: j
     return x.reshape(num_chunks, size, *x.shape[1:])
 
   out = _chunk_loop(fn, params, shared, split(index), *map(split, rows))
-  return out.reshape(num_chunks * size, *out.shape[2:])[:n]
+  return jax.tree.map(lambda o: o.reshape(num_chunks * size, *o.shape[2:])[:n], out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -88,3 +88,26 @@ def test_rejects_non_positive_chunks():
 
   with pytest.raises(ValueError, match="edge_chunk_atoms must be positive"):
     tiny_config(edge_chunk_atoms=0)
+
+
+@pytest.mark.parametrize("chunk_atoms", [None, CHUNK_ATOMS], ids=["one piece", "chunks"])
+def test_output_column_blocks_equal_one_output_layer(rng, chunk_atoms):
+  """The output layer applied as column blocks: same parameters, outputs and input gradients."""
+  floats, nbr_idx = inputs(rng)
+  args = (floats["distances"], floats["target_types"], floats["source_types"], nbr_idx)
+  whole = RadialMLP(HIDDEN, OUT, CUTOFF, NUM_RBF)
+  blocks = RadialMLP(HIDDEN, OUT, CUTOFF, NUM_RBF, chunk_atoms=chunk_atoms, out_blocks=(3, OUT - 3))
+  params = whole.init(jax.random.key(0), *args)
+  assert_close(blocks.init(jax.random.key(0), *args), params, 0.0)
+  cotangent = jnp.asarray(rng.normal(size=(NUM_ATOMS, NUM_SLOTS, OUT)), jnp.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def value_and_grad(mlp, params, distances):
+    def loss(params, distances):
+      out = mlp.apply(params, distances, *args[1:])
+      out = jnp.concatenate(out, -1) if isinstance(out, tuple) else out
+      return jnp.sum(out * cotangent)
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, distances)
+
+  assert_close(value_and_grad(blocks, params, args[0]), value_and_grad(whole, params, args[0]),
+               F32_RTOL)
