@@ -9,6 +9,7 @@ Implementations (``--impls``; see benchmarks/model_run.py):
                       activation stored; E2FormerConfig.edge_chunk_atoms)
   jax-pallas-chunks-remat  chunks and rematerialised blocks
   jax-pallas-auto     chosen per structure from its size and the free GPU memory (auto_memory)
+  jax-pallas-bf16     jax-pallas in mixed precision (bfloat16 products and storage; mixed_precision)
   jax-xla             node-centric message, the kernels' jnp references under XLA
   jax-per-edge        materialised per-edge message in JAX
   torch-edge          PyTorch eager, materialised per-edge message (benchmarks/torch_baseline)

@@ -29,14 +29,16 @@ from benchmarks import measure, report, structures
 # jax, torch and e2former_jax (which imports jax) are imported inside the functions: the parent
 # process of compare_torch chooses the platform (JAX_PLATFORMS) before jax starts.
 
-# name -> (message path, attention kernels, E2FormerConfig memory choices: "remat" rematerialised
-# blocks, "chunks" radial MLPs in chunks of atoms, "auto" chosen per structure; none: everything kept)
+# name -> (message path, attention kernels, E2FormerConfig compute choices: "remat" rematerialised
+# blocks, "chunks" radial MLPs in chunks of atoms, "auto" memory chosen per structure (none of the
+# three: every activation kept), "bf16" mixed precision)
 JAX_IMPLS = {
     "jax-pallas": ("node_centric", "pallas", ()),
     "jax-pallas-remat": ("node_centric", "pallas", ("remat",)),
     "jax-pallas-chunks": ("node_centric", "pallas", ("chunks",)),
     "jax-pallas-chunks-remat": ("node_centric", "pallas", ("chunks", "remat")),
     "jax-pallas-auto": ("node_centric", "pallas", ("auto",)),
+    "jax-pallas-bf16": ("node_centric", "pallas", ("bf16",)),
     "jax-xla": ("node_centric", "xla", ()),
     "jax-per-edge": ("per_edge", "xla", ()),
 }
@@ -71,13 +73,14 @@ def model_config(name: str, impl: str, device: str):
   base = config(name)
   if impl in TORCH_IMPLS:
     return base.replace(message_path=MessagePath(TORCH_IMPLS[impl][0]))
-  path, kernels, memory = JAX_IMPLS[impl]
+  path, kernels, choices = JAX_IMPLS[impl]
   attention = AttentionImpl(kernels)
   if attention is AttentionImpl.PALLAS and device == "cpu":
     attention = AttentionImpl.PALLAS_INTERPRET
   return base.replace(message_path=MessagePath(path), attention_impl=attention,
-                      remat="remat" in memory, auto_memory="auto" in memory,
-                      edge_chunk_atoms=AUTO_EDGE_CHUNK_ATOMS if "chunks" in memory else None)
+                      remat="remat" in choices, auto_memory="auto" in choices,
+                      edge_chunk_atoms=AUTO_EDGE_CHUNK_ATOMS if "chunks" in choices else None,
+                      mixed_precision="bf16" in choices)
 
 
 def init_params(config_name: str, path: Path) -> int:

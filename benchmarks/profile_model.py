@@ -12,7 +12,7 @@ line that made it.
 
 Usage:
   python -m benchmarks.profile_model [--atoms 10000] [--train] [--calls 3] [--top 25]
-      [--impl jax-pallas|jax-pallas-chunks|...]   (benchmarks/model_run.py: memory choices)
+      [--impl jax-pallas|jax-pallas-chunks|...]   (benchmarks/model_run.py: compute choices)
   python -m benchmarks.profile_model --smoke    # the smallest configuration on the CPU (the CPU
       trace has no GPU kernels: it checks that the script runs)
 """

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+import jax.numpy as jnp
+
 # Epsilon of the LayerNorms in the radial MLPs and the query/key readout: the authors' (torch's
 # default). Until the field existed every LayerNorm used flax's default, LEGACY_LAYER_NORM_EPS, and a
 # saved model config without the field means that value.
@@ -100,6 +102,11 @@ class E2FormerConfig:
     auto_memory: per structure, turn on edge chunks and then ``remat`` when energy + forces would
       not otherwise fit the free memory of the device (``e2former_jax.nn.memory``; never turns off
       what ``remat`` and ``edge_chunk_atoms`` ask for); False computes exactly as they say.
+    mixed_precision: bfloat16 storage and matrix products (float32 accumulation) in the radial
+      MLPs, the SO(3) linear maps, the query/key readouts, the attention kernels' inputs and the
+      feed-forward blocks; float32 weights, residual stream, norms, softmax statistics, energy
+      head, energies and forces. The numbers change within bfloat16 rounding; False: everything
+      in the inputs' dtype.
   """
 
   num_layers: int = 4
@@ -124,6 +131,7 @@ class E2FormerConfig:
   remat: bool = False
   edge_chunk_atoms: int | None = None
   auto_memory: bool = True
+  mixed_precision: bool = False
 
   def __post_init__(self):
     if self.channels % self.num_heads:
@@ -147,6 +155,12 @@ class E2FormerConfig:
     """Whether graphs must fill masked slots as the authors' code does (see
     ``e2former_jax.neighbors.build_graph``): only the MAX_LOGIT sink reads them."""
     return self.softmax_sink is SoftmaxSink.MAX_LOGIT
+
+  @property
+  def compute_dtype(self):
+    """dtype of the products and stored activations of the blocks and radial MLPs: bfloat16 under
+    ``mixed_precision``, else None (the inputs' dtype)."""
+    return jnp.bfloat16 if self.mixed_precision else None
 
   @property
   def num_rows(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,7 @@ class EdgeDegreeEmbedding(nn.Module):
     chunk_atoms: evaluate each degree's radial MLP and neighbour sum over chunks of this many
       target atoms, recomputed chunk by chunk in the backward pass (E2FormerConfig.edge_chunk_atoms);
       ``remat`` is then implied for these MLPs.
+    dtype: dtype of the radial MLPs' products (None: the inputs').
   """
 
   channels: int
@@ -65,6 +68,7 @@ class EdgeDegreeEmbedding(nn.Module):
   layer_norm_eps: float
   remat: bool = False
   chunk_atoms: int | None = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, species, distances, envelope_weights, edge_sh, nbr_idx) -> jax.Array:
@@ -94,7 +98,7 @@ class EdgeDegreeEmbedding(nn.Module):
       else:
         d_l = distances
       radial = radial_mlp(self.hidden, self.channels, self.cutoff, self.num_rbf, self.layer_norm_eps,
-                          self.chunk_atoms, name=f"radial_l{l}")
+                          self.chunk_atoms, dtype=self.dtype, name=f"radial_l{l}")
       sh_l = edge_sh[..., degrees == l] * envelope_weights[..., None]  # [N, K, 2l+1]
       blocks.append(radial(d_l, target_types, source_types, nbr_idx, slot_weights=sh_l))  # [N, 2l+1, C]
     return jnp.concatenate(blocks, axis=-2) / self.avg_degree  # [N, S, C]

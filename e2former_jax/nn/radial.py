@@ -74,6 +74,8 @@ class RadialMLP(nn.Module):
       edge at once and keeps the activations for the backward pass.
     out_blocks: widths of the output's column blocks (summing to ``out_width``): the MLP returns
       a tuple of their outputs; None returns one array.
+    dtype: dtype of the products and the output (None: the inputs'); the LayerNorms compute in
+      float32.
   """
 
   hidden_width: int
@@ -83,23 +85,26 @@ class RadialMLP(nn.Module):
   layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS
   chunk_atoms: int | None = None
   out_blocks: tuple[int, ...] | None = None
+  dtype: Any = None
 
   def setup(self):
     # The parameter names (the attribute names) are those of the checkpoints.
-    self.rbf_in = nn.Dense(self.hidden_width, kernel_init=kaiming_uniform)
-    self.target_in = nn.Dense(self.hidden_width, use_bias=False, kernel_init=kaiming_uniform)
-    self.source_in = nn.Dense(self.hidden_width, use_bias=False, kernel_init=kaiming_uniform)
+    dense = functools.partial(nn.Dense, kernel_init=kaiming_uniform, dtype=self.dtype)
+    self.rbf_in = dense(self.hidden_width)
+    self.target_in = dense(self.hidden_width, use_bias=False)
+    self.source_in = dense(self.hidden_width, use_bias=False)
     self.norm_0 = nn.LayerNorm(epsilon=self.layer_norm_eps)
-    self.hidden = nn.Dense(self.hidden_width, kernel_init=kaiming_uniform)
+    self.hidden = dense(self.hidden_width)
     self.norm_1 = nn.LayerNorm(epsilon=self.layer_norm_eps)
     if self.out_blocks is None:
-      self.out = nn.Dense(self.out_width, kernel_init=kaiming_uniform)
+      self.out = dense(self.out_width)
     else:
       assert sum(self.out_blocks) == self.out_width, (self.out_blocks, self.out_width)
-      self.out = ColumnBlocks(self.out_blocks)
+      self.out = ColumnBlocks(self.out_blocks, self.dtype)
 
   def __call__(self, distances: jax.Array, target_types: jax.Array, source_types: jax.Array,
-               nbr_idx: jax.Array, slot_weights: jax.Array | None = None) -> jax.Array:
+               nbr_idx: jax.Array, slot_weights: jax.Array | None = None
+               ) -> jax.Array | tuple[jax.Array, ...]:
     """
     Args:
       distances: [N, K] edge lengths of every slot (any finite value on empty slots).
@@ -124,7 +129,8 @@ class RadialMLP(nn.Module):
 
     return map_chunks(layers, self.chunk_atoms, self.variables["params"], source, nbr_idx, *rows)
 
-  def edge_layers(self, source, nbr_idx, distances, target, slot_weights=None) -> jax.Array:
+  def edge_layers(self, source, nbr_idx, distances, target, slot_weights=None
+                  ) -> jax.Array | tuple[jax.Array, ...]:
     """The per-edge layers for a set of n target atoms (all of them, or one chunk).
 
     Args:
@@ -148,12 +154,14 @@ class ColumnBlocks(nn.Module):
   the same parameters (names, shapes, initialisation) and outputs, as a tuple of [..., width]."""
 
   widths: tuple[int, ...]
+  dtype: Any = None  # of the products and outputs, as nn.Dense's
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> tuple[jax.Array, ...]:
     features = sum(self.widths)
     kernel = self.param("kernel", kaiming_uniform, (inputs.shape[-1], features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (features,), jnp.float32)
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     starts = np.cumsum((0,) + self.widths)
     return tuple(inputs @ kernel[:, a:b] + bias[a:b] for a, b in zip(starts[:-1], starts[1:]))
 
@@ -212,8 +220,11 @@ def _chunk_loop_bwd(fn, residuals, out_ct):
     d_params, d_shared, *d_chunk = chunk_vjp(params, shared, *xs)
     return jax.tree.map(jnp.add, sums, (d_params, d_shared)), d_chunk
 
-  zeros = jax.tree.map(jnp.zeros_like, (params, shared))
-  (d_params, d_shared), d_chunks = jax.lax.scan(step, zeros, (index, chunks, out_ct))
+  # Sums over the chunks in at least float32 (the chunks' cotangents may be bfloat16).
+  primals = (params, shared)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), primals)
+  sums, d_chunks = jax.lax.scan(step, zeros, (index, chunks, out_ct))
+  d_params, d_shared = jax.tree.map(lambda d, x: d.astype(x.dtype), sums, primals)
   return (d_params, d_shared, None, *d_chunks)
 
 

@@ -204,25 +204,45 @@ def test_jit_compiles_once(setup):
   assert len(traces) == 1
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def force_loss_gradient(model, params, graph):
+  """Parameter gradient of a force loss: the training gradient (a double backward)."""
+  def loss(params):
+    _, forces = _energy_and_forces(model, params, graph)
+    return jnp.abs(forces - 1.0).sum()
+  return jax.grad(loss)(params)
+
+
 def test_force_loss_parameter_gradient_is_finite(setup):
-  """The training gradient (double backward) is finite, nonzero, and the same with remat blocks
-  and with the radial MLPs in chunks of atoms (float32 second-order tolerance of the kernel tests)."""
+  """The training gradient is finite, nonzero, and the same with remat blocks and with the radial
+  MLPs in chunks of atoms (float32 second-order tolerance of the kernel tests)."""
   cfg, mols, graph, model, params = setup
-  target = jnp.ones_like(graph.positions)
-
-  @functools.partial(jax.jit, static_argnums=1)
-  def grads(params, changes):
-    def loss(params):
-      _, forces = _energy_and_forces(E2Former(cfg.replace(**dict(changes))), params, graph)
-      return jnp.abs(forces - target).sum()
-    return jax.grad(loss)(params)
-
-  leaves = jax.tree.leaves(grads(params, ()))
+  leaves = jax.tree.leaves(force_loss_gradient(model, params, graph))
   assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
   assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
   for changes in COMPUTE_OPTIONS:
-    for g0, g1 in zip(leaves, jax.tree.leaves(grads(params, tuple(changes.items())))):
+    other = E2Former(cfg.replace(**changes))
+    for g0, g1 in zip(leaves, jax.tree.leaves(force_loss_gradient(other, params, graph))):
       assert_close(g1, g0, SECOND_ORDER_RTOL)
+
+
+def test_mixed_precision_error_budget(setup):
+  """bfloat16 products and storage (E2FormerConfig.mixed_precision, here with chunks) against
+  float32 on random molecules: energies and forces within 16 bfloat16 epsilons of their scale, the
+  force-loss parameter gradient within 32; outputs in float32, and really rounded to bfloat16."""
+  cfg, mols, graph, model, params = setup
+  mixed = E2Former(cfg.replace(mixed_precision=True, edge_chunk_atoms=8))
+  eps = float(jnp.finfo(jnp.bfloat16).eps)
+  (e0, f0), (e1, f1) = energy_and_forces(model, params, graph), energy_and_forces(mixed, params, graph)
+  assert e1.dtype == f1.dtype == jnp.float32
+  energy_error = float(jnp.abs(e1 - e0).max() / jnp.abs(e0).max())
+  force_error = float(jnp.sqrt(jnp.mean((f1 - f0) ** 2) / jnp.mean(f0**2)))
+  g0, g1 = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(force_loss_gradient(m, params, graph))])
+            for m in (model, mixed))
+  gradient_error = float(jnp.linalg.norm(g1 - g0) / jnp.linalg.norm(g0))
+  assert energy_error <= 16 * eps and force_error <= 16 * eps and gradient_error <= 32 * eps, \
+      (energy_error, force_error, gradient_error)
+  assert min(energy_error, force_error, gradient_error) > eps / 16  # not float32's rounding
 
 
 def test_paper_parameter_count():
