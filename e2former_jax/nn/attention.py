@@ -18,6 +18,7 @@ implementation; benchmark baseline and test oracle).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -94,8 +95,9 @@ class E2Attention(nn.Module):
     h, d, _k_slots = cfg.num_heads, cfg.head_dim, graph.num_neighbors
     qk_width = h * d
     eps, dtype = cfg.layer_norm_eps, cfg.compute_dtype
-    q = SO3LinearToScalar(qk_width, qk_width // 2, eps, dtype, name="query")(x).reshape(n, h, d)  # [N,H,D]
-    k = SO3LinearToScalar(qk_width, qk_width // 2, eps, dtype, name="key")(x).reshape(n, h, d)  # [N,H,D]
+    readout = functools.partial(SO3LinearToScalar, qk_width, qk_width // 2, eps, dtype)
+    q = readout(name="query")(x).reshape(n, h, d)  # [N, H, D]
+    k = readout(name="key")(x).reshape(n, h, d)  # [N, H, D]
 
     target_table = self.param("target_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     source_table = self.param("source_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))

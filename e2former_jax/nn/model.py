@@ -10,10 +10,10 @@ import jax.numpy as jnp
 from e2former_jax import so3
 from e2former_jax.config import E2FormerConfig
 from e2former_jax.graph import Graph
+from e2former_jax.nn import memory
 from e2former_jax.nn.attention import EdgeGeometry
 from e2former_jax.nn.block import TransformerBlock
 from e2former_jax.nn.embedding import EdgeDegreeEmbedding, MoleculeEmbedding
-from e2former_jax.nn import memory
 from e2former_jax.nn.init import kaiming_uniform
 from e2former_jax.nn.norm import RMSNormSH
 from e2former_jax.nn.radial import envelope

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2f_testing import brute_force_graph, buffer_shapes, random_molecule
+from e2f_testing import (F32_RTOL, SECOND_ORDER_RTOL, assert_close, brute_force_graph, buffer_shapes,
+                         random_molecule)
 from e2former_jax import so3
 from e2former_jax.config import AttentionImpl, MessagePath, paper_config, tiny_config
 from e2former_jax.nn.model import E2Former
@@ -17,9 +18,6 @@ from e2former_jax.potential import energy_and_forces as _energy_and_forces
 
 CUTOFF = 4.5
 K = 12
-# The kernel tests' float32 tolerances (tests/pallas_kernels): max |error| <= rtol * max(1, max |x|).
-F32_RTOL = 2e-5
-SECOND_ORDER_RTOL = 1e-4
 # Ways of computing the same model (E2FormerConfig fields): 24 atoms in chunks of 5 leave a partial
 # chunk.
 COMPUTE_OPTIONS = (dict(remat=True), dict(edge_chunk_atoms=5))
@@ -35,12 +33,6 @@ def graph_of(mols, dtype=np.float32, **padding):
 # Compiled once per (model, shapes): eager op-by-op execution of the whole network is slow.
 energy_and_forces = jax.jit(_energy_and_forces, static_argnums=0, static_argnames="conservative")
 apply = jax.jit(lambda model, params, graph: model.apply(params, graph), static_argnums=0)
-
-
-def assert_close(actual, expected, rtol):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  error, bound = np.max(np.abs(actual - expected)), rtol * max(1.0, np.max(np.abs(expected)))
-  assert error <= bound, f"max abs error {error:.3e} > {bound:.3e}"
 
 
 def random_rotation(rng) -> np.ndarray:

@@ -9,24 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from e2f_testing import F32_RTOL, SECOND_ORDER_RTOL, assert_close
 
 from e2former_jax.nn.radial import RadialMLP
 
-# The kernel tests' float32 tolerances (tests/pallas_kernels): max |error| <= rtol * max(1, max |x|).
-F32_RTOL = 2e-5
-SECOND_ORDER_RTOL = 1e-4
 # 11 targets in chunks of at most 4: three chunks of 4, one padding row.
 NUM_ATOMS, NUM_SLOTS, CHUNK_ATOMS = 11, 6, 4
 TYPE_DIM, HIDDEN, OUT, NUM_WEIGHTS = 5, 16, 7, 3
 CUTOFF, NUM_RBF = 4.5, 8
-
-
-def assert_close(actual, expected, rtol):
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    assert a.shape == e.shape and np.all(np.isfinite(a))
-    error, bound = np.max(np.abs(a - e)), rtol * max(1.0, np.max(np.abs(e)))
-    assert error <= bound, f"max abs error {error:.3e} > {bound:.3e}"
 
 
 def inputs(rng):
