@@ -5,6 +5,11 @@ precision (float32 storage; ``--precision`` picks TF32 or full float32 products 
 Implementations (``--impls``; see benchmarks/model_run.py):
   jax-pallas          node-centric message, fused Pallas attention kernels (the model's default)
   jax-pallas-remat    the same, each block and radial MLP rematerialised in the backward pass
+  jax-pallas-chunks   jax-pallas with the radial MLPs in chunks of 4096 atoms (no [N, K, hidden]
+                      activation stored; E2FormerConfig.edge_chunk_atoms)
+  jax-pallas-chunks-remat  chunks and rematerialised blocks
+  jax-pallas-auto     chosen per structure from its size and the free GPU memory (auto_memory)
+  jax-pallas-bf16     jax-pallas in mixed precision (bfloat16 products and storage; mixed_precision)
   jax-xla             node-centric message, the kernels' jnp references under XLA
   jax-per-edge        materialised per-edge message in JAX
   torch-edge          PyTorch eager, materialised per-edge message (benchmarks/torch_baseline)

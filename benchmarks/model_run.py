@@ -29,11 +29,18 @@ from benchmarks import measure, report, structures
 # jax, torch and e2former_jax (which imports jax) are imported inside the functions: the parent
 # process of compare_torch chooses the platform (JAX_PLATFORMS) before jax starts.
 
-JAX_IMPLS = {  # name -> (message path, attention kernels, rematerialisation)
-    "jax-pallas": ("node_centric", "pallas", False),
-    "jax-pallas-remat": ("node_centric", "pallas", True),
-    "jax-xla": ("node_centric", "xla", False),
-    "jax-per-edge": ("per_edge", "xla", False),
+# name -> (message path, attention kernels, E2FormerConfig compute choices: "remat" rematerialised
+# blocks, "chunks" radial MLPs in chunks of atoms, "auto" memory chosen per structure (none of the
+# three: every activation kept), "bf16" mixed precision)
+JAX_IMPLS = {
+    "jax-pallas": ("node_centric", "pallas", ()),
+    "jax-pallas-remat": ("node_centric", "pallas", ("remat",)),
+    "jax-pallas-chunks": ("node_centric", "pallas", ("chunks",)),
+    "jax-pallas-chunks-remat": ("node_centric", "pallas", ("chunks", "remat")),
+    "jax-pallas-auto": ("node_centric", "pallas", ("auto",)),
+    "jax-pallas-bf16": ("node_centric", "pallas", ("bf16",)),
+    "jax-xla": ("node_centric", "xla", ()),
+    "jax-per-edge": ("per_edge", "xla", ()),
 }
 TORCH_IMPLS = {  # name -> (message path, torch.compile)
     "torch-edge": ("per_edge", False),
@@ -61,15 +68,19 @@ def config(name: str):
 def model_config(name: str, impl: str, device: str):
   """The configuration ``name`` as implementation ``impl`` runs it on ``device``."""
   from e2former_jax.config import AttentionImpl, MessagePath
+  from e2former_jax.nn.memory import AUTO_EDGE_CHUNK_ATOMS
 
   base = config(name)
   if impl in TORCH_IMPLS:
     return base.replace(message_path=MessagePath(TORCH_IMPLS[impl][0]))
-  path, kernels, remat = JAX_IMPLS[impl]
+  path, kernels, choices = JAX_IMPLS[impl]
   attention = AttentionImpl(kernels)
   if attention is AttentionImpl.PALLAS and device == "cpu":
     attention = AttentionImpl.PALLAS_INTERPRET
-  return base.replace(message_path=MessagePath(path), attention_impl=attention, remat=remat)
+  return base.replace(message_path=MessagePath(path), attention_impl=attention,
+                      remat="remat" in choices, auto_memory="auto" in choices,
+                      edge_chunk_atoms=AUTO_EDGE_CHUNK_ATOMS if "chunks" in choices else None,
+                      mixed_precision="bf16" in choices)
 
 
 def init_params(config_name: str, path: Path) -> int:

@@ -12,6 +12,7 @@ line that made it.
 
 Usage:
   python -m benchmarks.profile_model [--atoms 10000] [--train] [--calls 3] [--top 25]
+      [--impl jax-pallas|jax-pallas-chunks|...]   (benchmarks/model_run.py: compute choices)
   python -m benchmarks.profile_model --smoke    # the smallest configuration on the CPU (the CPU
       trace has no GPU kernels: it checks that the script runs)
 """
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser = report.script_parser(__doc__, SMOKE)
   parser.add_argument("--atoms", type=int, default=10000)
   parser.add_argument("--config", choices=model_run.CONFIG_NAMES, default="paper")
+  parser.add_argument("--impl", choices=[i for i in model_run.JAX_IMPLS if i.startswith("jax-pallas")],
+                      default="jax-pallas", help="how the model computes (attention: Pallas on a GPU)")
   parser.add_argument("--train", action="store_true", help="also profile one training step")
   parser.add_argument("--calls", type=int, default=3, help="traced calls of each function")
   parser.add_argument("--top", type=int, default=25, help="longest kernels listed")
@@ -139,7 +142,7 @@ def main(argv=None) -> list[report.Record]:
   args = report.parse(build_parser(), argv)
   device = jax.devices()[0]
   impl = e2f.AttentionImpl.PALLAS if device.platform == "gpu" else e2f.AttentionImpl.XLA
-  cfg = model_run.config(args.config).replace(attention_impl=impl)
+  cfg = model_run.model_config(args.config, args.impl, device.platform).replace(attention_impl=impl)
   model = e2f.E2Former(cfg)
   graph = structures.cluster_batch(structures.Batch(1, args.atoms), cfg.cutoff, cfg.max_neighbors)
   small = structures.cluster_batch(structures.Batch(1, 8), cfg.cutoff, cfg.max_neighbors)
@@ -162,10 +165,11 @@ def main(argv=None) -> list[report.Record]:
     profiles["train_step"] = profile(step, (params, tx.init(params), graph), args.calls, args.top)
 
   commit = args.commit or report.git_commit()
-  suffix = "" if args.config == "paper" else f" ({args.config} configuration)"
+  suffix = "" if args.impl == "jax-pallas" else f" {args.impl}"
+  suffix += "" if args.config == "paper" else f" ({args.config} configuration)"
   records = [report.Record(f"{phase} N={args.atoms}{suffix}", result_line(entry),
                            report.device_name(device), commit, report.today(),
-                           {"atoms": args.atoms, "attention_impl": impl.value, "calls": args.calls,
+                           {"atoms": args.atoms, "impl": args.impl, "attention_impl": impl.value, "calls": args.calls,
                             **entry})
              for phase, entry in profiles.items()]
   for r in records:

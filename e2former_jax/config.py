@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+import jax.numpy as jnp
+
 # Epsilon of the LayerNorms in the radial MLPs and the query/key readout: the authors' (torch's
 # default). Until the field existed every LayerNorm used flax's default, LEGACY_LAYER_NORM_EPS, and a
 # saved model config without the field means that value.
@@ -91,6 +93,20 @@ class E2FormerConfig:
       inside, every per-edge radial MLP: the gradient keeps the block inputs [N, S, C] and the
       MLP outputs instead of their [N, K, hidden] activations, for one or two more forward passes.
       Same numbers, same parameters; only memory and time change (for the largest systems).
+    edge_chunk_atoms: evaluate every per-edge radial MLP (attention gates, edge-degree embedding)
+      over chunks of this many target atoms, each chunk recomputed in the backward pass, so that
+      no [N, K, edge_hidden] activation is stored for forces or gradients (and the edge-degree
+      embedding forms no [N, K, C] radial output either); None evaluates each MLP over every edge
+      at once and keeps its activations (rematerialised only under ``remat``). Same numbers, same
+      parameters.
+    auto_memory: per structure, turn on edge chunks and then ``remat`` when energy + forces would
+      not otherwise fit the free memory of the device (``e2former_jax.nn.memory``; never turns off
+      what ``remat`` and ``edge_chunk_atoms`` ask for); False computes exactly as they say.
+    mixed_precision: bfloat16 storage and matrix products (float32 accumulation) in the radial
+      MLPs, the SO(3) linear maps, the query/key readouts, the attention kernels' inputs and the
+      feed-forward blocks; float32 weights, residual stream, norms, softmax statistics, energy
+      head, energies and forces. The numbers change within bfloat16 rounding; False: everything
+      in the inputs' dtype.
   """
 
   num_layers: int = 4
@@ -113,6 +129,9 @@ class E2FormerConfig:
   inverse_distance_eps: float = 0.0
   softmax_sink: SoftmaxSink = SoftmaxSink.ZERO
   remat: bool = False
+  edge_chunk_atoms: int | None = None
+  auto_memory: bool = True
+  mixed_precision: bool = False
 
   def __post_init__(self):
     if self.channels % self.num_heads:
@@ -122,6 +141,8 @@ class E2FormerConfig:
     for name in ("num_layers", "channels", "num_heads", "head_dim", "num_rbf", "max_neighbors"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.edge_chunk_atoms is not None and self.edge_chunk_atoms < 1:
+      raise ValueError(f"edge_chunk_atoms must be positive or None, got {self.edge_chunk_atoms}")
     if not self.cutoff > 0:
       raise ValueError(f"cutoff must be positive, got {self.cutoff}")
     if not self.layer_norm_eps > 0:
@@ -134,6 +155,12 @@ class E2FormerConfig:
     """Whether graphs must fill masked slots as the authors' code does (see
     ``e2former_jax.neighbors.build_graph``): only the MAX_LOGIT sink reads them."""
     return self.softmax_sink is SoftmaxSink.MAX_LOGIT
+
+  @property
+  def compute_dtype(self):
+    """dtype of the products and stored activations of the blocks and radial MLPs: bfloat16 under
+    ``mixed_precision``, else None (the inputs' dtype)."""
+    return jnp.bfloat16 if self.mixed_precision else None
 
   @property
   def num_rows(self) -> int:

@@ -133,6 +133,33 @@ def random_periodic_atoms(rng: np.random.Generator, cell: np.ndarray, num_atoms:
   return atoms
 
 
+# The kernel tests' float32 tolerances (tests/pallas_kernels), for any computation that must equal
+# another up to float32 rounding: max |error| <= rtol * max(1, max |expected|).
+F32_RTOL = 2e-5
+SECOND_ORDER_RTOL = 1e-4
+
+
+def assert_close(actual, expected, rtol: float) -> None:
+  """max |actual - expected| <= rtol * max(1, max |expected|), leaf by leaf over two pytrees."""
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    assert a.shape == e.shape and np.all(np.isfinite(a)), (a.shape, e.shape)
+    error, bound = np.max(np.abs(a - e), initial=0.0), rtol * max(1.0, np.max(np.abs(e), initial=0.0))
+    assert error <= bound, f"max abs error {error:.3e} > {bound:.3e}"
+
+
+_BUFFER_VALUE = re.compile(r"^\s*value: <.*?> \(size=\d+,offset=\d+\): \w+\[([\d,]*)\]", re.M)
+
+
+def buffer_shapes(lowered, dump_dir: Path) -> list[tuple[int, ...]]:
+  """Shapes of every value in XLA's buffer assignment of a lowered program (what the compiled
+  program allocates: parameters, outputs, temporaries), compiled with its dumps in ``dump_dir``."""
+  lowered.compile(compiler_options={"xla_dump_to": str(dump_dir)})
+  [report] = Path(dump_dir).glob("*buffer-assignment.txt")
+  return [tuple(int(d) for d in dims.split(",") if d)
+          for dims in _BUFFER_VALUE.findall(report.read_text())]
+
+
 _INDEXED_OP = re.compile(r"= \w+\[([\d,]*)\]\S* (?:gather|scatter)\(")
 
 

@@ -60,17 +60,23 @@ class Predictor:
   def config(self) -> E2FormerConfig:
     return self.model.config
 
-  def with_compute(self, *, attention_impl: AttentionImpl | None = None, remat: bool | None = None
-                   ) -> Predictor:
-    """The same weights computed another way (neither choice changes the parameters or the numbers).
+  def with_compute(self, *, attention_impl: AttentionImpl | None = None, remat: bool | None = None,
+                   edge_chunk_atoms: int | None = None, auto_memory: bool | None = None) -> Predictor:
+    """The same weights computed another way (no choice changes the parameters or the numbers).
+    Each argument left None keeps the current choice.
 
     Args:
-      attention_impl: attention implementation (default AUTO: Pallas on GPU, XLA on CPU); None
-        keeps it.
+      attention_impl: attention implementation (default AUTO: Pallas on GPU, XLA on CPU).
       remat: rematerialise blocks and radial MLPs in the force pass (less memory for large
-        systems, slower; ``E2FormerConfig.remat``); None keeps it.
+        systems, slower; ``E2FormerConfig.remat``).
+      edge_chunk_atoms: evaluate the radial MLPs in chunks of this many atoms
+        (``E2FormerConfig.edge_chunk_atoms``).
+      auto_memory: add chunks and then rematerialisation per structure when energy + forces would
+        not fit the device's free memory otherwise (default True; ``E2FormerConfig.auto_memory``).
     """
-    changes = {k: v for k, v in (("attention_impl", attention_impl), ("remat", remat)) if v is not None}
+    changes = {k: v for k, v in (("attention_impl", attention_impl), ("remat", remat),
+                                 ("edge_chunk_atoms", edge_chunk_atoms),
+                                 ("auto_memory", auto_memory)) if v is not None}
     return dataclasses.replace(self, model=E2Former(self.config.replace(**changes)))
 
   def with_dtype(self, dtype) -> Predictor:

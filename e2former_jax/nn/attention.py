@@ -18,6 +18,9 @@ implementation; benchmark baseline and test oracle).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -57,6 +60,7 @@ class PathMix(nn.Module):
 
   channels: int
   lmax: int
+  dtype: Any = None  # of the products and the output (None: the input's)
 
   @nn.compact
   def __call__(self, m: jax.Array) -> jax.Array:
@@ -68,7 +72,7 @@ class PathMix(nn.Module):
       starts = [p.start for p in paths if p.l3 == l3]
       rows = jnp.stack([m[:, s:s + 2 * l3 + 1] for s in starts], axis=2)  # [N, 2l3+1, n_p, C]
       rows = rows.reshape(n, 2 * l3 + 1, len(starts) * self.channels)
-      mixed = nn.Dense(self.channels, use_bias=False, kernel_init=kaiming_uniform,
+      mixed = nn.Dense(self.channels, use_bias=False, kernel_init=kaiming_uniform, dtype=self.dtype,
                        name=f"mix_l{l3}")(rows)
       out.append(mixed / np.sqrt(len(starts)))
     return jnp.concatenate(out, axis=1)
@@ -85,28 +89,33 @@ class E2Attention(nn.Module):
     # A no-op forward; its transpose fences the cotangents of x and of this layer's edge lengths,
     # so the backward of the per-edge radial MLP (which ends in the edge lengths) completes before
     # the previous block's backward starts. Without it XLA defers every block's [N, K, 2H] gate
-    # cotangent to the end of the backward pass (benchmarks/notes_memory.md).
+    # cotangent to the end of the backward pass (docs/performance.md §5).
     x, distances = jax.lax.optimization_barrier((x, geometry.distances))
     n, _, c = x.shape
-    h, d, _k_slots = cfg.num_heads, cfg.head_dim, graph.num_neighbors
+    h, d = cfg.num_heads, cfg.head_dim
     qk_width = h * d
-    eps = cfg.layer_norm_eps
-    q = SO3LinearToScalar(qk_width, qk_width // 2, eps, name="query")(x).reshape(n, h, d)  # [N,H,D]
-    k = SO3LinearToScalar(qk_width, qk_width // 2, eps, name="key")(x).reshape(n, h, d)  # [N,H,D]
+    eps, dtype = cfg.layer_norm_eps, cfg.compute_dtype
+    readout = functools.partial(SO3LinearToScalar, qk_width, qk_width // 2, eps, dtype)
+    q = readout(name="query")(x).reshape(n, h, d)  # [N, H, D]
+    k = readout(name="key")(x).reshape(n, h, d)  # [N, H, D]
 
     target_table = self.param("target_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
     source_table = self.param("source_types", embedding_init, (cfg.num_species, cfg.type_embed_dim))
-    radial_mlp = nn.remat(RadialMLP) if cfg.remat else RadialMLP
-    edge = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps, name="edge_gates")(
-        distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)
-    gate, inputhead = edge[..., :h], edge[..., h:]  # [N, K, H] each
+    # Chunks are rematerialised already.
+    radial_mlp = nn.remat(RadialMLP) if cfg.remat and cfg.edge_chunk_atoms is None else RadialMLP
+    # One output layer taken as two column blocks: on the GPU the bias cotangent of the whole
+    # [N, K, 2H] output, fused with its per-edge producers, was one slow reduction (docs/
+    # performance.md §4, §6).
+    gate, inputhead = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps,
+                                 cfg.edge_chunk_atoms, (h, h), dtype, name="edge_gates")(
+        distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)  # [N, K, H]
     post_weight = inputhead * geometry.inv_dist[..., None]  # [N, K, H]
     sink_logit = None  # SoftmaxSink.ZERO
     if cfg.softmax_sink is SoftmaxSink.MAX_LOGIT:
       sink_logit = ops.max_slot_logit(q, k, gate, graph.nbr_idx, geometry.holds_atom,
                                       impl=cfg.attention_impl)  # [N, H]
 
-    v = SO3Linear(c, name="value")(x)  # [N, S, C]
+    v = SO3Linear(c, dtype=dtype, name="value")(x)  # [N, S, C]
     if cfg.message_path is MessagePath.NODE_CENTRIC:
       message = ops.message_attention(q, k, gate, post_weight, geometry.envelope, geometry.vectors,
                                       v, graph.nbr_idx, graph.nbr_mask, sink_logit=sink_logit,
@@ -114,8 +123,8 @@ class E2Attention(nn.Module):
     else:
       message = _per_edge_message(q, k, gate, post_weight, v, graph, geometry, sink_logit)
     assert message.shape[:1] + message.shape[2:] == (n, c), message.shape
-    mixed = PathMix(c, cfg.lmax, name="path_mix")(message)  # [N, S, C]
-    return SO3Linear(c, name="proj")(mixed)
+    mixed = PathMix(c, cfg.lmax, dtype, name="path_mix")(message)  # [N, S, C]
+    return SO3Linear(c, dtype=dtype, name="proj")(mixed)
 
 
 def _per_edge_message(q, k, gate, post_weight, v, graph: Graph, geometry: EdgeGeometry,

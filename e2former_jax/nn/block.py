@@ -27,5 +27,6 @@ class TransformerBlock(nn.Module):
     # unless the "intermediates" collection is mutable).
     self.sow("intermediates", "attn_in", xt)
     x = x + E2Attention(self.config, name="attention")(xt, graph, geometry)
-    ffn = S3FeedForward(self.config.channels, self.config.gate_normalisers, name="ffn")
+    ffn = S3FeedForward(self.config.channels, self.config.gate_normalisers, self.config.compute_dtype,
+                        name="ffn")
     return x + ffn(RMSNormSH(name="ffn_norm")(x))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,10 @@ class EdgeDegreeEmbedding(nn.Module):
     layer_norm_eps: epsilon of the radial MLPs' LayerNorms.
     remat: recompute each degree's radial MLP and neighbour sum in the backward pass instead of
       keeping their [N, K, hidden] activations (E2FormerConfig.remat).
+    chunk_atoms: evaluate each degree's radial MLP and neighbour sum over chunks of this many
+      target atoms, recomputed chunk by chunk in the backward pass (E2FormerConfig.edge_chunk_atoms);
+      ``remat`` is then implied for these MLPs.
+    dtype: dtype of the radial MLPs' products (None: the inputs').
   """
 
   channels: int
@@ -61,6 +67,8 @@ class EdgeDegreeEmbedding(nn.Module):
   num_rbf: int
   layer_norm_eps: float
   remat: bool = False
+  chunk_atoms: int | None = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, species, distances, envelope_weights, edge_sh, nbr_idx) -> jax.Array:
@@ -78,7 +86,8 @@ class EdgeDegreeEmbedding(nn.Module):
     source_table = self.param("source_table", embedding_init, (self.num_species, self.num_rbf))
     target_types, source_types = target_table[species], source_table[species]  # [N, num_rbf]
     degrees = row_degrees(self.lmax)
-    degree_sum = nn.remat(_degree_sum) if self.remat else _degree_sum
+    # Chunks are rematerialised already.
+    radial_mlp = nn.remat(RadialMLP) if self.remat and self.chunk_atoms is None else RadialMLP
     blocks = []
     for l in range(self.lmax + 1):
       if blocks:
@@ -88,15 +97,9 @@ class EdgeDegreeEmbedding(nn.Module):
         d_l, blocks[-1] = jax.lax.optimization_barrier((distances, blocks[-1]))
       else:
         d_l = distances
-      radial_mlp = RadialMLP(self.hidden, self.channels, self.cutoff, self.num_rbf, self.layer_norm_eps,
-                             name=f"radial_l{l}")
-      blocks.append(degree_sum(radial_mlp, d_l, target_types, source_types, nbr_idx,
-                               edge_sh[..., degrees == l] * envelope_weights[..., None]))  # [N, 2l+1, C]
+      radial = radial_mlp(self.hidden, self.channels, self.cutoff, self.num_rbf, self.layer_norm_eps,
+                          self.chunk_atoms, dtype=self.dtype, name=f"radial_l{l}")
+      sh_l = edge_sh[..., degrees == l] * envelope_weights[..., None]  # [N, K, 2l+1]
+      blocks.append(radial(d_l, target_types, source_types, nbr_idx, slot_weights=sh_l))  # [N, 2l+1, C]
     return jnp.concatenate(blocks, axis=-2) / self.avg_degree  # [N, S, C]
 
-
-def _degree_sum(radial_mlp: RadialMLP, distances, target_types, source_types, nbr_idx, sh_l
-                ) -> jax.Array:
-  """sum_k sh_ik[m] R_l(f_ik)[c] for one degree l: [N, K, 2l+1] -> [N, 2l+1, C]."""
-  radial = radial_mlp(distances, target_types, source_types, nbr_idx)  # [N, K, C]
-  return jnp.einsum("nkm,nkc->nmc", sh_l, radial)

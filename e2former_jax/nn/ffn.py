@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -45,18 +46,21 @@ class S3FeedForward(nn.Module):
   Attributes:
     channels: C.
     normalisers: which values of c_s and c_g.
+    dtype: dtype of the products and the output (None: the input's).
   """
 
   channels: int
   normalisers: GateNormalisers = GateNormalisers.EXACT
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [N, S, C] -> [N, S, C]."""
     num_rows = x.shape[-2]
     lmax = lmax_from_rows(num_rows)
-    z = SO3Linear(self.channels, name="linear_in")(x)  # [N, S, C]
-    gates = nn.Dense((lmax + 1) * self.channels, kernel_init=kaiming_uniform, name="gate")(z[..., 0, :])
+    z = SO3Linear(self.channels, dtype=self.dtype, name="linear_in")(x)  # [N, S, C]
+    gates = nn.Dense((lmax + 1) * self.channels, kernel_init=kaiming_uniform, dtype=self.dtype,
+                     name="gate")(z[..., 0, :])
     gates = gates.reshape(*gates.shape[:-1], lmax + 1, self.channels)  # [N, lmax+1, C]
     c_silu, c_sigmoid = (second_moment_normaliser(f, self.normalisers) for f in ("silu", "sigmoid"))
     scalar = c_silu * nn.silu(gates[..., :1, :])  # [N, 1, C]
@@ -67,4 +71,4 @@ class S3FeedForward(nn.Module):
         [jnp.broadcast_to(gate_l[..., l - 1:l, :], (*gate_l.shape[:-2], 2 * l + 1, self.channels))
          for l in range(1, lmax + 1)], axis=-2)  # [N, S-1, C]
     gated = jnp.concatenate([scalar, gate_rows * z[..., 1:, :]], axis=-2)  # [N, S, C]
-    return SO3Linear(self.channels, name="linear_out")(gated)
+    return SO3Linear(self.channels, dtype=self.dtype, name="linear_out")(gated)

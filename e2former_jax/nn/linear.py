@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,16 +22,19 @@ class SO3Linear(nn.Module):
   Attributes:
     features: output channels.
     use_bias: add a bias to the invariant row only (a bias on l > 0 rows would break equivariance).
+    dtype: dtype of the product and the output (None: the input's).
   """
 
   features: int
   use_bias: bool = True
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [N, S, C_in] -> [N, S, features]."""
     num_rows, c_in = x.shape[-2:]
     lmax = lmax_from_rows(num_rows)
+    x = x if self.dtype is None else x.astype(self.dtype)
     w = self.param("weight", fan_in_uniform, (lmax + 1, self.features, c_in))
     w_rows = w[row_degrees(lmax)].astype(x.dtype)  # [S, out, in]
     y = jnp.einsum("...si,soi->...so", x, w_rows)
@@ -49,24 +54,27 @@ class SO3LinearToScalar(nn.Module):
     features: output width (heads * head_dim).
     hidden: width P of u, w and the MLP hidden layer (features // 2 in the paper).
     layer_norm_eps: epsilon of the MLP's LayerNorm.
+    dtype: dtype of the products (None: the input's); the LayerNorm computes in float32.
   """
 
   features: int
   hidden: int
   layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [N, S, C] -> [N, features]."""
     lmax = lmax_from_rows(x.shape[-2])
-    u = SO3Linear(self.hidden, use_bias=True, name="left")(x)  # [N, S, P]
-    w = SO3Linear(self.hidden, use_bias=False, name="right")(x)  # [N, S, P]
+    u = SO3Linear(self.hidden, use_bias=True, dtype=self.dtype, name="left")(x)  # [N, S, P]
+    w = SO3Linear(self.hidden, use_bias=False, dtype=self.dtype, name="right")(x)  # [N, S, P]
     products = u * w  # [N, S, P]
     # Static slices, not a boolean row mask: the mask is a gather whose transpose is a scatter-add
     # over [N, S, P] (the `wrapped_scatter` kernels of benchmarks/notes_profile.md).
     invariants = jnp.concatenate(
         [products[..., degree_slice(l), :].sum(axis=-2) for l in range(lmax + 1)],
         axis=-1)  # [N, (lmax+1) P]
-    h = nn.Dense(self.hidden, kernel_init=kaiming_uniform, name="mlp_in")(invariants)
+    h = nn.Dense(self.hidden, kernel_init=kaiming_uniform, dtype=self.dtype, name="mlp_in")(invariants)
     h = nn.silu(nn.LayerNorm(epsilon=self.layer_norm_eps, name="mlp_norm")(h))
-    return nn.Dense(self.features, kernel_init=kaiming_uniform, name="mlp_out")(h)  # [N, features]
+    return nn.Dense(self.features, kernel_init=kaiming_uniform, dtype=self.dtype,
+                    name="mlp_out")(h)  # [N, features]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from e2former_jax import so3
 from e2former_jax.config import E2FormerConfig
 from e2former_jax.graph import Graph
+from e2former_jax.nn import memory
 from e2former_jax.nn.attention import EdgeGeometry
 from e2former_jax.nn.block import TransformerBlock
 from e2former_jax.nn.embedding import EdgeDegreeEmbedding, MoleculeEmbedding
@@ -53,20 +54,27 @@ def edge_geometry(config: E2FormerConfig, graph: Graph, positions: jax.Array) ->
 
 
 class E2Former(nn.Module):
-  """E2Former-V2 interatomic potential on a padded :class:`~e2former_jax.graph.Graph`."""
+  """E2Former-V2 interatomic potential on a padded :class:`~e2former_jax.graph.Graph`.
+
+  Under ``config.auto_memory`` how it computes (never what) is chosen when it is traced, from the
+  graph's size and the device's free memory (:func:`e2former_jax.nn.memory.plan`).
+  """
 
   config: E2FormerConfig
 
   @nn.compact
   def __call__(self, graph: Graph) -> ModelOutput:
-    cfg = self.config
     n, k = graph.nbr_idx.shape
+    cfg = self.config
+    if cfg.auto_memory:
+      cfg = memory.plan(cfg, n, k, graph.positions.dtype.itemsize)
     geometry = edge_geometry(cfg, graph, graph.positions)
     edge_sh = so3.spherical_harmonics(geometry.vectors, cfg.lmax, normalize=True)  # [N, K, S]
     edge_sh = jnp.where(graph.nbr_mask[..., None], edge_sh, 0.0)
 
     x = EdgeDegreeEmbedding(cfg.channels, cfg.lmax, cfg.edge_hidden, cfg.num_species, cfg.avg_degree,
-                            cfg.cutoff, cfg.num_rbf, cfg.layer_norm_eps, cfg.remat, name="edge_degree")(
+                            cfg.cutoff, cfg.num_rbf, cfg.layer_norm_eps, cfg.remat, cfg.edge_chunk_atoms,
+                            cfg.compute_dtype, name="edge_degree")(
         graph.species, geometry.distances, geometry.envelope, edge_sh, graph.nbr_idx)  # [N, S, C]
     assert x.shape == (n, cfg.num_rows, cfg.channels), x.shape
     molecule_signal = MoleculeEmbedding(cfg.channels, name="molecule")(graph.charge, graph.spin)

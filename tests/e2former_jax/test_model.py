@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2f_testing import brute_force_graph, random_molecule
+from e2f_testing import (F32_RTOL, SECOND_ORDER_RTOL, assert_close, brute_force_graph, buffer_shapes,
+                         random_molecule)
 from e2former_jax import so3
 from e2former_jax.config import AttentionImpl, MessagePath, paper_config, tiny_config
 from e2former_jax.nn.model import E2Former
@@ -17,6 +18,9 @@ from e2former_jax.potential import energy_and_forces as _energy_and_forces
 
 CUTOFF = 4.5
 K = 12
+# Ways of computing the same model (E2FormerConfig fields): 24 atoms in chunks of 5 leave a partial
+# chunk.
+COMPUTE_OPTIONS = (dict(remat=True), dict(edge_chunk_atoms=5))
 # Every graph of these tests is padded to the same shape so that each jitted function compiles
 # once per dtype (XLA compilation dominates the cost of these tests on CPU).
 NUM_NODES, NUM_MOLECULES = 24, 3
@@ -192,23 +196,45 @@ def test_jit_compiles_once(setup):
   assert len(traces) == 1
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def force_loss_gradient(model, params, graph):
+  """Parameter gradient of a force loss: the training gradient (a double backward)."""
+  def loss(params):
+    _, forces = _energy_and_forces(model, params, graph)
+    return jnp.abs(forces - 1.0).sum()
+  return jax.grad(loss)(params)
+
+
 def test_force_loss_parameter_gradient_is_finite(setup):
-  """The training gradient (double backward) is finite, nonzero, and the same with remat blocks."""
+  """The training gradient is finite, nonzero, and the same with remat blocks and with the radial
+  MLPs in chunks of atoms (float32 second-order tolerance of the kernel tests)."""
   cfg, mols, graph, model, params = setup
-  target = jnp.ones_like(graph.positions)
-
-  @functools.partial(jax.jit, static_argnums=1)
-  def grads(params, remat):
-    def loss(params):
-      _, forces = _energy_and_forces(E2Former(cfg.replace(remat=remat)), params, graph)
-      return jnp.abs(forces - target).sum()
-    return jax.grad(loss)(params)
-
-  leaves = jax.tree.leaves(grads(params, False))
+  leaves = jax.tree.leaves(force_loss_gradient(model, params, graph))
   assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
   assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
-  for g0, g1 in zip(leaves, jax.tree.leaves(grads(params, True))):
-    np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-5 * max(float(np.abs(g0).max()), 1.0))
+  for changes in COMPUTE_OPTIONS:
+    other = E2Former(cfg.replace(**changes))
+    for g0, g1 in zip(leaves, jax.tree.leaves(force_loss_gradient(other, params, graph))):
+      assert_close(g1, g0, SECOND_ORDER_RTOL)
+
+
+def test_mixed_precision_error_budget(setup):
+  """bfloat16 products and storage (E2FormerConfig.mixed_precision, here with chunks) against
+  float32 on random molecules: energies and forces within 16 bfloat16 epsilons of their scale, the
+  force-loss parameter gradient within 32; outputs in float32, and really rounded to bfloat16."""
+  cfg, mols, graph, model, params = setup
+  mixed = E2Former(cfg.replace(mixed_precision=True, edge_chunk_atoms=8))
+  eps = float(jnp.finfo(jnp.bfloat16).eps)
+  (e0, f0), (e1, f1) = energy_and_forces(model, params, graph), energy_and_forces(mixed, params, graph)
+  assert e1.dtype == f1.dtype == jnp.float32
+  energy_error = float(jnp.abs(e1 - e0).max() / jnp.abs(e0).max())
+  force_error = float(jnp.sqrt(jnp.mean((f1 - f0) ** 2) / jnp.mean(f0**2)))
+  g0, g1 = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(force_loss_gradient(m, params, graph))])
+            for m in (model, mixed))
+  gradient_error = float(jnp.linalg.norm(g1 - g0) / jnp.linalg.norm(g0))
+  assert energy_error <= 16 * eps and force_error <= 16 * eps and gradient_error <= 32 * eps, \
+      (energy_error, force_error, gradient_error)
+  assert min(energy_error, force_error, gradient_error) > eps / 16  # not float32's rounding
 
 
 def test_paper_parameter_count():
@@ -233,19 +259,43 @@ def test_pallas_kernel_path_matches_xla(setup):
   np.testing.assert_allclose(f1, f0, atol=1e-5 * np.abs(f0).max())
 
 
-def test_remat_changes_memory_not_numbers(setup):
-  """Rematerialised blocks: same parameters, energy and forces, less temporary memory (gradient: above)."""
+@pytest.mark.parametrize("changes", COMPUTE_OPTIONS, ids=str)
+def test_compute_options_change_memory_not_numbers(setup, changes):
+  """Rematerialised blocks, or radial MLPs in chunks of atoms: same parameters, energy and forces,
+  less temporary memory (gradient: above)."""
   cfg, mols, graph, model, params = setup
-  remat_model = E2Former(cfg.replace(remat=True))
-  assert jax.tree.structure(jax.eval_shape(remat_model.init, jax.random.key(0), graph)) == \
+  other = E2Former(cfg.replace(**changes))
+  assert jax.tree.structure(jax.eval_shape(other.init, jax.random.key(0), graph)) == \
       jax.tree.structure(params)
   e0, f0 = energy_and_forces(model, params, graph)
-  e1, f1 = energy_and_forces(remat_model, params, graph)
-  np.testing.assert_allclose(e1, e0, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(f1, f0, atol=1e-6 * np.abs(f0).max())
+  e1, f1 = energy_and_forces(other, params, graph)
+  assert_close(e1, e0, F32_RTOL)
+  assert_close(f1, f0, F32_RTOL)
 
   def temp_bytes(model):
     compiled = jax.jit(_energy_and_forces, static_argnums=0).lower(model, params, graph).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  assert temp_bytes(remat_model) < temp_bytes(model)
+  assert temp_bytes(other) < temp_bytes(model)
+
+
+def test_edge_chunks_store_no_per_edge_hidden_activation(tmp_path):
+  """XLA's buffer assignment of energy + forces and of the force-loss parameter gradient holds no
+  [N, K, hidden] buffer when the radial MLPs run in chunks of atoms; it does when they do not."""
+  hidden = 40  # no other dimension in play has this size
+  cfg = tiny_config(max_neighbors=K, num_layers=1, lmax=1, edge_hidden=hidden)
+  graph = graph_of(molecules(np.random.default_rng(7)))
+  model, params = init_model(cfg, graph)
+  chunked = E2Former(cfg.replace(edge_chunk_atoms=8))
+
+  def per_edge_hidden(program, name, *args):
+    shapes = buffer_shapes(jax.jit(program).lower(*args), tmp_path / name)
+    # Any layout of [N, K, hidden], or chunks of it stacked over the atoms.
+    return [s for s in shapes if hidden in s and np.prod(s) >= NUM_NODES * K * hidden]
+
+  def force_loss_gradient(model):
+    return jax.grad(lambda p: jnp.sum(_energy_and_forces(model, p, graph)[1] ** 2))
+
+  assert per_edge_hidden(functools.partial(_energy_and_forces, model), "reference", params, graph)
+  assert per_edge_hidden(functools.partial(_energy_and_forces, chunked), "forces", params, graph) == []
+  assert per_edge_hidden(force_loss_gradient(chunked), "train", params) == []

@@ -157,7 +157,9 @@ def test_every_stage_equals_theirs():
       ours |= {f"block{b}_attn_in": _stage(block, "attn_in")[:n],
                f"block{b}_query": _stage(attention, "query", "__call__")[:n],
                f"block{b}_key": _stage(attention, "key", "__call__")[:n],
-               f"block{b}_edge_mlp": _stage(attention, "edge_gates", "__call__")[:n, :k],
+               # Our gate and input-head column blocks (RadialMLP.out_blocks) side by side.
+               f"block{b}_edge_mlp": np.concatenate(_stage(attention, "edge_gates", "__call__"),
+                                                   axis=-1)[:n, :k],
                f"block{b}_value": _stage(attention, "value", "__call__")[:n],
                f"block{b}_tp_out": _stage(attention, "path_mix", "__call__")[:n],
                f"block{b}_attn_out": _stage(attention, "__call__")[:n],

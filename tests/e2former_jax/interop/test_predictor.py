@@ -60,3 +60,14 @@ def test_direct_only_models_warn_where_forces_are_used(predictor, cluster):
   atoms.calc = E2FormerCalculator(dataclasses.replace(predictor, reference_energies=REFERENCES))
   with pytest.warns(UnfittedStateWarning, match="no reference energy offset for total charge 3"):
     atoms.get_potential_energy()
+
+
+def test_compute_choices_change_how_not_what(predictor, cluster):
+  """By default a predictor plans its memory per structure; explicit choices replace the plan."""
+  assert predictor.config.auto_memory
+  fixed = predictor.with_compute(remat=True, edge_chunk_atoms=2, auto_memory=False)
+  assert (fixed.config.remat, fixed.config.edge_chunk_atoms, fixed.config.auto_memory) == (True, 2, False)
+  assert fixed.params is predictor.params
+  graph = build_graph([Structure(*cluster)], cutoff=predictor.config.cutoff,
+                      max_neighbors=predictor.config.max_neighbors)
+  np.testing.assert_allclose(fixed.model_energy(graph), predictor.model_energy(graph), rtol=1e-5)
