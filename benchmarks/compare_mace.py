@@ -40,6 +40,7 @@ import ase.io
 import numpy as np
 
 from benchmarks import report
+from benchmarks.structures import synthetic_dataset
 from train.run_config import load_run_config
 from train.run_data import open_run_data
 from train.train import train_and_evaluate
@@ -207,30 +208,6 @@ def result_line(test: dict[str, dict]) -> str:
   """Test MAE of every subset: energy meV/atom / force meV/A."""
   return "; ".join(f"{name} {row['energy_mae_mev_per_atom']:.1f} / {row['force_mae_mev_per_a']:.1f}"
                    for name, row in test.items()) + " (test, E meV/atom / F meV/\u00c5)"
-
-
-def synthetic_dataset(path: Path, molecules: int = 12, conformers: int = 4) -> Path:
-  """A small labelled extxyz dataset for --smoke: random H/C/N/O chains with a pair potential."""
-  rng = np.random.default_rng(0)
-  frames = []
-  for m in range(molecules):
-    n = int(rng.integers(3, 8))
-    numbers = np.concatenate([[6], rng.choice([1, 6, 7, 8], n - 1)])
-    base = np.cumsum(rng.normal(size=(n, 3)), 0)
-    base *= 1.3 / np.maximum(np.linalg.norm(np.diff(base, axis=0), axis=1).min(), 1e-3)
-    for _ in range(conformers):
-      positions = base + rng.normal(scale=0.08, size=base.shape)
-      diff = positions[:, None] - positions[None]
-      dist = np.linalg.norm(diff, axis=-1)
-      np.fill_diagonal(dist, np.inf)
-      pair = 4.0 * np.exp(-dist / 0.8)
-      atoms = ase.Atoms(numbers=numbers, positions=positions)
-      atoms.info.update(energy=0.5 * pair.sum() - 100.0 * n, molecule=f"mol{m}",
-                        config_type="synthetic", charge=0, spin=1 + int(numbers.sum()) % 2)
-      atoms.arrays["forces"] = ((pair / 0.8 / dist)[..., None] * diff).sum(1)
-      frames.append(atoms)
-  ase.io.write(path, frames, format="extxyz")
-  return path
 
 
 SMOKE = {"minutes": 0.4, "mace_factor": 2.0}

@@ -19,6 +19,8 @@ compiled chunks of ``--chunk`` steps, the model's K nearest selected on device, 
 forces. The first chunk compiles and is not timed (the state starts with zero forces, which that
 chunk corrects). Sizes run in increasing order, both systems at each size, in this process: the
 device's peak memory (a process-lifetime maximum) is then that of the largest system so far.
+After the timed chunks, one neighbour-list update that keeps the list and one that rebuilds it
+(every atom moved by the skin) are timed on their own: what a rebuild costs against a step.
 
 Usage:
   python -m benchmarks.md [--sizes 1000,10000] [--systems cluster,box] [--ensemble nve|nvt]
@@ -66,6 +68,8 @@ ENERGY_SCALE = 0.01
 TIMESTEP_FS = 0.5
 TEMPERATURE_K = 300.0
 LANGEVIN_FRICTION_PER_FS = 0.01
+# Timed samples of each neighbour-list update.
+REBUILD_REPEATS = 5
 SMOKE = dict(config="smoke", sizes="81", systems="box", steps=2, chunk=2)
 
 
@@ -181,18 +185,38 @@ def run_system(predictor: Predictor, system: str, num_atoms: int, args, deadline
                 final_max_force=float(final["max_force"]), reallocations=reallocations,
                 final_candidates_per_atom=int(nbrs.max_occupancy),
                 peak_bytes=measure.peak_bytes(jax.devices()[0]))
+  result.update(rebuild_cost_ms(md, state.position, nbrs, args.skin))
   if not md.periodic:  # the cell list of free space finds all pairs only inside its box
     result["inside_box"] = bool((np.asarray(state.position) >= 0).all()
                                 & (np.asarray(state.position) < md.box).all())
   return result
 
 
+def rebuild_cost_ms(md: MDSystem, position, nbrs, skin: float) -> dict:
+  """Milliseconds of one neighbour-list update that keeps the list and of one that rebuilds it.
+
+  JAX MD's convention (and the all-images list's): ``update`` rebuilds once some atom has moved
+  more than half the skin since the last rebuild. Translating every atom by the skin forces a
+  rebuild without changing any pair (a translation moves no atom relative to another).
+  """
+  update = jax.jit(md.neighbor_fn.update)
+  moved = position + skin
+  return {name: measure.time_calls(lambda p=p: jax.block_until_ready(update(p, nbrs)),
+                                   repeats=REBUILD_REPEATS)["ms"]
+          for name, p in (("kept_ms", position), ("rebuild_ms", moved))}
+
+
 def result_line(data: dict) -> str:
   if "steps_per_s" not in data:
     return data.get("status", "not run")
   peak = f", peak {data['peak_bytes'] / 1e9:.1f} GB" if data.get("peak_bytes") else ""
+  rebuild = ""
+  if data.get("rebuild_ms") is not None:
+    step_ms = 1e3 / data["steps_per_s"]
+    rebuild = (f"; a neighbour-list rebuild {data['rebuild_ms']:.3g} ms ({100 * data['rebuild_ms'] / step_ms:.0f} % "
+               f"of a step), an update that keeps the list {data['kept_ms']:.3g} ms")
   return (f"{data['steps_per_s']:.3g} steps/s, {data['atom_steps_per_s']:.3g} atom-steps/s"
-          f"{peak}")
+          f"{peak}{rebuild}")
 
 
 def build_parser() -> argparse.ArgumentParser:

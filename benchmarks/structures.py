@@ -6,6 +6,8 @@
   free space, O and H in a 1:2 ratio (the model benchmarks: time, memory, profile).
 * :func:`water_box`: water molecules at liquid density, as a cluster or a periodic box (molecular
   dynamics).
+* :func:`synthetic_dataset`: a few labelled molecules in an extxyz file (the training scripts'
+  ``--smoke`` runs).
 
 All are at the number density of liquid water (0.1 atoms / A^3, condensed organic matter), and the
 atoms of one structure are ordered along a Morton curve, so that atoms close in space are close in
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
+import ase
+import ase.io
 import numpy as np
 
 # Atoms per cubic angstrom: liquid water (33.4 molecules per nm^3, three atoms each).
@@ -188,3 +193,27 @@ def water_box(num_atoms: int, seed: int = 0, periodic: bool = False
     positions = np.mod(positions, side)
   numbers = np.tile(np.array([OXYGEN, HYDROGEN, HYDROGEN], np.int32), molecules)
   return numbers, positions, side
+
+
+def synthetic_dataset(path: Path, molecules: int = 12, conformers: int = 4) -> Path:
+  """A small labelled extxyz dataset for --smoke: random H/C/N/O chains with a pair potential."""
+  rng = np.random.default_rng(0)
+  frames = []
+  for m in range(molecules):
+    n = int(rng.integers(3, 8))
+    numbers = np.concatenate([[6], rng.choice([1, 6, 7, 8], n - 1)])
+    base = np.cumsum(rng.normal(size=(n, 3)), 0)
+    base *= 1.3 / np.maximum(np.linalg.norm(np.diff(base, axis=0), axis=1).min(), 1e-3)
+    for _ in range(conformers):
+      positions = base + rng.normal(scale=0.08, size=base.shape)
+      diff = positions[:, None] - positions[None]
+      dist = np.linalg.norm(diff, axis=-1)
+      np.fill_diagonal(dist, np.inf)
+      pair = 4.0 * np.exp(-dist / 0.8)
+      atoms = ase.Atoms(numbers=numbers, positions=positions)
+      atoms.info.update(energy=0.5 * pair.sum() - 100.0 * n, molecule=f"mol{m}",
+                        config_type="synthetic", charge=0, spin=1 + int(numbers.sum()) % 2)
+      atoms.arrays["forces"] = ((pair / 0.8 / dist)[..., None] * diff).sum(1)
+      frames.append(atoms)
+  ase.io.write(path, frames, format="extxyz")
+  return path
