@@ -21,8 +21,8 @@ LEGACY_LAYER_NORM_EPS = 1e-6
 class MessagePath(enum.Enum):
   """How the first-order equivariant message sum_j a_ij T(v_j, r_ij) is evaluated."""
 
-  # Node-centric (E2Former-V2): T(v_j, r_i - r_j) = T(v_j, r_i) - T(v_j, r_j); every tensor product
-  # runs per node and edges carry only per-head scalars (spec section 6.5).
+  # Node-centric (E2Former-V2): three attention-weighted moments of v_j per node, T applied once per
+  # node; edges carry only per-head scalars (docs/model.md §8.5).
   NODE_CENTRIC = "node_centric"
   # The standard way: gather v_j on every edge and form T(v_j, r_ij) per edge (benchmark baseline,
   # test oracle). Memory grows with edges x rows x channels.
@@ -76,7 +76,7 @@ class E2FormerConfig:
     edge_hidden: hidden width of every per-edge radial MLP.
     type_embed_dim: width of the per-layer source/target atom-type embeddings of the attention gates.
     num_species: size of the atom-type tables; valid atomic numbers are 1 .. num_species - 1.
-    avg_degree: constant normaliser of the edge-degree embedding (authors' value, spec 3.5).
+    avg_degree: constant normaliser of the edge-degree embedding (authors' value, docs/model.md §5.1).
     message_path: node-centric (default) or materialised per-edge message.
     attention_impl: kernel implementation of the node-centric attention (default: automatic,
       Pallas on GPU); it changes speed and memory, not the numbers beyond round-off.

@@ -11,12 +11,13 @@ Neighbour convention: slot ``(i, k)`` is a directed edge from source ``j = nbr_i
 and are always masked; every gather uses ``mode="fill"`` so the sentinel reads zeros. The source
 position of a slot is ``positions[j] + nbr_shift[i, k]`` (``nbr_shift`` is the Cartesian lattice
 shift of a periodic image, zero for molecules), and the edge vector is target minus source,
-``r_ij = x_i - (x_j + shift_ij)`` (spec section 2.2, step 6).
+``r_ij = x_i - (x_j + shift_ij)`` (docs/model.md §3.5).
 
 Periodicity is a static property of the pytree: ``cell`` is None for a batch of molecules (every
 ``nbr_shift`` is then zero and the model runs its molecular code path unchanged) and a [B, 3, 3]
-array when the batch holds periodic cells (the model then adds the image-shift term of the
-node-centric message, docs/decisions.md D11). A molecule inside a periodic batch has a zero cell.
+array when the batch holds periodic cells (the images enter the model only through the edge
+vectors, docs/model.md §3.4, docs/decisions.md D11). A molecule inside a periodic batch has a zero
+cell.
 """
 
 from __future__ import annotations

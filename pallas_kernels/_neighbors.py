@@ -7,7 +7,7 @@ A neighbour list is ``nbr_idx [N, K]`` (source of each slot, ``M`` = sentinel on
 The kernels receive the list in a form that needs no extra masks and no out-of-range index:
 
 * ``slots [N, K]``: the source of every valid slot and -1 elsewhere. Kernels map -1 to row 0 and mask
-  the load, because Triton treats pointer offsets as unsigned (toolchain.md, section 2, gotcha 3).
+  the load, because Triton treats pointer offsets as unsigned (the interpreter would clamp -1).
 * a reverse-neighbour CSR for the gather-only, deterministic scatter: ``edge_order [N*K]`` lists the
   flat slot ids ``n*K + k`` sorted by source (stable, so ties keep slot order and sums are
   reproducible; invalid slots sort last) and ``source_offsets [M+1]`` delimits each source's run.

@@ -10,7 +10,7 @@ All refs are whole arrays indexed with integer arrays on every dimension plus a 
 * Triton needs power-of-two tile shapes, so X and H are padded *in registers* (masked lanes read 0),
   never by copying the array in HBM;
 * jax 0.11.2's Triton lowering does not mask ragged blocks, and its interpreter only accepts masked
-  loads whose indexers are integer arrays on every dimension (toolchain.md, section 2).
+  loads whose indexers are integer arrays on every dimension.
 
 Masks are built only where a static check says they can be false, which keeps the common case
 (X, H and K multiples of the tile) free of per-lane predicates.
@@ -65,7 +65,7 @@ def fma(a: jax.Array, b: jax.Array, c: jax.Array, interpret: bool) -> jax.Array:
   a rounded add (PTX mul.rn / add.rn, which ptxas does not fuse). In message_attention's backward
   kernels the written-out FMA took forward + backward at N = 100k from 37.4 to 36.0 ms on an H100;
   in the forward kernels it measured slower, so they keep the plain expression
-  (benchmarks/notes_attention.md, run 19). The interpreter runs the plain expression.
+  (docs/performance.md §2.3, §2.4; measured at 1c75bf2). The interpreter runs the plain expression.
   """
   assert c.dtype == jnp.float32, c.dtype
   a, b = (jnp.broadcast_to(x.astype(jnp.float32), c.shape) for x in (a, b))

@@ -17,7 +17,7 @@ the weights and the cotangents of (dots, gate, post_weight, envelope[, sink_logi
 of the weights. Under XLA the jax.vjp of the jnp function took eight fusions over [N, K, H] arrays
 (13.3 ms at N = 100k, H = 128 on an H100, 30 % of the attention backward); the kernel does it in
 one program per (target, block of heads) that holds all K slots, 5 arrays read and 4 written
-(5.0 ms; benchmarks/notes_attention.md, run 7). In closed form, with alpha = W / post_weight:
+(5.0 ms; docs/performance.md §3, e0ab69c). In closed form, with alpha = W / post_weight:
 
   d post_weight = dW * alpha
   d e           = (dW * post_weight - sum_k alpha dW post_weight) / denominator

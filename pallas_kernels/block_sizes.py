@@ -21,8 +21,8 @@ _DEFAULT_NUM_WARPS = 4
 _DEFAULT_NUM_STAGES = 2
 # Rows of at most _WIDE_ROW_BYTES (padded length x element size) take up to _WIDE_BLOCK_H heads
 # and _WIDE_BLOCK_K slots per step; longer rows take _DEFAULT_TILE_ELEMENTS-element tiles of
-# _DEFAULT_BLOCK_H heads. On an H100 at N = 100k (K = 32, H = 128; benchmarks/notes_attention.md,
-# runs 6, 8 and 11), edge_dot, gather_sum and scatter_sum took, at 128 x 4 against 32 heads:
+# _DEFAULT_BLOCK_H heads. On an H100 at N = 100k (K = 32, H = 128; docs/performance.md §3; at
+# fbe54ac, 16f946e, b9e3215), edge_dot, gather_sum and scatter_sum took, at 128 x 4 against 32 heads:
 # D = 8 float32 key rows 2.5, 1.8, 2.2 ms (3.7, 2.8, 3.5); 58 bf16 value rows 7.4, 7.2, 7.9 ms
 # (17.3, 8.8, 9.5); 18 float32 v rows of message_attention 3.9, 3.9, 4.4 ms (8.1, 4.3, 5.5 at
 # 32 x 8). For 58 float32 value rows (256 bytes) 32 x 4 stayed the fastest (12.2, 11.9, 12.5 ms).

@@ -1,4 +1,4 @@
-"""Fused attention message with a first-order tensor product (E2Former-V2 spec sections 5.8, 6.5).
+"""Fused attention message with a first-order tensor product (docs/model.md §7.3, §8.5, §11.3).
 
 For target atoms n with neighbour slots k pointing at sources j = idx[n, k], edge vectors r[n, k],
 attention weights a[n, k, h] (the softmax with a sink of ``_softmax``, docs/model.md §8.4) and
@@ -56,21 +56,21 @@ from pallas_kernels.neighbor_ops import edge_dot_prepared, make_static, scatter_
 # Components of an edge vector (x, y, z).
 _NUM_AXES = 3
 # Default forward tiling: 64 heads, four single slots per step sharing one rescale of the
-# accumulators, one warp. On an H100 at N = 100k (paper sizes, benchmarks/notes_attention.md,
-# run 20) it took 6.10-6.17 ms in float32 against 6.52-6.57 for 2 slots per step, 7.7 for one,
+# accumulators, one warp. On an H100 at N = 100k (paper sizes, docs/performance.md §2.2,
+# at 5d9222c) it took 6.10-6.17 ms in float32 against 6.52-6.57 for 2 slots per step, 7.7 for one,
 # 9.3 for 8, 9.2 for 32 heads x 2 slots and 8.4 for 64 x 2 at 2 warps. (The earlier [slots, ...]
 # tile design took 31-47 ms for several slots per step: a reduction over slots per accumulator row.)
 _FORWARD_BLOCKS = BlockSizes(block_h=64, block_k=4, num_warps=1)
 # Default forward tiling for narrower inputs (bf16): 128 heads x 2 slots x 2 warps took 7.5 ms at
 # N = 100k on an H100 against 8.0 at 4 slots, 9.1 for 64 x 2 x 1 warp and 9.4 for the float32
-# default (benchmarks/notes_attention.md, run 21).
+# default (docs/performance.md §2.5, at 128122a).
 _FORWARD_BLOCKS_NARROW = BlockSizes(block_h=128, block_k=2, num_warps=2)
 # Default tiling of the fused backward's target side: 64 heads x 1 slot x 1 warp took 42.0 ms
 # forward + backward at N = 100k on an H100 against 44.7 at 32 heads and 52-55 at 2 or 4 warps
-# (benchmarks/notes_attention.md, run 15); 29.6 against 32.4 at 32 heads in run 20.
+# (docs/performance.md §2.3, at 7eb798e); 29.6 against 32.4 at 32 heads at 5d9222c.
 _BACKWARD_BLOCKS = BlockSizes(block_h=64, block_k=1, num_warps=1)
 # Default tiling of the backward's source side (d k and d v per source, over its incoming edges):
-# 32 heads x 1 slot x 1 warp, 29.6 ms forward + backward at N = 100k (run 20) against 29.6 at 64
+# 32 heads x 1 slot x 1 warp, 29.6 ms forward + backward at N = 100k (at 5d9222c) against 29.6 at 64
 # heads, 30.1 at 64 heads x 2 warps, 31.6 at 16 heads and 32.3 for 32 heads x 2 slots.
 _SCATTER_BLOCKS = BlockSizes(block_h=32, block_k=1, num_warps=1)
 # The softmax statistics the forward writes for the backward: shift m and denominator per head.

@@ -78,7 +78,7 @@ def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, l
 
 
 def validation_loss(config: LossConfig, errors: ErrorSums) -> float:
-  """The training objective (spec 9.1) evaluated over a whole split: selects the best checkpoint.
+  """The training objective (docs/model.md §12.2) over a whole split: selects the best checkpoint.
 
   Its force term uses the forces the run trains: the direct head's in a direct-force run.
   """

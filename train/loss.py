@@ -1,4 +1,4 @@
-"""The training objective of spec 9.1 on one padded sub-batch, and per-molecule error sums.
+"""The training objective (docs/model.md §12.2) on one padded sub-batch, and per-molecule error sums.
 
 loss = w_E * e_loss + w_F * f_loss, with
 

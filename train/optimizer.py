@@ -1,4 +1,4 @@
-"""AdamW with the spec-9.2 weight-decay mask, gradient clipping and the spec-9.3 schedule.
+"""AdamW with the weight-decay mask of docs/model.md §12.3, gradient clipping and the §12.4 schedule.
 
 The optimiser acts on the parameters raveled into one flat vector (``ravel_pytree`` order), so an
 update is a handful of fused element-wise operations instead of a dozen per parameter array: XLA
@@ -15,9 +15,10 @@ import optax
 from train.run_config import OptimConfig
 from train.schedule import warmup_cosine_schedule
 
-# Parameters whose path contains one of these (case-insensitive) are not decayed (spec 9.2: biases,
-# embeddings, normalisation layers). E2Former names its embedding tables "*_table" (edge-degree and
-# molecule embeddings) and "*_types" (attention-gate atom types); "embed" covers other models' tables.
+# Parameters whose path contains one of these (case-insensitive) are not decayed: biases, embeddings,
+# normalisation layers (docs/model.md §12.3). E2Former names its embedding tables "*_table"
+# (edge-degree and molecule embeddings) and "*_types" (attention-gate atom types); "embed" covers
+# other models' tables.
 NO_DECAY_NAME_PARTS = ("bias", "norm", "embed", "_table", "_types")
 
 
@@ -25,7 +26,7 @@ def decay_mask(params) -> object:
   """Pytree of bools like ``params``: True where weight decay applies.
 
   Decay applies to parameters with at least two axes (matrices, SO(3)-linear weights) unless a path
-  component names a bias, an embedding table or a normalisation layer (spec 9.2).
+  component names a bias, an embedding table or a normalisation layer (docs/model.md §12.3).
   """
 
   def decays(path, leaf) -> bool:
@@ -59,7 +60,7 @@ def make_optimizer(config: OptimConfig, decay_steps: int, params
 
   This is ``optax.adamw(schedule, mask=decay_mask)`` after global-norm clipping, for the flat vector
   ``jax.flatten_util.ravel_pytree(params)[0]`` (``params`` gives the structure; values unused).
-  With ``weight_decay == 0`` it is Adam, as in the reference (spec 9.2).
+  With ``weight_decay == 0`` it is Adam, as in the reference (docs/model.md §12.3).
   """
   schedule = warmup_cosine_schedule(config.lr, warmup_steps=config.warmup_steps,
                                     warmup_factor=config.warmup_factor, decay_steps=decay_steps,

@@ -1,7 +1,7 @@
 """Run configuration: typed sections loaded from ``configs/*.yaml`` plus command-line overrides.
 
-The dataclass defaults are the authors' E2Former-V2 stage-2 training recipe (spec section 9.6, column
-"stage 2 (e2formerv2)"; schedule constants from 9.3), each with its provenance, so that the paper's
+The dataclass defaults are the authors' E2Former-V2 stage-2 training recipe (docs/model.md §12.7,
+column "stage 2"; where each value comes from: §12.8), each with its provenance, so that the paper's
 values live in exactly one place. A YAML file only states what differs from them; every YAML field
 carries a comment saying why. Overrides use dotted keys: ``--set optim.lr=1e-3 model.channels=32``.
 """
@@ -33,14 +33,14 @@ class ForceMode(enum.Enum):
 
 
 class EnergyLoss(enum.Enum):
-  """Normalisation of the energy MAE term (spec 9.1)."""
+  """Normalisation of the energy MAE term (docs/model.md §12.2)."""
 
   TOTAL = "total"  # mean over molecules of |E - E*|
   PER_ATOM = "per_atom"  # mean over molecules of |E - E*| / n_atoms
 
 
 class ForceLoss(enum.Enum):
-  """Reduction of the force L2-norm MAE term (spec 9.1)."""
+  """Reduction of the force L2-norm MAE term (docs/model.md §12.2)."""
 
   L2MAE = "l2mae"  # sum over atoms of |F - F*|_2, divided by the number of molecules
   ATOML2MAE = "atoml2mae"  # mean over atoms of |F - F*|_2
@@ -62,7 +62,8 @@ class DataConfig:
     split_seed: seed of the molecule-level split and of the reference-energy subsample.
     reference_fit_records: at most this many training records fit the per-element reference
       energies (a random subsample; None = all).
-    atoms_per_batch: atom budget and atom slots N of one packed sub-batch (spec 9.5 "atom:N").
+    atoms_per_batch: atom budget and atom slots N of one packed sub-batch (the authors' "atom:N",
+      docs/model.md §12.6).
     molecules_per_batch: molecule budget of one sub-batch; None = only the atom budget binds.
     batches_per_step: packed sub-batches per optimiser step, a multiple of the device count
       (one or more per device); None = one per device.
@@ -76,10 +77,10 @@ class DataConfig:
   builtin: BuiltinSize = BuiltinSize.DEFAULT
   on_error: str = "raise"
   split: tuple[float, float, float] = (0.9, 0.05, 0.05)
-  split_seed: int = 12345  # spec 10.1 (authors' random split seed)
+  split_seed: int = 12345  # docs/model.md §12.1 (authors' random split seed)
   reference_fit_records: int | None = 50_000
-  atoms_per_batch: int = 2048  # spec 9.6: atom:2048 per GPU, both e2formerv2 stages
-  molecules_per_batch: int | None = None  # spec 9.5: the atom sampler has no molecule budget
+  atoms_per_batch: int = 2048  # docs/model.md §12.7: atom:2048 per GPU, both stages
+  molecules_per_batch: int | None = None  # docs/model.md §12.8: no molecule budget in the atom sampler
   batches_per_step: int | None = None
   prefetch: int = 2
   max_eval_batches: int | None = None
@@ -87,7 +88,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossConfig:
-  """Training objective: w_E * energy MAE + w_F * force L2-norm MAE (spec 9.1).
+  """Training objective: w_E * energy MAE + w_F * force L2-norm MAE (docs/model.md §12.2).
 
   Attributes:
     forces: direct head (stage 1) or conservative -dE/dx (stage 2).
@@ -100,21 +101,21 @@ class LossConfig:
     force_weight: w_F.
   """
 
-  forces: ForceMode = ForceMode.CONSERVATIVE  # spec 9.6 stage 2: autograd forces
-  energy: EnergyLoss = EnergyLoss.PER_ATOM  # spec 9.1: loss_fn names containing "atom" -> E/n
-  force: ForceLoss = ForceLoss.ATOML2MAE  # spec 9.6 stage 2: atoml2mae
-  energy_weight: float = 10.0  # spec 9.6 stage 2: w_E = 10 (stage 1: 4)
-  force_weight: float = 10.0  # spec 9.6 stage 2: w_F = 10 (stage 1: 30)
+  forces: ForceMode = ForceMode.CONSERVATIVE  # docs/model.md §12.7 stage 2: autograd forces
+  energy: EnergyLoss = EnergyLoss.PER_ATOM  # docs/model.md §12.8: loss names containing "atom" -> E/n
+  force: ForceLoss = ForceLoss.ATOML2MAE  # docs/model.md §12.7 stage 2: atoml2mae
+  energy_weight: float = 10.0  # docs/model.md §12.7 stage 2: w_E = 10 (stage 1: 4)
+  force_weight: float = 10.0  # docs/model.md §12.7 stage 2: w_F = 10 (stage 1: 30)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-  """AdamW, the warm-up/cosine schedule of spec 9.3, clipping and the EMA of the weights.
+  """AdamW, the warm-up/cosine schedule of docs/model.md §12.4, clipping and the EMA of the weights.
 
   Attributes:
     lr: peak learning rate.
     weight_decay: decoupled weight decay (0 = plain Adam), not applied to 1-D parameters, norms,
-      biases and embeddings (spec 9.2).
+      biases and embeddings (docs/model.md §12.3).
     b1: Adam beta1.
     b2: Adam beta2.
     eps: Adam epsilon.
@@ -128,17 +129,17 @@ class OptimConfig:
       by the initial weights.
   """
 
-  lr: float = 6e-4  # spec 9.6 stage 2 (stage 1: 8e-4)
-  weight_decay: float = 1e-3  # spec 9.6 both e2formerv2 stages
-  b1: float = 0.9  # spec 9.2
-  b2: float = 0.999  # spec 9.2
-  eps: float = 1e-8  # spec 9.2
-  warmup_steps: int = 4000  # spec 9.3
-  warmup_factor: float = 0.2  # spec 9.3
-  lr_min_factor: float = 0.01  # spec 9.3
-  decay_steps: int | None = None  # spec 9.6: T = 1.4 M = the run length
-  clip_norm: float = 100.0  # spec 9.6 launch scripts (the demo yaml says 5)
-  ema_decay: float = 0.999  # not in the reference (spec 9.4: no EMA); our addition
+  lr: float = 6e-4  # docs/model.md §12.7 stage 2 (stage 1: 8e-4)
+  weight_decay: float = 1e-3  # docs/model.md §12.7, both stages
+  b1: float = 0.9  # docs/model.md §12.3
+  b2: float = 0.999  # docs/model.md §12.3
+  eps: float = 1e-8  # docs/model.md §12.3
+  warmup_steps: int = 4000  # docs/model.md §12.7
+  warmup_factor: float = 0.2  # docs/model.md §12.7
+  lr_min_factor: float = 0.01  # docs/model.md §12.7
+  decay_steps: int | None = None  # docs/model.md §12.7: T = 1.4 M = the run length
+  clip_norm: float = 100.0  # docs/model.md §12.8: launch scripts (the demo yaml says 5)
+  ema_decay: float = 0.999  # not in the reference (docs/model.md §12.5: no EMA); our addition
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -165,13 +166,13 @@ class TrainConfig:
       direct force head is dropped when this run has none); optimiser and schedule start fresh.
   """
 
-  steps: int | None = 1_400_000  # spec 9.6 (e2formerv2 stage 1 and 2)
+  steps: int | None = 1_400_000  # docs/model.md §12.7 (stage 1 and 2)
   max_minutes: float | None = None
   min_steps: int = 0
-  seed: int = 6666  # spec 9.4
-  log_every: int = 100  # spec 11: log_interval 100 (demo yaml)
-  eval_every: int = 10_000  # spec 11: val_batch_interval 10000 (demo yaml)
-  checkpoint_every: int = 3000  # spec 11: save_batch_interval 3000 (demo yaml)
+  seed: int = 6666  # docs/model.md §12.8
+  log_every: int = 100  # docs/model.md §12.8: log_interval 100 (demo yaml)
+  eval_every: int = 10_000  # docs/model.md §12.8: val_batch_interval 10000 (demo yaml)
+  checkpoint_every: int = 3000  # docs/model.md §12.8: save_batch_interval 3000 (demo yaml)
   max_consecutive_nonfinite: int = 20
   init_from: str | None = None
 

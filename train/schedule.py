@@ -1,4 +1,4 @@
-"""The learning-rate schedule of spec 9.3 as an optax schedule.
+"""The learning-rate schedule of docs/model.md §12.4 as an optax schedule.
 
 Multiplier f(s) of the peak rate at optimiser step s, with W warm-up steps, warm-up factor w_f, cosine
 horizon T and floor lr_min:

@@ -1,4 +1,4 @@
-"""E2Former-V2 attention with the first-order equivariant message (spec 6).
+"""E2Former-V2 attention with the first-order equivariant message (docs/model.md §8).
 
 Per target atom i and neighbour slot k (source j):
   logit_ikh = gate_ikh (q_ih . k_jh) / sqrt(d)
@@ -56,7 +56,10 @@ class EdgeGeometry:
 
 
 class PathMix(nn.Module):
-  """out^{l3}[m] = 1/sqrt(n_l3) W_l3 concat_p M_p[m] over the n_l3 paths ending in degree l3 (spec 5.6)."""
+  """Path mix (docs/model.md §7.5): out^{l3}[m] = 1/sqrt(n_l3) W_l3 concat_p M_p[m].
+
+  The concatenation runs over the n_l3 paths ending in degree l3.
+  """
 
   channels: int
   lmax: int

@@ -1,4 +1,4 @@
-"""Pre-norm transformer block (spec 7.1)."""
+"""Pre-norm transformer block (docs/model.md §9.1)."""
 
 from __future__ import annotations
 

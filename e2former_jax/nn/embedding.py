@@ -1,4 +1,4 @@
-"""Initial node features and the per-molecule charge/spin signal (spec 3.3, 3.5)."""
+"""Initial node features and the per-molecule charge/spin signal (docs/model.md §5.1, §5.2)."""
 
 from __future__ import annotations
 

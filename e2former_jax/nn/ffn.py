@@ -1,4 +1,4 @@
-"""Feed-forward block with the S3 gate (spec 7.4)."""
+"""Feed-forward block with the S3 gate (docs/model.md §6.4)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class S3FeedForward(nn.Module):
     scalar = c_silu * nn.silu(gates[..., :1, :])  # [N, 1, C]
     gate_l = c_sigmoid * nn.sigmoid(gates[..., 1:, :])  # [N, lmax, C]
     # Each degree's gate broadcast over its 2l+1 rows: an index array here would be a gather of
-    # [N, S-1, C] and a scatter-add in the backward (benchmarks/notes_profile.md).
+    # [N, S-1, C] and a scatter-add in the backward (docs/performance.md §4).
     gate_rows = jnp.concatenate(
         [jnp.broadcast_to(gate_l[..., l - 1:l, :], (*gate_l.shape[:-2], 2 * l + 1, self.channels))
          for l in range(1, lmax + 1)], axis=-2)  # [N, S-1, C]

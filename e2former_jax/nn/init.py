@@ -1,4 +1,4 @@
-"""Parameter initialisers (spec 7.8), named so that every module uses the same ones."""
+"""Parameter initialisers (docs/model.md §9.4), named so that every module uses the same ones."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SO(3)-equivariant linear maps on [N, S, C] features (spec 6.1, 7.2)."""
+"""SO(3)-equivariant linear maps on [N, S, C] features (docs/model.md §6.1, §6.3)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class SO3Linear(nn.Module):
 
 
 class SO3LinearToScalar(nn.Module):
-  """Invariant readout of equivariant features: the attention query/key (spec 6.1).
+  """Invariant readout of equivariant features: the attention query/key (docs/model.md §6.3).
 
   u = SO3Linear(x) (bias), w = SO3Linear(x) (no bias), s_l[p] = sum_{m in l} u[(l,m),p] w[(l,m),p],
   out = MLP([s_0; ...; s_lmax]) with Linear -> LayerNorm -> SiLU -> Linear.
@@ -70,7 +70,7 @@ class SO3LinearToScalar(nn.Module):
     w = SO3Linear(self.hidden, use_bias=False, dtype=self.dtype, name="right")(x)  # [N, S, P]
     products = u * w  # [N, S, P]
     # Static slices, not a boolean row mask: the mask is a gather whose transpose is a scatter-add
-    # over [N, S, P] (the `wrapped_scatter` kernels of benchmarks/notes_profile.md).
+    # over [N, S, P] (the `wrapped_scatter` kernels of docs/performance.md §4).
     invariants = jnp.concatenate(
         [products[..., degree_slice(l), :].sum(axis=-2) for l in range(lmax + 1)],
         axis=-1)  # [N, (lmax+1) P]

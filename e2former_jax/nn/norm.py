@@ -1,4 +1,4 @@
-"""Equivariant RMS normalisation of [N, S, C] features (spec 7.3)."""
+"""Equivariant RMS normalisation of [N, S, C] features (docs/model.md §6.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Radial pieces shared by every block: Gaussian basis, smooth envelope, per-edge radial MLP (spec 3.1-3.2)."""
+"""Radial pieces of every block: Gaussian basis, smooth envelope, per-edge radial MLP (docs/model.md §4)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def gaussian_rbf(distances: jax.Array, cutoff: float, num_basis: int) -> jax.Arr
   Args:
     distances: [...] edge lengths in angstrom.
   Returns:
-    [..., num_basis] exp(-(d - mu_k)^2 / (2 sigma^2)); no learnable parameter (spec 3.1).
+    [..., num_basis] exp(-(d - mu_k)^2 / (2 sigma^2)); no learnable parameter (docs/model.md §4.1).
   """
   spacing = cutoff / (num_basis - 1)
   centres = jnp.arange(num_basis, dtype=distances.dtype) * spacing
@@ -32,14 +32,14 @@ def envelope(distances: jax.Array, cutoff: float) -> jax.Array:
   """Smoothstep-C2 envelope phi(u) = 1 - 10u^3 + 15u^4 - 6u^5 for u = d / cutoff < 1, else 0.
 
   phi, phi' and phi'' vanish at the cutoff, so energies and forces are continuous when an atom
-  crosses it (spec 3.2).
+  crosses it (docs/model.md §4.2).
   """
   u = jnp.clip(distances / cutoff, 0.0, 1.0)
   return 1.0 - u**3 * (10.0 - 15.0 * u + 6.0 * u**2)
 
 
 class RadialMLP(nn.Module):
-  """Linear -> LayerNorm -> SiLU, Linear -> LayerNorm -> SiLU, Linear (spec 3.5, 6.2).
+  """Linear -> LayerNorm -> SiLU, Linear -> LayerNorm -> SiLU, Linear (docs/model.md §4.3).
 
   The first Linear acts on the concatenation [rbf(d_ij); E_t(Z_i); E_s(Z_j)]. It is written as the
   sum of three Linears so that the type terms are computed per atom and gathered, never forming the

@@ -1,4 +1,4 @@
-"""Dispatcher of the fused node-centric attention (spec 6.3-6.5, 8).
+"""Dispatcher of the fused node-centric attention (docs/model.md §8.3–8.5, the kernels' §11).
 
 The model calls :func:`message_attention` with model-layout arrays; this module converts them to
 the kernels' head-last layout and selects the implementation. Nothing else in ``e2former_jax``
@@ -14,7 +14,7 @@ import pallas_kernels
 from e2former_jax import so3
 from e2former_jax.config import AttentionImpl
 
-# Strength of the attention sink in the softmax denominator (authors' value, spec 6.4; see
+# Strength of the attention sink in the softmax denominator (authors' value, docs/model.md §8.4; see
 # docs/decisions.md D1 for the logit it sits at).
 SOFTMAX_SINK = 1e-3
 

@@ -13,7 +13,7 @@ Construction (no tables typed by hand):
    (-1)^(l1+l2+l3)).
 3. Normalisation to unit Frobenius norm, as e3nn's ``wigner_3j`` / e3nn-jax's ``clebsch_gordan``.
 
-The model uses the unnormalised ("wonorm", spec section 1) tensor sqrt(2 l3 + 1) times that, for
+The model uses the unnormalised ("wonorm", docs/model.md §2.4) tensor sqrt(2 l3 + 1) times that, for
 which sum_{m1 m2} C[m1, m2, m3] C[m1, m2, m3'] = delta_{m3 m3'}: coupling two independent inputs of
 unit variance per component gives an output of unit variance per component.
 """
@@ -53,7 +53,7 @@ def clebsch_gordan(l1: int, l2: int, l3: int) -> np.ndarray:
 
 
 def clebsch_gordan_wonorm(l1: int, l2: int, l3: int) -> np.ndarray:
-  """The model's CG tensor sqrt(2 l3 + 1) * :func:`clebsch_gordan` ("wonorm" in spec section 1).
+  """The model's CG tensor sqrt(2 l3 + 1) * :func:`clebsch_gordan` ("wonorm", docs/model.md §2.4).
 
   Its squares sum to 2 l3 + 1, and each output order m3 receives unit total weight
   (``sum_{m1 m2} C[m1, m2, m3]^2 = 1``).

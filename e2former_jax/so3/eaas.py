@@ -1,4 +1,4 @@
-r"""First-order tensor product T(h, v) of features with a vector, and its EAAS form (spec 5).
+r"""First-order tensor product T(h, v) of features with a vector and its EAAS form (docs/model.md §7).
 
 .. math::
    T(h, v)^{(l_1 \to l_3)}_{m_3, c} = \sum_{m_1, m_2} C^{l_1, 1, l_3}[m_1, m_2, m_3]\,
@@ -56,7 +56,7 @@ class FirstOrderPath(NamedTuple):
 def first_order_paths(lmax: int) -> tuple[FirstOrderPath, ...]:
   """All paths l1 (x) 1 -> l3 with l1, l3 <= lmax, sorted by (l3, l1), with their output rows.
 
-  The order is the stable sort by l3 of the l1-major enumeration (spec section 5.3).
+  The order is the stable sort by l3 of the l1-major enumeration (docs/model.md §7.2).
 
   Raises:
     ValueError: if lmax < 0.
@@ -94,7 +94,7 @@ def first_order_coupling(lmax: int) -> np.ndarray:
 
 
 def global_sparse_cg(lmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Non-zero terms of T in the global frame (spec section 5.8).
+  """Non-zero terms of T in the global frame (docs/model.md §7.3).
 
   T(h, v)[out_row] = sum over terms of coef * h[in_row] * v[axis], with axis 0, 1, 2 = x, y, z.
 
@@ -111,7 +111,7 @@ def global_sparse_cg(lmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 
 
 def aligned_parity_table(lmax: int) -> tuple[np.ndarray, np.ndarray]:
-  """Gather table of T in the frame where v = +y-hat (spec section 5.5).
+  """Gather table of T in the frame where v = +y-hat (docs/model.md §7.4).
 
   There T(h, y-hat)[r] = weight[r] * h[src[r]]: the column m2 = 0 of C^{l1,1,l3} has at most one
   non-zero per m3, at m1 = m3 when l1 + 1 + l3 is even and at m1 = -m3 when it is odd (then
@@ -170,7 +170,7 @@ def tensor_product_vector(
 
 
 def tensor_product_vector_aligned(h: jax.Array, v: jax.Array, gamma: jax.Array = 0.0) -> jax.Array:
-  """T(h, v) the EAAS way (spec section 5.5), equal to :func:`tensor_product_vector`.
+  """T(h, v) the EAAS way (docs/model.md §7.4), equal to :func:`tensor_product_vector`.
 
   With R = R_y(alpha) R_x(beta) R_y(gamma) such that R y-hat = v/|v| (any gamma):
   T(h, v) = D_out(R) [ (D(R)^T h)[src] * weight ] |v|, with D = blockdiag D^l and

@@ -244,7 +244,7 @@ def test_paper_parameter_count():
   cfg = paper_config()
   shapes = jax.eval_shape(E2Former(cfg).init, jax.random.key(0), graph)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-  # Spec 12: 24.55 M with the reference's dead parameters and 300/256-row type tables; ours
+  # docs/model.md §9.6: ~24.5 M with the reference's dead parameters and 300/256-row type tables; ours
   # drops those (docs/decisions.md D7), landing a few hundred thousand lower.
   assert 23.5e6 < count < 24.6e6, count
 

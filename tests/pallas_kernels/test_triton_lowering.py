@@ -1,7 +1,7 @@
 """Lower the real Triton kernels for an abstract H100 on CPU, at the paper's sizes.
 
 Interpret mode hides what Triton rejects (non-power-of-two tiles, unsupported ops); this runs the
-whole Pallas -> Triton IR lowering without a GPU (toolchain.md, section 2). It also checks the
+whole Pallas -> Triton IR lowering without a GPU. It also checks the
 linear-memory claim on the lowered programs: no array anywhere in forward, backward or double
 backward is larger than [N, K, H] per-edge scalars or [N, X, H] node rows, i.e. nothing like a
 per-edge gather [N, K, D, H] or [N, K, X, H] is materialised.

@@ -1,4 +1,4 @@
-"""The spec-9.1 loss terms and the evaluation error sums on a hand-made padded batch."""
+"""The loss terms of docs/model.md §12.2 and the evaluation error sums on a hand-made padded batch."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def test_saved_model_config_without_layer_norm_eps_is_legacy():
 
 
 def test_defaults_are_the_authors_stage2_recipe():
-  """Spec 9.6, column "stage 2 (e2formerv2)", and the 9.3 schedule constants."""
+  """docs/model.md §12.7, column "stage 2", with the schedule constants."""
   config = RunConfig()
   assert config.loss.forces is ForceMode.CONSERVATIVE
   assert (config.loss.energy, config.loss.force) == (EnergyLoss.PER_ATOM, ForceLoss.ATOML2MAE)

@@ -1,4 +1,4 @@
-"""The learning-rate schedule against the spec-9.3 formula, and the weight-decay mask of spec 9.2."""
+"""The learning-rate schedule against docs/model.md §12.4, and the weight-decay mask of §12.3."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ LR, W, WF, T, LR_MIN = 8e-4, 4000, 0.2, 1_400_000, 0.01
 
 
 def spec_factor(s: int) -> float:
-  """Spec 9.3, written out independently of the implementation."""
+  """docs/model.md §12.4, written out independently of the implementation."""
   if s <= W:
     return WF * (1 - s / W) + s / W
   if s < T:

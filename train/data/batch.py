@@ -4,9 +4,10 @@ Why a flax struct dataclass and not ``jraph.GraphsTuple``: GraphsTuple describes
 ``senders``/``receivers`` list whose length is the number of edges. The model's kernels instead
 work on a static neighbour-slot layout: K slots per atom, ``nbr_idx [N, K]`` with a mask, so that
 attention over neighbours is a dense [N, K] gather/reduce with no scatter and one compiled shape
-(spec section 2.2). GraphsTuple cannot carry that layout without re-deriving the slots on device,
-and its padding helpers are partly broken on our jax version (see toolchain.md, section 4). The
-Graph already holds everything the model needs; the Batch only adds the targets.
+(docs/model.md §3.2, §3.3). GraphsTuple cannot carry that layout without re-deriving the slots on
+device (docs/decisions.md D15), and some of its padding helpers (``zero_out_padding``) call
+``jax.tree_map``, which our jax version no longer has. The Graph already holds everything the model
+needs; the Batch only adds the targets.
 """
 
 from __future__ import annotations

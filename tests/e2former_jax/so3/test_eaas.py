@@ -16,7 +16,8 @@ _global = jax.jit(so3.tensor_product_vector)
 _aligned = jax.jit(so3.tensor_product_vector_aligned)
 _dense = jax.jit(so3.tensor_product_vector_dense)
 
-# Spec section 5.5, typed here only as a cross-check of the generator: (src row or None, weight).
+# The aligned-frame table of docs/model.md §7.4, typed here only as a cross-check of the generator:
+# (src row or None, weight).
 SPEC_ALIGNED_TABLE_LMAX2 = [
     (2, 1 / np.sqrt(3)),
     (None, 0), (0, 1.0), (None, 0),
