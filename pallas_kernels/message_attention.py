@@ -592,7 +592,8 @@ def message_attention_reference(
     q: Float[Array, "N d H"], k: Float[Array, "M d H"], gate: Float[Array, "N K H"],
     post_weight: Float[Array, "N K H"], envelope: Float[Array, "N K"],
     vectors: Float[Array, "N K 3"], values: Float[Array, "M SG H"],
-    nbr_idx: Int[ArrayLike, "N K"], nbr_mask: Bool[ArrayLike, "N K"], *, coupling: Float[ArrayLike, "R S 3"], scale: float, sink: float = 1e-3,
+    nbr_idx: Int[ArrayLike, "N K"], nbr_mask: Bool[ArrayLike, "N K"], *,
+    coupling: Float[ArrayLike, "R S 3"], scale: float, sink: float = 1e-3,
     sink_logit: Float[Array, "N H"] | None = None, block_sizes: BlockSizes | None = None,
     backward_block_sizes: tuple[BlockSizes, BlockSizes] | None = None, interpret: bool = False
 ) -> Float[Array, "N RG H"]:

@@ -54,7 +54,8 @@ def _model_run(config, graph, *, stress=False):
   model = e2former_jax.E2Former(config)
   params = jax.eval_shape(model.init, jax.random.key(0), graph)
   if stress:
-    return jax.eval_shape(lambda p, g: e2former_jax.energy_forces_stress(model, p, g), params, graph)
+    return jax.eval_shape(lambda p, g: e2former_jax.energy_forces_stress(model, p, g), params,
+                          graph)
   # Plain tuples out: the checked dataclasses reject the ShapeDtypeStruct leaves eval_shape returns.
   return jax.eval_shape(
       lambda p, g: (model.apply(p, g).direct_forces, *e2former_jax.energy_and_forces(model, p, g)),

@@ -93,7 +93,7 @@ def _parts(hint):
 
 
 def _shaped(hint) -> bool:
-  """A jaxtyping array, or a class whose fields include one (Graph, ModelOutput, neighbour lists)."""
+  """A jaxtyping array, or a class with such a field (Graph, ModelOutput, neighbour lists)."""
   for part in _parts(hint):
     if isinstance(part, type) and issubclass(part, jaxtyping.AbstractArray):
       return True

@@ -90,7 +90,8 @@ class DeviceNeighborList(NamedTuple):
 
 
 def cell_grid(positions: Float[ArrayLike, "n 3"], cell: Float[ArrayLike, "3 3"],
-              pbc: bool | Sequence[bool], cutoff: float, *, margin: float = 0.0, capacity_factor: float = CAPACITY_FACTOR) -> CellGrid:
+              pbc: bool | Sequence[bool], cutoff: float, *, margin: float = 0.0,
+              capacity_factor: float = CAPACITY_FACTOR) -> CellGrid:
   """Allocates the grid of :func:`device_neighbor_list` for a cell and its current atoms (host).
 
   Bins are at least ``cutoff (1 + margin)`` wide, so one bin of reach suffices unless the cell is

@@ -96,7 +96,7 @@ class ImageNeighborList:
     return update_image_neighbors(position, self, **kwargs)
 
   def needs_rebuild(self, position: Float[Array, "N 3"], **kwargs) -> Bool[Array, ""]:
-    """Whether (jittable) some pair image may have entered the cutoff from beyond cutoff + skin.
+    """Whether some pair image may have entered the cutoff from beyond cutoff + skin (jittable).
 
     True once twice the largest displacement since the rebuild (modulo lattice vectors) plus
     (cutoff + skin) times the relative deformation of the cell exceeds the skin; ``update`` then

@@ -52,8 +52,8 @@ def wigner_d_from_angles(l: int, alpha: Float[ArrayLike, "*#batch"],
 
 
 def rotation_matrix_from_angles(alpha: Float[ArrayLike, "*#batch"],
-                                beta: Float[ArrayLike, "*#batch"], gamma: Float[ArrayLike, "*#batch"]
-                                ) -> Float[Array, "*#batch 3 3"]:
+                                beta: Float[ArrayLike, "*#batch"],
+                                gamma: Float[ArrayLike, "*#batch"]) -> Float[Array, "*#batch 3 3"]:
   """R_y(alpha) R_x(beta) R_y(gamma) of angles that broadcast (= D^1)."""
   return wigner_d_from_angles(1, alpha, beta, gamma)
 
