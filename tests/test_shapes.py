@@ -103,11 +103,12 @@ def _shaped(hint) -> bool:
   return False
 
 
-@pytest.mark.parametrize("qualname,name,obj", list(_public_callables()),
-                         ids=[q for q, _, _ in _public_callables()])
-def test_public_api_has_shape_annotations(qualname, name, obj):
-  if name in ARRAY_FREE:
-    return
+ARRAY_API = [(qualname, obj) for qualname, name, obj in _public_callables()
+             if name not in ARRAY_FREE]
+
+
+@pytest.mark.parametrize("qualname,obj", ARRAY_API, ids=[qualname for qualname, _ in ARRAY_API])
+def test_public_api_has_shape_annotations(qualname, obj):
   target, hints = _annotated(obj)
   assert any(_shaped(h) for h in hints.values()), f"{qualname} has no jaxtyping annotation"
   bare = [key for key, hint in hints.items() if any(part in BARE for part in _parts(hint))]
@@ -137,8 +138,8 @@ def test_kernels_and_references_share_annotations(name):
 @pytest.fixture(scope="module")
 def checked_run() -> dict[str, str]:
   env = environment_without_launchers()
-  # The worktree's packages, not an installed copy (the script's own folder comes first on the
-  # path, where tests/ mirrors the package names).
+  # This checkout's packages, not an installed copy (the script's own folder, tests/, comes first
+  # on its path and mirrors the package names).
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
   proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=ROOT, env=env, capture_output=True,
                         text=True)
