@@ -23,41 +23,43 @@ cell.
 from __future__ import annotations
 
 import flax.struct
-import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, Shaped
 
 
 @flax.struct.dataclass
 class Graph:
   """A padded batch of B molecules with N atom slots and K neighbour slots per atom.
 
+  Host numpy arrays from ``build_graph``, device arrays (or tracers) inside the model.
+
   Attributes:
-    positions: [N, 3] Cartesian coordinates in angstrom.
-    species: [N] int32 atomic numbers, 0 on padded atom slots.
-    node_mask: [N] bool, True for real atoms.
-    molecule_index: [N] int32 in [0, B): the molecule of each atom (any valid slot for padding).
-    nbr_idx: [N, K] int32 source atom of each neighbour slot; N (sentinel) on empty slots.
-    nbr_mask: [N, K] bool, True for real edges (within the cutoff, both atoms real).
-    nbr_shift: [N, K, 3] Cartesian shift of the source image (zeros without periodicity).
-    charge: [B] int32 total charge of each molecule.
-    spin: [B] int32 spin multiplicity 2S+1 of each molecule (0 = unspecified).
-    molecule_mask: [B] bool, True for real molecules.
-    cell: [B, 3, 3] lattice vectors (rows) of each periodic structure, zero for molecules and
-      padding; None when no structure of the batch is periodic. ``nbr_shift`` of an atom of
-      structure b is an integer combination of the rows of ``cell[b]``.
+    positions: Cartesian coordinates in angstrom.
+    species: int32 atomic numbers, 0 on padded atom slots.
+    node_mask: True for real atoms.
+    molecule_index: int32 in [0, B): the molecule of each atom (any valid slot for padding).
+    nbr_idx: int32 source atom of each neighbour slot; N (sentinel) on empty slots.
+    nbr_mask: True for real edges (within the cutoff, both atoms real).
+    nbr_shift: Cartesian shift of the source image (zeros without periodicity).
+    charge: int32 total charge of each molecule.
+    spin: int32 spin multiplicity 2S+1 of each molecule (0 = unspecified).
+    molecule_mask: True for real molecules.
+    cell: lattice vectors (rows) of each periodic structure, zero for molecules and padding; None
+      when no structure of the batch is periodic. ``nbr_shift`` of an atom of structure b is an
+      integer combination of the rows of ``cell[b]``.
   """
 
-  positions: jax.Array
-  species: jax.Array
-  node_mask: jax.Array
-  molecule_index: jax.Array
-  nbr_idx: jax.Array
-  nbr_mask: jax.Array
-  nbr_shift: jax.Array
-  charge: jax.Array
-  spin: jax.Array
-  molecule_mask: jax.Array
-  cell: jax.Array | None = None
+  positions: Float[ArrayLike, "N 3"]
+  species: Int[ArrayLike, "N"]
+  node_mask: Bool[ArrayLike, "N"]
+  molecule_index: Int[ArrayLike, "N"]
+  nbr_idx: Int[ArrayLike, "N K"]
+  nbr_mask: Bool[ArrayLike, "N K"]
+  nbr_shift: Float[ArrayLike, "N K 3"]
+  charge: Int[ArrayLike, "B"]
+  spin: Int[ArrayLike, "B"]
+  molecule_mask: Bool[ArrayLike, "B"]
+  cell: Float[ArrayLike, "B 3 3"] | None = None
 
   @property
   def num_nodes(self) -> int:
@@ -76,21 +78,21 @@ class Graph:
     """Whether the batch carries cells (static: decided by the pytree structure)."""
     return self.cell is not None
 
-  def gather_sources(self, x: jax.Array) -> jax.Array:
-    """x[nbr_idx] with zeros on empty slots: [N, ...] -> [N, K, ...]."""
+  def gather_sources(self, x: Shaped[ArrayLike, "N *rest"]) -> Shaped[Array, "N K *rest"]:
+    """x[nbr_idx] with zeros on empty slots."""
     return jnp.take(x, self.nbr_idx, axis=0, mode="fill", fill_value=0)
 
   @property
-  def slot_holds_atom(self) -> jax.Array:
-    """[N, K] bool: slots whose index is an atom (not the sentinel), masked or not. Graphs built
+  def slot_holds_atom(self) -> Bool[ArrayLike, "N K"]:
+    """Slots whose index is an atom (not the sentinel), masked or not. Graphs built
     with ``reference_slots`` (``e2former_jax.neighbors.build_graph``) hold atoms beyond the cutoff
     in some masked slots; otherwise this equals ``nbr_mask``."""
     return self.nbr_idx < self.num_nodes
 
-  def edge_vectors(self, positions: jax.Array | None = None, *, where: jax.Array | None = None
-                   ) -> jax.Array:
-    """r_ij = x_i - (x_j + shift_ij) on the slots ``where`` (default ``nbr_mask``), zero elsewhere:
-    [N, K, 3]."""
+  def edge_vectors(self, positions: Float[ArrayLike, "N 3"] | None = None, *,
+                   where: Bool[ArrayLike, "N K"] | None = None) -> Float[Array, "N K 3"]:
+    """r_ij = x_i - (x_j + shift_ij) on the slots ``where`` (default ``nbr_mask``), zero
+    elsewhere."""
     x = self.positions if positions is None else positions
     vec = x[:, None, :] - (self.gather_sources(x) + self.nbr_shift)
     return jnp.where((self.nbr_mask if where is None else where)[..., None], vec, 0.0)

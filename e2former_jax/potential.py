@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from e2former_jax.graph import Graph
 from e2former_jax.nn.model import E2Former, ModelOutput
 
 
-def output_and_forces(model: E2Former, params, graph: Graph) -> tuple[ModelOutput, jax.Array]:
-  """The model's whole output (energies, direct-head forces if any, features) and F = -dE/dx [N, 3].
+def output_and_forces(model: E2Former, params: Any, graph: Graph
+                      ) -> tuple[ModelOutput, Float[Array, "N 3"]]:
+  """The model's whole output (energies, direct-head forces if any, features) and F = -dE/dx.
 
   One forward and one backward pass: what evaluation needs to score both force kinds at once.
   """
@@ -23,9 +27,9 @@ def output_and_forces(model: E2Former, params, graph: Graph) -> tuple[ModelOutpu
   return out, -grad * graph.node_mask[:, None].astype(grad.dtype)
 
 
-def energy_and_forces(model: E2Former, params, graph: Graph, *, conservative: bool = True
-                      ) -> tuple[jax.Array, jax.Array]:
-  """Energy per molecule slot [B] and forces [N, 3] (zero on padding).
+def energy_and_forces(model: E2Former, params: Any, graph: Graph, *, conservative: bool = True
+                      ) -> tuple[Float[Array, "B"], Float[Array, "N 3"]]:
+  """Energy per molecule slot and forces (zero on padding).
 
   Args:
     model: the network.
@@ -43,9 +47,9 @@ def energy_and_forces(model: E2Former, params, graph: Graph, *, conservative: bo
   return out.energy, forces
 
 
-def energy_forces_stress(model: E2Former, params, graph: Graph
-                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Energy [B], conservative forces [N, 3] and stress [B, 3, 3] of a periodic batch.
+def energy_forces_stress(model: E2Former, params: Any, graph: Graph
+                         ) -> tuple[Float[Array, "B"], Float[Array, "N 3"], Float[Array, "B 3 3"]]:
+  """Energy, conservative forces and stress of a periodic batch.
 
   The stress is the derivative of the energy with respect to a homogeneous symmetric strain eps
   applied to each structure's positions and cell together, x -> x (1 + eps), divided by the cell

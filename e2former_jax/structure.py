@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from jaxtyping import ArrayLike, Float, Int
 
 from e2former_jax import lattice
 from e2former_jax.neighbors import neighbor_list
@@ -27,21 +28,21 @@ class Structure:
   """A molecule or a periodic cell: atoms, positions and its total charge and spin.
 
   Attributes:
-    numbers: [n] int atomic numbers.
-    positions: [n, 3] float64 Cartesian coordinates in angstrom.
+    numbers: int atomic numbers.
+    positions: Cartesian coordinates in angstrom (stored as float64).
     charge: total charge in units of e.
     spin: spin multiplicity 2S + 1 (1 = singlet, 2 = doublet; 0 = unspecified).
-    cell: optional [3, 3] lattice vectors (rows) in angstrom; used only when pbc is set.
+    cell: optional lattice vectors (rows) in angstrom; used only when pbc is set.
     pbc: optional periodicity along the three cell vectors; True along any axis makes the
       structure periodic (its atoms interact with their lattice images).
     key: optional name of the structure (record key of a dataset), used in error messages.
   """
 
-  numbers: np.ndarray
-  positions: np.ndarray
+  numbers: Int[ArrayLike, "n"]
+  positions: Float[ArrayLike, "n 3"]
   charge: int = 0
   spin: int = 1
-  cell: np.ndarray | None = None
+  cell: Float[ArrayLike, "3 3"] | None = None
   pbc: tuple[bool, bool, bool] | None = None
   key: str | None = None
 

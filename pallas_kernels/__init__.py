@@ -1,6 +1,6 @@
-"""Pallas (Triton) kernels for E2Former-V2's node-centric attention. Depends on jax and numpy only.
+"""Pallas (Triton) kernels for E2Former-V2's node-centric attention (imports: jax, numpy, jaxtyping).
 
-Public ops (each with a pure-jnp ``*_reference`` of the same signature):
+Public ops (each with a pure-jnp ``*_reference`` of the same signature and annotations):
 
 * ``message_attention``: fused q.k logits, envelope-weighted softmax with a sink and the
   aggregation of a first-order tensor product ``sum_k a T(v_j, r_ij)``, gathering only v_j per

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import ArrayLike
 
 
 class Neighbors(NamedTuple):
@@ -42,7 +43,7 @@ class Neighbors(NamedTuple):
     return self.source_offsets.shape[0] - 1
 
 
-def check_neighbor_list(nbr_idx: jax.Array, nbr_mask: jax.Array, num_targets: int) -> None:
+def check_neighbor_list(nbr_idx: ArrayLike, nbr_mask: ArrayLike, num_targets: int) -> None:
   """Raises ValueError unless nbr_idx/nbr_mask are a well-formed [num_targets, K] neighbour list."""
   if nbr_idx.ndim != 2 or nbr_idx.shape[0] != num_targets:
     raise ValueError(f"nbr_idx must be [N={num_targets}, K]; got {nbr_idx.shape=}")
@@ -86,12 +87,12 @@ def check_attention_inputs(q, k, values, nbr_idx, nbr_mask, sink: float, **per_e
     raise ValueError(f"sink must be non-negative; got {sink=}")
 
 
-def valid_slots(nbr_idx: jax.Array, nbr_mask: jax.Array, num_sources: int) -> jax.Array:
+def valid_slots(nbr_idx: ArrayLike, nbr_mask: ArrayLike, num_sources: int) -> ArrayLike:
   """[N, K] bool: slots that are real edges to an existing source."""
   return nbr_mask & (nbr_idx >= 0) & (nbr_idx < num_sources)
 
 
-def prepare_neighbors(nbr_idx: jax.Array, nbr_mask: jax.Array, num_sources: int) -> Neighbors:
+def prepare_neighbors(nbr_idx: ArrayLike, nbr_mask: ArrayLike, num_sources: int) -> Neighbors:
   """Builds the kernel-side neighbour list (see the module docstring)."""
   num_targets, num_slots = nbr_idx.shape
   valid = valid_slots(nbr_idx, nbr_mask, num_sources)
@@ -111,7 +112,7 @@ def upcast(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def gather_sources(x: jax.Array, nbr_idx: jax.Array, valid: jax.Array) -> jax.Array:
+def gather_sources(x: jax.Array, nbr_idx: ArrayLike, valid: ArrayLike) -> jax.Array:
   """upcast(x)[idx], zero on invalid slots: [M, ...] -> [N, K, ...] (materialised; references only)."""
   safe = jnp.where(valid, nbr_idx, x.shape[0])
   return jnp.take(upcast(x), safe, axis=0, mode="fill", fill_value=0)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+from jaxtyping import Array, ArrayLike, Bool, Float
 
 from pallas_kernels import _tiles
 from pallas_kernels._neighbors import upcast
@@ -48,13 +49,23 @@ from pallas_kernels._neighbors import upcast
 _BLOCK_H = 32
 _NUM_WARPS = 4
 
+# What attention_weights_vjp returns: (weights, d_dots, d_gate, d_post_weight, d_envelope), and
+# d_sink_logit after them when a sink logit is given.
+WeightsAndCotangents = (
+    tuple[Float[Array, "N K H"], Float[Array, "N K H"], Float[Array, "N K H"],
+          Float[Array, "N K H"], Float[Array, "N K"]]
+    | tuple[Float[Array, "N K H"], Float[Array, "N K H"], Float[Array, "N K H"],
+            Float[Array, "N K H"], Float[Array, "N K"], Float[Array, "N H"]])
 
-def attention_weights(dots, gate, post_weight, envelope, valid, *, scale: float, sink: float,
-                      sink_logit=None):
-  """alpha * post_weight from the raw q.k products (>= float32): all [N, K, H] but envelope [N, K].
 
-  valid: [N, K] bool. Invalid slots give exactly 0 and receive exactly 0 cotangent.
-  sink_logit: [N, H] logit L of the sink, whose term in the denominator is sink * exp(L); None
+def attention_weights(dots: Float[Array, "N K H"], gate: Float[Array, "N K H"],
+                      post_weight: Float[Array, "N K H"], envelope: Float[Array, "N K"],
+                      valid: Bool[ArrayLike, "N K"], *, scale: float, sink: float,
+                      sink_logit: Float[Array, "N H"] | None = None) -> Float[Array, "N K H"]:
+  """alpha * post_weight from the raw q.k products (>= float32).
+
+  Invalid slots give exactly 0 and receive exactly 0 cotangent.
+  sink_logit: logit L of the sink, whose term in the denominator is sink * exp(L); None
   means L = 0. The stabiliser becomes max(L, max over valid slots of the logits).
   """
   valid_h = valid[..., None]  # [N, K, 1]
@@ -75,9 +86,11 @@ def attention_weights(dots, gate, post_weight, envelope, valid, *, scale: float,
   return e / denom[:, None] * upcast(post_weight)  # [N, K, H]
 
 
-def attention_weights_vjp_reference(dots, gate, post_weight, envelope, valid, d_weights, *,
-                                    scale: float, sink: float, sink_logit=None,
-                                    interpret: bool = False):
+def attention_weights_vjp_reference(
+    dots: Float[Array, "N K H"], gate: Float[Array, "N K H"], post_weight: Float[Array, "N K H"],
+    envelope: Float[Array, "N K"], valid: Bool[ArrayLike, "N K"], d_weights: Float[Array, "N K H"],
+    *, scale: float, sink: float, sink_logit: Float[Array, "N H"] | None = None,
+    interpret: bool = False) -> WeightsAndCotangents:
   """(weights, d_dots, d_gate, d_post_weight, d_envelope[, d_sink_logit]) by jax.vjp of
   ``attention_weights``."""
   del interpret
@@ -209,20 +222,23 @@ def _attention_weights_vjp_bwd(static, residuals, cotangents):
 _attention_weights_vjp.defvjp(_attention_weights_vjp_fwd, _attention_weights_vjp_bwd)
 
 
-def attention_weights_vjp(dots, gate, post_weight, envelope, valid, d_weights, *,
-                          scale: float, sink: float, sink_logit=None, interpret: bool = False):
+def attention_weights_vjp(
+    dots: Float[Array, "N K H"], gate: Float[Array, "N K H"], post_weight: Float[Array, "N K H"],
+    envelope: Float[Array, "N K"], valid: Bool[ArrayLike, "N K"], d_weights: Float[Array, "N K H"],
+    *, scale: float, sink: float, sink_logit: Float[Array, "N H"] | None = None,
+    interpret: bool = False) -> WeightsAndCotangents:
   """The weights and the cotangents of (dots, gate, post_weight, envelope[, sink_logit]), fused in
   one kernel.
 
   Args:
-    dots: [N, K, H] float32 q.k products; gate, post_weight: [N, K, H]; envelope: [N, K];
-    valid: [N, K] bool; d_weights: [N, K, H] cotangent of the weights.
-    scale, sink, sink_logit: as in ``attention_weights`` (sink_logit [N, H] or None).
+    dots: float32 q.k products; gate, post_weight, envelope, valid: as in ``attention_weights``;
+    d_weights: cotangent of the weights.
+    scale, sink, sink_logit: as in ``attention_weights``.
     interpret: run the kernel in the Pallas interpreter (CPU testing).
 
   Returns:
     (weights, d_dots, d_gate, d_post_weight, d_envelope), plus d_sink_logit when a sink logit is
-    given, shaped like (dots, dots, gate, post_weight, envelope, sink_logit); the weights in
+    given; the weights in
     float32 (>= dots' dtype for the reference), each cotangent in its primal's dtype.
     Differentiable (through the reference's VJP).
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from pallas_kernels import _tiles
 from pallas_kernels._neighbors import (
@@ -538,30 +539,33 @@ def _message_attention_jit(static, q, k, gate, post_weight, envelope, vectors, v
                             sink_logit, nbrs)
 
 
-def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
-                      envelope: jax.Array, vectors: jax.Array, values: jax.Array,
-                      nbr_idx: jax.Array, nbr_mask: jax.Array, *, coupling, scale: float,
-                      sink: float = 1e-3, sink_logit: jax.Array | None = None,
+def message_attention(q: Float[Array, "N d H"], k: Float[Array, "M d H"],
+                      gate: Float[Array, "N K H"], post_weight: Float[Array, "N K H"],
+                      envelope: Float[Array, "N K"], vectors: Float[Array, "N K 3"],
+                      values: Float[Array, "M SG H"], nbr_idx: Int[ArrayLike, "N K"],
+                      nbr_mask: Bool[ArrayLike, "N K"], *, coupling: Float[ArrayLike, "R S 3"],
+                      scale: float, sink: float = 1e-3,
+                      sink_logit: Float[Array, "N H"] | None = None,
                       block_sizes: BlockSizes | None = None,
                       backward_block_sizes: tuple[BlockSizes, BlockSizes] | None = None,
-                      interpret: bool = False) -> jax.Array:
+                      interpret: bool = False) -> Float[Array, "N RG H"]:
   """Fused attention message ``sum_k a T(v_j, r)`` (see the module docstring for the formula).
 
   Args:
-    q: [N, D, H] queries of the target atoms.
-    k: [M, D, H] keys of the source nodes.
-    gate: [N, K, H] per-edge multiplier of the logits.
-    post_weight: [N, K, H] per-edge multiplier applied after the softmax.
-    envelope: [N, K] smooth cutoff weight of each edge (multiplies exp(logits)).
-    vectors: [N, K, 3] edge vectors r (the vector argument of T).
-    values: [M, S*G, H] source features v in head-last layout: feature row s, channel group g sit
-      at row s*G + g (i.e. v[M, S, C] with channel c = g*H + h, reshaped).
-    nbr_idx: [N, K] int source of each slot (M, the sentinel, on empty slots).
-    nbr_mask: [N, K] bool, True on real edges.
-    coupling: [R, S, 3] static array G of T (e.g. the l1 (x) 1 -> l3 Clebsch-Gordan table).
-    scale: logit scale (1/sqrt(D) in the paper).
+    q: queries of the target atoms.
+    k: keys of the source nodes.
+    gate: per-edge multiplier of the logits.
+    post_weight: per-edge multiplier applied after the softmax.
+    envelope: smooth cutoff weight of each edge (multiplies exp(logits)).
+    vectors: edge vectors r (the vector argument of T).
+    values: source features v in head-last layout, SG = S*G rows: feature row s, channel group g
+      sit at row s*G + g (i.e. v[M, S, C] with channel c = g*H + h, reshaped).
+    nbr_idx: source of each slot (M, the sentinel, on empty slots).
+    nbr_mask: True on real edges.
+    coupling: static array G of T (e.g. the l1 (x) 1 -> l3 Clebsch-Gordan table).
+    scale: logit scale (1/sqrt(d) in the paper).
     sink: strength of the attention sink; must be >= 0.
-    sink_logit: [N, H] logit L of the sink, which adds sink * exp(L) to the softmax denominator
+    sink_logit: logit L of the sink, which adds sink * exp(L) to the softmax denominator
       (differentiable); None puts it at logit 0.
     block_sizes: tiling of the forward kernel; None picks 64 heads (fewer if H is smaller) x 4
       slots per step x 1 warp for float32 values, 128 heads x 2 slots x 2 warps for narrower ones.
@@ -571,7 +575,7 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
     interpret: run all kernels in the Pallas interpreter (CPU testing).
 
   Returns:
-    [N, R*G, H] in the dtype of ``values`` (float32 accumulation): row r, group g at r*G + g.
+    RG = R*G rows in the dtype of ``values`` (float32 accumulation): row r, group g at r*G + g.
     Targets without a valid slot get 0.
 
   Raises:
@@ -584,9 +588,15 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
                                 nbr_idx, nbr_mask, sink_logit)
 
 
-def message_attention_reference(q, k, gate, post_weight, envelope, vectors, values, nbr_idx,
-                                nbr_mask, *, coupling, scale, sink=1e-3, sink_logit=None,
-                                block_sizes=None, backward_block_sizes=None, interpret=False):
+def message_attention_reference(
+    q: Float[Array, "N d H"], k: Float[Array, "M d H"], gate: Float[Array, "N K H"],
+    post_weight: Float[Array, "N K H"], envelope: Float[Array, "N K"],
+    vectors: Float[Array, "N K 3"], values: Float[Array, "M SG H"],
+    nbr_idx: Int[ArrayLike, "N K"], nbr_mask: Bool[ArrayLike, "N K"], *,
+    coupling: Float[ArrayLike, "R S 3"], scale: float, sink: float = 1e-3,
+    sink_logit: Float[Array, "N H"] | None = None, block_sizes: BlockSizes | None = None,
+    backward_block_sizes: tuple[BlockSizes, BlockSizes] | None = None, interpret: bool = False
+) -> Float[Array, "N RG H"]:
   """Pure-jnp ``message_attention`` in (at least) float32; materialises the gathered v rows."""
   del block_sizes, backward_block_sizes, interpret
   coupling = np.asarray(coupling)

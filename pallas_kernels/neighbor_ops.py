@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from pallas_kernels import _tiles
 from pallas_kernels._neighbors import (
@@ -260,21 +261,22 @@ def make_static(out_dtype, block_sizes: BlockSizes | None, interpret: bool, *, r
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def edge_dot(a: jax.Array, b: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array, *,
-             block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+def edge_dot(a: Float[Array, "N X H"], b: Float[Array, "M X H"], nbr_idx: Int[ArrayLike, "N K"],
+             nbr_mask: Bool[ArrayLike, "N K"], *, block_sizes: BlockSizes | None = None,
+             interpret: bool = False) -> Float[Array, "N K H"]:
   """Per-edge dot products over the row axis: out[n,k,h] = sum_x a[n,x,h] b[idx[n,k],x,h].
 
   Args:
-    a: [N, X, H] target rows.
-    b: [M, X, H] source rows.
-    nbr_idx: [N, K] int source of each slot (M or any value on empty slots).
-    nbr_mask: [N, K] bool, True on real edges.
+    a: target rows.
+    b: source rows.
+    nbr_idx: source of each slot (M or any value on empty slots).
+    nbr_mask: True on real edges.
     block_sizes: kernel tiling; None picks ``BlockSizes.get_default(X, K, H)``.
     interpret: run the kernels in the Pallas interpreter (CPU testing).
 
   Returns:
-    [N, K, H] in ``result_type(a, b)``, exactly 0 on invalid slots. Differentiable to any order in
-    reverse mode with respect to a and b.
+    The products in ``result_type(a, b)``, exactly 0 on invalid slots. Differentiable to any order
+    in reverse mode with respect to a and b.
 
   Raises:
     ValueError: on inconsistent shapes or dtypes.
@@ -291,20 +293,21 @@ def edge_dot(a: jax.Array, b: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def gather_sum(w: jax.Array, b: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array, *,
-               block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+def gather_sum(w: Float[Array, "N K H"], b: Float[Array, "M X H"], nbr_idx: Int[ArrayLike, "N K"],
+               nbr_mask: Bool[ArrayLike, "N K"], *, block_sizes: BlockSizes | None = None,
+               interpret: bool = False) -> Float[Array, "N X H"]:
   """Weighted neighbour sum: out[n,x,h] = sum_k w[n,k,h] b[idx[n,k],x,h] over valid slots.
 
   Args:
-    w: [N, K, H] per-edge weights.
-    b: [M, X, H] source rows.
-    nbr_idx: [N, K] int source of each slot.
-    nbr_mask: [N, K] bool, True on real edges.
+    w: per-edge weights.
+    b: source rows.
+    nbr_idx: source of each slot.
+    nbr_mask: True on real edges.
     block_sizes: kernel tiling; None picks ``BlockSizes.get_default(X, K, H)``.
     interpret: run the kernels in the Pallas interpreter.
 
   Returns:
-    [N, X, H] in ``result_type(w, b)``.
+    The sums in ``result_type(w, b)``.
 
   Raises:
     ValueError: on inconsistent shapes or dtypes.
@@ -322,24 +325,25 @@ def gather_sum(w: jax.Array, b: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("num_sources", "block_sizes", "interpret"))
-def scatter_sum(w: jax.Array, a: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Array, *,
-                num_sources: int, block_sizes: BlockSizes | None = None,
-                interpret: bool = False) -> jax.Array:
+def scatter_sum(w: Float[Array, "N K H"], a: Float[Array, "N X H"], nbr_idx: Int[ArrayLike, "N K"],
+                nbr_mask: Bool[ArrayLike, "N K"], *, num_sources: int,
+                block_sizes: BlockSizes | None = None, interpret: bool = False
+                ) -> Float[Array, "{num_sources} X H"]:
   """Transpose of gather_sum: out[j,x,h] = sum over valid (n,k) with idx[n,k]=j of w[n,k,h] a[n,x,h].
 
   Deterministic (a fixed summation order per source, no atomics).
 
   Args:
-    w: [N, K, H] per-edge weights.
-    a: [N, X, H] target rows.
-    nbr_idx: [N, K] int source of each slot.
-    nbr_mask: [N, K] bool, True on real edges.
+    w: per-edge weights.
+    a: target rows.
+    nbr_idx: source of each slot.
+    nbr_mask: True on real edges.
     num_sources: M, the number of source rows of the output.
     block_sizes: kernel tiling; None picks ``BlockSizes.get_default(X, K, H)``.
     interpret: run the kernels in the Pallas interpreter.
 
   Returns:
-    [M, X, H] in ``result_type(w, a)``; rows with no incoming edge are 0.
+    The sums in ``result_type(w, a)``; rows with no incoming edge are 0.
 
   Raises:
     ValueError: on inconsistent shapes or dtypes.
@@ -364,7 +368,10 @@ def scatter_sum(w: jax.Array, a: jax.Array, nbr_idx: jax.Array, nbr_mask: jax.Ar
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def edge_dot_reference(a, b, nbr_idx, nbr_mask, *, block_sizes=None, interpret=False):
+def edge_dot_reference(a: Float[Array, "N X H"], b: Float[Array, "M X H"],
+                       nbr_idx: Int[ArrayLike, "N K"], nbr_mask: Bool[ArrayLike, "N K"], *,
+                       block_sizes: BlockSizes | None = None, interpret: bool = False
+                       ) -> Float[Array, "N K H"]:
   """Pure-jnp edge_dot (>= float32, materialises [N, K, X, H]); same signature as ``edge_dot``."""
   del block_sizes, interpret
   valid = valid_slots(nbr_idx, nbr_mask, b.shape[0])
@@ -373,7 +380,10 @@ def edge_dot_reference(a, b, nbr_idx, nbr_mask, *, block_sizes=None, interpret=F
   return jnp.where(valid[..., None], out, 0).astype(jnp.result_type(a, b))
 
 
-def gather_sum_reference(w, b, nbr_idx, nbr_mask, *, block_sizes=None, interpret=False):
+def gather_sum_reference(w: Float[Array, "N K H"], b: Float[Array, "M X H"],
+                         nbr_idx: Int[ArrayLike, "N K"], nbr_mask: Bool[ArrayLike, "N K"], *,
+                         block_sizes: BlockSizes | None = None, interpret: bool = False
+                         ) -> Float[Array, "N X H"]:
   """Pure-jnp gather_sum (>= float32, materialises [N, K, X, H]); same signature as ``gather_sum``."""
   del block_sizes, interpret
   valid = valid_slots(nbr_idx, nbr_mask, b.shape[0])
@@ -382,8 +392,10 @@ def gather_sum_reference(w, b, nbr_idx, nbr_mask, *, block_sizes=None, interpret
   return out.astype(jnp.result_type(w, b))
 
 
-def scatter_sum_reference(w, a, nbr_idx, nbr_mask, *, num_sources, block_sizes=None,
-                          interpret=False):
+def scatter_sum_reference(w: Float[Array, "N K H"], a: Float[Array, "N X H"],
+                          nbr_idx: Int[ArrayLike, "N K"], nbr_mask: Bool[ArrayLike, "N K"], *,
+                          num_sources: int, block_sizes: BlockSizes | None = None,
+                          interpret: bool = False) -> Float[Array, "{num_sources} X H"]:
   """Pure-jnp scatter_sum (segment sum of [N*K, X, H] edge terms); same signature."""
   del block_sizes, interpret
   valid = valid_slots(nbr_idx, nbr_mask, num_sources)

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from e2former_jax.config import AttentionImpl, E2FormerConfig
 from e2former_jax.graph import Graph
@@ -96,8 +98,9 @@ class Predictor:
           "loss.forces=conservative, or fine-tune this checkpoint with train.init_from.",
           DirectForcesOnlyWarning, stacklevel=3)
 
-  def check_species(self, numbers: np.ndarray, *, where: str = "structure") -> np.ndarray:
-    """Returns ``numbers`` as [n] int32 after checking that the model can handle every element.
+  def check_species(self, numbers: Int[ArrayLike, "n"], *, where: str = "structure"
+                    ) -> Int[np.ndarray, "n"]:
+    """Returns ``numbers`` as int32 after checking that the model can handle every element.
 
     Raises:
       ValueError: for an atomic number outside the model's tables or, when references are set,
@@ -114,7 +117,7 @@ class Predictor:
     self.reference_energies.check(numbers, where=where)
     return numbers.astype(np.int32)
 
-  def reference_energy(self, numbers: np.ndarray, charge: int = 0, spin: int = 1) -> float:
+  def reference_energy(self, numbers: Int[ArrayLike, "n"], charge: int = 0, spin: int = 1) -> float:
     """E_ref of one structure in eV, in float64 on the host (0 without references).
 
     Raises:
@@ -123,12 +126,12 @@ class Predictor:
     """
     return self.reference_energies.energy(numbers, charge, spin)
 
-  def model_energy(self, graph: Graph) -> jax.Array:
-    """[B] network energies (reference-subtracted when references are set); jittable."""
+  def model_energy(self, graph: Graph) -> Float[Array, "B"]:
+    """Network energies (reference-subtracted when references are set); jittable."""
     return self.model.apply(self.params, graph).energy
 
-  def total_energy(self, graph: Graph) -> jax.Array:
-    """[B] total energies: network energy plus each molecule's reference energy; jittable.
+  def total_energy(self, graph: Graph) -> Float[Array, "B"]:
+    """Total energies: network energy plus each molecule's reference energy; jittable.
 
     Charges and multiplicities without a fitted offset contribute nothing (the host-side
     :meth:`reference_energy` also warns).
@@ -140,7 +143,8 @@ class Predictor:
     reference = reference + self.state_offset(graph.charge, graph.spin, dtype)
     return self.model_energy(graph) + reference * graph.molecule_mask.astype(dtype)
 
-  def state_offset(self, charge: jax.Array, spin: jax.Array, dtype=jnp.float32) -> jax.Array:
+  def state_offset(self, charge: Int[ArrayLike, "*batch"], spin: Int[ArrayLike, "*batch"],
+                   dtype: DTypeLike = jnp.float32) -> Float[Array, "*batch"]:
     """c[q] + s[2S+1] of the references for (traced) charges and multiplicities; jittable.
 
     Values without a fitted offset give 0.

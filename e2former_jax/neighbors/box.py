@@ -9,15 +9,18 @@ every lattice plane spacing exceeds twice the cutoff; a narrower box needs the a
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Float
 
 from e2former_jax import lattice
 
+# A JAX MD box, in any of the three forms above.
+Box = Float[ArrayLike, ""] | Float[ArrayLike, "3"] | Float[ArrayLike, "3 3"]
 
-def box_to_cell(box) -> jax.Array:
-  """JAX MD box (side, [3] sides, or [3, 3] with lattice vectors as columns) -> [3, 3] cell (rows)."""
+
+def box_to_cell(box: Box) -> Float[Array, "3 3"]:
+  """The cell (lattice vectors as rows) of a JAX MD box."""
   box = jnp.asarray(box)
   if box.ndim == 0:
     return box * jnp.eye(3, dtype=box.dtype)
@@ -28,7 +31,7 @@ def box_to_cell(box) -> jax.Array:
   raise ValueError(f"box must be a scalar, [3] or [3, 3], got shape {box.shape}")
 
 
-def host_cell(box) -> tuple[np.ndarray, np.ndarray]:
+def host_cell(box: Box) -> tuple[np.ndarray, np.ndarray]:
   """The [3, 3] float64 cell (rows) of a JAX MD box, validated on the host, and its [3] lattice plane
   spacings in angstrom.
 
@@ -39,7 +42,7 @@ def host_cell(box) -> tuple[np.ndarray, np.ndarray]:
   return cell, lattice.plane_spacings(cell)
 
 
-def check_box(box, cutoff: float) -> None:
+def check_box(box: Box, cutoff: float) -> None:
   """Raises ValueError unless the minimum image is the model's neighbour relation in this box.
 
   A JAX MD neighbour list and displacement hold one image per atom pair; the model takes every
@@ -55,7 +58,7 @@ def check_box(box, cutoff: float) -> None:
                      f"all_images=True) takes its ImageNeighborList)")
 
 
-def needs_all_images(box, cutoff: float) -> bool:
+def needs_all_images(box: Box, cutoff: float) -> bool:
   """Whether some lattice plane spacing of the box is at most twice the cutoff (host; validates it).
 
   Raises:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from e2former_jax.graph import Graph
 from e2former_jax.neighbors.host import neighbor_list
@@ -139,8 +140,8 @@ def build_graph(structures: Sequence["Structure"], *, cutoff: float, max_neighbo
                cell=cell.astype(dtype) if with_cell else None)
 
 
-def spatial_order(position: jax.Array) -> jax.Array:
-  """[N] permutation listing atoms along a Morton (Z-order) curve of SPATIAL_ORDER_BIN cubes.
+def spatial_order(position: Float[Array, "N 3"]) -> Int[Array, "N"]:
+  """The permutation listing atoms along a Morton (Z-order) curve of SPATIAL_ORDER_BIN cubes.
 
   Consecutive atoms of the result are near each other in space, so the attention kernels' neighbour
   gathers of consecutive target atoms share cache lines (6 % faster forces at 100k water atoms given
@@ -156,9 +157,10 @@ def spatial_order(position: jax.Array) -> jax.Array:
   return jnp.argsort(key).astype(jnp.int32)
 
 
-def system_graph(position: jax.Array, species: jax.Array, nbrs: ModelNeighbors, charge, spin,
-                 cell: jax.Array | None = None) -> Graph:
-  """One system of N real atoms as a Graph (B = 1), for the model; ``cell`` [3, 3] if periodic.
+def system_graph(position: Float[Array, "N 3"], species: Int[ArrayLike, "N"], nbrs: ModelNeighbors,
+                 charge: Int[ArrayLike, ""], spin: Int[ArrayLike, ""],
+                 cell: Float[Array, "3 3"] | None = None) -> Graph:
+  """One system of N real atoms as a Graph (B = 1), for the model; ``cell`` if periodic.
 
   The atoms enter the graph in :func:`spatial_order` (the energy does not depend on the order; the
   derivative of the reordering returns forces in the caller's order). JAX MD's own order is

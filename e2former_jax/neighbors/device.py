@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from e2former_jax import lattice
 from e2former_jax.neighbors import periodic
@@ -75,21 +76,22 @@ class DeviceNeighborList(NamedTuple):
   """K nearest lattice images within the cutoff (device arrays).
 
   Attributes:
-    idx: [N, K] int32 source atom of each slot; N (sentinel) on empty slots.
-    mask: [N, K] bool, True on real slots.
-    shifts: [N, K, 3] int32 lattice image S of the source: the source sits at x_j + S @ cell
+    idx: int32 source atom of each slot; N (sentinel) on empty slots.
+    mask: True on real slots.
+    shifts: int32 lattice image S of the source: the source sits at x_j + S @ cell
       (``Graph.nbr_shift = shifts @ cell``); zero on empty slots.
-    overflow: [] bool, True when the result may be incomplete (re-allocate with :func:`cell_grid`).
+    overflow: True when the result may be incomplete (re-allocate with :func:`cell_grid`).
   """
 
-  idx: jax.Array
-  mask: jax.Array
-  shifts: jax.Array
-  overflow: jax.Array
+  idx: Int[Array, "N K"]
+  mask: Bool[Array, "N K"]
+  shifts: Int[Array, "N K 3"]
+  overflow: Bool[Array, ""]
 
 
-def cell_grid(positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float, *,
-              margin: float = 0.0, capacity_factor: float = CAPACITY_FACTOR) -> CellGrid:
+def cell_grid(positions: Float[ArrayLike, "n 3"], cell: Float[ArrayLike, "3 3"],
+              pbc: bool | Sequence[bool], cutoff: float, *, margin: float = 0.0,
+              capacity_factor: float = CAPACITY_FACTOR) -> CellGrid:
   """Allocates the grid of :func:`device_neighbor_list` for a cell and its current atoms (host).
 
   Bins are at least ``cutoff (1 + margin)`` wide, so one bin of reach suffices unless the cell is
@@ -97,8 +99,8 @@ def cell_grid(positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float, *,
   for a cell that shrinks under constant pressure.
 
   Args:
-    positions: [n, 3] positions (real atoms only) in angstrom.
-    cell: [3, 3] lattice vectors (rows).
+    positions: positions (real atoms only) in angstrom.
+    cell: lattice vectors (rows).
     pbc: a bool or three bools.
     cutoff: the search radius (include any Verlet skin).
     margin: relative slack of the bin width over the cutoff.
@@ -134,19 +136,20 @@ def _bin_coordinates(frac, bins, pbc):
 
 
 @functools.partial(jax.jit, static_argnames=("pbc", "cutoff", "max_neighbors", "grid"))
-def device_neighbor_list(positions: jax.Array, cell: jax.Array, *, pbc: tuple[bool, bool, bool],
-                         cutoff: float, max_neighbors: int, grid: CellGrid,
-                         node_mask: jax.Array | None = None) -> DeviceNeighborList:
+def device_neighbor_list(positions: Float[Array, "N 3"], cell: Float[Array, "3 3"], *,
+                         pbc: tuple[bool, bool, bool], cutoff: float, max_neighbors: int,
+                         grid: CellGrid, node_mask: Bool[Array, "N"] | None = None
+                         ) -> DeviceNeighborList:
   """Periodic K-nearest neighbour list within the cutoff, on device (see the module docstring).
 
   Args:
-    positions: [N, 3] Cartesian positions in angstrom (need not lie inside the cell).
-    cell: [3, 3] lattice vectors (rows), non-singular (checked on the host by :func:`cell_grid`).
+    positions: Cartesian positions in angstrom (need not lie inside the cell).
+    cell: lattice vectors (rows), non-singular (checked on the host by :func:`cell_grid`).
     pbc: three bools (static).
     cutoff: inclusive radius in angstrom (static).
     max_neighbors: K (static).
     grid: the static binning from :func:`cell_grid`.
-    node_mask: optional [N] bool; atoms where it is False (padding) have no neighbours and are
+    node_mask: optional; atoms where it is False (padding) have no neighbours and are
       nobody's neighbour.
 
   Returns:

@@ -9,10 +9,11 @@ extra), imported when the list is made, so that the rest of the package imports 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array
 
 if TYPE_CHECKING:
   from jax_md import partition
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 FREE_SPACE_MARGIN = 20.0
 
 
-def free_space_neighbor_list(displacement_fn, box: float | None, cutoff: float,
-                             **neighbor_kwargs) -> partition.NeighborListFns:
+def free_space_neighbor_list(displacement_fn: Callable[..., Array], box: float | None,
+                             cutoff: float, **neighbor_kwargs) -> partition.NeighborListFns:
   """A JAX MD ``Dense`` neighbour list in free space that places the atoms in its cell-list box.
 
   JAX MD's cell list covers [0, box). This list hands it the positions translated so that their

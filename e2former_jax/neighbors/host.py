@@ -29,9 +29,10 @@ n (1 + 2 r_c / L)^3 for a cell of width L.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
+from jaxtyping import ArrayLike, Bool, Float, Int
 
 from e2former_jax import lattice
 from e2former_jax.neighbors import periodic
@@ -57,34 +58,34 @@ class NeighborList(NamedTuple):
   """K-nearest-within-cutoff neighbour slots of n atoms.
 
   Attributes:
-    idx: [n, K] int32 source atom of each slot; n (sentinel) on empty slots (from
+    idx: int32 source atom of each slot; n (sentinel) on empty slots (from
       :func:`~e2former_jax.neighbors.reference.reference_neighbor_slots`, some masked slots hold
       atoms beyond the cutoff).
-    mask: [n, K] bool, True on real slots (always a prefix of each row).
-    distances: [n, K] float64 distance |x_i - (x_j + shifts @ cell)| in angstrom; inf on slots
-      without an atom.
-    shifts: [n, K, 3] int32 lattice image S of the source (zero without periodicity and on empty
-      slots).
+    mask: True on real slots (always a prefix of each row).
+    distances: float64 distance |x_i - (x_j + shifts @ cell)| in angstrom; inf on slots without an
+      atom.
+    shifts: int32 lattice image S of the source (zero without periodicity and on empty slots).
   """
 
-  idx: np.ndarray
-  mask: np.ndarray
-  distances: np.ndarray
-  shifts: np.ndarray
+  idx: Int[np.ndarray, "n K"]
+  mask: Bool[np.ndarray, "n K"]
+  distances: Float[np.ndarray, "n K"]
+  shifts: Int[np.ndarray, "n K 3"]
 
 
-def neighbor_list(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
-                  segments: np.ndarray | None = None, cell: np.ndarray | None = None,
-                  pbc=None) -> NeighborList:
+def neighbor_list(positions: Float[ArrayLike, "n 3"], cutoff: float, max_neighbors: int, *,
+                  segments: Int[ArrayLike, "n"] | None = None,
+                  cell: Float[ArrayLike, "3 3"] | None = None,
+                  pbc: bool | Sequence[bool] | None = None) -> NeighborList:
   """The K nearest sources within the cutoff of every atom: other atoms, or periodic images.
 
   Args:
-    positions: [n, 3] Cartesian coordinates in angstrom (finite; need not lie inside the cell).
+    positions: Cartesian coordinates in angstrom (finite; need not lie inside the cell).
     cutoff: radius in angstrom; a pair at exactly ``cutoff`` is a neighbour.
     max_neighbors: K, the number of slots per atom; the nearest K are kept.
-    segments: optional [n] ints; atoms of different segments are never neighbours, which lets a
+    segments: optional; atoms of different segments are never neighbours, which lets a
       batch of molecules be searched in one call (not with a periodic cell).
-    cell: [3, 3] lattice vectors (rows) in angstrom; used only where ``pbc`` is True somewhere.
+    cell: lattice vectors (rows) in angstrom; used only where ``pbc`` is True somewhere.
     pbc: a bool or three bools, periodicity along each lattice vector (None = not periodic).
 
   Returns:

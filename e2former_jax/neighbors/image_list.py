@@ -27,8 +27,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Bool, Float, Int
 
-from e2former_jax.neighbors.box import box_to_cell, host_cell
+from e2former_jax.neighbors.box import Box, box_to_cell, host_cell
 from e2former_jax.neighbors.device import CellGrid, cell_grid, device_neighbor_list
 from e2former_jax.neighbors.host import NeighborList, check_cutoff, neighbor_list
 
@@ -56,25 +57,25 @@ class ImageNeighborList:
   Build it with :func:`image_neighbor_list`.
 
   Attributes:
-    idx: [N, M] int32 candidate source atoms; N (sentinel) on empty slots.
-    shifts: [N, M, 3] int32 lattice image S of each candidate, relative to ``reference``.
-    reference: [N, 3] fractional positions at the last rebuild, as given (wrapped or not).
-    reference_cell: [3, 3] cell (lattice vectors as rows) at the last rebuild.
-    cell: [3, 3] cell of the factory's box, used when ``update`` gets no ``box=``.
-    did_buffer_overflow: [] bool, set (and kept) once a rebuild lost candidates: a bin of the grid
-      or a row of M slots was full, or the cell shrank below the grid; re-allocate then.
+    idx: int32 candidate source atoms (J slots per atom); N (sentinel) on empty slots.
+    shifts: int32 lattice image S of each candidate, relative to ``reference``.
+    reference: fractional positions at the last rebuild, as given (wrapped or not).
+    reference_cell: cell (lattice vectors as rows) at the last rebuild.
+    cell: cell of the factory's box, used when ``update`` gets no ``box=``.
+    did_buffer_overflow: set (and kept) once a rebuild lost candidates: a bin of the grid or a row
+      of J slots was full, or the cell shrank below the grid; re-allocate then.
     grid: static binning of the device search (:func:`~e2former_jax.neighbors.device.cell_grid`).
     cutoff: the model's cutoff in angstrom (static).
     skin: extra search radius in angstrom (static); rebuilt once it may have been used up.
     fractional_coordinates: positions are fractional (static).
   """
 
-  idx: jax.Array
-  shifts: jax.Array
-  reference: jax.Array
-  reference_cell: jax.Array
-  cell: jax.Array
-  did_buffer_overflow: jax.Array
+  idx: Int[Array, "N J"]
+  shifts: Int[Array, "N J 3"]
+  reference: Float[Array, "N 3"]
+  reference_cell: Float[Array, "3 3"]
+  cell: Float[Array, "3 3"]
+  did_buffer_overflow: Bool[Array, ""]
   grid: CellGrid = flax.struct.field(pytree_node=False)
   cutoff: float = flax.struct.field(pytree_node=False)
   skin: float = flax.struct.field(pytree_node=False)
@@ -82,20 +83,20 @@ class ImageNeighborList:
 
   @property
   def max_occupancy(self) -> int:
-    """M, the candidate slots per atom (static)."""
+    """J, the candidate slots per atom (static)."""
     return self.idx.shape[1]
 
-  def update(self, position: jax.Array, **kwargs) -> ImageNeighborList:
+  def update(self, position: Float[Array, "N 3"], **kwargs) -> ImageNeighborList:
     """The list at new positions (jittable): rebuilt only once the skin may have been used up.
 
     Args:
-      position: [N, 3] positions in the list's coordinates.
+      position: positions in the list's coordinates.
       **kwargs: ``box=`` the current box (NPT); anything else is ignored.
     """
     return update_image_neighbors(position, self, **kwargs)
 
-  def needs_rebuild(self, position: jax.Array, **kwargs) -> jax.Array:
-    """[] bool (jittable): some pair image may have entered the cutoff from beyond cutoff + skin.
+  def needs_rebuild(self, position: Float[Array, "N 3"], **kwargs) -> Bool[Array, ""]:
+    """Whether some pair image may have entered the cutoff from beyond cutoff + skin (jittable).
 
     True once twice the largest displacement since the rebuild (modulo lattice vectors) plus
     (cutoff + skin) times the relative deformation of the cell exceeds the skin; ``update`` then
@@ -129,7 +130,7 @@ def fractional_and_cartesian(position: jax.Array, cell: jax.Array, fractional: b
 
 def _rebuild(frac: jax.Array, cartesian: jax.Array, cell: jax.Array, grid: CellGrid, cutoff: float,
              skin: float, max_occupancy: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(idx [N, M], shifts [N, M, 3], overflow []) of the candidates within cutoff + skin."""
+  """(idx [N, J], shifts [N, J, 3], overflow []) of the candidates within cutoff + skin."""
   found = device_neighbor_list(cartesian, cell, pbc=PERIODIC, cutoff=cutoff + skin,
                                max_neighbors=max_occupancy, grid=grid)
   # Rows keep a spare slot: one with every slot used may have lost candidates.
@@ -179,7 +180,7 @@ def _kept(neighbors: ImageNeighborList, *_) -> ImageNeighborList:
   return neighbors
 
 
-def image_neighbor_list(box, cutoff: float, *, dr_threshold: float = DEFAULT_SKIN,
+def image_neighbor_list(box: Box, cutoff: float, *, dr_threshold: float = DEFAULT_SKIN,
                         capacity_multiplier: float = DEFAULT_CAPACITY_MULTIPLIER,
                         fractional_coordinates: bool = False) -> ImageNeighborListFns:
   """The all-images neighbour list of a periodic box (any width), in JAX MD's style.
@@ -189,14 +190,14 @@ def image_neighbor_list(box, cutoff: float, *, dr_threshold: float = DEFAULT_SKI
       update time replaces it.
     cutoff: the model's cutoff in angstrom.
     dr_threshold: skin in angstrom (candidates within cutoff + skin).
-    capacity_multiplier: headroom of the candidate slots M over the most candidates of an atom at
+    capacity_multiplier: headroom of the candidate slots J over the most candidates of an atom at
       allocation (the grid's bins get ``neighbors.device.CAPACITY_FACTOR``).
     fractional_coordinates: positions are fractional (``periodic_general``'s default).
 
   Returns:
     :class:`ImageNeighborListFns`. ``allocate(position, extra_capacity=0, box=None)`` sizes the
-    device search's grid and M and fills the list on the host (``extra_capacity`` adds to both the
-    bin capacity and M); ``update`` refills it with the device search inside ``jit``.
+    device search's grid and J and fills the list on the host (``extra_capacity`` adds to both the
+    bin capacity and J); ``update`` refills it with the device search inside ``jit``.
 
   Raises:
     ValueError: on a bad box, cutoff or skin (checked again at every allocation).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Float, Int
 
 from e2former_jax.neighbors import host
 
@@ -41,18 +42,18 @@ def held_slots(found, within, molecule: np.ndarray | None = None):
   return found & (xp.arange(found.shape[1]) < k_mol)
 
 
-def reference_neighbor_slots(positions: np.ndarray, cutoff: float, max_neighbors: int, *,
-                             segments: np.ndarray | None = None) -> host.NeighborList:
+def reference_neighbor_slots(positions: Float[ArrayLike, "n 3"], cutoff: float, max_neighbors: int,
+                             *, segments: Int[ArrayLike, "n"] | None = None) -> host.NeighborList:
   """The neighbour slots of the authors' code, for molecules (one per segment), on the host.
 
   Ties are broken by atom index (theirs by their sort). Every pair of a molecule is examined
   (O(n^2) time per molecule in bounded chunks), as their code does.
 
   Args:
-    positions: [n, 3] in angstrom.
+    positions: in angstrom.
     cutoff: inclusive radius of the mask.
     max_neighbors: K, the number of slots per atom.
-    segments: optional [n] molecule of each atom (default: one molecule).
+    segments: optional molecule of each atom (default: one molecule).
 
   Returns:
     A :class:`~e2former_jax.neighbors.host.NeighborList` whose masked slots may hold atoms

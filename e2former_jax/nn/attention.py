@@ -26,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float
 
 from e2former_jax import ops, so3
 from e2former_jax.config import E2FormerConfig, MessagePath, SoftmaxSink
@@ -40,19 +41,19 @@ class EdgeGeometry:
   """Geometry shared by all blocks (computed once per forward pass).
 
   Attributes:
-    vectors: [N, K, 3] r_ij = x_i - x_j (target minus source), zero on empty slots.
-    distances: [N, K] |r_ij| (safe norm: finite value and gradient on empty slots).
-    envelope: [N, K] phi(|r_ij|), zero on empty slots.
-    inv_dist: [N, K] 1 / (|r_ij| + inverse_distance_eps), zero on empty slots.
-    holds_atom: [N, K] bool, the slots whose gate logits enter the MAX_LOGIT sink: every slot that
-      holds an atom (masked ones too, with real ``distances``) under that sink, else the mask.
+    vectors: r_ij = x_i - x_j (target minus source), zero on empty slots.
+    distances: |r_ij| (safe norm: finite value and gradient on empty slots).
+    envelope: phi(|r_ij|), zero on empty slots.
+    inv_dist: 1 / (|r_ij| + inverse_distance_eps), zero on empty slots.
+    holds_atom: the slots whose gate logits enter the MAX_LOGIT sink: every slot that holds an atom
+      (masked ones too, with real ``distances``) under that sink, else the mask.
   """
 
-  vectors: jax.Array
-  distances: jax.Array
-  envelope: jax.Array
-  inv_dist: jax.Array
-  holds_atom: jax.Array
+  vectors: Float[Array, "N K 3"]
+  distances: Float[Array, "N K"]
+  envelope: Float[Array, "N K"]
+  inv_dist: Float[Array, "N K"]
+  holds_atom: Bool[ArrayLike, "N K"]
 
 
 class PathMix(nn.Module):
@@ -66,8 +67,8 @@ class PathMix(nn.Module):
   dtype: Any = None  # of the products and the output (None: the input's)
 
   @nn.compact
-  def __call__(self, m: jax.Array) -> jax.Array:
-    """m: [N, R, C] tensor-product rows (l3-sequential layout) -> [N, S, C]."""
+  def __call__(self, m: Float[Array, "N R C"]) -> Float[Array, "N S C"]:
+    """m: tensor-product rows (l3-sequential layout)."""
     n = m.shape[0]
     paths = so3.first_order_paths(self.lmax)
     out = []
@@ -82,12 +83,13 @@ class PathMix(nn.Module):
 
 
 class E2Attention(nn.Module):
-  """One attention sub-layer: [N, S, C] normalised features -> [N, S, C] update."""
+  """One attention sub-layer: normalised features -> their update."""
 
   config: E2FormerConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, graph: Graph, geometry: EdgeGeometry) -> jax.Array:
+  def __call__(self, x: Float[Array, "N S C"], graph: Graph, geometry: EdgeGeometry
+               ) -> Float[Array, "N S C"]:
     cfg = self.config
     # A no-op forward; its transpose fences the cotangents of x and of this layer's edge lengths,
     # so the backward of the per-edge radial MLP (which ends in the edge lengths) completes before

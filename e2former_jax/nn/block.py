@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
+from jaxtyping import Array, Float
 
 from e2former_jax.config import E2FormerConfig
 from e2former_jax.graph import Graph
@@ -18,9 +18,9 @@ class TransformerBlock(nn.Module):
   config: E2FormerConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, molecule_signal: jax.Array, graph: Graph,
-               geometry: EdgeGeometry) -> jax.Array:
-    """x: [N, S, C]; molecule_signal: [N, C] charge/spin embedding of each atom's molecule."""
+  def __call__(self, x: Float[Array, "N S C"], molecule_signal: Float[Array, "N C"], graph: Graph,
+               geometry: EdgeGeometry) -> Float[Array, "N S C"]:
+    """molecule_signal: charge/spin embedding of each atom's molecule."""
     xt = RMSNormSH(name="attn_norm")(x)
     xt = xt.at[:, 0, :].add(molecule_signal)
     # The attention's input is no module's output: sown for stage-by-stage comparisons (no cost

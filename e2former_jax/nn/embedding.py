@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from e2former_jax.nn.init import embedding_init, kaiming_uniform
 from e2former_jax.so3.layout import row_degrees
@@ -25,8 +26,7 @@ class MoleculeEmbedding(nn.Module):
   channels: int
 
   @nn.compact
-  def __call__(self, charge: jax.Array, spin: jax.Array) -> jax.Array:
-    """charge, spin: [B] int -> [B, C]."""
+  def __call__(self, charge: Int[ArrayLike, "B"], spin: Int[ArrayLike, "B"]) -> Float[Array, "B C"]:
     charge_table = self.param("charge_table", embedding_init, (2 * MAX_ABS_CHARGE + 1, self.channels))
     spin_table = self.param("spin_table", embedding_init, (MAX_MULTIPLICITY + 1, self.channels))
     e_q = charge_table[jnp.clip(charge, -MAX_ABS_CHARGE, MAX_ABS_CHARGE) + MAX_ABS_CHARGE]
@@ -71,16 +71,18 @@ class EdgeDegreeEmbedding(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, species, distances, envelope_weights, edge_sh, nbr_idx) -> jax.Array:
+  def __call__(self, species: Int[ArrayLike, "N"], distances: Float[Array, "N K"],
+               envelope_weights: Float[Array, "N K"], edge_sh: Float[Array, "N K S"],
+               nbr_idx: Int[ArrayLike, "N K"]) -> Float[Array, "N S C"]:
     """
     Args:
-      species: [N] atomic numbers.
-      distances: [N, K] edge lengths.
-      envelope_weights: [N, K] phi(d), zero on empty slots.
-      edge_sh: [N, K, S] spherical harmonics of the unit edge vectors.
-      nbr_idx: [N, K].
+      species: atomic numbers.
+      distances: edge lengths.
+      envelope_weights: phi(d), zero on empty slots.
+      edge_sh: spherical harmonics of the unit edge vectors.
+      nbr_idx: source atom of each slot.
     Returns:
-      [N, S, C] initial node features.
+      The initial node features.
     """
     target_table = self.param("target_table", embedding_init, (self.num_species, self.num_rbf))
     source_table = self.param("source_table", embedding_init, (self.num_species, self.num_rbf))

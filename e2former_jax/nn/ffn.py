@@ -6,9 +6,9 @@ import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from e2former_jax.config import GateNormalisers
 from e2former_jax.nn.init import kaiming_uniform
@@ -44,7 +44,7 @@ class S3FeedForward(nn.Module):
   row 0 <- c_s SiLU(g_0); rows of degree l > 0 <- c_g sigmoid(g_l) * z_l; out = SO3Linear(.).
 
   Attributes:
-    channels: C.
+    channels: F, the output channels (C in the model).
     normalisers: which values of c_s and c_g.
     dtype: dtype of the products and the output (None: the input's).
   """
@@ -54,8 +54,7 @@ class S3FeedForward(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [N, S, C] -> [N, S, C]."""
+  def __call__(self, x: Float[Array, "N S C"]) -> Float[Array, "N S F"]:
     num_rows = x.shape[-2]
     lmax = lmax_from_rows(num_rows)
     z = SO3Linear(self.channels, dtype=self.dtype, name="linear_in")(x)  # [N, S, C]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from e2former_jax.config import DEFAULT_LAYER_NORM_EPS
 from e2former_jax.nn.init import fan_in_uniform, kaiming_uniform
@@ -20,7 +20,7 @@ class SO3Linear(nn.Module):
   features with the same multiplicity per degree.
 
   Attributes:
-    features: output channels.
+    features: F, the output channels.
     use_bias: add a bias to the invariant row only (a bias on l > 0 rows would break equivariance).
     dtype: dtype of the product and the output (None: the input's).
   """
@@ -30,8 +30,7 @@ class SO3Linear(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [N, S, C_in] -> [N, S, features]."""
+  def __call__(self, x: Float[Array, "N S C"]) -> Float[Array, "N S F"]:
     num_rows, c_in = x.shape[-2:]
     lmax = lmax_from_rows(num_rows)
     x = x if self.dtype is None else x.astype(self.dtype)
@@ -51,7 +50,7 @@ class SO3LinearToScalar(nn.Module):
   out = MLP([s_0; ...; s_lmax]) with Linear -> LayerNorm -> SiLU -> Linear.
 
   Attributes:
-    features: output width (heads * head_dim).
+    features: F, the output width (heads * head_dim).
     hidden: width P of u, w and the MLP hidden layer (features // 2 in the paper).
     layer_norm_eps: epsilon of the MLP's LayerNorm.
     dtype: dtype of the products (None: the input's); the LayerNorm computes in float32.
@@ -63,8 +62,7 @@ class SO3LinearToScalar(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [N, S, C] -> [N, features]."""
+  def __call__(self, x: Float[Array, "N S C"]) -> Float[Array, "N F"]:
     lmax = lmax_from_rows(x.shape[-2])
     u = SO3Linear(self.hidden, use_bias=True, dtype=self.dtype, name="left")(x)  # [N, S, P]
     w = SO3Linear(self.hidden, use_bias=False, dtype=self.dtype, name="right")(x)  # [N, S, P]

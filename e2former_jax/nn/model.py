@@ -6,6 +6,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
 
 from e2former_jax import so3
 from e2former_jax.config import E2FormerConfig
@@ -22,19 +23,20 @@ from e2former_jax.nn.radial import envelope
 @flax.struct.dataclass
 class ModelOutput:
   """Attributes:
-    energy: [B] energy of each molecule slot (0 on padding), in the units of the training targets.
-    atom_energy: [N] per-atom contributions (0 on padding).
-    direct_forces: [N, 3] output of the direct force head, or None when the config has none.
-    features: [N, S, C] final normalised node features.
+    energy: energy of each molecule slot (0 on padding), in the units of the training targets.
+    atom_energy: per-atom contributions (0 on padding).
+    direct_forces: output of the direct force head, or None when the config has none.
+    features: final normalised node features.
   """
 
-  energy: jax.Array
-  atom_energy: jax.Array
-  direct_forces: jax.Array | None
-  features: jax.Array
+  energy: Float[Array, "B"]
+  atom_energy: Float[Array, "N"]
+  direct_forces: Float[Array, "N 3"] | None
+  features: Float[Array, "N S C"]
 
 
-def edge_geometry(config: E2FormerConfig, graph: Graph, positions: jax.Array) -> EdgeGeometry:
+def edge_geometry(config: E2FormerConfig, graph: Graph, positions: Float[ArrayLike, "N 3"]
+                  ) -> EdgeGeometry:
   """Per-slot geometry shared by every block; NaN-free (value and gradient) on empty slots."""
   mask = graph.nbr_mask
   vectors = graph.edge_vectors(positions)  # [N, K, 3]

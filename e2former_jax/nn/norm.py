@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from e2former_jax.so3.layout import lmax_from_rows, row_degrees
 
@@ -20,8 +21,7 @@ class RMSNormSH(nn.Module):
   """
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [N, S, C] -> [N, S, C]."""
+  def __call__(self, x: Float[Array, "N S C"]) -> Float[Array, "N S C"]:
     num_rows, channels = x.shape[-2:]
     lmax = lmax_from_rows(num_rows)
     degrees = row_degrees(lmax)

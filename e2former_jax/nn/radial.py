@@ -9,18 +9,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from e2former_jax.config import DEFAULT_LAYER_NORM_EPS
 from e2former_jax.nn.init import kaiming_uniform
 
 
-def gaussian_rbf(distances: jax.Array, cutoff: float, num_basis: int) -> jax.Array:
+def gaussian_rbf(distances: Float[Array, "*batch"], cutoff: float, num_basis: int
+                 ) -> Float[Array, "*batch {num_basis}"]:
   """Gaussian smearing: centres mu_k = k * cutoff / (num_basis - 1), width sigma = 2 * spacing.
 
   Args:
-    distances: [...] edge lengths in angstrom.
+    distances: edge lengths in angstrom.
   Returns:
-    [..., num_basis] exp(-(d - mu_k)^2 / (2 sigma^2)); no learnable parameter (docs/model.md §4.1).
+    exp(-(d - mu_k)^2 / (2 sigma^2)); no learnable parameter (docs/model.md §4.1).
   """
   spacing = cutoff / (num_basis - 1)
   centres = jnp.arange(num_basis, dtype=distances.dtype) * spacing
@@ -28,7 +30,7 @@ def gaussian_rbf(distances: jax.Array, cutoff: float, num_basis: int) -> jax.Arr
   return jnp.exp(-((distances[..., None] - centres) ** 2) / (2.0 * sigma**2))
 
 
-def envelope(distances: jax.Array, cutoff: float) -> jax.Array:
+def envelope(distances: Float[ArrayLike, "*batch"], cutoff: float) -> Float[Array, "*batch"]:
   """Smoothstep-C2 envelope phi(u) = 1 - 10u^3 + 15u^4 - 6u^5 for u = d / cutoff < 1, else 0.
 
   phi, phi' and phi'' vanish at the cutoff, so energies and forces are continuous when an atom
@@ -102,19 +104,21 @@ class RadialMLP(nn.Module):
       assert sum(self.out_blocks) == self.out_width, (self.out_blocks, self.out_width)
       self.out = ColumnBlocks(self.out_blocks, self.dtype)
 
-  def __call__(self, distances: jax.Array, target_types: jax.Array, source_types: jax.Array,
-               nbr_idx: jax.Array, slot_weights: jax.Array | None = None
-               ) -> jax.Array | tuple[jax.Array, ...]:
+  def __call__(self, distances: Float[Array, "N K"], target_types: Float[Array, "N T"],
+               source_types: Float[Array, "N T"], nbr_idx: Int[ArrayLike, "N K"],
+               slot_weights: Float[Array, "N K X"] | None = None
+               ) -> (Float[Array, "N K F"] | Float[Array, "N X F"]
+                     | tuple[Float[Array, "N _ _"], ...]):
     """
     Args:
-      distances: [N, K] edge lengths of every slot (any finite value on empty slots).
-      target_types: [N, T] type embedding of each target atom.
-      source_types: [N, T] type embedding of each atom as a source (gathered per slot).
-      nbr_idx: [N, K] source atom of each slot (sentinel N on empty slots reads zeros).
-      slot_weights: optional [N, K, M] weights of each slot.
+      distances: edge lengths of every slot (any finite value on empty slots).
+      target_types: type embedding of each target atom.
+      source_types: type embedding of each atom as a source (gathered per slot).
+      nbr_idx: source atom of each slot (sentinel N on empty slots reads zeros).
+      slot_weights: optional weights of each slot.
     Returns:
-      [N, K, out] the MLP of every slot or, with ``slot_weights``, [N, M, out]
-      sum_k slot_weights[:, k, m] MLP[:, k, :]; with ``out_blocks``, a tuple of its column blocks.
+      The MLP of every slot (F = ``out_width``) or, with ``slot_weights``,
+      sum_k slot_weights[:, k, x] MLP[:, k, :]; with ``out_blocks``, a tuple of its column blocks.
     """
     source = self.source_in(source_types)  # [N, hidden]
     rows = (distances, self.target_in(target_types))
@@ -151,13 +155,13 @@ class RadialMLP(nn.Module):
 
 class ColumnBlocks(nn.Module):
   """``nn.Dense(sum(widths))`` applied as separate column blocks of its weight matrix and bias:
-  the same parameters (names, shapes, initialisation) and outputs, as a tuple of [..., width]."""
+  the same parameters (names, shapes, initialisation) and outputs, as a tuple (one per width)."""
 
   widths: tuple[int, ...]
   dtype: Any = None  # of the products and outputs, as nn.Dense's
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> tuple[jax.Array, ...]:
+  def __call__(self, inputs: Float[Array, "*batch _"]) -> tuple[Float[Array, "*batch _"], ...]:
     features = sum(self.widths)
     kernel = self.param("kernel", kaiming_uniform, (inputs.shape[-1], features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (features,), jnp.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 import pallas_kernels
 from e2former_jax import so3
@@ -45,38 +46,42 @@ def _head_last(values: jax.Array, num_heads: int) -> jax.Array:
   return values.reshape(m, r * (c // num_heads), num_heads)
 
 
-def attention_weights(dots: jax.Array, gate: jax.Array, post_weight: jax.Array, envelope: jax.Array,
-                      nbr_mask: jax.Array, *, head_dim: int, sink_logit: jax.Array | None = None
-                      ) -> jax.Array:
+def attention_weights(dots: Float[Array, "N K H"], gate: Float[Array, "N K H"],
+                      post_weight: Float[Array, "N K H"], envelope: Float[Array, "N K"],
+                      nbr_mask: Bool[ArrayLike, "N K"], *, head_dim: int,
+                      sink_logit: Float[Array, "N H"] | None = None) -> Float[Array, "N K H"]:
   """a_ikh = alpha_ikh * post_ikh from the raw products q_i . k_j (for the per-edge message path).
 
   The same function the kernels evaluate (see :func:`message_attention`).
 
   Args:
-    dots: [N, K, H]. gate, post_weight: [N, K, H]. envelope: [N, K]. nbr_mask: [N, K] bool.
+    dots: q_i . k_j of every slot and head. gate, post_weight, envelope, nbr_mask: as in
+      :func:`message_attention`.
     head_dim: d of the logit scale 1/sqrt(d).
-    sink_logit: [N, H] logit of the sink (None: 0).
+    sink_logit: logit of the sink (None: 0).
   Returns:
-    [N, K, H], zero on masked slots.
+    The weights, zero on masked slots.
   """
   return pallas_kernels.attention_weights(dots, gate, post_weight, envelope, nbr_mask,
                                           scale=head_dim**-0.5, sink=SOFTMAX_SINK,
                                           sink_logit=sink_logit)
 
 
-def max_slot_logit(q: jax.Array, k: jax.Array, gate: jax.Array, nbr_idx: jax.Array,
-                   holds_atom: jax.Array, *, impl: AttentionImpl) -> jax.Array:
+def max_slot_logit(q: Float[Array, "N H d"], k: Float[Array, "M H d"], gate: Float[Array, "N K H"],
+                   nbr_idx: Int[ArrayLike, "N K"], holds_atom: Bool[ArrayLike, "N K"], *,
+                   impl: AttentionImpl) -> Float[Array, "N H"]:
   """M_ih = max over the slots k that hold an atom of l_ikh = gate_ikh (q_ih . k_jh) / sqrt(d).
 
   The sink logit of the authors' softmax (config.SoftmaxSink.MAX_LOGIT). Differentiable: the
   gradient reaches the arg-max slot (shared equally between exact ties).
 
   Args:
-    q: [N, H, D]. k: [M, H, D]. gate: [N, K, H]. nbr_idx: [N, K] (M = no atom).
-    holds_atom: [N, K] bool, the slots that take part (masked ones included).
+    q, k, gate: as in :func:`message_attention`. nbr_idx: source of each slot (M = no atom).
+    holds_atom: the slots that take part (masked ones included).
     impl: implementation of the q.k products (the ``edge_dot`` kernel or its jnp reference).
   Returns:
-    [N, H]; 0 on a row without any such slot (its weights are 0 whatever the sink).
+    The logit per target and head; 0 on a row without any such slot (its weights are 0 whatever
+    the sink).
   """
   d = q.shape[-1]
   dots = _call(impl, pallas_kernels.edge_dot, pallas_kernels.edge_dot_reference,
@@ -86,10 +91,12 @@ def max_slot_logit(q: jax.Array, k: jax.Array, gate: jax.Array, nbr_idx: jax.Arr
   return jnp.where(jnp.isfinite(top), top, 0.0)
 
 
-def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: jax.Array,
-                      envelope: jax.Array, vectors: jax.Array, v: jax.Array, nbr_idx: jax.Array,
-                      nbr_mask: jax.Array, *, impl: AttentionImpl,
-                      sink_logit: jax.Array | None = None) -> jax.Array:
+def message_attention(q: Float[Array, "N H d"], k: Float[Array, "M H d"],
+                      gate: Float[Array, "N K H"], post_weight: Float[Array, "N K H"],
+                      envelope: Float[Array, "N K"], vectors: Float[Array, "N K 3"],
+                      v: Float[Array, "M S C"], nbr_idx: Int[ArrayLike, "N K"],
+                      nbr_mask: Bool[ArrayLike, "N K"], *, impl: AttentionImpl,
+                      sink_logit: Float[Array, "N H"] | None = None) -> Float[Array, "N R C"]:
   """m_i[r, c] = sum_k a_ikh T(v_j, r_ik)[r, c], h = c mod H: the attention message.
 
   a_ikh = alpha_ikh post_ikh with
@@ -97,15 +104,15 @@ def message_attention(q: jax.Array, k: jax.Array, gate: jax.Array, post_weight: 
   over valid slots and l_ikh = gate_ikh (q_ih . k_jh) / sqrt(d); T = so3.tensor_product_vector.
 
   Args:
-    q: [N, H, D] queries. k: [M, H, D] keys of the source nodes.
-    gate: [N, K, H] per-edge logit gates. post_weight: [N, K, H] post-softmax weights.
-    envelope: [N, K] phi(d). vectors: [N, K, 3] edge vectors r_ik.
-    v: [M, S, C] source features, S = (lmax+1)^2, channel c in head c % H.
-    nbr_idx: [N, K] int32 in [0, M] (M = empty). nbr_mask: [N, K] bool.
+    q: queries. k: keys of the source nodes.
+    gate: per-edge logit gates. post_weight: post-softmax weights.
+    envelope: phi(d). vectors: edge vectors r_ik.
+    v: source features, channel c in head c % H.
+    nbr_idx: int32 in [0, M] (M = empty). nbr_mask: real edges.
     impl: implementation.
-    sink_logit: [N, H] logit of the sink, differentiable (None: 0, docs/decisions.md D1).
+    sink_logit: logit of the sink, differentiable (None: 0, docs/decisions.md D1).
   Returns:
-    [N, R, C] in the l3-sequential layout of T (R = 20 for lmax = 2).
+    The message in the l3-sequential layout of T (R = 20 for lmax = 2).
   """
   n, h, d = q.shape
   m, s, c = v.shape

@@ -25,13 +25,17 @@ import math
 from fractions import Fraction
 
 import numpy as np
+from jaxtyping import Float
+
+# The shape of C^{l1 l2 l3}: (2 l1 + 1, 2 l2 + 1, 2 l3 + 1) orders.
+CGTensor = Float[np.ndarray, "{2*l1+1} {2*l2+1} {2*l3+1}"]
 
 # Entries below this are rounding noise of the complex-to-real change of basis (true zeros); genuine
 # coefficients are far larger (the smallest for degrees <= 8 is 7e-6).
 _ZERO_TOLERANCE = 1e-12
 
 
-def clebsch_gordan(l1: int, l2: int, l3: int) -> np.ndarray:
+def clebsch_gordan(l1: int, l2: int, l3: int) -> CGTensor:
   """Real CG tensor with unit Frobenius norm, equal to e3nn-jax ``clebsch_gordan(l1, l2, l3)``.
 
   ``sum_{m1, m2} C[m1, m2, m3] x[m1] y[m2]`` is the degree-l3 part of x (x) y: it transforms as
@@ -43,7 +47,7 @@ def clebsch_gordan(l1: int, l2: int, l3: int) -> np.ndarray:
     l3: degree of the output.
 
   Returns:
-    float64 [2l1+1, 2l2+1, 2l3+1], read-only; all zeros when (l1, l2, l3) violates the triangle
+    float64, read-only; all zeros when (l1, l2, l3) violates the triangle
     inequality |l1 - l2| <= l3 <= l1 + l2.
 
   Raises:
@@ -52,14 +56,14 @@ def clebsch_gordan(l1: int, l2: int, l3: int) -> np.ndarray:
   return _real_clebsch_gordan(*_check_degrees(l1, l2, l3))
 
 
-def clebsch_gordan_wonorm(l1: int, l2: int, l3: int) -> np.ndarray:
+def clebsch_gordan_wonorm(l1: int, l2: int, l3: int) -> CGTensor:
   """The model's CG tensor sqrt(2 l3 + 1) * :func:`clebsch_gordan` ("wonorm", docs/model.md §2.4).
 
   Its squares sum to 2 l3 + 1, and each output order m3 receives unit total weight
   (``sum_{m1 m2} C[m1, m2, m3]^2 = 1``).
 
   Returns:
-    float64 [2l1+1, 2l2+1, 2l3+1], read-only.
+    float64, read-only.
   """
   return _real_clebsch_gordan_wonorm(*_check_degrees(l1, l2, l3))
 

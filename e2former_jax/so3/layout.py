@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from jaxtyping import Int
 
 
 def num_rows(lmax: int) -> int:
@@ -43,14 +44,14 @@ def degree_slice(l: int) -> slice:
   return slice(l * l, (l + 1) ** 2)
 
 
-def row_degrees(lmax: int) -> np.ndarray:
-  """Degree l of every row, int array [(lmax+1)^2], e.g. [0, 1, 1, 1, 2, 2, 2, 2, 2] for lmax=2."""
+def row_degrees(lmax: int) -> Int[np.ndarray, "S"]:
+  """Degree l of every row, e.g. [0, 1, 1, 1, 2, 2, 2, 2, 2] for lmax=2."""
   _check_degree(lmax, "lmax")
   return np.concatenate([np.full(2 * l + 1, l) for l in range(lmax + 1)]).astype(np.int32)
 
 
-def row_orders(lmax: int) -> np.ndarray:
-  """Order m of every row, int array [(lmax+1)^2], e.g. [0, -1, 0, 1, -2, ..., 2] for lmax=2."""
+def row_orders(lmax: int) -> Int[np.ndarray, "S"]:
+  """Order m of every row, e.g. [0, -1, 0, 1, -2, ..., 2] for lmax=2."""
   _check_degree(lmax, "lmax")
   return np.concatenate([np.arange(-l, l + 1) for l in range(lmax + 1)]).astype(np.int32)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 
-def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+def safe_norm(x: Float[Array, "..."], axis: int = -1, keepdims: bool = False
+              ) -> Float[Array, "..."]:
   """Euclidean norm ``sqrt(sum(x^2, axis))`` whose gradient is 0 (not NaN) at x = 0.
 
   The plain norm has gradient x/|x|, which is 0/0 at the origin (padded neighbour slots, an atom at

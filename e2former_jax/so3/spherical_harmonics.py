@@ -8,13 +8,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from e2former_jax.so3.clebsch_gordan import clebsch_gordan
 from e2former_jax.so3.layout import num_rows
 from e2former_jax.so3.safe import safe_norm
 
 
-def spherical_harmonics(vectors: jax.Array, lmax: int, normalize: bool) -> jax.Array:
+def spherical_harmonics(vectors: Float[Array, "*batch 3"], lmax: int, normalize: bool
+                        ) -> Float[Array, "*batch S"]:
   r"""Spherical harmonics Y^0..Y^lmax of ``vectors``, rows in the e3nn order.
 
   Component normalisation, :math:`\|Y^l(\hat r)\|^2 = 2l+1`; e.g. Y^1(r) = sqrt(3) (x, y, z) and
@@ -25,13 +27,13 @@ def spherical_harmonics(vectors: jax.Array, lmax: int, normalize: bool) -> jax.A
   the unique degree-l harmonic polynomial; :math:`a_l` fixes :math:`Y^l_0(\hat y) = +\sqrt{2l+1}`.
 
   Args:
-    vectors: [..., 3] Cartesian (x, y, z).
+    vectors: Cartesian (x, y, z).
     lmax: highest degree.
     normalize: evaluate at r/|r| (the zero vector gives Y^0 = 1, Y^{l>0} = 0, with finite
       gradients). If False, Y^l is the homogeneous polynomial of the raw vector (scales as |r|^l).
 
   Returns:
-    [..., (lmax+1)^2], dtype of ``vectors``.
+    S = (lmax+1)^2 rows, dtype of ``vectors``.
 
   Raises:
     ValueError: if the last axis is not 3 or lmax < 0.

@@ -12,6 +12,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Float
 
 from e2former_jax.so3.clebsch_gordan import clebsch_gordan
 from e2former_jax.so3.layout import num_rows
@@ -21,8 +22,8 @@ from e2former_jax.so3.layout import num_rows
 _SWAP_XY = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
 
 
-def wigner_d(l: int, rotation_matrix: jax.Array) -> jax.Array:
-  r"""D^l(R) for proper rotations R [..., 3, 3] -> [..., 2l+1, 2l+1].
+def wigner_d(l: int, rotation_matrix: Float[Array, "*batch 3 3"]) -> Float[Array, "*batch O O"]:
+  r"""D^l(R) for proper rotations R (O = 2l+1 orders).
 
   Built by the recursion :math:`D^l = (2l+1)\,C^\top (D^{l-1} \otimes R)\, C` with
   C = CG^{l-1,1,l} (unit norm): D^l is the degree-l block of D^{l-1} (x) D^1. Exact and polynomial
@@ -34,8 +35,10 @@ def wigner_d(l: int, rotation_matrix: jax.Array) -> jax.Array:
   return _wigner_d_list(l, rotation_matrix, jnp)[l]
 
 
-def wigner_d_from_angles(l: int, alpha: jax.Array, beta: jax.Array, gamma: jax.Array) -> jax.Array:
-  """D^l(R_y(alpha) R_x(beta) R_y(gamma)): [...] angles (broadcast) -> [..., 2l+1, 2l+1].
+def wigner_d_from_angles(l: int, alpha: Float[ArrayLike, "*#batch"],
+                         beta: Float[ArrayLike, "*#batch"], gamma: Float[ArrayLike, "*#batch"]
+                         ) -> Float[Array, "*#batch O O"]:
+  """D^l(R_y(alpha) R_x(beta) R_y(gamma)) of angles that broadcast (O = 2l+1 orders).
 
   Evaluated in closed form as Y(alpha) J Y(beta) J Y(gamma), with Y the rotation about the polar
   axis and the constant involution J = D^l(rotation by pi about (1, 1, 0)/sqrt(2)).
@@ -48,13 +51,16 @@ def wigner_d_from_angles(l: int, alpha: jax.Array, beta: jax.Array, gamma: jax.A
   )
 
 
-def rotation_matrix_from_angles(alpha: jax.Array, beta: jax.Array, gamma: jax.Array) -> jax.Array:
-  """R_y(alpha) R_x(beta) R_y(gamma): [...] angles (broadcast) -> [..., 3, 3] (= D^1)."""
+def rotation_matrix_from_angles(alpha: Float[ArrayLike, "*#batch"],
+                                beta: Float[ArrayLike, "*#batch"],
+                                gamma: Float[ArrayLike, "*#batch"]) -> Float[Array, "*#batch 3 3"]:
+  """R_y(alpha) R_x(beta) R_y(gamma) of angles that broadcast (= D^1)."""
   return wigner_d_from_angles(1, alpha, beta, gamma)
 
 
-def wigner_d_block_diag(lmax: int, rotation_matrix: jax.Array) -> jax.Array:
-  """blockdiag(D^0, ..., D^lmax)(R) [..., (lmax+1)^2, (lmax+1)^2], acting on feature rows."""
+def wigner_d_block_diag(lmax: int, rotation_matrix: Float[Array, "*batch 3 3"]
+                        ) -> Float[Array, "*batch S S"]:
+  """blockdiag(D^0, ..., D^lmax)(R), acting on feature rows."""
   rows = num_rows(lmax)
   out = jnp.zeros(rotation_matrix.shape[:-2] + (rows, rows), rotation_matrix.dtype)
   for l, block in enumerate(_wigner_d_list(lmax, rotation_matrix, jnp)):
@@ -81,7 +87,7 @@ def _swap_xy(l: int) -> np.ndarray:
   return _wigner_d_list(l, _SWAP_XY, np)[l]
 
 
-def _y_rotation(l: int, angle: jax.Array, dtype) -> jax.Array:
+def _y_rotation(l: int, angle: ArrayLike, dtype) -> jax.Array:
   """D^l of the rotation by ``angle`` about y: [...] -> [..., 2l+1, 2l+1].
 
   Turning about the polar axis advances the azimuth phi by ``angle``, so each pair
