@@ -9,7 +9,11 @@ the warm-up, at its first validation, and fixes T then:
   T = step + floor((deadline - now - final) / (t_step + t_val / eval_every))
 
 where ``final`` is the time the closing validation + test evaluation will take (estimated from the
-validation pass). T is stored in every checkpoint, so a resumed run keeps its schedule.
+validation pass). A machine can slow down after the warm-up (other load, checkpoint writes in the
+background): at every later validation the run checks T against the wall time its last
+``eval_every`` steps took, validation and checkpoints included, and shortens T when the rest would
+not fit (:func:`shortened_horizon`; never lengthens it, so the schedule only ever moves forward).
+T is stored in every checkpoint, so a resumed run keeps its schedule.
 """
 
 from __future__ import annotations
@@ -64,3 +68,20 @@ def plan_horizon(*, step: int, now: float, deadline: float, step_seconds: float,
   available = deadline - now - closing_eval_seconds
   per_step = step_seconds + validation_seconds / max(eval_every, 1)
   return step + max(0, math.floor(available / per_step))
+
+
+def shortened_horizon(horizon: int, *, step: int, now: float, deadline: float, recent_seconds: float,
+                      recent_steps: int, closing_eval_seconds: float) -> int:
+  """``horizon``, or fewer steps when the remaining ones would not end in time at the recent rate.
+
+  Args:
+    horizon: the current T.
+    step: steps taken so far.
+    now, deadline: clock readings (seconds; same clock).
+    recent_seconds, recent_steps: wall time of the last steps and their number (validation passes
+      and checkpoint writes included).
+    closing_eval_seconds: the final evaluation plus writing outputs.
+  """
+  per_step = recent_seconds / max(recent_steps, 1)
+  fits = step + max(0, math.floor((deadline - now - closing_eval_seconds) / per_step))
+  return max(step, min(horizon, fits))

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from train import sharding
-from train.budget import CLOSING_SECONDS, UNKNOWN_HORIZON, PassTiming, plan_horizon
+from train.budget import CLOSING_SECONDS, UNKNOWN_HORIZON, PassTiming, plan_horizon, shortened_horizon
 from train.checkpoint import BEST, CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo, load_checkpoint
 from train.data import DataPosition
 from train.evaluate import evaluate, validation_loss
@@ -188,6 +188,8 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     per_record = pass_timing[-1].steady_seconds() / max(len(data.splits["val"]), 1)
     return CLOSING_SECONDS + per_record * sum(len(data.splits[s]) for s in EVAL_SPLITS)
 
+  last_check: dict[str, Any] = {"time": None, "step": None}  # the last look at the horizon
+
   def fix_horizon() -> None:
     """Budget mode: T from this machine's measured step and validation times (train.budget)."""
     nonlocal horizon
@@ -200,6 +202,24 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     bar.set_total(horizon)
     say(f"budget: {step_seconds:.3g} s/step measured; training to step {horizon} "
         f"(cosine horizon) within train.max_minutes={config.train.max_minutes}")
+    last_check.update(time=time.perf_counter(), step=step)
+
+  def check_horizon() -> None:
+    """Budget mode, after T is fixed: shortens T when the recent steps show it would not fit."""
+    nonlocal horizon
+    now = time.perf_counter()
+    if last_check["time"] is None:  # resumed: the window starts here
+      last_check.update(time=now, step=step)
+      return
+    shorter = max(shortened_horizon(horizon, step=step, now=now, deadline=deadline,
+                                    recent_seconds=now - last_check["time"],
+                                    recent_steps=step - last_check["step"],
+                                    closing_eval_seconds=closing_seconds()), config.train.min_steps)
+    last_check.update(time=now, step=step)
+    if shorter < horizon:
+      horizon = shorter
+      bar.set_total(horizon)
+      say(f"budget: slower than planned; cosine horizon shortened to step {horizon}")
 
   def save_last() -> None:
     last_meta = checkpointer.latest_meta(LAST)
@@ -285,6 +305,8 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
         last_val = validate()
         if planning:
           fix_horizon()
+        elif budget_mode:
+          check_horizon()
       if step % config.train.checkpoint_every == 0:
         checkpointer.save(LAST, state, meta=checkpoint_meta(), predictor=predictor)
     if pending is not None:

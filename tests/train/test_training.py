@@ -303,6 +303,29 @@ def test_budget_mode_sizes_the_schedule_at_the_first_validation(dataset, tmp_pat
   assert again.step == 7 and len(planned) == 1
 
 
+def test_budget_mode_shortens_the_schedule_when_the_run_slows_down(dataset, tmp_path, monkeypatch):
+  """After T is fixed, every validation checks it against the recent steps' wall time; a shorter T
+  replaces it (and is checkpointed), a longer one never does."""
+  checks = []
+
+  def shorten(horizon, **kwargs):
+    checks.append((horizon, kwargs))
+    return min(horizon, 9)
+
+  monkeypatch.setattr(train_module, "plan_horizon", lambda **kwargs: 12)
+  monkeypatch.setattr(train_module, "shortened_horizon", shorten)
+  config = tiny_config(dataset, "train.steps=null", "optim.decay_steps=null", "train.max_minutes=30",
+                       "train.eval_every=4", "train.checkpoint_every=100", "train.min_steps=2")
+  result = train_and_evaluate(config, tmp_path, progress=False, final_eval=False)
+  (horizon, kwargs), = checks  # at step 8, the one validation after T was fixed at step 4
+  assert horizon == 12 and kwargs["step"] == 8 and kwargs["recent_steps"] == 4
+  assert kwargs["recent_seconds"] > 0
+  assert result.step == 9
+  checkpointer = Checkpointer(tmp_path / "checkpoints")
+  assert checkpointer.latest_meta(LAST)["decay_steps"] == 9
+  checkpointer.close()
+
+
 # The run of the interruption tests: 6 steps, no validation, no checkpoint before the end.
 INTERRUPTIBLE = ["train.steps=6", "train.eval_every=100", "train.checkpoint_every=100"]
 
