@@ -23,6 +23,7 @@ import jax
 from e2former_jax.config import AttentionImpl
 from train.simulation import (SUMMARY_FILENAME, Ensemble, MDSettings, OnUnphysical, Thermostat,
                               dataset_structure, read_structure, simulate)
+from train.simulation.relax import DEFAULT_FMAX
 
 MD_DIRNAME = "md"
 
@@ -58,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tau", type=float, default=50.0, help="Nose-Hoover period in fs")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--float64", action="store_true", help="double precision")
+  relax = parser.add_mutually_exclusive_group()
+  relax.add_argument("--relax-fmax", type=float, default=DEFAULT_FMAX,
+                     help="first relax the structure with the model until no force component exceeds "
+                          "this (eV/A)")
+  relax.add_argument("--no-relax", action="store_true",
+                     help="start from the structure as given (e.g. one relaxed already)")
   parser.add_argument("--attention-impl", choices=[i.value for i in AttentionImpl],
                       default=AttentionImpl.AUTO.value,
                       help="attention implementation (default auto: pallas on GPU, xla otherwise)")
@@ -95,7 +102,8 @@ def run_command(args: argparse.Namespace) -> int:
   settings = MDSettings(ensemble=Ensemble(args.ensemble), thermostat=Thermostat(args.thermostat),
                         temperature_k=args.temperature, timestep_fs=args.timestep, steps=args.steps,
                         record_every=args.record_every, friction_per_fs=args.friction,
-                        tau_fs=args.tau, seed=args.seed, float64=args.float64)
+                        tau_fs=args.tau, seed=args.seed, float64=args.float64,
+                        relax_fmax=None if args.no_relax else args.relax_fmax)
   name = args.molecule or (args.structure.stem if args.structure else structure.key or "structure")
   out = args.out or checkpoint.parent.parent / MD_DIRNAME / f"{_slug(name)}_{settings.label}"
   if not args.quiet:

@@ -89,7 +89,7 @@ def test_md_command_writes_trajectory_plot_and_summary(run_dir, tmp_path):
   assert cli_main(["md", str(run_dir), "--molecule", "mol1", "--conformer", "1", "--ensemble", "nvt",
                    "--thermostat", "nose-hoover", "--temperature", "200", "--timestep", "0.1",
                    "--float64", "--steps", "35", "--record-every", "10", "--out", str(out),
-                   "--quiet"]) == 0
+                   "--no-relax", "--quiet"]) == 0
   frames = ase.io.read(out / TRAJECTORY_FILENAME, index=":")
   assert [f.info["step"] for f in frames] == [0, 10, 20, 30, 40]  # 35 rounded up to whole chunks
   with h5py.File(run_dir.parent / "data.hdf5") as f:
@@ -132,7 +132,7 @@ def test_md_command_runs_a_periodic_cell(run_dir, tmp_path):
   path = tmp_path / "cell.extxyz"
   ase.io.write(path, atoms)
   assert cli_main(["md", str(run_dir), "--structure", str(path), "--ensemble", "nvt", "--steps", "20",
-                   "--record-every", "10", "--remat", "--quiet"]) == 0
+                   "--record-every", "10", "--remat", "--no-relax", "--quiet"]) == 0
   out = run_dir / "md" / "cell_nvt-langevin"
   frames = ase.io.read(out / TRAJECTORY_FILENAME, index=":")
   assert len(frames) == 3

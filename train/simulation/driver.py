@@ -29,6 +29,7 @@ import numpy as np
 from e2former_jax.interop.predictor import Predictor
 from e2former_jax.structure import Structure, validate_structure
 from train.simulation.plot import PLOT_FILENAME, plot_energies
+from train.simulation.relax import DEFAULT_FMAX, relax
 from train.simulation.trajectory import TRAJECTORY_FILENAME, append_frame
 from train.simulation.watchdog import OnUnphysical, Watchdog, report_line
 
@@ -67,6 +68,8 @@ class MDSettings:
     tau_fs: Nose-Hoover chain oscillation period in fs.
     seed: random seed of the initial velocities and the Langevin noise.
     float64: run in double precision.
+    relax_fmax: first relax the structure on the model's energy surface until no force component
+      exceeds this (eV/Å; ``train.simulation.relax``); None starts from the structure as given.
   """
 
   ensemble: Ensemble = Ensemble.NVE
@@ -79,6 +82,7 @@ class MDSettings:
   tau_fs: float = 50.0
   seed: int = 0
   float64: bool = False
+  relax_fmax: float | None = DEFAULT_FMAX
 
   def __post_init__(self):
     for name, kind in (("ensemble", Ensemble), ("thermostat", Thermostat)):
@@ -90,6 +94,8 @@ class MDSettings:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
     if self.temperature_k < 0:
       raise ValueError(f"temperature_k must be >= 0, got {self.temperature_k}")
+    if self.relax_fmax is not None and not self.relax_fmax > 0:
+      raise ValueError(f"relax_fmax must be positive or None, got {self.relax_fmax}")
 
   @property
   def label(self) -> str:
@@ -109,7 +115,10 @@ def simulate(predictor: Predictor, structure: Structure, settings: MDSettings, o
              ) -> dict[str, Any]:
   """Runs the simulation and writes the trajectory, the energy plot and the summary to ``out_dir``.
 
-  Every recorded frame is checked by a :class:`~train.simulation.watchdog.Watchdog`: its findings
+  Unless ``settings.relax_fmax`` is None, the structure is first relaxed on the model's energy
+  surface (:func:`train.simulation.relax.relax`; the summary's ``relaxation``) and the simulation
+  starts there. Every recorded frame is checked by a :class:`~train.simulation.watchdog.Watchdog`
+  (bonds against the start): its findings
   are printed (stderr) and listed in the summary's ``watchdog``; with ``OnUnphysical.STOP`` the run
   ends at the first finding (the summary's ``stopped_at_step``).
 
@@ -125,15 +134,19 @@ def simulate(predictor: Predictor, structure: Structure, settings: MDSettings, o
     _periodic_box(structure, predictor.config.cutoff)
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
+  relaxation = None
+  if settings.relax_fmax is not None:
+    structure, relaxation = relax(predictor, structure, fmax=settings.relax_fmax)
   if settings.float64:
     with jax.enable_x64(True):
       return _simulate(predictor.with_dtype(jnp.float64), structure, settings, out_dir, progress,
-                       on_unphysical)
-  return _simulate(predictor, structure, settings, out_dir, progress, on_unphysical)
+                       on_unphysical, relaxation)
+  return _simulate(predictor, structure, settings, out_dir, progress, on_unphysical, relaxation)
 
 
 def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, out_dir: Path,
-              progress: bool, on_unphysical: OnUnphysical) -> dict[str, Any]:
+              progress: bool, on_unphysical: OnUnphysical, relaxation: dict[str, Any] | None
+              ) -> dict[str, Any]:
   from jax_md import simulate as jmd_simulate
   from jax_md import space
   from tqdm import tqdm
@@ -244,6 +257,8 @@ def _simulate(predictor: Predictor, structure: Structure, settings: MDSettings, 
   elapsed = time.perf_counter() - start[0] if start else 0.0
   timed_steps = rows[-1]["step"] - start[1] if start else 0
   summary = _summary(rows, settings, structure, n, timed_steps / elapsed if timed_steps else None)
+  if relaxation is not None:
+    summary["relaxation"] = relaxation
   summary["watchdog"] = [event.to_dict() for event in findings]
   # Over every recorded frame: the largest relative change of a start bond's length.
   summary["max_bond_change"] = {"relative": watchdog.max_bond_change, "bond": watchdog.max_bond_change_pair}

@@ -9,16 +9,19 @@ import dataclasses
 import ase
 import ase.io
 import ase.units
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from e2former_jax.config import tiny_config
 from e2former_jax.interop.predictor import Predictor
+from e2former_jax.neighbors import build_graph
 from e2former_jax.nn.model import E2Former
 from e2former_jax.structure import Structure
 from train.simulation import (TRAJECTORY_FILENAME, Ensemble, MDSettings, OnUnphysical, Thermostat,
                               simulate)
+from train.simulation.relax import relax
 from train.simulation.watchdog import BREAK_FACTOR, TEMPERATURE_FACTOR
 
 MICRO = dict(num_layers=1, channels=8, num_heads=2, head_dim=4, num_rbf=8, max_neighbors=8,
@@ -47,12 +50,14 @@ def _spring(rest_length: float, stiffness: float) -> _SpringPredictor:
 # temperature stays below the watchdog's 600 K until the bond breaks (1.5 x 1.42 A, ~130 fs).
 CO_START, PULL_REST_LENGTH, PULL_STIFFNESS = 1.1, 3.0, 0.05
 MD_TIMESTEP_FS, MD_RECORD_EVERY = 1.0, 5
+# Tight enough to show convergence, loose enough for a random-weight model's few FIRE steps.
+RELAX_FMAX = 0.05
 
 
 def test_watchdog_stops_md_at_the_step_a_bond_breaks(tmp_path):
   structure = Structure(numbers=np.array([6, 8]), positions=np.array([[0.0, 0, 0], [CO_START, 0, 0]]))
   settings = MDSettings(temperature_k=0.0, timestep_fs=MD_TIMESTEP_FS, steps=400,
-                        record_every=MD_RECORD_EVERY, float64=True)
+                        record_every=MD_RECORD_EVERY, float64=True, relax_fmax=None)
   summary = simulate(_spring(PULL_REST_LENGTH, PULL_STIFFNESS), structure, settings, tmp_path,
                      progress=False, on_unphysical=OnUnphysical.STOP)
   masses = ase.Atoms("CO").get_masses()
@@ -71,7 +76,7 @@ def test_watchdog_stops_md_at_the_step_a_bond_breaks(tmp_path):
 def test_watchdog_stays_silent_on_a_healthy_run(tmp_path, capsys):
   structure = Structure(numbers=np.array([6, 8]), positions=np.array([[0.0, 0, 0], [1.13, 0, 0]]))
   settings = MDSettings(temperature_k=300.0, timestep_fs=0.25, steps=400, record_every=10,
-                        float64=True)
+                        float64=True, relax_fmax=None)
   summary = simulate(_spring(1.13, 30.0), structure, settings, tmp_path, progress=False)
   frames = ase.io.read(tmp_path / TRAJECTORY_FILENAME, index=":")
   # NVE from the rest length: the temperature never exceeds its start, which must be below the limit.
@@ -94,6 +99,28 @@ def test_settings_take_enums():
     MDSettings(ensemble="nvt")
   with pytest.raises(ValueError, match="steps must be positive"):
     MDSettings(steps=0)
+  with pytest.raises(ValueError, match="relax_fmax must be positive or None"):
+    MDSettings(relax_fmax=0.0)
+
+
+def test_simulation_starts_from_the_structure_relaxed_on_the_model(tmp_path):
+  """A stretched C-O under a random-weight model: FIRE lowers the energy until no force component
+  exceeds relax_fmax, and the first frame of the trajectory is the relaxed geometry."""
+  model = E2Former(tiny_config(**MICRO))
+  structure = Structure(numbers=np.array([6, 8, 1]),
+                        positions=np.array([[0.0, 0, 0], [1.6, 0, 0], [-1.0, 0.3, 0]]), spin=2)
+  graph = build_graph([structure], cutoff=model.config.cutoff, max_neighbors=model.config.max_neighbors)
+  params = model.init(jax.random.key(3), jax.tree.map(jnp.asarray, graph))
+  predictor = Predictor(model=model, params=params)
+  relaxed, record = relax(predictor, structure, fmax=RELAX_FMAX)
+  assert record["converged"] and record["final_fmax_eV_per_A"] <= RELAX_FMAX
+  assert record["energy_drop_eV"] > 0 and record["rmsd_A"] > 0
+  settings = MDSettings(temperature_k=0.0, steps=10, record_every=10, float64=True,
+                        relax_fmax=RELAX_FMAX)
+  summary = simulate(predictor, structure, settings, tmp_path, progress=False)
+  assert summary["relaxation"] == pytest.approx(record)
+  frames = ase.io.read(tmp_path / TRAJECTORY_FILENAME, index=":")
+  np.testing.assert_allclose(frames[0].positions, relaxed.positions, atol=1e-6)
 
 
 def test_rotated_cell_is_refused_before_anything_is_written(tmp_path):
