@@ -93,9 +93,10 @@ def plan(config: E2FormerConfig, num_atoms: int, num_neighbors: int, itemsize: i
     config: the model's configuration.
     num_atoms, num_neighbors: the graph's padded sizes N and K.
     itemsize: bytes of one float of the computation.
-    device: where it runs (default: JAX's default device).
+    device: where it runs (default: this process's first device; another process's devices
+      report no memory).
   """
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   budget = free_bytes(device)
   options = candidates(config)
   if budget is None:
