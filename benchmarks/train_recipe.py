@@ -3,7 +3,9 @@
 One case is one ``e2former train`` run (a run config and ``--set`` overrides), on this machine, as a
 user would start it. Before training, the training split's iterator (reading, packing, neighbour
 lists, in its prefetch thread) is timed on its own for ``--pipeline-batches`` sub-batches: its
-sustained sub-batches/s against the training's sub-batches/s says how much headroom the host has;
+sustained sub-batches/s against the training's sub-batches/s (the run's average after its first
+step, validation passes included, so the headroom is somewhat overstated) says how much the host has
+to spare;
 the run's own ``input_wait_fraction`` (the share of the run in which the training loop waited for a
 batch) says whether the device ever starved. The result line gives the test split's errors (the
 forces are -dE/dx, what simulations use), per subset for charged species, radicals and ion pairs,
