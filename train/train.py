@@ -195,10 +195,11 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     nonlocal horizon
     now = time.perf_counter()
     step_seconds = (timing["last_done"] - timing["first_done"]) / max(timing["steps_after_first"] - 1, 1)
-    horizon = max(plan_horizon(step=step, now=now, deadline=deadline, step_seconds=step_seconds,
-                               validation_seconds=pass_timing[-1].steady_seconds() if pass_timing else 0.0,
-                               eval_every=config.train.eval_every,
-                               closing_eval_seconds=closing_seconds()), config.train.min_steps, step)
+    horizon = _from_process0(max(plan_horizon(
+        step=step, now=now, deadline=deadline, step_seconds=step_seconds,
+        validation_seconds=pass_timing[-1].steady_seconds() if pass_timing else 0.0,
+        eval_every=config.train.eval_every, closing_eval_seconds=closing_seconds()),
+        config.train.min_steps, step))
     bar.set_total(horizon)
     say(f"budget: {step_seconds:.3g} s/step measured; training to step {horizon} "
         f"(cosine horizon) within train.max_minutes={config.train.max_minutes}")
@@ -211,10 +212,10 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     if last_check["time"] is None:  # resumed: the window starts here
       last_check.update(time=now, step=step)
       return
-    shorter = max(shortened_horizon(horizon, step=step, now=now, deadline=deadline,
-                                    recent_seconds=now - last_check["time"],
-                                    recent_steps=step - last_check["step"],
-                                    closing_eval_seconds=closing_seconds()), config.train.min_steps)
+    shorter = _from_process0(max(shortened_horizon(
+        horizon, step=step, now=now, deadline=deadline, recent_seconds=now - last_check["time"],
+        recent_steps=step - last_check["step"], closing_eval_seconds=closing_seconds()),
+        config.train.min_steps))
     last_check.update(time=now, step=step)
     if shorter < horizon:
       horizon = shorter
@@ -374,9 +375,15 @@ def _interrupted(checkpointer: Checkpointer, step: int) -> TrainingInterrupted:
 
 def _agreed(flag: bool) -> bool:
   """Process 0's ``flag`` on every process (every process must stop at the same step)."""
+  return bool(_from_process0(int(flag)))
+
+
+def _from_process0(value: int) -> int:
+  """Process 0's ``value`` on every process: the schedule's horizon, which each process would
+  otherwise plan from its own clock, and the decisions to stop must be one across processes."""
   if jax.process_count() > 1:
-    flag = bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
-  return flag
+    value = int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+  return value
 
 
 def _past(deadline: float | None, reserve: float = 0.0) -> bool:
