@@ -22,8 +22,8 @@ from e2former_jax.structure import Structure
 # Relaxed once no force component exceeds this (eV/Å): well below thermal forces at 300 K for a
 # molecule (~1 eV/Å), so what is left is heat, not stored strain.
 DEFAULT_FMAX = 0.05
-# FIRE steps at most: a molecule from a dataset geometry takes ~100-300; a relaxation that has not
-# converged by then starts the simulation anyway (the summary says so).
+# FIRE steps at most: ethanol from its dataset geometry (forces up to 6 eV/Å) took 44; a relaxation
+# that has not converged by then starts the simulation anyway (the summary says so).
 DEFAULT_MAX_STEPS = 500
 
 
