@@ -5,8 +5,13 @@ that ``bash scripts/main.sh`` trains on) for a fixed wall time on this machine, 
 the same test split: energy MAE (meV/atom) and force MAE (meV/A, per component) per subset, forces
 being the ones each model simulates with (our -dE/dx, MACE's -dE/dx). Our model trains with its
 run config's recipe within ``--minutes``; MACE trains for ``--mace-factor`` times as long (MACE's own
-``mace_run_train``; its checkpoints, written when its validation loss improves, are snapshots of its
-learning curve, and the newest one at 1x and at the end are its models at 1x and 2x our budget).
+``mace_run_train``). Both write a checkpoint whenever a validation improves the validation loss (ours:
+``checkpoints/best``, validated every ``train.eval_every`` steps): the driver copies each one as it
+appears, with the training wall time then, and up to CURVE_POINTS of these snapshots per model are
+scored on the test split as its learning curve. MACE's newest snapshots at 1x and at the end are its
+models at 1x and 2x our budget. Our final numbers are the run's own closing evaluation of its final
+weights, which end our curve: its last snapshot when the closing validation improved the loss, else
+the run's ``checkpoints/last``.
 
 MACE (mace-torch, with PyTorch) may live in another interpreter: ``--mace-python`` runs its
 training and ``mace_eval.py`` there; the two sides exchange extxyz and npz files.
@@ -20,8 +25,9 @@ fitted by least squares). MACE knows neither total charge nor spin.
   python -m benchmarks.compare_mace --smoke    # tiny models on synthetic molecules, ~2 min
 
 Records the cases "E2Former <minutes> min", "MACE small <minutes> min" and "MACE small <2x> min"
-(test MAE, overall and per subset) with ``benchmarks/report.py``, and plots the test force MAE
-against training time to ``results/compare_mace.png``.
+(test MAE, overall and per subset; the E2Former record's data holds both learning curves) with
+``benchmarks/report.py``, and plots both curves, test force MAE against training time, our final
+model highlighted, to ``results/compare_mace.png``.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import ase
 import ase.io
@@ -41,6 +49,8 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.structures import synthetic_dataset
+from train.checkpoint import BEST, CHECKPOINT_DIRNAME, LAST
+from train.evaluate import evaluate_checkpoint
 from train.run_config import load_run_config
 from train.run_data import open_run_data
 from train.train import train_and_evaluate
@@ -57,19 +67,73 @@ MACE_TRAINING = ["--batch_size=10", "--valid_batch_size=20", "--lr=0.01", "--ema
                  "--device=cpu", "--seed=0", "--error_table=PerAtomMAE"]
 SMOKE_MACE_ARCHITECTURE = ["--model=MACE", "--num_channels=8", "--max_L=0", "--correlation=2",
                              "--num_interactions=1", "--max_ell=1", "--num_radial_basis=4"]
-# How often the driver looks for a new MACE checkpoint (seconds): fine against epochs of ~a minute.
+# How often the driver looks for a new checkpoint (seconds): fine against MACE's epochs of ~a minute;
+# a best checkpoint of ours replaced by the next one within it is missed, which only thins the curve.
 POLL_SECONDS = 2.0
-# Snapshots of MACE's learning curve that are evaluated on the test split (besides 1x and 2x).
+# Snapshots of each learning curve that are evaluated on the test split (besides 1x and the end).
 CURVE_POINTS = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-  """A MACE checkpoint taken during training: its epoch, file, and the training wall time then."""
+  """A checkpoint taken during training: its step (MACE: epoch), copy, and the training wall time then."""
 
-  epoch: int
+  step: int
   path: Path
   seconds: float
+
+
+# A checkpoint in training's folder: (step, where it is, where its copy goes).
+Listing = Callable[[], Iterable[tuple[int, Path, Path]]]
+
+
+class Snapshotter(threading.Thread):
+  """Copies every new finished checkpoint that ``listing`` names, each POLL_SECONDS, while training runs.
+
+  Training keeps only its newest checkpoint: one may be deleted while it is copied; it is skipped
+  (the next poll takes its successor).
+  """
+
+  def __init__(self, listing: Listing, start: float):
+    super().__init__(daemon=True)
+    self.listing, self.start_time = listing, start
+    self.found: dict[int, Snapshot] = {}
+    self.error: BaseException | None = None
+    self.stopped = threading.Event()
+
+  def run(self) -> None:
+    try:
+      while not self.stopped.wait(POLL_SECONDS):
+        self.poll()
+    except BaseException as error:  # re-raised by stop(), in the driver's thread
+      self.error = error
+
+  def poll(self) -> None:
+    for step, path, copy in self.listing():
+      if step in self.found:
+        continue
+      try:
+        if path.is_dir():
+          shutil.copytree(path, copy)
+        else:
+          shutil.copy2(path, copy)
+      except (FileNotFoundError, shutil.Error):
+        if path.exists():  # not a checkpoint deleted mid-copy
+          raise
+        if copy.is_dir():
+          shutil.rmtree(copy)
+        continue
+      self.found[step] = Snapshot(step, copy, time.perf_counter() - self.start_time)
+
+  def stop(self, *, last_look: bool) -> list[Snapshot]:
+    """Stops polling, after one more poll with ``last_look``; the snapshots in order of time."""
+    self.stopped.set()
+    self.join()
+    if self.error is not None:
+      raise self.error
+    if last_look:
+      self.poll()
+    return sorted(self.found.values(), key=lambda s: s.seconds)
 
 
 def write_split(data, split: str, path: Path) -> list[str]:
@@ -105,15 +169,44 @@ def errors(frames, subsets: list[str], energy: np.ndarray, forces: np.ndarray) -
   return table
 
 
+def table_test_errors(table: list[dict]) -> dict[str, dict]:
+  """Our error table's test rows by subset, in the shape of :func:`errors`."""
+  return {r["subset"]: {"molecules": r["molecules"], "energy_mae_mev_per_atom": r["energy_mae_mev_per_atom"],
+                        "force_mae_mev_per_a": r["force_mae_mev_per_a"]}
+          for r in table if r["split"] == "test"}
+
+
 def train_ours(args, config, out: Path) -> dict:
+  """Trains our run, snapshotting its best checkpoint (written when a validation improves the loss)."""
+  run, kept = out / "ours", out / "ours" / "snapshots"
+  best = run / CHECKPOINT_DIRNAME / BEST
+
+  def listing():  # orbax writes into a temporary folder and renames it to the step when finished
+    steps = [p for p in best.iterdir() if p.name.isdigit()] if best.is_dir() else []
+    # Each copy is a run folder of its own, so that the checkpoint tools find it.
+    return [(int(p.name), p, kept / p.name / CHECKPOINT_DIRNAME / BEST / p.name) for p in steps]
+
   start = time.perf_counter()
-  result = train_and_evaluate(config, out / "ours", progress=not args.quiet)
+  snapshotter = Snapshotter(listing, start)
+  snapshotter.start()
+  try:
+    result = train_and_evaluate(config, run, progress=not args.quiet)
+  except BaseException:
+    snapshotter.stop(last_look=False)
+    raise
   seconds = time.perf_counter() - start
-  rows = {r["subset"]: r for r in result.table if r["split"] == "test"}
-  return {"wall_seconds": seconds, "steps": result.step,
-          "test": {name: {"molecules": r["molecules"],
-                          "energy_mae_mev_per_atom": r["energy_mae_mev_per_atom"],
-                          "force_mae_mev_per_a": r["force_mae_mev_per_a"]} for name, r in rows.items()}}
+  # The last look takes the closing validation's checkpoint: finished when training returns.
+  snapshots = snapshotter.stop(last_look=True)
+  if not snapshots or snapshots[-1].step != result.step:  # the closing validation did not improve
+    # The curve ends with the weights the run's closing evaluation scored: its final ones, in "last".
+    final = run / CHECKPOINT_DIRNAME / LAST / str(result.step)
+    snapshots.append(Snapshot(result.step, final, time.perf_counter() - start))
+  curve = []
+  for s in curve_points(snapshots, seconds):
+    table = evaluate_checkpoint(s.path.parent, splits=("test",), out=kept / str(s.step), progress=False)
+    curve.append({"minutes": s.seconds / 60, "step": s.step, "test": table_test_errors(table)})
+  return {"wall_seconds": seconds, "steps": result.step, "test": table_test_errors(result.table),
+          "curve": curve}
 
 
 def mace_command(args, folder: Path, cutoff: float, numbers: list[int], max_epochs: int | None = None
@@ -133,28 +226,31 @@ def train_mace(args, folder: Path, cutoff: float, numbers: list[int], seconds: f
   """Runs MACE's training for ``seconds`` of wall time, keeping every checkpoint it writes."""
   checkpoints, kept = folder / "checkpoints", folder / "snapshots"
   kept.mkdir(parents=True, exist_ok=True)
+
+  def listing():
+    return [(int(p.stem.rsplit("_epoch-", 1)[1]), p, kept / p.name)
+            for p in (checkpoints.glob("*_epoch-*.pt") if checkpoints.is_dir() else ())]
+
   log = (folder / "mace_train.log").open("w")
   start = time.perf_counter()
   process = subprocess.Popen(mace_command(args, folder, cutoff, numbers), cwd=folder, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
-  snapshots: dict[str, Snapshot] = {}
+  snapshotter = Snapshotter(listing, start)
+  snapshotter.start()
   try:
-    while time.perf_counter() - start < seconds and process.poll() is None:
-      time.sleep(POLL_SECONDS)
-      for path in checkpoints.glob("*_epoch-*.pt") if checkpoints.is_dir() else ():
-        if path.name not in snapshots:
-          copy = kept / path.name
-          shutil.copy2(path, copy)
-          epoch = int(path.stem.rsplit("_epoch-", 1)[1])
-          snapshots[path.name] = Snapshot(epoch, copy, time.perf_counter() - start)
+    process.wait(timeout=seconds)
+  except subprocess.TimeoutExpired:
+    pass
   finally:
+    # No last look after the kill: a checkpoint MACE was writing then may be cut short.
+    snapshots = snapshotter.stop(last_look=False)
     if process.poll() is None:
       os.killpg(process.pid, signal.SIGTERM)
       process.wait(timeout=60)
     log.close()
   if process.returncode not in (0, -signal.SIGTERM, None):
     raise RuntimeError(f"MACE training failed (exit {process.returncode}); see {folder / 'mace_train.log'}")
-  return sorted(snapshots.values(), key=lambda s: s.seconds)
+  return snapshots
 
 
 def mace_model(args, folder: Path, cutoff: float, numbers: list[int], last: Snapshot) -> Path:
@@ -166,7 +262,7 @@ def mace_model(args, folder: Path, cutoff: float, numbers: list[int], last: Snap
   for name in ("train.xyz", "val.xyz"):
     shutil.copy2(folder / name, restart / name)
   with (folder / "mace_restart.log").open("w") as log:
-    subprocess.run(mace_command(args, restart, cutoff, numbers, max_epochs=last.epoch), cwd=restart,
+    subprocess.run(mace_command(args, restart, cutoff, numbers, max_epochs=last.step), cwd=restart,
                    stdout=log, stderr=subprocess.STDOUT, check=True)
   return next((restart / "checkpoints").glob("*.model"))
 
@@ -186,13 +282,15 @@ def plot(summary: dict, path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  def force_mae(curve):
+    return [p["minutes"] for p in curve], [p["test"]["all"]["force_mae_mev_per_a"] for p in curve]
+
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  curve = summary["mace"]["curve"]
-  ax.plot([p["minutes"] for p in curve], [p["test"]["all"]["force_mae_mev_per_a"] for p in curve],
-          "o-", label="MACE (small), test")
+  ax.plot(*force_mae(summary["mace"]["curve"]), "o-", label="MACE (small), test")
   ours = summary["ours"]
+  (line,) = ax.plot(*force_mae(ours["curve"]), "s-", label="E2Former (main command), test")
   ax.plot([ours["wall_seconds"] / 60], [ours["test"]["all"]["force_mae_mev_per_a"]], "*", ms=14,
-          label="E2Former (main command), test")
+          color=line.get_color(), label="E2Former, final model")
   for minutes in (summary["minutes"], summary["minutes"] * summary["mace_factor"]):
     ax.axvline(minutes, color="grey", ls=":", lw=1)
   ax.set(xlabel="training wall time (min, same CPU)", ylabel="test force MAE (meV/\u00c5)",
@@ -265,7 +363,7 @@ def main(argv=None) -> list[report.Record]:
   curve = []
   for p in points:
     npz = np.load(predictions / f"{p.path.stem}.npz")
-    curve.append({"minutes": p.seconds / 60, "epoch": p.epoch,
+    curve.append({"minutes": p.seconds / 60, "epoch": p.step,
                   "test": errors(test_frames, subsets["test"], npz["energy"], npz["forces"])})
   at_budget = [c for c in curve if c["minutes"] <= minutes]
   summary = {"minutes": minutes, "mace_factor": args.mace_factor, "config": str(args.config),

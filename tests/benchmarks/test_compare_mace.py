@@ -25,7 +25,7 @@ def _has_mace(python: str) -> bool:
 @pytest.mark.skipif(not _has_mace(MACE_PYTHON),
                     reason="mace-torch is not installed (pip install 'e2former-jax[mace]', or point "
                            "E2F_MACE_PYTHON at an interpreter that has it)")
-def test_smoke_run_trains_both_and_records_three_cases(tmp_path):
+def test_smoke_run_trains_both_and_records_three_cases_and_two_curves(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.compare_mace", "--smoke", "--quiet", "--results", str(tmp_path),
        "--work", str(tmp_path / "work"), "--mace-python", MACE_PYTHON],
@@ -36,7 +36,17 @@ def test_smoke_run_trains_both_and_records_three_cases(tmp_path):
   summary = records[0]["data"]
   curve = summary["mace"]["curve"]
   assert curve and all(p["minutes"] <= 2 * summary["minutes"] + 0.5 for p in curve)
-  for point in [summary["ours"]] + curve:
+  ours = summary["ours"]
+  minutes = [p["minutes"] for p in ours["curve"]]
+  assert len(minutes) >= 2 and all(a < b for a, b in zip(minutes, minutes[1:]))
+  # The curve ends with the run's final weights: evaluated again, they score what the run's own
+  # closing evaluation reported.
+  assert ours["curve"][-1]["step"] == ours["steps"]
+  last = ours["curve"][-1]["test"]
+  assert last.keys() == ours["test"].keys()
+  for subset, row in ours["test"].items():
+    assert last[subset] == pytest.approx(row, rel=1e-6)
+  for point in [ours] + ours["curve"] + curve:
     row = point["test"]["all"]
     assert row["molecules"] == summary["records"]["test"]  # every test geometry scored
     assert 0 < row["force_mae_mev_per_a"] < 1e5 and 0 <= row["energy_mae_mev_per_atom"] < 1e6
