@@ -100,22 +100,16 @@ class Checkpointer:
 
   def latest_meta(self, which: str) -> dict[str, Any] | None:
     """The JSON meta of the newest finished checkpoint of "last"/"best", or None if there is none."""
-    manager = self._managers[which]
-    manager.wait_until_finished()
-    step = manager.latest_step()
-    if step is None:
-      return None
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    restored = self._restore(which)
+    return None if restored is None else restored["meta"]
 
   def predictor_info(self, which: str) -> PredictorInfo | None:
     """The predictor JSON of the newest finished checkpoint of "last"/"best", or None."""
-    manager = self._managers[which]
-    manager.wait_until_finished()
-    step = manager.latest_step()
-    if step is None:
+    restored = self._restore(which, predictor=ocp.args.JsonRestore())
+    if restored is None:
       return None
-    tree = manager.restore(step, args=ocp.args.Composite(predictor=ocp.args.JsonRestore()))["predictor"]
-    return PredictorInfo.from_json(tree, source=f"{self.directory / which}/{step}")
+    return PredictorInfo.from_json(restored["predictor"],
+                                   source=f"{self.directory / which}/{restored['meta']['step']}")
 
   def restore(self, which: str, target: TrainState, shardings) -> tuple[TrainState, dict[str, Any]] | None:
     """Restores the newest checkpoint into arrays laid out like ``target`` (None if there is none).
@@ -125,21 +119,30 @@ class Checkpointer:
       target: a train state with the right structure, shapes and dtypes (values unused).
       shardings: pytree of shardings like ``target``.
     """
+    abstract = _abstract(target, shardings)
+    restored = self._restore(which, train_state=ocp.args.StandardRestore(_train_items(abstract)),
+                             ema_params=ocp.args.StandardRestore(abstract.ema_params))
+    if restored is None:
+      return None
+    items = restored["train_state"]
+    state = TrainState(ema_params=restored["ema_params"], **items["counters"],
+                       params=items["params"], opt_state=items["opt_state"])
+    return state, restored["meta"]
+
+  def restore_ema_params(self, which: str, target, shardings) -> tuple[Any, dict[str, Any]] | None:
+    """The EMA weights and meta of the newest "last"/"best" checkpoint, laid out like ``target``
+    (a pytree of EMA weights with its ``shardings``); None if there is none."""
+    restored = self._restore(which, ema_params=ocp.args.StandardRestore(_abstract(target, shardings)))
+    return None if restored is None else (restored["ema_params"], restored["meta"])
+
+  def _restore(self, which: str, **items) -> dict[str, Any] | None:
+    """``items`` and the meta of the newest finished checkpoint of "last"/"best" (None if none)."""
     manager = self._managers[which]
     manager.wait_until_finished()
     step = manager.latest_step()
     if step is None:
       return None
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
-                            shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        train_state=ocp.args.StandardRestore(_train_items(abstract)),
-        ema_params=ocp.args.StandardRestore(abstract.ema_params),
-        meta=ocp.args.JsonRestore()))
-    items = restored["train_state"]
-    state = TrainState(ema_params=restored["ema_params"], **items["counters"],
-                       params=items["params"], opt_state=items["opt_state"])
-    return state, restored["meta"]
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
 
   def wait(self) -> None:
     for manager in self._managers.values():
@@ -156,6 +159,11 @@ def _manager(directory: Path, options: ocp.CheckpointManagerOptions | None = Non
   handlers = {"train_state": ocp.StandardCheckpointHandler(), "ema_params": ocp.StandardCheckpointHandler(),
               "meta": ocp.JsonCheckpointHandler(), "predictor": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _abstract(target, shardings):
+  """Shapes and dtypes of ``target`` with ``shardings``: where a restore puts the arrays."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
 
 
 def _train_items(state: TrainState) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Per step, this process takes its S / process_count sub-batches from the training
 and shards them, and runs the jitted data-parallel step. Metrics of step t are read back while step
 t + 1 runs (one step of lag keeps the device busy). Every ``eval_every`` steps the EMA weights are
 evaluated on the validation split (best checkpoint), every ``checkpoint_every`` steps the "last"
-checkpoint is written (asynchronously). At the end: final checkpoint, the error table on the
-validation and test splits, the learning-curve plot and a throughput summary.
+checkpoint is written (asynchronously). At the end: final checkpoint, the error table of the
+exported model (the best checkpoint's EMA weights) on the validation and test splits, the
+learning-curve plot and a throughput summary.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class TrainResult:
     workdir: the run's working directory.
     step: training iterations completed (over all invocations of the run).
     losses: training loss of every step taken by this invocation, in order.
-    table: final error rows (:func:`train.metrics.error_table`), empty when not evaluated.
+    table: the closing error rows (:func:`train.metrics.error_table`) of the exported model, the
+      best checkpoint's EMA weights; empty when not evaluated.
+    table_step: the step whose weights ``table`` scores (None when not evaluated).
     summary: throughput and run facts (also in ``summary.json``).
   """
 
@@ -64,6 +67,7 @@ class TrainResult:
   step: int
   losses: list[float]
   table: list[dict[str, Any]]
+  table_step: int | None
   summary: dict[str, Any]
 
 
@@ -157,9 +161,11 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
   eval_step = make_eval_step(model_config, mesh)
   pass_timing: list[PassTiming] = []
 
-  def run_eval(split: str):
-    return evaluate(eval_step, state.ema_params, iterators[split], mesh, local_batches,
-                    data.subset_names, max_batches=config.data.max_eval_batches, timing=pass_timing)
+  def run_eval(split: str, params=None):
+    """Errors of ``params`` (default: the current EMA weights) on ``split``."""
+    return evaluate(eval_step, state.ema_params if params is None else params, iterators[split], mesh,
+                    local_batches, data.subset_names, max_batches=config.data.max_eval_batches,
+                    timing=pass_timing)
 
   def validate():
     nonlocal best_val
@@ -332,10 +338,20 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     if "val" not in iterators:  # nothing to choose a best checkpoint on: the final weights
       checkpointer.save(BEST, state, meta=checkpoint_meta(), predictor=predictor)
 
-    table = []
+    table, table_step = [], None
     if final_eval:
-      # The closing validation above is this step's validation: not evaluated twice.
-      results = {split: last_val if split == "val" and last_val is not None else run_eval(split)
+      # The table scores the exported model: the best checkpoint's EMA weights, which load_predictor,
+      # `e2former eval|md` and the ASE calculator load. When that is this step's (the usual end of a
+      # decayed schedule), the closing validation above is its validation: not evaluated twice.
+      # No best checkpoint: no validation loss was ever finite; the final weights are scored.
+      best = checkpointer.restore_ema_params(BEST, state.ema_params, state_shardings.ema_params)
+      params, table_step = None, step
+      if best is not None and best[1]["step"] != step:
+        params, table_step = best[0], best[1]["step"]
+        say(f"closing evaluation: the best checkpoint, step {table_step} (validation loss "
+            f"{best[1]['best_val_loss']:.4g}), the exported model")
+        last_val = None
+      results = {split: last_val if split == "val" and last_val is not None else run_eval(split, params)
                  for split in EVAL_SPLITS if split in iterators}
       table = error_table(results)
       if is_main and table:
@@ -352,7 +368,8 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     (workdir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n")
     say(f"done: step {step}; {summary['steps_per_s']:.3g} steps/s, {summary['atoms_per_s']:,.0f} atoms/s"
         f"; waited for data {100 * summary['input_wait_fraction']:.1f} % of the time; peak device memory {_format_bytes(summary['peak_device_memory_bytes'])}; outputs in {workdir}")
-  return TrainResult(workdir=workdir, step=step, losses=losses, table=table, summary=summary)
+  return TrainResult(workdir=workdir, step=step, losses=losses, table=table, table_step=table_step,
+                     summary=summary)
 
 
 def _saved_predictor(checkpoints: Path) -> PredictorInfo | None:

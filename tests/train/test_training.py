@@ -31,6 +31,7 @@ from e2former_jax.nn.model import E2Former
 from train import sharding
 from train.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
 from train.cli import main as cli_main
+from train.evaluate import evaluate_checkpoint
 from train.metrics import (CURVE_FILENAME, JSONL_FILENAME, TABLE_JSON_FILENAME, TABLE_MD_FILENAME,
                            read_records)
 from train.optimizer import make_optimizer
@@ -324,6 +325,27 @@ def test_budget_mode_shortens_the_schedule_when_the_run_slows_down(dataset, tmp_
   checkpointer = Checkpointer(tmp_path / "checkpoints")
   assert checkpointer.latest_meta(LAST)["decay_steps"] == 9
   checkpointer.close()
+
+
+def test_closing_table_scores_the_best_checkpoint_the_exported_model(dataset, tmp_path, monkeypatch):
+  """When the last validation is not the best, the closing table scores the best checkpoint's EMA
+  weights (what load_predictor, `e2former eval|md` and the ASE calculator load), not the final ones."""
+  val_losses = iter([3.0, 1.0, 2.0])  # at steps 2, 4, 6: the best is step 4's
+  monkeypatch.setattr(train_module, "validation_loss", lambda config, errors: next(val_losses))
+  config = tiny_config(dataset, "train.steps=6", "train.eval_every=2", "train.checkpoint_every=100")
+  result = train_and_evaluate(config, tmp_path, progress=False)
+  assert result.step == 6 and result.table_step == 4
+
+  def by_row(rows):
+    return {(r["split"], r["subset"], field): r[field] for r in rows
+            for field in ("energy_mae_mev_per_atom", "force_mae_mev_per_a")}
+
+  table = by_row(result.table)
+  assert by_row(evaluate_checkpoint(tmp_path, which=BEST, out=tmp_path / "best", progress=False)
+                ) == pytest.approx(table, rel=1e-5)
+  final = by_row(evaluate_checkpoint(tmp_path, which=LAST, out=tmp_path / "last", progress=False))
+  test_forces = ("test", "all", "force_mae_mev_per_a")
+  assert final[test_forces] != pytest.approx(table[test_forces], rel=1e-5)
 
 
 # The run of the interruption tests: 6 steps, no validation, no checkpoint before the end.
