@@ -9,9 +9,8 @@ run config's recipe within ``--minutes``; MACE trains for ``--mace-factor`` time
 ``checkpoints/best``, validated every ``train.eval_every`` steps): the driver copies each one as it
 appears, with the training wall time then, and up to CURVE_POINTS of these snapshots per model are
 scored on the test split as its learning curve. MACE's newest snapshots at 1x and at the end are its
-models at 1x and 2x our budget. Our final numbers are the run's own closing evaluation of its final
-weights, which end our curve: its last snapshot when the closing validation improved the loss, else
-the run's ``checkpoints/last``.
+models at 1x and 2x our budget. Our final numbers are the run's own closing evaluation of its
+exported model, the newest best checkpoint, which ends our curve.
 
 MACE (mace-torch, with PyTorch) may live in another interpreter: ``--mace-python`` runs its
 training and ``mace_eval.py`` there; the two sides exchange extxyz and npz files.
@@ -49,7 +48,7 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.structures import synthetic_dataset
-from train.checkpoint import BEST, CHECKPOINT_DIRNAME, LAST
+from train.checkpoint import BEST, CHECKPOINT_DIRNAME
 from train.evaluate import evaluate_checkpoint
 from train.run_config import load_run_config
 from train.run_data import open_run_data
@@ -195,18 +194,18 @@ def train_ours(args, config, out: Path) -> dict:
     snapshotter.stop(last_look=False)
     raise
   seconds = time.perf_counter() - start
-  # The last look takes the closing validation's checkpoint: finished when training returns.
+  # The last look takes the closing validation's checkpoint: finished when training returns. The
+  # newest best is the model the run's closing evaluation scored (train.TrainResult.table): it ends
+  # the curve.
   snapshots = snapshotter.stop(last_look=True)
-  if not snapshots or snapshots[-1].step != result.step:  # the closing validation did not improve
-    # The curve ends with the weights the run's closing evaluation scored: its final ones, in "last".
-    final = run / CHECKPOINT_DIRNAME / LAST / str(result.step)
-    snapshots.append(Snapshot(result.step, final, time.perf_counter() - start))
+  if not snapshots or snapshots[-1].step != result.table_step:
+    raise RuntimeError(f"the run's evaluated checkpoint (step {result.table_step}) was not snapshotted")
   curve = []
   for s in curve_points(snapshots, seconds):
     table = evaluate_checkpoint(s.path.parent, splits=("test",), out=kept / str(s.step), progress=False)
     curve.append({"minutes": s.seconds / 60, "step": s.step, "test": table_test_errors(table)})
-  return {"wall_seconds": seconds, "steps": result.step, "test": table_test_errors(result.table),
-          "curve": curve}
+  return {"wall_seconds": seconds, "steps": result.step, "evaluated_step": result.table_step,
+          "test": table_test_errors(result.table), "curve": curve}
 
 
 def mace_command(args, folder: Path, cutoff: float, numbers: list[int], max_epochs: int | None = None
@@ -290,7 +289,7 @@ def plot(summary: dict, path: Path) -> None:
   ours = summary["ours"]
   (line,) = ax.plot(*force_mae(ours["curve"]), "s-", label="E2Former (main command), test")
   ax.plot([ours["wall_seconds"] / 60], [ours["test"]["all"]["force_mae_mev_per_a"]], "*", ms=14,
-          color=line.get_color(), label="E2Former, final model")
+          color=line.get_color(), label="E2Former, exported model")
   for minutes in (summary["minutes"], summary["minutes"] * summary["mace_factor"]):
     ax.axvline(minutes, color="grey", ls=":", lw=1)
   ax.set(xlabel="training wall time (min, same CPU)", ylabel="test force MAE (meV/\u00c5)",
