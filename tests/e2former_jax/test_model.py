@@ -206,16 +206,17 @@ def force_loss_gradient(model, params, graph):
 
 
 def test_force_loss_parameter_gradient_is_finite(setup):
-  """The training gradient is finite, nonzero, and the same with remat blocks and with the radial
-  MLPs in chunks of atoms (float32 second-order tolerance of the kernel tests)."""
+  """The training gradient is finite, nonzero, and the same with remat blocks and the radial MLPs in
+  chunks of atoms (float32 second-order tolerance of the kernel tests). Both options at once: one
+  compilation of the double backward instead of two (test_compute_options_change_memory_not_numbers
+  takes them one at a time)."""
   cfg, mols, graph, model, params = setup
   leaves = jax.tree.leaves(force_loss_gradient(model, params, graph))
   assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
   assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
-  for changes in COMPUTE_OPTIONS:
-    other = E2Former(cfg.replace(**changes))
-    for g0, g1 in zip(leaves, jax.tree.leaves(force_loss_gradient(other, params, graph))):
-      assert_close(g1, g0, SECOND_ORDER_RTOL)
+  other = E2Former(cfg.replace(**{k: v for changes in COMPUTE_OPTIONS for k, v in changes.items()}))
+  for g0, g1 in zip(leaves, jax.tree.leaves(force_loss_gradient(other, params, graph))):
+    assert_close(g1, g0, SECOND_ORDER_RTOL)
 
 
 def test_mixed_precision_error_budget(setup):
