@@ -112,6 +112,10 @@ class Snapshotter(threading.Thread):
       if step in self.found:
         continue
       try:
+        # MACE writes its .pt in place: a file changed within the last poll may be half-written (one
+        # copied so at 5e9b145 failed to load); the next poll takes it.
+        if path.is_file() and time.time() - path.stat().st_mtime < POLL_SECONDS:
+          continue
         if path.is_dir():
           shutil.copytree(path, copy)
         else:
