@@ -129,11 +129,11 @@ class Checkpointer:
                        params=items["params"], opt_state=items["opt_state"])
     return state, restored["meta"]
 
-  def restore_ema_params(self, which: str, target, shardings) -> tuple[Any, dict[str, Any]] | None:
-    """The EMA weights and meta of the newest "last"/"best" checkpoint, laid out like ``target``
-    (a pytree of EMA weights with its ``shardings``); None if there is none."""
+  def restore_ema_params(self, which: str, target, shardings) -> Any | None:
+    """The EMA weights of the newest "last"/"best" checkpoint, laid out like ``target`` (a pytree of
+    EMA weights with its ``shardings``); None if there is none."""
     restored = self._restore(which, ema_params=ocp.args.StandardRestore(_abstract(target, shardings)))
-    return None if restored is None else (restored["ema_params"], restored["meta"])
+    return None if restored is None else restored["ema_params"]
 
   def _restore(self, which: str, **items) -> dict[str, Any] | None:
     """``items`` and the meta of the newest finished checkpoint of "last"/"best" (None if none)."""

@@ -343,13 +343,15 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
       # The table scores the exported model: the best checkpoint's EMA weights, which load_predictor,
       # `e2former eval|md` and the ASE calculator load. When that is this step's (the usual end of a
       # decayed schedule), the closing validation above is its validation: not evaluated twice.
-      # No best checkpoint: no validation loss was ever finite; the final weights are scored.
-      best = checkpointer.restore_ema_params(BEST, state.ema_params, state_shardings.ema_params)
+      # The best checkpoint's weights are read back only when they are not the current ones; with no
+      # best checkpoint (no validation loss was ever finite) the final weights are scored.
+      best_meta = checkpointer.latest_meta(BEST)
       params, table_step = None, step
-      if best is not None and best[1]["step"] != step:
-        params, table_step = best[0], best[1]["step"]
+      if best_meta is not None and best_meta["step"] != step:
+        params = checkpointer.restore_ema_params(BEST, state.ema_params, state_shardings.ema_params)
+        table_step = best_meta["step"]
         say(f"closing evaluation: the best checkpoint, step {table_step} (validation loss "
-            f"{best[1]['best_val_loss']:.4g}), the exported model")
+            f"{best_meta['best_val_loss']:.4g}), the exported model")
         last_val = None
       results = {split: last_val if split == "val" and last_val is not None else run_eval(split, params)
                  for split in EVAL_SPLITS if split in iterators}
