@@ -10,6 +10,7 @@ Implementations (``--impls``; see benchmarks/model_run.py):
   jax-pallas-chunks-remat  chunks and rematerialised blocks
   jax-pallas-auto     chosen per structure from its size and the free GPU memory (auto_memory)
   jax-pallas-bf16     jax-pallas in mixed precision (bfloat16 products and storage; mixed_precision)
+  jax-pallas-bf16-chunks-remat  mixed precision with chunks and rematerialised blocks
   jax-xla             node-centric message, the kernels' jnp references under XLA
   jax-per-edge        materialised per-edge message in JAX
   torch-edge          PyTorch eager, materialised per-edge message (benchmarks/torch_baseline)
