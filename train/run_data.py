@@ -41,7 +41,8 @@ def dataset_path(config: DataConfig) -> Path:
   """``config.path``, or the built-in dataset's HDF5 file (built on first use, then cached)."""
   if config.path is not None:
     return Path(config.path).expanduser()
-  from train.data.builtin import HDF5_FILENAME, build_builtin_dataset  # needs RDKit + tblite
+  # Building needs RDKit + tblite; a complete cached build does not.
+  from train.data.builtin import HDF5_FILENAME, build_builtin_dataset
 
   folder = build_builtin_dataset(config.builtin_dir, size=config.builtin,
                                  num_conformers=config.builtin_conformers)

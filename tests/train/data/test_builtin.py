@@ -277,6 +277,20 @@ def test_cache_hit_does_not_rebuild(small_build):
   assert {p: p.stat().st_mtime_ns for p in small_build.rglob("*")} == before
 
 
+def test_cached_build_needs_no_chemistry_packages(small_build, tmp_path, monkeypatch):
+  def missing():
+    raise ImportError("building the built-in dataset needs rdkit")
+  monkeypatch.setattr(build.sampling, "require_chemistry", missing)
+  before = {p: p.stat().st_mtime_ns for p in small_build.rglob("*")}
+  assert build.build_builtin_dataset(small_build, size=BuiltinSize.SMALL, progress=False) == small_build
+  assert {p: p.stat().st_mtime_ns for p in small_build.rglob("*")} == before
+  # Another size, or no build at all, still needs them.
+  with pytest.raises(ImportError, match="rdkit"):
+    build.build_builtin_dataset(small_build, size=BuiltinSize.DEFAULT, progress=False)
+  with pytest.raises(ImportError, match="rdkit"):
+    build.build_builtin_dataset(tmp_path / "empty", size=BuiltinSize.SMALL, progress=False)
+
+
 def test_force_rebuild_is_deterministic_and_atomic(small_build, tmp_path):
   reference = _read_groups(small_build / writers.HDF5_FILENAME)
   copy = tmp_path / "copy"

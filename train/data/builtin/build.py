@@ -75,7 +75,10 @@ def _build_params(size: BuiltinSize, molecules: Sequence[BuiltinMolecule],
 
 
 def _cached_manifest(out_dir: Path, params: dict[str, Any]) -> dict[str, Any] | None:
-  """The manifest of a complete, intact build of ``params`` in ``out_dir``, else None."""
+  """The manifest of a complete, intact build of ``params`` in ``out_dir``, else None.
+
+  ``params`` without "molecules" (the table needs RDKit to enumerate) matches on everything else.
+  """
   manifest_path = out_dir / MANIFEST_FILENAME
   if not manifest_path.is_file():
     return None
@@ -83,9 +86,12 @@ def _cached_manifest(out_dir: Path, params: dict[str, Any]) -> dict[str, Any] | 
     manifest = json.loads(manifest_path.read_text())
   except json.JSONDecodeError:
     return None
+  cached_params = manifest.get("params")
+  if isinstance(cached_params, dict) and "molecules" not in params:
+    cached_params = {key: value for key, value in cached_params.items() if key != "molecules"}
   hdf5 = out_dir / HDF5_FILENAME
   complete = (
-    manifest.get("version") == BUILTIN_VERSION and manifest.get("params") == params
+    manifest.get("version") == BUILTIN_VERSION and cached_params == params
     and hdf5.is_file() and (out_dir / ASELMDB_DIRNAME / ASELMDB_FILENAME).is_file()
     and (out_dir / ASELMDB_DIRNAME / ASELMDB_METADATA_FILENAME).is_file()
     and manifest.get("sha256", {}).get(HDF5_FILENAME) == _sha256(hdf5)
@@ -164,7 +170,7 @@ def build_builtin_dataset(out_dir: str | os.PathLike[str] | None = None, *,
     The dataset folder.
 
   Raises:
-    ImportError: if RDKit or tblite is not installed.
+    ImportError: if RDKit or tblite is not installed and no complete build of ``size`` is cached.
     ValueError: on a non-positive ``num_conformers`` or ``workers``, or an ``out_dir`` that exists
       and is neither empty nor a built-in dataset.
   """
@@ -180,7 +186,16 @@ def build_builtin_dataset(out_dir: str | os.PathLike[str] | None = None, *,
   if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILENAME).is_file():
     raise ValueError(f"{out_dir} exists and is not a built-in dataset folder (no {MANIFEST_FILENAME}); "
                      "pass an empty or new folder")
-  sampling.require_chemistry()
+  try:
+    sampling.require_chemistry()
+  except ImportError:
+    # A complete build of this size and recipe is still usable (e.g. copied to a GPU node without
+    # RDKit); only its molecule table cannot be re-derived and compared.
+    params = _build_params(size, (), num_conformers)
+    del params["molecules"]
+    if not force and _cached_manifest(out_dir, params) is not None:
+      return out_dir
+    raise
   molecules = builtin_molecules(size)
   params = _build_params(size, molecules, num_conformers)
   if not force and _cached_manifest(out_dir, params) is not None:
