@@ -50,6 +50,7 @@ from benchmarks import report
 from benchmarks.structures import synthetic_dataset
 from train.checkpoint import BEST, CHECKPOINT_DIRNAME
 from train.evaluate import evaluate_checkpoint
+from train.metrics import STATE_ROWS, electronic_state
 from train.run_config import load_run_config
 from train.run_data import open_run_data
 from train.train import train_and_evaluate
@@ -156,16 +157,22 @@ def write_split(data, split: str, path: Path) -> list[str]:
 
 
 def errors(frames, subsets: list[str], energy: np.ndarray, forces: np.ndarray) -> dict[str, dict]:
-  """Energy MAE (meV/atom, per molecule then averaged) and force MAE (meV/A, per component) by subset."""
+  """Energy MAE (meV/atom, per molecule then averaged) and force MAE (meV/A, per component) by subset
+  and, as in our error tables, by electronic state when the frames have more than one."""
   sizes = np.array([len(a) for a in frames])
   ref_e = np.array([a.info["REF_energy"] for a in frames])
   ref_f = np.concatenate([a.arrays["REF_forces"] for a in frames])
   e_err = np.abs(energy - ref_e) / sizes  # [configs]
   f_err = np.abs(forces - ref_f).mean(axis=1)  # [atoms], mean over components
   owner = np.repeat(np.arange(len(frames)), sizes)
+  states = electronic_state(np.array([a.info["charge"] for a in frames]),
+                            np.array([a.info["spin"] for a in frames]))  # [configs]
+  groups = {"all": np.ones(len(frames), bool)}
+  groups.update((name, np.array([s == name for s in subsets])) for name in sorted(set(subsets)))
+  if len(set(states.tolist())) > 1:
+    groups.update((name, states == i) for i, name in enumerate(STATE_ROWS) if (states == i).any())
   table = {}
-  for name in ["all", *sorted(set(subsets))]:
-    chosen = np.ones(len(frames), bool) if name == "all" else np.array([s == name for s in subsets])
+  for name, chosen in groups.items():
     table[name] = {"molecules": int(chosen.sum()),
                    "energy_mae_mev_per_atom": MEV * float(e_err[chosen].mean()),
                    "force_mae_mev_per_a": MEV * float(f_err[chosen[owner]].mean())}

@@ -16,7 +16,7 @@ from train import sharding
 from train.budget import PassTiming
 from train.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from train.data import BatchIterator
-from train.metrics import ALL_SUBSETS, ErrorSums, error_table, write_error_table
+from train.metrics import ALL_SUBSETS, STATE_ROWS, ErrorSums, electronic_state, error_table, write_error_table
 from train.run_config import EnergyLoss, ForceLoss, ForceMode, LossConfig, apply_overrides
 from train.run_data import empty_batch, empty_splits, make_iterator, open_run_data
 from train.step import make_eval_step
@@ -38,10 +38,13 @@ def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, l
     timing: the pass's wall time is appended here when given.
 
   Returns:
-    subset name -> :class:`ErrorSums`, plus ``"all"``; subsets without molecules are left out.
+    subset name -> :class:`ErrorSums`, plus ``"all"`` and, when the split holds molecules of more
+    than one electronic state, a row per state (``metrics.STATE_ROWS``); subsets without
+    molecules are left out.
   """
   num_subsets = len(subset_names)
-  sums = np.zeros((num_subsets, len(ErrorSums.FIELDS)))  # [num_subsets, fields]
+  # Rows: the dataset's subsets, then the electronic states.
+  sums = np.zeros((num_subsets + len(STATE_ROWS), len(ErrorSums.FIELDS)))  # [rows, fields]
   stream = iterator.iterate(epoch=0)
   batches = stream if max_batches is None else itertools.islice(stream, max_batches)
   padding = None
@@ -63,6 +66,8 @@ def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, l
     values = np.stack([derived[f] if f in derived else out[f][real] if f in out
                        else np.full_like(atoms, np.nan) for f in ErrorSums.FIELDS], -1)
     np.add.at(sums, stacked.subset[real], values)
+    state = electronic_state(stacked.graph.charge, stacked.graph.spin)  # [S, B]
+    np.add.at(sums, num_subsets + state[real], values)
     steps += 1
     first_done = first_done or time.perf_counter()
   stream.close()  # stops the prefetch thread when max_batches ended the pass early
@@ -72,8 +77,11 @@ def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, l
     end = time.perf_counter()
     timing.append(PassTiming(end - start, (first_done or end) - start, steps))
   sums = sharding.sum_across_processes(sums)
-  result = {name: ErrorSums.from_array(row) for name, row in zip(subset_names, sums) if row[0] > 0}
-  result[ALL_SUBSETS] = ErrorSums.from_array(sums.sum(0))
+  subsets, states = sums[:num_subsets], sums[num_subsets:]
+  result = {name: ErrorSums.from_array(row) for name, row in zip(subset_names, subsets) if row[0] > 0}
+  result[ALL_SUBSETS] = ErrorSums.from_array(subsets.sum(0))
+  if np.count_nonzero(states[:, 0]) > 1:  # one state alone would repeat the "all" row
+    result.update((name, ErrorSums.from_array(row)) for name, row in zip(STATE_ROWS, states) if row[0] > 0)
   return result
 
 

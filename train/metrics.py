@@ -25,6 +25,16 @@ TABLE_MD_FILENAME = "eval_table.md"
 TABLE_JSON_FILENAME = "eval_table.json"
 MEV = 1000.0  # meV per eV
 ALL_SUBSETS = "all"
+# Rows by electronic state, whatever the dataset's subsets: the errors of charged and open-shell
+# molecules against those of neutral closed-shell ones (a multiplicity of 0, unspecified, counts as
+# closed-shell). Index = :func:`electronic_state` of a molecule.
+STATE_ROWS = ("state: neutral closed-shell", "state: charged", "state: neutral open-shell")
+
+
+def electronic_state(charge: np.ndarray, spin: np.ndarray) -> np.ndarray:
+  """Index into ``STATE_ROWS`` of each molecule: charged (any multiplicity), else open-shell when
+  the multiplicity 2S+1 is 2 or more, else closed-shell."""
+  return np.where(charge != 0, 1, np.where(spin >= 2, 2, 0))
 
 
 def csv_filename(kind: str) -> str:
@@ -175,10 +185,11 @@ class ErrorSums:
 
 
 def error_table(results: dict[str, dict[str, ErrorSums]]) -> list[dict[str, Any]]:
-  """Rows ``{split, subset, ...summary}``: per split, the "all" row first, then subsets by name."""
+  """Rows ``{split, subset, ...summary}``: per split, the "all" row first, then subsets by name,
+  then the electronic-state rows."""
   rows = []
   for split, groups in results.items():
-    for subset in sorted(groups, key=lambda s: (s != ALL_SUBSETS, s)):
+    for subset in sorted(groups, key=lambda s: (s != ALL_SUBSETS, s in STATE_ROWS, s)):
       rows.append({"split": split, "subset": subset, **groups[subset].summary()})
   return rows
 

@@ -1,10 +1,13 @@
-"""The learning-curve plot of a run without validation passes or training records."""
+"""The learning-curve plot of a run without validation passes or training records; the
+electronic-state rows of the error tables."""
 
 from __future__ import annotations
 
 import warnings
 
-from train.metrics import plot_learning_curves
+import numpy as np
+
+from train.metrics import STATE_ROWS, electronic_state, plot_learning_curves
 
 
 def test_plot_without_records_draws_without_warnings(tmp_path):
@@ -13,3 +16,11 @@ def test_plot_without_records_draws_without_warnings(tmp_path):
     warnings.simplefilter("error")  # e.g. matplotlib's "No artists with labels found to put in legend"
     for name, records in (("empty.png", []), ("train_only.png", train_only)):
       assert plot_learning_curves(records, tmp_path / name).stat().st_size > 10_000
+
+
+def test_electronic_state_of_molecules():
+  charge = np.array([0, 0, 0, 1, -1, -2, 0])
+  spin = np.array([1, 0, 2, 1, 2, 1, 3])  # multiplicity 2S+1; 0 = unspecified
+  states = [STATE_ROWS[i] for i in electronic_state(charge, spin)]
+  closed, charged, open_shell = STATE_ROWS
+  assert states == [closed, closed, open_shell, charged, charged, charged, open_shell]

@@ -32,7 +32,7 @@ from train import sharding
 from train.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
 from train.cli import main as cli_main
 from train.evaluate import evaluate_checkpoint
-from train.metrics import (CURVE_FILENAME, JSONL_FILENAME, TABLE_JSON_FILENAME, TABLE_MD_FILENAME,
+from train.metrics import (CURVE_FILENAME, JSONL_FILENAME, STATE_ROWS, TABLE_JSON_FILENAME, TABLE_MD_FILENAME,
                            read_records)
 from train.optimizer import make_optimizer
 from train.run_config import load_run_config
@@ -135,16 +135,20 @@ def test_training_reduces_loss_and_writes_outputs(trained):
       trained.workdir / TABLE_MD_FILENAME).read_text()
 
 
-def test_eval_table_has_per_subset_rows(trained):
+def test_eval_table_has_per_subset_and_per_state_rows(trained):
   rows = json.loads((trained.workdir / TABLE_JSON_FILENAME).read_text())
+  # The tiny data's odd-electron molecules are doublets: closed- and open-shell ones in each split.
+  states = (STATE_ROWS[0], STATE_ROWS[2])
   for split in ("val", "test"):
+    split_rows = [r["subset"] for r in rows if r["split"] == split]
+    assert split_rows == ["all", *SUBSETS, *states], split_rows
     by_subset = {r["subset"]: r for r in rows if r["split"] == split}
-    assert set(by_subset) == {"all", *SUBSETS}, by_subset.keys()
     total = by_subset["all"]
-    assert total["molecules"] == sum(by_subset[s]["molecules"] for s in SUBSETS)
-    # The "all" row is the molecule-weighted mean of the subset rows.
-    weighted = sum(by_subset[s]["energy_mae_mev_per_atom"] * by_subset[s]["molecules"] for s in SUBSETS)
-    assert np.isclose(total["energy_mae_mev_per_atom"], weighted / total["molecules"])
+    for group in (SUBSETS, states):  # each partitions the split
+      assert total["molecules"] == sum(by_subset[s]["molecules"] for s in group)
+      # The "all" row is the molecule-weighted mean of the group's rows.
+      weighted = sum(by_subset[s]["energy_mae_mev_per_atom"] * by_subset[s]["molecules"] for s in group)
+      assert np.isclose(total["energy_mae_mev_per_atom"], weighted / total["molecules"])
     assert all(0 < r["force_mae_mev_per_a"] < np.inf for r in by_subset.values())
 
 
