@@ -186,10 +186,11 @@ class ErrorSums:
 
 def error_table(results: dict[str, dict[str, ErrorSums]]) -> list[dict[str, Any]]:
   """Rows ``{split, subset, ...summary}``: per split, the "all" row first, then subsets by name,
-  then the electronic-state rows."""
+  then the electronic-state rows in ``STATE_ROWS`` order."""
   rows = []
   for split, groups in results.items():
-    for subset in sorted(groups, key=lambda s: (s != ALL_SUBSETS, s in STATE_ROWS, s)):
+    for subset in sorted(groups, key=lambda s: (s != ALL_SUBSETS, s in STATE_ROWS,
+                                                STATE_ROWS.index(s) if s in STATE_ROWS else 0, s)):
       rows.append({"split": split, "subset": subset, **groups[subset].summary()})
   return rows
 

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from train.metrics import STATE_ROWS, electronic_state, plot_learning_curves
+from train.metrics import STATE_ROWS, ErrorSums, electronic_state, error_table, plot_learning_curves
 
 
 def test_plot_without_records_draws_without_warnings(tmp_path):
@@ -24,3 +24,9 @@ def test_electronic_state_of_molecules():
   states = [STATE_ROWS[i] for i in electronic_state(charge, spin)]
   closed, charged, open_shell = STATE_ROWS
   assert states == [closed, closed, open_shell, charged, charged, charged, open_shell]
+
+
+def test_error_table_orders_all_then_subsets_then_states():
+  row = ErrorSums.from_array(np.ones(len(ErrorSums.FIELDS)))
+  groups = {name: row for name in ("zeta", STATE_ROWS[2], "all", STATE_ROWS[0], "alpha", STATE_ROWS[1])}
+  assert [r["subset"] for r in error_table({"test": groups})] == ["all", "alpha", "zeta", *STATE_ROWS]
