@@ -2,7 +2,8 @@
 
 Both models train on the training split of our run's dataset (by default the built-in GFN2-xTB one
 that ``bash scripts/main.sh`` trains on) for a fixed wall time on this machine, and are scored on
-the same test split: energy MAE (meV/atom) and force MAE (meV/A, per component) per subset, forces
+the same test split: energy MAE (meV/atom) and force MAE (meV/A, per component) per subset and per
+electronic state (neutral closed-shell, charged, neutral open-shell), forces
 being the ones each model simulates with (our -dE/dx, MACE's -dE/dx). Our model trains with its
 run config's recipe within ``--minutes``; MACE trains for ``--mace-factor`` times as long (MACE's own
 ``mace_run_train``). Both write a checkpoint whenever a validation improves the validation loss (ours:
@@ -24,7 +25,7 @@ fitted by least squares). MACE knows neither total charge nor spin.
   python -m benchmarks.compare_mace --smoke    # tiny models on synthetic molecules, ~2 min
 
 Records the cases "E2Former <minutes> min", "MACE small <minutes> min" and "MACE small <2x> min"
-(test MAE, overall and per subset; the E2Former record's data holds both learning curves) with
+(test MAE, overall, per subset and per state; the E2Former record's data holds both learning curves) with
 ``benchmarks/report.py``, and plots both curves, test force MAE against training time, our final
 model highlighted, to ``results/compare_mace.png``.
 """
