@@ -51,7 +51,7 @@ from benchmarks import report
 from benchmarks.structures import synthetic_dataset
 from train.checkpoint import BEST, CHECKPOINT_DIRNAME
 from train.evaluate import evaluate_checkpoint
-from train.metrics import STATE_ROWS, electronic_state
+from train.metrics import STATE_ROWS, electronic_state, shown_states
 from train.run_config import load_run_config
 from train.run_data import open_run_data
 from train.train import train_and_evaluate
@@ -170,8 +170,8 @@ def errors(frames, subsets: list[str], energy: np.ndarray, forces: np.ndarray) -
                             np.array([a.info["spin"] for a in frames]))  # [configs]
   groups = {"all": np.ones(len(frames), bool)}
   groups.update((name, np.array([s == name for s in subsets])) for name in sorted(set(subsets)))
-  if len(set(states.tolist())) > 1:
-    groups.update((name, states == i) for i, name in enumerate(STATE_ROWS) if (states == i).any())
+  groups.update((STATE_ROWS[i], states == i)
+                for i in shown_states(np.bincount(states, minlength=len(STATE_ROWS))))
   table = {}
   for name, chosen in groups.items():
     table[name] = {"molecules": int(chosen.sum()),

@@ -16,7 +16,8 @@ from train import sharding
 from train.budget import PassTiming
 from train.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from train.data import BatchIterator
-from train.metrics import ALL_SUBSETS, STATE_ROWS, ErrorSums, electronic_state, error_table, write_error_table
+from train.metrics import (ALL_SUBSETS, STATE_ROWS, ErrorSums, electronic_state, error_table, shown_states,
+                           write_error_table)
 from train.run_config import EnergyLoss, ForceLoss, ForceMode, LossConfig, apply_overrides
 from train.run_data import empty_batch, empty_splits, make_iterator, open_run_data
 from train.step import make_eval_step
@@ -80,8 +81,7 @@ def evaluate(eval_step: Callable, params, iterator: BatchIterator, mesh: Mesh, l
   subsets, states = sums[:num_subsets], sums[num_subsets:]
   result = {name: ErrorSums.from_array(row) for name, row in zip(subset_names, subsets) if row[0] > 0}
   result[ALL_SUBSETS] = ErrorSums.from_array(subsets.sum(0))
-  if np.count_nonzero(states[:, 0]) > 1:  # one state alone would repeat the "all" row
-    result.update((name, ErrorSums.from_array(row)) for name, row in zip(STATE_ROWS, states) if row[0] > 0)
+  result.update((STATE_ROWS[i], ErrorSums.from_array(states[i])) for i in shown_states(states[:, 0]))
   return result
 
 

@@ -37,6 +37,13 @@ def electronic_state(charge: np.ndarray, spin: np.ndarray) -> np.ndarray:
   return np.where(charge != 0, 1, np.where(spin >= 2, 2, 0))
 
 
+def shown_states(counts: np.ndarray) -> list[int]:
+  """The ``STATE_ROWS`` indices a table shows, from the molecule count of each state: the states
+  present, or none when only one is (its row would repeat the "all" row)."""
+  present = [i for i, count in enumerate(counts) if count > 0]
+  return present if len(present) > 1 else []
+
+
 def csv_filename(kind: str) -> str:
   return f"metrics_{kind}.csv"
 

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from train.metrics import STATE_ROWS, ErrorSums, electronic_state, error_table, plot_learning_curves
+from train.metrics import STATE_ROWS, ErrorSums, electronic_state, error_table, plot_learning_curves, shown_states
 
 
 def test_plot_without_records_draws_without_warnings(tmp_path):
@@ -30,3 +30,10 @@ def test_error_table_orders_all_then_subsets_then_states():
   row = ErrorSums.from_array(np.ones(len(ErrorSums.FIELDS)))
   groups = {name: row for name in ("zeta", STATE_ROWS[2], "all", STATE_ROWS[0], "alpha", STATE_ROWS[1])}
   assert [r["subset"] for r in error_table({"test": groups})] == ["all", "alpha", "zeta", *STATE_ROWS]
+
+
+def test_a_single_state_gets_no_rows():
+  assert shown_states(np.array([5, 0, 0])) == []
+  assert shown_states(np.array([0, 3, 0])) == []
+  assert shown_states(np.array([5, 0, 2])) == [0, 2]
+  assert shown_states(np.array([1, 1, 1])) == [0, 1, 2]
