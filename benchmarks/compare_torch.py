@@ -1,15 +1,17 @@
 """Is the JAX model faster and leaner than PyTorch? Energy + forces and a training step of the
 paper configuration, JAX/Pallas against our PyTorch baseline, same weights, same structures, same
-precision (float32 storage; ``--precision`` picks TF32 or full float32 products for both).
+precision (float32 storage, but for the bf16 and auto variants; ``--precision`` picks TF32 or full
+float32 products for both).
 
 Implementations (``--impls``; see benchmarks/model_run.py):
-  jax-pallas          node-centric message, fused Pallas attention kernels (the model's default)
+  jax-pallas          node-centric message, fused Pallas attention kernels, float32
   jax-pallas-remat    the same, each block and radial MLP rematerialised in the backward pass
   jax-pallas-chunks   jax-pallas with the radial MLPs in chunks of 4096 atoms (no [N, K, hidden]
                       activation stored; E2FormerConfig.edge_chunk_atoms)
   jax-pallas-chunks-remat  chunks and rematerialised blocks
-  jax-pallas-auto     chosen per structure from its size and the free GPU memory (auto_memory)
-  jax-pallas-bf16     jax-pallas in mixed precision (bfloat16 products and storage; mixed_precision)
+  jax-pallas-auto     the model's defaults on a GPU: memory chosen per structure from its size and the
+                      free GPU memory (auto_memory), mixed precision (precision AUTO)
+  jax-pallas-bf16     jax-pallas in mixed precision (bfloat16 products and storage; Precision.MIXED)
   jax-pallas-bf16-chunks-remat  mixed precision with chunks and rematerialised blocks
   jax-xla             node-centric message, the kernels' jnp references under XLA
   jax-per-edge        materialised per-edge message in JAX

@@ -9,8 +9,8 @@ Systems (``--systems``), each of N = 3 x molecules atoms of water at liquid dens
   at r_c = 4.5 A); smaller boxes are refused up front.
 
 Model: random weights (throughput does not depend on them; the energy read-out is scaled down so
-that the forces stay thermal) at the chosen configuration, the Pallas attention kernels on a GPU
-and the XLA reference elsewhere; ``--remat`` rematerialises blocks and radial MLPs in the backward
+that the forces stay thermal) at the chosen configuration, the Pallas attention kernels and mixed precision on a GPU
+(the model's defaults; ``--full-precision`` computes in float32) and the XLA reference elsewhere; ``--remat`` rematerialises blocks and radial MLPs in the backward
 pass (about half the memory for forces, one or two more forward passes).
 
 Dynamics: ``jax_md.simulate.nve`` (or ``nvt_langevin``, ``--ensemble nvt``) at 0.5 fs from 300 K,
@@ -49,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import measure, model_run, report  # noqa: E402
 from benchmarks.structures import water_box, water_side  # noqa: E402
-from e2former_jax.config import AttentionImpl  # noqa: E402
+from e2former_jax.config import AttentionImpl, Precision, resolve_precision  # noqa: E402
 from e2former_jax.interop import jax_md as e2f_md  # noqa: E402
 from e2former_jax.interop.predictor import Predictor  # noqa: E402
 from e2former_jax.neighbors import build_graph  # noqa: E402
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="nvt: Langevin at 300 K")
   parser.add_argument("--remat", action="store_true",
                       help="rematerialise blocks and radial MLPs in the backward pass")
+  parser.add_argument("--full-precision", action="store_true",
+                      help="float32 products on a GPU too (default: the model's, mixed precision there)")
   parser.add_argument("--steps", type=int, default=40, help="timed steps per system")
   parser.add_argument("--chunk", type=int, default=10, help="steps per compiled chunk")
   parser.add_argument("--skin", type=float, default=e2f_md.DEFAULT_SKIN, help="neighbour-list skin (A)")
@@ -249,6 +251,9 @@ def main(argv=None) -> list[report.Record]:
   impl = AttentionImpl.PALLAS if device.platform == "gpu" else AttentionImpl.XLA
   config = model_run.config(args.config).replace(attention_impl=impl, direct_force_head=False,
                                                  remat=args.remat)
+  if args.full_precision:
+    config = config.replace(precision=Precision.FULL)
+  precision = resolve_precision(config.precision)
   if "box" in systems:
     check_box_sizes(sizes, config.cutoff)
   commit = args.commit or report.git_commit()
@@ -265,9 +270,11 @@ def main(argv=None) -> list[report.Record]:
       except Exception as e:  # noqa: BLE001  (out of memory must not lose the smaller sizes)
         data = {"system": system, "num_atoms": size, **measure.failure(e)}
         traceback.print_exc()
-      data.update(config=args.config, attention_impl=impl.value, ensemble=args.ensemble,
+      data.update(config=args.config, attention_impl=impl.value, precision=precision.value,
+                  ensemble=args.ensemble,
                   remat=args.remat, timestep_fs=TIMESTEP_FS, chunk=args.chunk, skin_A=args.skin)
       case = (f"{system} N={data['num_atoms']} {args.ensemble}" + (" remat" if args.remat else "")
+              + (" mixed precision" if precision is Precision.MIXED else "")
               + ("" if args.config == "paper" else f" ({args.config} configuration)"))
       records.append(report.Record(case, result_line(data), report.device_name(device), commit,
                                    report.today(), data))

@@ -81,7 +81,16 @@ def model_config(name: str, impl: str, device: str):
   return base.replace(message_path=MessagePath(path), attention_impl=attention,
                       remat="remat" in choices, auto_memory="auto" in choices,
                       edge_chunk_atoms=AUTO_EDGE_CHUNK_ATOMS if "chunks" in choices else None,
-                      mixed_precision="bf16" in choices)
+                      precision=_precision(choices))
+
+
+def _precision(choices: tuple[str, ...]):
+  """bf16: mixed precision; auto: the library's defaults (mixed on GPU); otherwise float32."""
+  from e2former_jax.config import Precision
+
+  if "bf16" in choices:
+    return Precision.MIXED
+  return Precision.AUTO if "auto" in choices else Precision.FULL
 
 
 def init_params(config_name: str, path: Path) -> int:

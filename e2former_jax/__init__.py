@@ -6,6 +6,7 @@ Public API (the implementation lives in the submodules named beside each import)
 from e2former_jax.config import AttentionImpl
 from e2former_jax.config import E2FormerConfig
 from e2former_jax.config import MessagePath
+from e2former_jax.config import Precision
 from e2former_jax.config import paper_config
 from e2former_jax.config import tiny_config
 from e2former_jax.graph import Graph
@@ -27,6 +28,7 @@ __all__ = [
     "Graph",
     "MessagePath",
     "ModelOutput",
+    "Precision",
     "Structure",
     "build_graph",
     "cell_grid",

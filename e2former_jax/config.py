@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+import jax
 import jax.numpy as jnp
 
 # Epsilon of the LayerNorms in the radial MLPs and the query/key readout: the authors' (torch's
@@ -51,6 +52,24 @@ class SoftmaxSink(enum.Enum):
   # hold the authors' masked slots (``E2FormerConfig.reference_slots``). Energies jump where M
   # changes its slot set (atoms entering or leaving the K nearest).
   MAX_LOGIT = "max_logit"
+
+
+class Precision(enum.Enum):
+  """Number format of the products and stored activations (docs/model.md §9.5)."""
+
+  # MIXED when the computation is traced for a GPU, FULL elsewhere. Resolved in one place:
+  # ``resolve_precision``. On one H100 mixed precision matched float32's validation errors over three
+  # training seeds (docs/decisions.md D18) at two thirds of the time and memory.
+  AUTO = "auto"
+  FULL = "full"  # every product and activation in the inputs' dtype (float32; float64 under x64)
+  MIXED = "mixed"  # bfloat16 products and storage, float32 accumulation, norms, energies and forces
+
+
+def resolve_precision(precision: Precision) -> Precision:
+  """The precision that runs: AUTO becomes MIXED when tracing for a GPU, else FULL."""
+  if precision is Precision.AUTO:
+    return Precision.MIXED if jax.default_backend() == "gpu" else Precision.FULL
+  return precision
 
 
 class GateNormalisers(enum.Enum):
@@ -102,11 +121,11 @@ class E2FormerConfig:
     auto_memory: per structure, turn on edge chunks and then ``remat`` when energy + forces would
       not otherwise fit the free memory of the device (``e2former_jax.nn.memory``; never turns off
       what ``remat`` and ``edge_chunk_atoms`` ask for); False computes exactly as they say.
-    mixed_precision: bfloat16 storage and matrix products (float32 accumulation) in the radial
+    precision: MIXED: bfloat16 storage and matrix products (float32 accumulation) in the radial
       MLPs, the SO(3) linear maps, the query/key readouts, the attention kernels' inputs and the
       feed-forward blocks; float32 weights, residual stream, norms, softmax statistics, energy
-      head, energies and forces. The numbers change within bfloat16 rounding; False: everything
-      in the inputs' dtype.
+      head, energies and forces. The numbers change within bfloat16 rounding. FULL: everything
+      in the inputs' dtype. AUTO (default): MIXED on a GPU, FULL elsewhere.
   """
 
   num_layers: int = 4
@@ -131,7 +150,7 @@ class E2FormerConfig:
   remat: bool = False
   edge_chunk_atoms: int | None = None
   auto_memory: bool = True
-  mixed_precision: bool = False
+  precision: Precision = Precision.AUTO
 
   def __post_init__(self):
     if self.channels % self.num_heads:
@@ -158,9 +177,9 @@ class E2FormerConfig:
 
   @property
   def compute_dtype(self):
-    """dtype of the products and stored activations of the blocks and radial MLPs: bfloat16 under
-    ``mixed_precision``, else None (the inputs' dtype)."""
-    return jnp.bfloat16 if self.mixed_precision else None
+    """dtype of the products and stored activations of the blocks and radial MLPs: bfloat16 when
+    ``precision`` resolves to MIXED, else None (the inputs' dtype). Read at trace time."""
+    return jnp.bfloat16 if resolve_precision(self.precision) is Precision.MIXED else None
 
   @property
   def num_rows(self) -> int:
@@ -184,7 +203,7 @@ def paper_config(**overrides) -> E2FormerConfig:
 # reproduces the authors' numbers. 1e-8: their 1 / (|r_ij| + 1e-8).
 REFERENCE_NUMERICS = dict(layer_norm_eps=DEFAULT_LAYER_NORM_EPS,
                           gate_normalisers=GateNormalisers.MONTE_CARLO, inverse_distance_eps=1e-8,
-                          softmax_sink=SoftmaxSink.MAX_LOGIT)
+                          softmax_sink=SoftmaxSink.MAX_LOGIT, precision=Precision.FULL)
 
 
 def tiny_config(**overrides) -> E2FormerConfig:

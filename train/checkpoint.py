@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from e2former_jax.config import AttentionImpl, E2FormerConfig
+from e2former_jax.config import AttentionImpl, E2FormerConfig, Precision
 from e2former_jax.interop.predictor import Predictor
 from e2former_jax.nn.model import E2Former
 from e2former_jax.reference_energies import ReferenceEnergies
@@ -62,9 +62,11 @@ class PredictorInfo:
     }
 
   def predictor(self, params, *, attention_impl: AttentionImpl = AttentionImpl.AUTO,
-                remat: bool = False) -> Predictor:
-    """The :class:`Predictor` of these weights, computed with ``attention_impl`` and ``remat``."""
-    config = self.model_config.replace(attention_impl=attention_impl, remat=remat)
+                remat: bool = False, precision: Precision | None = None) -> Predictor:
+    """The :class:`Predictor` of these weights, computed with ``attention_impl``, ``remat`` and
+    ``precision`` (None: the saved configuration's)."""
+    config = self.model_config.replace(attention_impl=attention_impl, remat=remat,
+                                       precision=precision or self.model_config.precision)
     return Predictor(model=E2Former(config), params=params, reference_energies=self.reference_energies,
                      conservative_forces_trained=self.run_config.loss.forces is ForceMode.CONSERVATIVE)
 
@@ -213,7 +215,8 @@ def load_checkpoint(checkpoint_dir: str | Path, which: str | None = None) -> tup
 
 
 def load_predictor(checkpoint_dir: str | Path, which: str | None = None, *,
-                   attention_impl: AttentionImpl = AttentionImpl.AUTO, remat: bool = False) -> Predictor:
+                   attention_impl: AttentionImpl = AttentionImpl.AUTO, remat: bool = False,
+                   precision: Precision | None = None) -> Predictor:
   """The trained model of a checkpoint folder as a :class:`Predictor` (EMA weights, references).
 
   Args:
@@ -222,18 +225,21 @@ def load_predictor(checkpoint_dir: str | Path, which: str | None = None, *,
     attention_impl: how to compute the attention (default: Pallas on GPU, XLA elsewhere, whatever
       the run trained with; the weights do not depend on it).
     remat: rematerialise in the force pass (large systems; see ``E2FormerConfig.remat``).
+    precision: the number format (``E2FormerConfig.precision``); None: the run's, by default
+      mixed precision on a GPU, float32 elsewhere. ``Precision.FULL`` for float32 everywhere.
 
   Raises:
     ValueError: when no checkpoint is found or its format is unknown.
   """
   params, info = load_checkpoint(checkpoint_dir, which)
-  return info.predictor(params, attention_impl=attention_impl, remat=remat)
+  return info.predictor(params, attention_impl=attention_impl, remat=remat, precision=precision)
 
 
 def load_calculator(checkpoint_dir: str | Path, which: str | None = None, *,
-                    attention_impl: AttentionImpl = AttentionImpl.AUTO, remat: bool = False):
+                    attention_impl: AttentionImpl = AttentionImpl.AUTO, remat: bool = False,
+                    precision: Precision | None = None):
   """An :class:`~e2former_jax.interop.ase.E2FormerCalculator` for a checkpoint (see :func:`load_predictor`)."""
   from e2former_jax.interop.ase import E2FormerCalculator
 
   return E2FormerCalculator(load_predictor(checkpoint_dir, which, attention_impl=attention_impl,
-                                           remat=remat))
+                                           remat=remat, precision=precision))

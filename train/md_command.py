@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from e2former_jax.config import AttentionImpl
+from e2former_jax.config import AttentionImpl, Precision
 from train.simulation import (SUMMARY_FILENAME, Ensemble, MDSettings, OnUnphysical, Thermostat,
                               dataset_structure, read_structure, simulate)
 from train.simulation.relax import DEFAULT_FMAX
@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs")
   parser.add_argument("--tau", type=float, default=50.0, help="Nose-Hoover period in fs")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--float64", action="store_true", help="double precision")
+  parser.add_argument("--float64", action="store_true",
+                      help="double precision everywhere (implies --precision full)")
   relax = parser.add_mutually_exclusive_group()
   relax.add_argument("--relax-fmax", type=float, default=DEFAULT_FMAX,
                      help="first relax the structure with the model until no force component exceeds "
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--attention-impl", choices=[i.value for i in AttentionImpl],
                       default=AttentionImpl.AUTO.value,
                       help="attention implementation (default auto: pallas on GPU, xla otherwise)")
+  parser.add_argument("--precision", choices=[p.value for p in Precision], default=None,
+                      help="number format of the network (default: the run's, auto = mixed precision "
+                           "on GPU, float32 otherwise; full = float32 everywhere)")
   parser.add_argument("--remat", action="store_true",
                       help="recompute activations in the force pass: about half the memory, slower "
                            "(large systems)")
@@ -87,7 +91,8 @@ def run_command(args: argparse.Namespace) -> int:
 
   checkpoint = resolve_checkpoint_dir(args.checkpoint, args.which)  # <run>/checkpoints/<which>
   params, info = load_checkpoint(checkpoint)
-  predictor = info.predictor(params, attention_impl=AttentionImpl(args.attention_impl), remat=args.remat)
+  predictor = info.predictor(params, attention_impl=AttentionImpl(args.attention_impl), remat=args.remat,
+                             precision=Precision(args.precision) if args.precision else None)
   if args.structure is not None:
     structure = read_structure(args.structure, index=args.index, charge=args.charge, spin=args.spin)
   else:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from e2former_jax.config import (LEGACY_LAYER_NORM_EPS, AttentionImpl, E2FormerConfig, GateNormalisers,
-                                 MessagePath, SoftmaxSink, paper_config, tiny_config)
+                                 MessagePath, Precision, SoftmaxSink, paper_config, tiny_config)
 from train.config_fields import (DECAY, FRACTION, NON_NEGATIVE, POSITIVE, Limit, coerce, field_types,
                                  one_of)
 from train.data.records import ON_ERROR_CHOICES
@@ -211,7 +211,7 @@ class RunConfig:
 
 _PRESETS = {"paper": paper_config, "tiny": tiny_config}
 _MODEL_ENUMS = {"message_path": MessagePath, "attention_impl": AttentionImpl,
-                "gate_normalisers": GateNormalisers, "softmax_sink": SoftmaxSink}
+                "gate_normalisers": GateNormalisers, "softmax_sink": SoftmaxSink, "precision": Precision}
 _SECTIONS = {"data": DataConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainConfig}
 # The fractions are decimals, so their sum is 1 only up to rounding (0.9 + 0.05 + 0.05 != 1.0).
 _SPLIT_SUM_TOLERANCE = 1e-6
@@ -295,8 +295,11 @@ def model_config_to_dict(config: E2FormerConfig) -> dict[str, Any]:
 
 def model_config_from_dict(fields: dict[str, Any]) -> E2FormerConfig:
   """Inverse of :func:`model_config_to_dict`. A saved config without ``layer_norm_eps`` predates the
-  field and was trained with flax's default, ``LEGACY_LAYER_NORM_EPS``."""
+  field and was trained with flax's default, ``LEGACY_LAYER_NORM_EPS``; one without ``precision``
+  predates it and computed as its ``mixed_precision`` flag said (absent: float32), on any device."""
   fields = {"layer_norm_eps": LEGACY_LAYER_NORM_EPS, **fields}
+  if "precision" not in fields:
+    fields["precision"] = (Precision.MIXED if fields.pop("mixed_precision", False) else Precision.FULL).value
   fields = {k: (_MODEL_ENUMS[k](v) if k in _MODEL_ENUMS else v) for k, v in fields.items()}
   return E2FormerConfig(**fields)
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from e2former_jax.config import AttentionImpl, E2FormerConfig
+from e2former_jax.config import AttentionImpl, E2FormerConfig, Precision
 from e2former_jax.graph import Graph
 from e2former_jax.nn.model import E2Former
 from e2former_jax.reference_energies import ReferenceEnergies
@@ -82,11 +82,13 @@ class Predictor:
     return dataclasses.replace(self, model=E2Former(self.config.replace(**changes)))
 
   def with_dtype(self, dtype) -> Predictor:
-    """The weights cast to ``dtype`` (e.g. float64 for energy-conservation checks)."""
+    """The whole computation in ``dtype`` (e.g. float64 for energy-conservation checks): the weights
+    cast to it, and no bfloat16 products (``Precision.FULL``, whatever the device)."""
     def cast(p):
       return jnp.asarray(p, dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
 
-    return dataclasses.replace(self, params=jax.tree.map(cast, self.params))
+    return dataclasses.replace(self, model=E2Former(self.config.replace(precision=Precision.FULL)),
+                               params=jax.tree.map(cast, self.params))
 
   def warn_if_untrained_forces(self, where: str) -> None:
     """Warns (:class:`DirectForcesOnlyWarning`) when -dE/dx was never trained."""

@@ -12,7 +12,8 @@ import pytest
 from e2f_testing import (F32_RTOL, SECOND_ORDER_RTOL, assert_close, brute_force_graph, buffer_shapes,
                          random_molecule)
 from e2former_jax import so3
-from e2former_jax.config import AttentionImpl, MessagePath, paper_config, tiny_config
+from e2former_jax.config import (AttentionImpl, MessagePath, Precision, paper_config, resolve_precision,
+                                 tiny_config)
 from e2former_jax.nn.model import E2Former
 from e2former_jax.potential import energy_and_forces as _energy_and_forces
 
@@ -220,11 +221,11 @@ def test_force_loss_parameter_gradient_is_finite(setup):
 
 
 def test_mixed_precision_error_budget(setup):
-  """bfloat16 products and storage (E2FormerConfig.mixed_precision, here with chunks) against
+  """bfloat16 products and storage (Precision.MIXED, here with chunks) against
   float32 on random molecules: energies and forces within 16 bfloat16 epsilons of their scale, the
   force-loss parameter gradient within 32; outputs in float32, and really rounded to bfloat16."""
   cfg, mols, graph, model, params = setup
-  mixed = E2Former(cfg.replace(mixed_precision=True, edge_chunk_atoms=8))
+  mixed = E2Former(cfg.replace(precision=Precision.MIXED, edge_chunk_atoms=8))
   eps = float(jnp.finfo(jnp.bfloat16).eps)
   (e0, f0), (e1, f1) = energy_and_forces(model, params, graph), energy_and_forces(mixed, params, graph)
   assert e1.dtype == f1.dtype == jnp.float32
@@ -236,6 +237,27 @@ def test_mixed_precision_error_budget(setup):
   assert energy_error <= 16 * eps and force_error <= 16 * eps and gradient_error <= 32 * eps, \
       (energy_error, force_error, gradient_error)
   assert min(energy_error, force_error, gradient_error) > eps / 16  # not float32's rounding
+
+
+def test_auto_precision_is_mixed_exactly_on_gpu(setup, monkeypatch):
+  """Precision.AUTO (the default) resolves by the platform being traced for: mixed on GPU, full
+  elsewhere; the model traced for a (faked) GPU computes exactly what Precision.MIXED computes."""
+  cfg, mols, graph, model, params = setup
+  assert cfg.precision is Precision.AUTO and resolve_precision(Precision.AUTO) is Precision.FULL
+  xla = cfg.replace(attention_impl=AttentionImpl.XLA)  # the kernels need a real GPU
+  on_cpu = energy_and_forces(E2Former(xla), params, graph)
+  full = energy_and_forces(E2Former(xla.replace(precision=Precision.FULL)), params, graph)
+  mixed = energy_and_forces(E2Former(xla.replace(precision=Precision.MIXED)), params, graph)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  jax.clear_caches()  # traced anew: the choice is made at trace time
+  assert resolve_precision(Precision.AUTO) is Precision.MIXED
+  for explicit in (Precision.FULL, Precision.MIXED):
+    assert resolve_precision(explicit) is explicit  # an explicit choice is kept on any platform
+  on_gpu = energy_and_forces(E2Former(xla), params, graph)
+  for got, want in ((on_cpu, full), (on_gpu, mixed)):
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(on_gpu[1], on_cpu[1])
 
 
 def test_paper_parameter_count():

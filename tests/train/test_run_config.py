@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from e2former_jax.config import LEGACY_LAYER_NORM_EPS, MessagePath, tiny_config
+from e2former_jax.config import LEGACY_LAYER_NORM_EPS, MessagePath, Precision, tiny_config
 from train.cli import main as cli_main
 from train.config_fields import FieldError, coerce
 from train.data.builtin import BuiltinSize
@@ -34,6 +34,20 @@ def test_saved_model_config_without_layer_norm_eps_is_legacy():
   del saved["layer_norm_eps"]
   assert model_config_from_dict(saved).layer_norm_eps == LEGACY_LAYER_NORM_EPS == 1e-6
   assert tiny_config().layer_norm_eps == 1e-5
+
+
+@pytest.mark.parametrize("flag, expected", [(None, Precision.FULL), (False, Precision.FULL),
+                                           (True, Precision.MIXED)])
+def test_saved_model_config_without_precision_keeps_its_number_format(flag, expected):
+  """Checkpoints saved before ``precision`` existed computed in float32 on every device unless
+  their ``mixed_precision`` flag was set; they load with exactly that, not the new AUTO default."""
+  saved = model_config_to_dict(tiny_config())
+  assert saved.pop("precision") == Precision.AUTO.value
+  if flag is not None:
+    saved["mixed_precision"] = flag
+  assert model_config_from_dict(saved).precision is expected
+  assert load_run_config(CONFIGS / "tiny.yaml", ["model.precision=mixed"]).model_config().precision \
+      is Precision.MIXED
 
 
 def test_defaults_are_the_authors_stage2_recipe():

@@ -6,9 +6,11 @@ import dataclasses
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from e2former_jax.config import Precision
 from e2former_jax.interop.ase import E2FormerCalculator
 from e2former_jax.interop.predictor import DirectForcesOnlyWarning
 from e2former_jax.neighbors import build_graph
@@ -71,3 +73,14 @@ def test_compute_choices_change_how_not_what(predictor, cluster):
   graph = build_graph([Structure(*cluster)], cutoff=predictor.config.cutoff,
                       max_neighbors=predictor.config.max_neighbors)
   np.testing.assert_allclose(fixed.model_energy(graph), predictor.model_energy(graph), rtol=1e-5)
+
+
+def test_double_precision_means_no_bfloat16_anywhere(predictor):
+  """with_dtype(float64) is the whole computation in float64: the weights cast, and the mixed
+  precision that AUTO would choose on a GPU turned off (Precision.FULL)."""
+  assert predictor.config.precision is Precision.AUTO
+  with jax.enable_x64(True):
+    double = predictor.with_dtype(jnp.float64)
+    assert double.config.precision is Precision.FULL
+    floats = [p for p in jax.tree.leaves(double.params) if jnp.issubdtype(p.dtype, jnp.floating)]
+    assert floats and all(p.dtype == jnp.float64 for p in floats)
