@@ -65,7 +65,7 @@ MACE_ARCHITECTURE = ["--model=MACE", "--num_channels=96", "--max_L=0", "--correl
 MACE_TRAINING = ["--batch_size=10", "--valid_batch_size=20", "--lr=0.01", "--ema", "--ema_decay=0.99",
                  "--amsgrad", "--energy_weight=1", "--forces_weight=100", "--E0s=average",
                  "--max_num_epochs=100000", "--eval_interval=1", "--default_dtype=float32",
-                 "--device=cpu", "--seed=0", "--error_table=PerAtomMAE"]
+                 "--device=cpu", "--error_table=PerAtomMAE"]
 SMOKE_MACE_ARCHITECTURE = ["--model=MACE", "--num_channels=8", "--max_L=0", "--correlation=2",
                              "--num_interactions=1", "--max_ell=1", "--num_radial_basis=4"]
 # How often the driver looks for a new checkpoint (seconds): fine against MACE's epochs of ~a minute;
@@ -226,7 +226,8 @@ def mace_command(args, folder: Path, cutoff: float, numbers: list[int], max_epoc
   command = [args.mace_python, "-m", "mace.cli.run_train", "--name=mace",
              f"--train_file={folder / 'train.xyz'}", f"--valid_file={folder / 'val.xyz'}",
              "--energy_key=REF_energy", "--forces_key=REF_forces", f"--r_max={cutoff}",
-             f"--atomic_numbers={numbers}", f"--work_dir={folder}", *architecture, *MACE_TRAINING]
+             f"--atomic_numbers={numbers}", f"--work_dir={folder}", *architecture, *MACE_TRAINING,
+             f"--seed={args.seed or 0}"]
   if max_epochs is not None:  # a restart that only saves the loaded checkpoint as a model
     command = [c for c in command if not c.startswith("--max_num_epochs")]
     command += [f"--max_num_epochs={max_epochs}", "--restart_latest"]
@@ -331,6 +332,9 @@ def build_parser():
   parser.add_argument("--minutes", type=float, default=None,
                       help="our training budget (default: the config's train.max_minutes)")
   parser.add_argument("--mace-factor", type=float, default=2.0, help="MACE trains this many times as long")
+  parser.add_argument("--seed", type=int, default=None,
+                      help="training seed of both models (ours: train.seed, default the config's; MACE's "
+                           "--seed, default 0); the data split stays fixed")
   parser.add_argument("--mace-python", default=sys.executable, help="interpreter with mace-torch")
   parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compare_mace",
                       help="scratch folder of both trainings (replaced)")
@@ -342,7 +346,7 @@ def main(argv=None) -> list[report.Record]:
   args = report.parse(build_parser(), argv)
   results = report.results_dir(args)
 
-  overrides = list(args.overrides)
+  overrides = list(args.overrides) + ([] if args.seed is None else [f"train.seed={args.seed}"])
   if args.smoke:
     overrides += ["model.num_layers=1", "model.channels=8", "model.num_heads=2", "model.num_rbf=8",
                   "model.edge_hidden=8", "model.type_embed_dim=4", "train.eval_every=5",
