@@ -25,7 +25,7 @@ fitted by least squares). MACE knows neither total charge nor spin.
   python -m benchmarks.compare_mace --smoke    # tiny models on synthetic molecules, ~2 min
 
 Records the cases "E2Former <minutes> min", "MACE small <minutes> min" and "MACE small <2x> min"
-(test MAE, overall, per subset and per state; the E2Former record's data holds both learning curves) with
+(", seed S" appended when ``--seed`` is given) (test MAE, overall, per subset and per state; the E2Former record's data holds both learning curves) with
 ``benchmarks/report.py``, and plots both curves, test force MAE against training time, our final
 model highlighted, to ``results/compare_mace.png``.
 """
@@ -388,10 +388,11 @@ def main(argv=None) -> list[report.Record]:
   (results / report.RESULTS_SUBDIR).mkdir(parents=True, exist_ok=True)
   plot(summary, results / report.RESULTS_SUBDIR / "compare_mace.png")
   # The E2Former record carries the whole comparison (both curves, settings) in its data.
-  cases = [(f"E2Former ({args.config.name}) {minutes:g} min", ours["test"], summary),
-           (f"MACE small {minutes:g} min", at_budget[-1]["test"] if at_budget else None,
+  seed = "" if args.seed is None else f", seed {args.seed}"  # each seed keeps its own rows
+  cases = [(f"E2Former ({args.config.name}) {minutes:g} min{seed}", ours["test"], summary),
+           (f"MACE small {minutes:g} min{seed}", at_budget[-1]["test"] if at_budget else None,
             at_budget[-1] if at_budget else {}),
-           (f"MACE small {args.mace_factor * minutes:g} min", curve[-1]["test"], curve[-1])]
+           (f"MACE small {args.mace_factor * minutes:g} min{seed}", curve[-1]["test"], curve[-1])]
   commit, date = args.commit or report.git_commit(), report.today()
   device = f"cpu ({summary['cpu_cores']} cores)"
   records = [report.Record(case, result_line(test) if test else "no checkpoint yet", device, commit,
