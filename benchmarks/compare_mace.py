@@ -25,9 +25,10 @@ fitted by least squares). MACE knows neither total charge nor spin.
   python -m benchmarks.compare_mace --smoke    # tiny models on synthetic molecules, ~2 min
 
 Records the cases "E2Former <minutes> min", "MACE small <minutes> min" and "MACE small <2x> min"
-(", seed S" appended when ``--seed`` is given) (test MAE, overall, per subset and per state; the E2Former record's data holds both learning curves) with
-``benchmarks/report.py``, and plots both curves, test force MAE against training time, our final
-model highlighted, to ``results/compare_mace.png``.
+(", seed S" appended when ``--seed`` is given; test MAE, overall, per subset and per state; the
+E2Former record's data holds both learning curves) with ``benchmarks/report.py``, and plots both
+curves, test force MAE against training time, our final model highlighted, to
+``results/compare_mace.png``.
 """
 
 from __future__ import annotations

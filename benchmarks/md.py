@@ -9,9 +9,10 @@ Systems (``--systems``), each of N = 3 x molecules atoms of water at liquid dens
   at r_c = 4.5 A); smaller boxes are refused up front.
 
 Model: random weights (throughput does not depend on them; the energy read-out is scaled down so
-that the forces stay thermal) at the chosen configuration, the Pallas attention kernels and mixed precision on a GPU
-(the model's defaults; ``--full-precision`` computes in float32) and the XLA reference elsewhere; ``--remat`` rematerialises blocks and radial MLPs in the backward
-pass (about half the memory for forces, one or two more forward passes).
+that the forces stay thermal) at the chosen configuration; on a GPU the Pallas attention kernels
+and mixed precision (the model's defaults; ``--full-precision`` keeps float32), elsewhere the XLA
+reference in float32; ``--remat`` rematerialises blocks and radial MLPs in the backward pass (about
+half the memory for forces, one or two more forward passes).
 
 Dynamics: ``jax_md.simulate.nve`` (or ``nvt_langevin``, ``--ensemble nvt``) at 0.5 fs from 300 K,
 through ``e2former_jax.interop.jax_md``: a JAX MD neighbour list updated every step inside
@@ -271,8 +272,8 @@ def main(argv=None) -> list[report.Record]:
         data = {"system": system, "num_atoms": size, **measure.failure(e)}
         traceback.print_exc()
       data.update(config=args.config, attention_impl=impl.value, precision=precision.value,
-                  ensemble=args.ensemble,
-                  remat=args.remat, timestep_fs=TIMESTEP_FS, chunk=args.chunk, skin_A=args.skin)
+                  ensemble=args.ensemble, remat=args.remat, timestep_fs=TIMESTEP_FS, chunk=args.chunk,
+                  skin_A=args.skin)
       case = (f"{system} N={data['num_atoms']} {args.ensemble}" + (" remat" if args.remat else "")
               + (" mixed precision" if precision is Precision.MIXED else "")
               + ("" if args.config == "paper" else f" ({args.config} configuration)"))

@@ -41,7 +41,7 @@ NAMESPACE = {name: getattr(module, name) for module in PUBLIC for name in module
 # Public names that take, return and hold no arrays: configurations and enums, kernel tilings and
 # static grids, degree/row arithmetic, and factories whose arguments are functions and sizes.
 ARRAY_FREE = {
-    "AttentionImpl", "E2FormerConfig", "MessagePath", "paper_config", "tiny_config",
+    "AttentionImpl", "E2FormerConfig", "MessagePath", "Precision", "paper_config", "tiny_config",
     "resolve_impl", "BlockSizes", "CellGrid", "ImageNeighborListFns", "free_space_neighbor_list",
     "FirstOrderPath", "first_order_paths", "num_first_order_rows", "degree_slice", "lmax_from_rows",
     "num_rows", "row_index",

@@ -248,12 +248,18 @@ def test_auto_precision_is_mixed_exactly_on_gpu(setup, monkeypatch):
   on_cpu = energy_and_forces(E2Former(xla), params, graph)
   full = energy_and_forces(E2Former(xla.replace(precision=Precision.FULL)), params, graph)
   mixed = energy_and_forces(E2Former(xla.replace(precision=Precision.MIXED)), params, graph)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  jax.clear_caches()  # traced anew: the choice is made at trace time
-  assert resolve_precision(Precision.AUTO) is Precision.MIXED
-  for explicit in (Precision.FULL, Precision.MIXED):
-    assert resolve_precision(explicit) is explicit  # an explicit choice is kept on any platform
-  on_gpu = energy_and_forces(E2Former(xla), params, graph)
+  # The choice is made at trace time and jit's cache is keyed by the configuration: trace anew on
+  # the faked GPU, and drop that trace before any other test can reuse it.
+  jax.clear_caches()
+  try:
+    with monkeypatch.context() as patch:
+      patch.setattr(jax, "default_backend", lambda: "gpu")
+      assert resolve_precision(Precision.AUTO) is Precision.MIXED
+      for explicit in (Precision.FULL, Precision.MIXED):
+        assert resolve_precision(explicit) is explicit  # an explicit choice is kept on any platform
+      on_gpu = energy_and_forces(E2Former(xla), params, graph)
+  finally:
+    jax.clear_caches()
   for got, want in ((on_cpu, full), (on_gpu, mixed)):
     for a, b in zip(got, want):
       np.testing.assert_array_equal(a, b)
