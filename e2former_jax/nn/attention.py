@@ -114,7 +114,10 @@ class E2Attention(nn.Module):
     gate, inputhead = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps,
                                  cfg.edge_chunk_atoms, (h, h), dtype, name="edge_gates")(
         distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)  # [N, K, H]
-    post_weight = inputhead * geometry.inv_dist[..., None]  # [N, K, H]
+    # In the gates' dtype: under Precision.MIXED the kernels read bfloat16 post weights as they read
+    # bfloat16 gates, instead of two float32 [N, K, H] buffers per block that the float32 1/|r|
+    # would promote (docs/performance.md §5).
+    post_weight = (inputhead * geometry.inv_dist[..., None]).astype(inputhead.dtype)  # [N, K, H]
     sink_logit = None  # SoftmaxSink.ZERO
     if cfg.softmax_sink is SoftmaxSink.MAX_LOGIT:
       sink_logit = ops.max_slot_logit(q, k, gate, graph.nbr_idx, geometry.holds_atom,
