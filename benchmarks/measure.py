@@ -24,6 +24,11 @@ _OOM_MARKERS = ("out of memory", "resource_exhausted", "outofmemory", "failed to
 # Workers may use this fraction of the accelerator's memory (JAX's default is 75 %); set before
 # jax starts in the worker, and the parent does not preallocate, so that it starves no worker.
 GPU_MEMORY_FRACTION = 0.95
+# A JAX worker is the only process on the device while it runs, and takes its share up front: one
+# allocator region. Grown on demand instead, the regions that compilation's autotuning leaves behind
+# (never returned, sizes doubling) fragment the pool, and 250k atoms' 60.7 GiB of temporaries failed
+# to allocate under a 75.7 GiB limit (217f470).
+_WORKER_PREALLOCATE = "true"
 
 
 def time_calls(call: Callable[[], object], *, repeats: int, min_sample_s: float = 0.0,
@@ -82,7 +87,7 @@ def run_worker(module: str, spec: dict, timeout_s: float, env: dict | None = Non
   prints no result (a crash, an allocation failure that kills the process) or runs out of time
   gives ``{"status": "oom" | "error" | "timeout", "error": ...}``.
   """
-  env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+  env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": _WORKER_PREALLOCATE,
          "XLA_PYTHON_CLIENT_MEM_FRACTION": str(GPU_MEMORY_FRACTION), **(env or {})}
   env = {name: value for name, value in env.items() if value is not None}
   try:
