@@ -145,8 +145,8 @@ class RadialMLP(nn.Module):
     rbf = gaussian_rbf(distances, self.cutoff, self.num_rbf)  # [n, K, num_rbf]
     h = self.rbf_in(rbf) + target[:, None, :]  # [n, K, hidden]
     # Gathered in at least float32: the gather's transpose scatter-adds every edge's cotangent into
-    # its source row, and a float32 scatter uses the GPU's native atomic adds where a bfloat16 one
-    # (mixed precision) takes compare-and-swap loops (docs/performance.md §4).
+    # its source row. In bfloat16 (mixed precision) that scatter was a training step's largest
+    # fusion on the GPU; in float32 the step is 5 % faster (docs/performance.md §4).
     wide = source.astype(jnp.promote_types(source.dtype, jnp.float32))
     h = h + jnp.take(wide, nbr_idx, axis=0, mode="fill", fill_value=0).astype(h.dtype)
     h = nn.silu(self.norm_0(h))
