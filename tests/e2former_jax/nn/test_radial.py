@@ -101,3 +101,31 @@ def test_output_column_blocks_equal_one_output_layer(rng, chunk_atoms):
 
   assert_close(value_and_grad(blocks, params, args[0]), value_and_grad(whole, params, args[0]),
                F32_RTOL)
+
+
+def test_bfloat16_mlp_scatters_source_cotangents_in_float32(rng):
+  """In bfloat16 (mixed precision) the parameter gradient's scatter of per-edge cotangents into the
+  per-atom source term runs in float32 (docs/performance.md §4: in bfloat16 it was a training
+  step's largest fusion); the output stays bfloat16."""
+  floats, nbr_idx = inputs(rng)
+  mlp = RadialMLP(HIDDEN, OUT, CUTOFF, NUM_RBF, dtype=jnp.bfloat16)
+  args = (floats["distances"], floats["target_types"], floats["source_types"], nbr_idx)
+  params = mlp.init(jax.random.key(0), *args)
+  assert mlp.apply(params, *args).dtype == jnp.bfloat16
+
+  def loss(params):
+    return jnp.sum(mlp.apply(params, *args).astype(jnp.float32) ** 2)
+
+  def equations(jaxpr):  # every equation, those of nested jaxprs (jit, custom rules) too
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+            yield from equations(getattr(sub, "jaxpr", sub))
+
+  scatters = [e for e in equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+              if e.primitive.name == "scatter-add"]
+  source_shape = (NUM_ATOMS, HIDDEN)
+  dtypes = [e.outvars[0].aval.dtype for e in scatters if e.outvars[0].aval.shape == source_shape]
+  assert dtypes == [jnp.float32], dtypes
