@@ -103,12 +103,13 @@ def test_output_column_blocks_equal_one_output_layer(rng, chunk_atoms):
                F32_RTOL)
 
 
-def test_bfloat16_mlp_scatters_source_cotangents_in_float32(rng):
+@pytest.mark.parametrize("chunk_atoms", [None, CHUNK_ATOMS], ids=["one piece", "chunks"])
+def test_bfloat16_mlp_scatters_source_cotangents_in_float32(rng, chunk_atoms):
   """In bfloat16 (mixed precision) the parameter gradient's scatter of per-edge cotangents into the
   per-atom source term runs in float32 (docs/performance.md §4: in bfloat16 it was a training
   step's largest fusion); the output stays bfloat16."""
   floats, nbr_idx = inputs(rng)
-  mlp = RadialMLP(HIDDEN, OUT, CUTOFF, NUM_RBF, dtype=jnp.bfloat16)
+  mlp = RadialMLP(HIDDEN, OUT, CUTOFF, NUM_RBF, chunk_atoms=chunk_atoms, dtype=jnp.bfloat16)
   args = (floats["distances"], floats["target_types"], floats["source_types"], nbr_idx)
   params = mlp.init(jax.random.key(0), *args)
   assert mlp.apply(params, *args).dtype == jnp.bfloat16
