@@ -25,9 +25,9 @@ _OOM_MARKERS = ("out of memory", "resource_exhausted", "outofmemory", "failed to
 # jax starts in the worker, and the parent does not preallocate, so that it starves no worker.
 GPU_MEMORY_FRACTION = 0.95
 # A JAX worker is the only process on the device while it runs, and takes its share up front: one
-# allocator region. Grown on demand instead, the regions that compilation's autotuning leaves behind
-# (never returned, sizes doubling) fragment the pool, and 250k atoms' 60.7 GiB of temporaries failed
-# to allocate under a 75.7 GiB limit (217f470).
+# allocator region. Grown on demand instead, 250k atoms' 60.7 GiB of temporaries failed to allocate
+# under a 75.7 GiB limit (217f470) and ran once preallocated (af8eacf); most likely the regions that
+# compilation's autotuning left behind (never returned, sizes doubling) fragmented the pool.
 _WORKER_PREALLOCATE = "true"
 
 
