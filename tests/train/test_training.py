@@ -458,6 +458,19 @@ def test_skipped_record_is_warned_about_once_plus_a_summary(dataset, tmp_path):
       f"{path}: skipped 1 invalid record(s) in all (on_error='skip')"]
 
 
+def test_eval_scores_a_whole_other_dataset_as_its_test_split(trained, dataset, tmp_path):
+  # The checkpoint brings its reference energies, so no training records are needed: data.split=[0, 0, 1]
+  # scores every molecule of --data (e.g. the held-out build), which a fit would refuse.
+  out = tmp_path / "whole"
+  assert cli_main(["eval", str(trained.workdir), "--data", str(dataset), "--splits", "test", "--set",
+                   "data.split=[0,0,1]", "--out", str(out), "--quiet"]) == 0
+  rows = {r["subset"]: r for r in json.loads((out / TABLE_JSON_FILENAME).read_text()) if r["split"] == "test"}
+  with h5py.File(dataset) as f:
+    assert rows["all"]["molecules"] == sum(len(group["dft_total_energy"]) for group in f.values())
+  with pytest.raises(ValueError, match="the training split is empty"):
+    open_run_data(tiny_config(dataset, "data.split=[0,0,1]").data)
+
+
 def test_eval_creates_its_out_folder_or_fails_before_evaluating(trained, tmp_path, capsys):
   out = tmp_path / "not" / "yet"
   assert cli_main(["eval", str(trained.workdir), "--splits", "test", "--out", str(out), "--quiet"]) == 0
