@@ -56,7 +56,8 @@ class DataConfig:
     builtin_dir: cache folder of the built-in dataset; None = the data package's default.
     builtin_conformers: geometries per molecule of the built-in dataset; None = its default.
     builtin: which build of the built-in dataset: ``small`` (tests), ``default`` (the main command on
-      a 2-core CPU) or ``large`` (thousands of molecules, for a GPU run).
+      a 2-core CPU), ``large`` (thousands of molecules, for a GPU run) or ``heldout`` (molecules no
+      default-sized build holds, to evaluate on).
     on_error: "raise" on an invalid record, or "skip" it (counted in a warning).
     split: molecule-level train/validation/test fractions.
     split_seed: seed of the molecule-level split and of the reference-energy subsample.

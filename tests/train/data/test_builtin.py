@@ -114,6 +114,17 @@ def test_enumeration_is_deterministic_and_nested():
   assert set(sizes.builtin_molecules(BuiltinSize.DEFAULT)) < set(sizes.builtin_molecules(BuiltinSize.LARGE))
 
 
+def test_heldout_build_holds_no_molecule_of_a_default_sized_build():
+  heldout = sizes.builtin_molecules(BuiltinSize.HELDOUT)
+  assert [sum(m.subset == s for m in heldout) for s in molecules.SUBSETS] == (
+      [sizes.HELDOUT_PER_SUBSET] * len(molecules.SUBSETS))
+  doubled = tuple((subset, sizes.HELDOUT_SKIP_FACTOR * n) for subset, n in
+                  sizes.SIZE_SPECS[BuiltinSize.DEFAULT].enumerated)
+  assert not set(heldout) & (set(enumeration.enumerated_molecules(doubled)) | set(molecules.CURATED_MOLECULES))
+  assert set(heldout) < set(sizes.builtin_molecules(BuiltinSize.LARGE))
+  assert len({_key(m) for m in heldout}) == len(heldout)
+
+
 def test_enumeration_fails_clearly_when_a_quota_cannot_be_filled():
   with pytest.raises(ValueError, match="yield only .* 'ion pairs' molecules; 1000 were requested"):
     enumeration.enumerated_molecules(((molecules.ION_PAIRS, 1000),))

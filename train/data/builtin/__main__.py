@@ -18,8 +18,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     prog="python -m train.data.builtin",
     description="Build the built-in GFN2-xTB dataset (SPICE HDF5 + OMol25-style aselmdb).")
   parser.add_argument("--size", choices=[s.value for s in BuiltinSize], default=BuiltinSize.DEFAULT.value,
-                      help="small (tests, seconds), default (the main command, ~3 min on 2 cores) or "
-                           "large (the GPU recipe, thousands of molecules); default: %(default)s")
+                      help="small (tests, seconds), default (the main command, ~3 min on 2 cores), "
+                           "large (the GPU recipe, thousands of molecules) or heldout (300 molecules no "
+                           "default-sized build holds, to score the main command's recipes); default: "
+                           "%(default)s")
   parser.add_argument("--out", type=Path, default=None,
                       help=f"output folder (default ${DATA_DIR_ENV}/{BUILTIN_VERSION}[-SIZE] or "
                            f"{DEFAULT_CACHE_ROOT}/{BUILTIN_VERSION}[-SIZE])")
