@@ -135,7 +135,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, which: str | None = None, dat
   overrides = list(overrides) + ([f"data.path={data_path}"] if data_path else [])
   run_config = apply_overrides(run_config, overrides)
   # The checkpoint's references (empty for a model that predicts total energies: an imported one).
-  data = open_run_data(run_config.data, references=info.reference_energies)
+  data = open_run_data(run_config.data, references=info.reference_energies, training=False)
   splits = [split for split in splits if len(data.splits[split])]
   if not splits:
     raise ValueError(f"{empty_splits(data, run_config.data)}: nothing to evaluate")

@@ -49,27 +49,29 @@ def dataset_path(config: DataConfig) -> Path:
   return folder / HDF5_FILENAME
 
 
-def open_run_data(config: DataConfig, *, references: ReferenceEnergies | None = None) -> RunData:
+def open_run_data(config: DataConfig, *, references: ReferenceEnergies | None = None,
+                  training: bool = True) -> RunData:
   """Opens the dataset, splits it by molecule and fits (or takes) the reference energies.
 
   ``references``: a checkpoint's (empty ones for a model that predicts total energies, e.g. an
   imported checkpoint: nothing is subtracted); None fits them on the training split.
+  ``training``: whether the run trains; evaluation with given references needs no training split,
+  so ``data.split=[0, 0, 1]`` scores a whole dataset as its test split.
 
   Raises:
-    ValueError: when references must be fitted and the training split is empty, the fractions are
-      invalid, or (with ``on_error="raise"``) a record has more atoms than ``atoms_per_batch``.
+    ValueError: when the training split is empty and the run trains or references must be fitted,
+      the fractions are invalid, or (with ``on_error="raise"``) a record has more atoms than
+      ``atoms_per_batch``.
   """
   dataset = open_dataset(dataset_path(config), on_error=config.on_error)
   if config.on_error == "raise":
     _check_atom_budget(dataset, config.atoms_per_batch)
   fractions = dict(zip(SPLITS, config.split))
   splits = split_by_molecule(dataset.molecule_keys(), seed=config.split_seed, fractions=fractions)
+  if len(splits["train"]) == 0 and (training or references is None):
+    raise ValueError(f"{dataset.path}: the training split is empty ({len(dataset)} records, "
+                     f"fractions {fractions})")
   if references is None:
-    # Only a fit needs training records: evaluation with a checkpoint's references may score a whole
-    # dataset as its test split (data.split=[0, 0, 1]).
-    if len(splits["train"]) == 0:
-      raise ValueError(f"{dataset.path}: the training split is empty ({len(dataset)} records, "
-                       f"fractions {fractions})")
     references = fit_on_dataset(dataset, splits["train"], max_records=config.reference_fit_records,
                                 seed=config.split_seed)
   max_molecules = config.molecules_per_batch
