@@ -92,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="a run folder, its checkpoints folder, or .../best|last")
   evaluate.add_argument("--which", choices=("best", "last"), default=None,
                         help="checkpoint to evaluate (default: best if present, else last)")
-  evaluate.add_argument("--data", default=None, help="evaluate on another dataset (same split rule)")
+  evaluate.add_argument("--data", default=None,
+                        help="evaluate on another dataset (same split rule; all of it as the test split with "
+                             "--splits test --set data.split=[0,0,1])")
   evaluate.add_argument("--splits", nargs="+", default=["val", "test"], choices=("train", "val", "test"))
   evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                         metavar="KEY=VALUE", help="override data fields, e.g. data.max_eval_batches=10")
