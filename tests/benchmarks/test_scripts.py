@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = ("attention", "compare_torch", "md", "profile_model", "train_recipe")
+SCRIPTS = ("attention", "compare_torch", "md", "profile_model", "radical_sites", "train_recipe")
 # A command of the README: "python -m benchmarks.NAME ARGS", possibly continued with "\".
 _COMMAND = re.compile(r"python -m benchmarks\.(\w+)((?:[^\n`\\]|\\\n)*)")
 
