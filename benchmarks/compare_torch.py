@@ -1,7 +1,8 @@
 """Is the JAX model faster and leaner than PyTorch? Energy + forces and a training step of the
 paper configuration, JAX/Pallas against our PyTorch baseline, same weights, same structures, same
 precision (float32 storage, but for the bf16 and auto variants; ``--precision`` picks TF32 or full
-float32 products for both).
+float32 products for both). ``--direct-impls`` also times energy + the direct force head's forces
+(one forward pass; the model's stage-1 output) for those JAX implementations.
 
 Implementations (``--impls``; see benchmarks/model_run.py):
   jax-pallas          node-centric message, fused Pallas attention kernels, float32
@@ -33,7 +34,7 @@ benchmarks/results/compare_torch.png plots time and memory against atoms from ev
 Usage:
   python -m benchmarks.compare_torch [--impls jax-pallas,torch-node,torch-edge,torch-compile-node]
       [--structures 1000,10000,64x30] [--train-impls jax-pallas,torch-node,torch-edge]
-      [--fit jax-pallas-remat,torch-node]
+      [--direct-impls jax-pallas-auto] [--fit jax-pallas-remat,torch-node]
   python -m benchmarks.compare_torch --smoke    # the smallest configuration on the CPU
 """
 
@@ -57,16 +58,17 @@ DEFAULT_TRAIN_IMPLS = "jax-pallas,torch-node,torch-edge"
 # The dry run: the jax-xla path and, where PyTorch is installed, torch-node.
 SMOKE = dict(config="smoke", device="cpu", structures="2x12", repeats=2, train_repeats=1,
              impls="jax-xla" + (",torch-node" if importlib.util.find_spec("torch") else ""),
-             train_impls="jax-xla,torch-node", fit="")
+             train_impls="jax-xla,torch-node", direct_impls="jax-xla", fit="")
 # The fit search starts here when the structures gave no size that ran.
 FIT_START = {"jax": 100_000, "torch": 10_000}
 
 
 def measure_case(args, params_path: Path, impl: str, structure: str, *, train: bool,
-                 probe: bool) -> dict:
+                 probe: bool, direct: bool = False) -> dict:
   """One implementation on one structure, in a fresh process."""
   spec = dict(impl=impl, structure=structure, config=args.config, device=args.device,
-              precision=args.precision, train=train, probe=probe, repeats=args.repeats,
+              precision=args.precision, train=train, direct=direct, probe=probe,
+              repeats=args.repeats,
               train_repeats=args.train_repeats, time_limit_s=args.repeat_time_s,
               params_path=str(params_path))
   # The parent initialised the weights on the CPU; JAX workers get the accelerator back, torch
@@ -85,7 +87,7 @@ def measure_case(args, params_path: Path, impl: str, structure: str, *, train: b
 
 def status(data: dict) -> str:
   """ok, oom, error or timeout: the first failure of the run or its phases."""
-  for entry in (data, data.get("ef", {}), data.get("train", {})):
+  for entry in (data, data.get("direct", {}), data.get("ef", {}), data.get("train", {})):
     if entry.get("status", "ok") != "ok":
       return entry["status"]
   return "ok"
@@ -93,7 +95,7 @@ def status(data: dict) -> str:
 
 def result_line(data: dict) -> str:
   parts = []
-  for phase, label in (("ef", "E+F"), ("train", "train step")):
+  for phase, label in (("direct", "E+direct F"), ("ef", "E+F"), ("train", "train step")):
     entry = data.get(phase)
     if entry is None:
       continue
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="single clusters (ATOMS) and batches (MOLECULESxATOMS), in this order")
   parser.add_argument("--train-impls", default=DEFAULT_TRAIN_IMPLS,
                       help="implementations that also time a training step")
+  parser.add_argument("--direct-impls", default="",
+                      help="JAX implementations that also time energy + the direct head's forces")
   parser.add_argument("--fit", default="", help="implementations whose largest structure to search")
   parser.add_argument("--fit-resolution", type=float, default=1.25,
                       help="stop bisecting when smallest failure / largest success <= this")
@@ -211,6 +215,10 @@ def main(argv=None) -> list[report.Record]:
     measure.worker_main(model_run.run, args.worker)
     return []
   impls, train_impls = args.impls.split(","), set(args.train_impls.split(","))
+  direct_impls = set(args.direct_impls.split(",")) - {""}
+  if direct_impls - set(model_run.JAX_IMPLS):
+    parser.error(f"--direct-impls: JAX implementations only, not "
+                 f"{sorted(direct_impls - set(model_run.JAX_IMPLS))}")
   unknown = set(impls + args.fit.split(",")) - set(model_run.JAX_IMPLS) - set(model_run.TORCH_IMPLS)
   if unknown - {""}:
     parser.error(f"unknown implementations {sorted(unknown - {''})}")
@@ -240,7 +248,7 @@ def main(argv=None) -> list[report.Record]:
           print(f"skipped {impl} {structure}: out of memory at {out_of_memory_at[impl]} atoms")
           continue
         data = measure_case(args, params_path, impl, structure, train=impl in train_impls,
-                            probe=False)
+                            probe=False, direct=impl in direct_impls)
         if status(data) == "oom":
           out_of_memory_at[impl] = min(out_of_memory_at.get(impl, atoms), atoms)
         runs.append(data)

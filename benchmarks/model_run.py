@@ -4,6 +4,8 @@ For one implementation and one structure (:mod:`benchmarks.structures`), with th
 :func:`init_params` saved (the Flax initial parameters; the PyTorch baseline loads them through
 ``benchmarks.torch_baseline.flax_to_torch_state_dict``):
 
+* optionally (JAX only), energy + the direct head's forces: one forward pass, median time and peak
+  (measured first, so that the process's peak memory is its own);
 * energy + conservative forces (-dE/dx): median time of repeated calls after warm-up, the
   compilation time, peak device memory (jax ``peak_bytes_in_use``, torch ``max_memory_allocated``;
   both count weights and inputs) and, for JAX, XLA's memory plan;
@@ -177,16 +179,19 @@ def run_jax(spec: dict) -> dict:
   def all_finite(tree) -> bool:
     return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
-  def measure_ef():
+  def measure_forces(conservative: bool):
     # Compiled ahead of time so that XLA's plan is on record even when running fails.
     start = time.perf_counter()
-    ef = jax.jit(lambda p, g: energy_and_forces(model, p, g)).lower(params, graph).compile()
+    ef = jax.jit(lambda p, g: energy_and_forces(model, p, g, conservative=conservative)).lower(
+        params, graph).compile()
     plan = {"compile_s": time.perf_counter() - start, "plan": measure.compiled_memory(ef)}
     timing = _timed(lambda: jax.block_until_ready(ef(params, graph)), spec, all_finite,
                     spec["repeats"])
     return {**plan, **timing, "peak_bytes": measure.peak_bytes(device)}
 
-  if not _phase(result, "ef", measure_ef) or not spec["train"]:
+  if spec.get("direct") and not _phase(result, "direct", lambda: measure_forces(False)):
+    return result
+  if not _phase(result, "ef", lambda: measure_forces(True)) or not spec["train"]:
     return result
   tx = optax.adam(LEARNING_RATE)
   f_ref = jax.device_put(force_targets(graph.num_nodes))

@@ -40,6 +40,10 @@ def test_smoke_run_records_its_cases(script, tmp_path):
     assert "oom" not in json.dumps(r["data"]) and '"error"' not in json.dumps(r["data"]), r["data"]
   if script == "compare_torch":
     assert (tmp_path / "results" / "compare_torch.png").stat().st_size > 0
+    # The smoke run's JAX case times the direct head too (--direct-impls), before the forces.
+    direct = [r for r in records if "direct" in r["data"]]
+    assert direct and all("E+direct F" in r["result"] for r in direct)
+    assert all(list(r["data"]).index("direct") < list(r["data"]).index("ef") for r in direct)
 
 
 def test_attention_once_runs_without_recording(tmp_path):
