@@ -13,6 +13,7 @@ Implementations (``--impls``; see benchmarks/model_run.py):
   jax-pallas-auto     the model's defaults on a GPU: memory chosen per structure from its size and the
                       free GPU memory (auto_memory), mixed precision (precision AUTO)
   jax-pallas-bf16     jax-pallas in mixed precision (bfloat16 products and storage; Precision.MIXED)
+  jax-pallas-bf16-chunks  mixed precision with the radial MLPs in chunks
   jax-pallas-bf16-chunks-remat  mixed precision with chunks and rematerialised blocks
   jax-xla             node-centric message, the kernels' jnp references under XLA
   jax-per-edge        materialised per-edge message in JAX

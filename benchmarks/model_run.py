@@ -41,6 +41,7 @@ JAX_IMPLS = {
     "jax-pallas-chunks-remat": ("node_centric", "pallas", ("chunks", "remat")),
     "jax-pallas-auto": ("node_centric", "pallas", ("auto",)),
     "jax-pallas-bf16": ("node_centric", "pallas", ("bf16",)),
+    "jax-pallas-bf16-chunks": ("node_centric", "pallas", ("bf16", "chunks")),
     "jax-pallas-bf16-chunks-remat": ("node_centric", "pallas", ("bf16", "chunks", "remat")),
     "jax-xla": ("node_centric", "xla", ()),
     "jax-per-edge": ("per_edge", "xla", ()),

@@ -42,6 +42,11 @@ _FLOATS_PER_SIZE = {  # (every activation kept, chunks, remat, chunks + remat)
 # 0.30 (blocks rematerialised: 43.7 GB at 100k) of the CPU plan's bytes per atom (benchmarks/
 # RESULTS.md); the larger ratio keeps the estimate on the safe side.
 _PLATFORM_SCALE = {"cpu": 1.0, "gpu": 0.30}
+# Mixed precision (bfloat16 storage and products, E2FormerConfig.precision) holds this share of
+# float32's bytes. On one H100, energy + forces at 10k atoms with every activation kept: 7.89
+# against 12.33 GB (0.64, 24e1300); in chunks with rematerialised blocks at 100k: 27.95 against
+# 41.55 GB (0.67, 528ede6 and f9d15ae). Rounded up, on the safe side.
+MIXED_PRECISION_SHARE = 0.7
 
 
 def _sizes(config: E2FormerConfig, num_neighbors: int) -> dict[str, int]:
@@ -63,11 +68,13 @@ def candidates(config: E2FormerConfig) -> list[E2FormerConfig]:
 
 def forces_bytes(config: E2FormerConfig, num_atoms: int, num_neighbors: int, itemsize: int,
                  platform: str) -> float:
-  """Estimated bytes that energy + forces of ``num_atoms`` hold beyond the weights and inputs."""
+  """Estimated bytes that energy + forces of ``num_atoms`` hold beyond the weights and inputs
+  (``itemsize``: bytes of the inputs' floats; mixed precision scales that by its measured share)."""
   column = 2 * config.remat + (config.edge_chunk_atoms is not None)
   floats = sum(_FLOATS_PER_SIZE[name][column] * size
                for name, size in _sizes(config, num_neighbors).items())
-  return floats * itemsize * num_atoms * _PLATFORM_SCALE.get(platform, 1.0)
+  share = 1.0 if config.compute_dtype is None else MIXED_PRECISION_SHARE
+  return floats * itemsize * share * num_atoms * _PLATFORM_SCALE.get(platform, 1.0)
 
 
 def free_bytes(device: jax.Device) -> int | None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from e2f_testing import brute_force_graph, random_molecule
 
-from e2former_jax.config import paper_config, tiny_config
+from e2former_jax.config import Precision, paper_config, tiny_config
 from e2former_jax.nn import memory
 from e2former_jax.nn.model import E2Former
 from e2former_jax.potential import energy_and_forces
@@ -51,6 +51,15 @@ def test_savings_added_in_order_as_memory_shrinks():
     assert planned(config, enough) == option
     assert planned(config, enough - 1000) == fallback
   assert planned(config, 1) == both  # nothing fits: the most saving computation
+
+
+def test_mixed_precision_plans_with_its_share_of_the_bytes():
+  full, mixed = paper_config(precision=Precision.FULL), paper_config(precision=Precision.MIXED)
+  assert needed(mixed) == pytest.approx(memory.MIXED_PRECISION_SHARE * needed(full))
+  # Just enough memory to keep every activation in mixed precision: float32 must chunk there.
+  free = int(np.ceil(needed(mixed) / memory.MEMORY_HEADROOM))
+  assert planned(mixed, free) == mixed
+  assert planned(full, free).edge_chunk_atoms == memory.AUTO_EDGE_CHUNK_ATOMS
 
 
 def test_the_configs_own_choices_are_kept():
