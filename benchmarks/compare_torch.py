@@ -107,6 +107,11 @@ def result_line(data: dict) -> str:
     if entry.get("peak_bytes"):
       text += f", {entry['peak_bytes'] / 1e9:.2f} GB"
     parts.append(text)
+  if "auto_memory" in data:  # what the plan chose
+    chosen = data["auto_memory"]
+    parts.append("plan: " + ("+".join(name for name, on in (("chunks", chosen["edge_chunk_atoms"]),
+                                                            ("remat", chosen["remat"])) if on)
+                             or "every activation kept"))
   return "; ".join(parts) or status(data)
 
 

@@ -176,6 +176,11 @@ def run_jax(spec: dict) -> dict:
             "device_name": report.device_name(device)}
   graph = jax.device_put(graph)
   params = jax.device_put(load_params(spec["params_path"]))
+  if cfg.auto_memory:  # what the model will choose when traced (nn/memory.py)
+    from e2former_jax.nn import memory
+
+    chosen = memory.plan(cfg, *graph.nbr_idx.shape, graph.positions.dtype.itemsize)
+    result["auto_memory"] = {"edge_chunk_atoms": chosen.edge_chunk_atoms, "remat": chosen.remat}
 
   def all_finite(tree) -> bool:
     return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
