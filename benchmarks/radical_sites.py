@@ -6,7 +6,9 @@ its held-out build carry mapped SMILES, whose atom map numbers give the row of e
 radical centres (atoms with unpaired electrons in the SMILES), and every atom's force error
 (-dE/dx, mean absolute over its three components) is filed under its number of bonds to the nearest
 centre (0 = the centre, DISTANCES[-1] and beyond together). A model that has learnt radicals' chemistry
-should come close to its error on closed-shell molecules at the centre too.
+should come close to its error on closed-shell molecules at the centre too. The molecules' force MAE
+is also reported by the kind of their radical centre: its element, and whether it is aromatic (a
+sigma radical on a ring atom) or has a conjugated bond (vinyl, acyl, allyl-like).
 
   python -m benchmarks.radical_sites runs/tiny --data ~/.cache/e2former_jax/builtin-v2-heldout/builtin_gfn2xtb.hdf5
   python -m benchmarks.radical_sites --smoke    # random weights on the small built-in build (~1 min)
@@ -39,17 +41,33 @@ DISTANCES = (0, 1, 2, 3, 4)
 NODE_BUCKET = 16
 
 
+def centre_kind(atom) -> str:
+  """'C', 'C aromatic', 'C conjugated', 'N', ...: a radical centre's element and bonding."""
+  if atom.GetIsAromatic():
+    return f"{atom.GetSymbol()} aromatic"
+  if any(bond.GetIsConjugated() for bond in atom.GetBonds()):
+    return f"{atom.GetSymbol()} conjugated"
+  return atom.GetSymbol()
+
+
 def radical_molecules(path: Path):
-  """(numbers [n], positions [M, n, 3] A, forces [M, n, 3] eV/A, charge, multiplicity, distance [n])
-  of each molecule of ``path`` whose SMILES has unpaired electrons."""
+  """(numbers [n], positions [M, n, 3] A, forces [M, n, 3] eV/A, charge, multiplicity, distance [n],
+  kind) of each open-shell molecule of ``path`` (spin multiplicity > 1) whose SMILES places its unpaired
+  electrons (kind: its centres' kinds, '+'-joined)."""
   from rdkit import Chem
 
+  params = Chem.SmilesParserParams()
+  params.removeHs = False  # every atom keeps its map number: the HDF5 row
   with h5py.File(path, "r") as file:
     for group in file.values():
+      if int(group["spin_multiplicity"][0]) == 1:
+        continue
       smiles = group["smiles"][0]
-      mol = Chem.MolFromSmiles(smiles.decode() if isinstance(smiles, bytes) else smiles, sanitize=False)
-      mol.UpdatePropertyCache(strict=False)
-      Chem.AssignRadicals(mol)
+      smiles = smiles.decode() if isinstance(smiles, bytes) else smiles
+      # Sanitised: without it, RDKit gives an aromatic sulfur (thiophene) an unpaired electron.
+      mol = Chem.MolFromSmiles(smiles, params)
+      if mol is None:
+        raise ValueError(f"{path}: group {group.name}: RDKit cannot parse its SMILES {smiles!r}")
       centres = [atom.GetIdx() for atom in mol.GetAtoms() if atom.GetNumRadicalElectrons()]
       if not centres:
         continue
@@ -59,16 +77,19 @@ def radical_molecules(path: Path):
       distance[row] = np.minimum(hops, DISTANCES[-1]).astype(int)
       yield (group["atomic_numbers"][()].astype(int), group["conformations"][()] * BOHR_A,
              -group["dft_total_gradient"][()] * (HARTREE_EV / BOHR_A), int(group["total_charge"][0]),
-             int(group["spin_multiplicity"][0]), distance)
+             int(group["spin_multiplicity"][0]), distance,
+             "+".join(sorted({centre_kind(mol.GetAtomWithIdx(i)) for i in centres})))
 
 
 def measure(predictor: Predictor, data: Path) -> dict:
   config = predictor.config
   forces_of = jax.jit(lambda params, graph: energy_and_forces(predictor.model, params, graph)[1])
   errors = {d: [] for d in DISTANCES}
+  by_kind: dict[str, list[float]] = {}  # per molecule: its force MAE over atoms and geometries
   molecules = 0
-  for numbers, positions, forces, charge, multiplicity, distance in radical_molecules(data):
+  for numbers, positions, forces, charge, multiplicity, distance, kind in radical_molecules(data):
     molecules += 1
+    molecule_errors = []
     n = len(numbers)
     for geometry, target in zip(positions, forces):
       graph = build_graph([Structure(numbers=numbers, positions=geometry, charge=charge, spin=multiplicity)],
@@ -77,17 +98,23 @@ def measure(predictor: Predictor, data: Path) -> dict:
       error = np.abs(np.asarray(forces_of(predictor.params, jax.tree.map(jnp.asarray, graph)))[:n] - target)
       for d in DISTANCES:
         errors[d].extend(error[distance == d].mean(axis=1))
+      molecule_errors.append(error.mean())
+    by_kind.setdefault(kind, []).append(float(np.mean(molecule_errors)))
   return {"molecules": molecules,
           "force_mae_mev_per_a": {d: 1e3 * float(np.mean(errors[d])) for d in DISTANCES if errors[d]},
-          "atoms": {d: len(errors[d]) for d in DISTANCES}}
+          "atoms": {d: len(errors[d]) for d in DISTANCES},
+          "by_centre": {kind: {"molecules": len(v), "force_mae_mev_per_a": 1e3 * float(np.mean(v))}
+                        for kind, v in by_kind.items()}}
 
 
 def result_line(data: dict) -> str:
   mae = data["force_mae_mev_per_a"]
   parts = [f"{'centre' if d == 0 else f'{d} bond' + ('s' if d > 1 else '')}"
            f"{' or more' if d == DISTANCES[-1] else ''} {mae[d]:.0f}" for d in DISTANCES if d in mae]
+  kinds = sorted(data["by_centre"].items(), key=lambda kv: -kv[1]["force_mae_mev_per_a"])
+  by_kind = "; ".join(f"{kind} {v['force_mae_mev_per_a']:.0f} ({v['molecules']})" for kind, v in kinds)
   return (f"force MAE (-dE/dx, meV/Å) by distance from the radical centre: {'; '.join(parts)} "
-          f"({data['molecules']} radicals)")
+          f"({data['molecules']} radicals); by centre (molecules): {by_kind}")
 
 
 def smoke_inputs(folder: Path) -> tuple[Predictor, Path]:
