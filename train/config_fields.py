@@ -3,7 +3,7 @@
 A run config is read from YAML files and ``--set key=value`` strings, so every value arrives as
 whatever YAML made of it (``abc`` is a string, ``1e-3`` too under YAML 1.1, ``[1, 2]`` a list).
 :func:`coerce` turns it into the field's declared type (``int``, ``float``, ``bool``, ``str``, an
-enum, a fixed-length tuple, each optionally ``| None``) or raises :class:`FieldError` with one line
+enum, a fixed-length tuple, a ``dict`` of scalars, each optionally ``| None``) or raises :class:`FieldError` with one line
 naming the key and the expected type; :class:`Limit` adds the range a numeric field must lie in.
 """
 
@@ -61,6 +61,8 @@ def describe(annotation) -> str:
     return f"one of {[m.value for m in annotation]}"
   if typing.get_origin(annotation) is tuple:
     return f"a list of {len(args)} {_plural(args[0])}"
+  if typing.get_origin(annotation) is dict:
+    return f"a mapping of {_plural(args[0])} to {_plural(args[1])}"
   return _SCALARS[annotation][0]
 
 
@@ -98,6 +100,11 @@ def _convert(value: Any, annotation) -> Any:
     if not isinstance(value, (list, tuple)) or len(value) != len(element_types):
       raise TypeError(value)
     return tuple(_convert(v, t) for v, t in zip(value, element_types))
+  if typing.get_origin(annotation) is dict:
+    key_type, value_type = typing.get_args(annotation)
+    if not isinstance(value, dict):
+      raise TypeError(value)
+    return {_convert(k, key_type): _convert(v, value_type) for k, v in value.items()}
   return _SCALARS[annotation][1](value)
 
 

@@ -68,6 +68,8 @@ class DataConfig:
     molecules_per_batch: molecule budget of one sub-batch; None = only the atom budget binds.
     batches_per_step: packed sub-batches per optimiser step, a multiple of the device count
       (one or more per device); None = one per device.
+    subset_repeat: subset name -> how many times each training epoch holds every record of that
+      subset (an integer >= 1); records of other subsets once. None: every record once.
     prefetch: sub-batches prepared ahead by a background thread.
     max_eval_batches: cap on sub-batches per evaluation pass and split (None = the whole split).
   """
@@ -83,6 +85,7 @@ class DataConfig:
   atoms_per_batch: int = 2048  # docs/model.md §12.7: atom:2048 per GPU, both stages
   molecules_per_batch: int | None = None  # docs/model.md §12.8: no molecule budget in the atom sampler
   batches_per_step: int | None = None
+  subset_repeat: dict[str, int] | None = None
   prefetch: int = 2
   max_eval_batches: int | None = None
 
@@ -227,6 +230,8 @@ LIMITS: dict[str, Limit] = {
     "data.atoms_per_batch": POSITIVE,
     "data.molecules_per_batch": POSITIVE,
     "data.batches_per_step": POSITIVE,
+    "data.subset_repeat": Limit("a mapping of subset names to integers >= 1",
+                                lambda repeats: all(r >= 1 for r in repeats.values())),
     "data.prefetch": NON_NEGATIVE,
     "data.max_eval_batches": POSITIVE,
     "loss.energy_weight": NON_NEGATIVE,

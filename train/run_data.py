@@ -106,16 +106,35 @@ def _check_atom_budget(dataset: Dataset, atoms_per_batch: int) -> None:
                    f"--set data.on_error=skip")
 
 
+def repeat_subsets(dataset: Dataset, indices: np.ndarray, repeats: dict[str, int]) -> np.ndarray:
+  """``indices`` with every record of subset ``name`` listed ``repeats[name]`` times in all.
+
+  Raises:
+    ValueError: naming a subset the dataset does not have, and the subsets it has.
+  """
+  unknown = sorted(set(repeats) - set(dataset.subset_names))
+  if unknown:
+    raise ValueError(f"data.subset_repeat names subset(s) {unknown} that {dataset.path} does not have; "
+                     f"its subsets: {dataset.subset_names}")
+  extra = [indices[dataset.subset_ids[indices] == dataset.subset_names.index(name)]
+           for name, repeat in repeats.items() for _ in range(repeat - 1)]
+  return np.concatenate([indices, *extra])
+
+
 def make_iterator(data: RunData, split: str, config: DataConfig, model_config: E2FormerConfig, *,
                   training: bool, seed: int, process_index: int = 0,
                   process_count: int = 1) -> BatchIterator:
   """Batches of one split with the run's static shapes.
 
-  Training iterators shuffle every epoch and drop an incomplete last round across processes;
-  evaluation iterators keep file order and pad with empty batches instead.
+  Training iterators shuffle every epoch, hold the records of ``config.subset_repeat``'s subsets
+  that many times and drop an incomplete last round across processes; evaluation iterators keep
+  file order, every record once, and pad with empty batches instead.
   """
+  indices = data.splits[split]
+  if training and config.subset_repeat:
+    indices = repeat_subsets(data.dataset, indices, config.subset_repeat)
   return BatchIterator(
-      data.dataset, data.splits[split], max_atoms=config.atoms_per_batch,
+      data.dataset, indices, max_atoms=config.atoms_per_batch,
       max_molecules=data.max_molecules, cutoff=model_config.cutoff,
       max_neighbors=model_config.max_neighbors, reference_slots=model_config.reference_slots,
       shuffle=training, seed=seed, drop_last=training,

@@ -73,6 +73,8 @@ def test_overrides_parse_types_and_enums(tmp_path):
   assert config.loss.forces is ForceMode.DIRECT and config.loss.force is ForceLoss.L2MAE
   assert config.data.split == (0.8, 0.1, 0.1) and config.train.steps == 7 and config.data.path is None
   assert config.data.builtin is BuiltinSize.LARGE
+  assert load_run_config(None, ["data.subset_repeat={ion pairs: 4, b: 2.0}"]).data.subset_repeat == {
+      "ion pairs": 4, "b": 2}
   model = config.model_config()
   assert model.channels == 32 and model.num_layers == 2 and model.message_path is MessagePath.PER_EDGE
   assert model.direct_force_head
@@ -113,20 +115,18 @@ def test_cli_reports_a_bad_override_in_one_line(capsys):
 
 # A value of the wrong type for each kind of field (YAML text, as after --set key=).
 _WRONG_TYPED = {int: ["abc", "2.5", "[1]"], float: ["abc", "true", "[1]"], bool: ["abc", "1"],
-                str: ["[1, 2]", "{a: 1}"], tuple: ["abc", "[0.5, 0.5]"]}
+                str: ["[1, 2]", "{a: 1}"], tuple: ["abc", "[0.5, 0.5]"], dict: ["abc", "[1]", "{a: b}"]}
 # The words the error uses for the expected type.
 _EXPECTED_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-                   tuple: "a list of 3 numbers"}
+                   tuple: "a list of 3 numbers", dict: "a mapping of strings to integers"}
 
 
 def _kind(annotation):
-  """int, float, bool, str, tuple or an Enum class, with ``| None`` removed."""
+  """int, float, bool, str, tuple, dict or an Enum class, with ``| None`` removed."""
+  if typing.get_origin(annotation) in (tuple, dict):
+    return typing.get_origin(annotation)
   args = [a for a in typing.get_args(annotation) if a is not type(None)]
-  if typing.get_origin(annotation) is tuple:
-    return tuple
-  if args and typing.get_origin(annotation) is not tuple:
-    return args[0]
-  return annotation
+  return _kind(args[0]) if args else annotation
 
 
 def _wrong_typed_cases():
@@ -152,7 +152,7 @@ def test_every_key_rejects_a_wrong_typed_value_in_one_line(key, value, expected,
 
 def _out_of_range(key):
   """A value of the key's type that its limit rejects."""
-  for value in (-5, 0, 1, 2.5, [0.5, 0.6, 0.1], "ignore"):
+  for value in (-5, 0, 1, 2.5, [0.5, 0.6, 0.1], "ignore", {"a": 0}):
     try:
       typed = coerce(key, value, config_keys()[key], source="test")
     except FieldError:

@@ -165,6 +165,23 @@ def test_resume_reproduces_uninterrupted_losses(dataset, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, p_straight, p_resumed)
 
 
+def test_subset_repeat_applies_to_training_epochs_only(dataset):
+  data = open_run_data(tiny_config(dataset).data)
+  config = tiny_config(dataset, "data.subset_repeat={beta: 3}")
+  beta = data.dataset.subset_names.index("beta")
+  for split in ("train", "val"):
+    for training in (True, False):
+      iterator = make_iterator(data, split, config.data, config.model_config(), training=training, seed=0)
+      counts = np.bincount(np.concatenate(iterator.plan(0)), minlength=len(data.dataset))
+      indices = data.splits[split]
+      expected = np.where(training & (data.dataset.subset_ids[indices] == beta), 3, 1)
+      np.testing.assert_array_equal(counts[indices], expected)
+      assert counts.sum() == expected.sum()
+  unknown = tiny_config(dataset, "data.subset_repeat={gamma: 2}")
+  with pytest.raises(ValueError, match=r"subset\(s\) \['gamma'\].*its subsets: \['alpha', 'beta'\]"):
+    make_iterator(data, "train", unknown.data, unknown.model_config(), training=True, seed=0)
+
+
 def test_nonfinite_step_is_skipped_without_moving_the_optimizer(dataset):
   config = tiny_config(dataset)
   data = open_run_data(config.data)
