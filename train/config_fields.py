@@ -3,8 +3,9 @@
 A run config is read from YAML files and ``--set key=value`` strings, so every value arrives as
 whatever YAML made of it (``abc`` is a string, ``1e-3`` too under YAML 1.1, ``[1, 2]`` a list).
 :func:`coerce` turns it into the field's declared type (``int``, ``float``, ``bool``, ``str``, an
-enum, a fixed-length tuple, a ``dict`` of scalars, each optionally ``| None``) or raises :class:`FieldError` with one line
-naming the key and the expected type; :class:`Limit` adds the range a numeric field must lie in.
+enum, a fixed-length tuple, a ``dict`` of scalars, each optionally ``| None``) or raises
+:class:`FieldError` with one line naming the key and the expected type; :class:`Limit` adds the range
+a field's value must lie in.
 """
 
 from __future__ import annotations
