@@ -60,7 +60,8 @@ def radical_molecules(path: Path):
   params.removeHs = False  # every atom keeps its map number: the HDF5 row
   with h5py.File(path, "r") as file:
     for group in file.values():
-      if int(group["spin_multiplicity"][0]) == 1:
+      multiplicity = int(group["spin_multiplicity"][0])
+      if multiplicity == 1:
         continue
       smiles = group["smiles"][0]
       smiles = smiles.decode() if isinstance(smiles, bytes) else smiles
@@ -77,7 +78,7 @@ def radical_molecules(path: Path):
       distance[row] = np.minimum(hops, DISTANCES[-1]).astype(int)
       yield (group["atomic_numbers"][()].astype(int), group["conformations"][()] * BOHR_A,
              -group["dft_total_gradient"][()] * (HARTREE_EV / BOHR_A), int(group["total_charge"][0]),
-             int(group["spin_multiplicity"][0]), distance,
+             multiplicity, distance,
              "+".join(sorted({centre_kind(mol.GetAtomWithIdx(i)) for i in centres})))
 
 
@@ -86,9 +87,7 @@ def measure(predictor: Predictor, data: Path) -> dict:
   forces_of = jax.jit(lambda params, graph: energy_and_forces(predictor.model, params, graph)[1])
   errors = {d: [] for d in DISTANCES}
   by_kind: dict[str, list[float]] = {}  # per molecule: its force MAE over atoms and geometries
-  molecules = 0
   for numbers, positions, forces, charge, multiplicity, distance, kind in radical_molecules(data):
-    molecules += 1
     molecule_errors = []
     n = len(numbers)
     for geometry, target in zip(positions, forces):
@@ -100,7 +99,7 @@ def measure(predictor: Predictor, data: Path) -> dict:
         errors[d].extend(error[distance == d].mean(axis=1))
       molecule_errors.append(error.mean())
     by_kind.setdefault(kind, []).append(float(np.mean(molecule_errors)))
-  return {"molecules": molecules,
+  return {"molecules": sum(len(v) for v in by_kind.values()),
           "force_mae_mev_per_a": {d: 1e3 * float(np.mean(errors[d])) for d in DISTANCES if errors[d]},
           "atoms": {d: len(errors[d]) for d in DISTANCES},
           "by_centre": {kind: {"molecules": len(v), "force_mae_mev_per_a": 1e3 * float(np.mean(v))}
