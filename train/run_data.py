@@ -117,8 +117,8 @@ def repeat_subsets(dataset: Dataset, indices: np.ndarray, repeats: dict[str, int
     raise ValueError(f"data.subset_repeat names subset(s) {unknown} that {dataset.path} does not have; "
                      f"its subsets: {dataset.subset_names} (--set data.subset_repeat=null trains every "
                      f"record once)")
-  extra = [indices[dataset.subset_ids[indices] == dataset.subset_names.index(name)]
-           for name, repeat in repeats.items() for _ in range(repeat - 1)]
+  extra = [np.tile(indices[dataset.subset_ids[indices] == dataset.subset_names.index(name)], repeat - 1)
+           for name, repeat in repeats.items()]
   return np.concatenate([indices, *extra])
 
 
