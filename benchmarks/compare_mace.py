@@ -13,6 +13,11 @@ scored on the test split as its learning curve. MACE's newest snapshots at 1x an
 models at 1x and 2x our budget. Our final numbers are the run's own closing evaluation of its
 exported model, the newest best checkpoint, which ends our curve.
 
+With ``--heldout`` both final models (ours; MACE at 1x and 2x) are also scored on every geometry of
+another dataset, one whose molecules none of the run's splits hold: the built-in held-out build
+(``python -m train.data.builtin --size heldout``, 50 molecules of each subset, docs/decisions.md D17)
+compares the radicals' or ions' errors on fifty molecules each instead of the test split's handful.
+
 MACE (mace-torch, with PyTorch) may live in another interpreter: ``--mace-python`` runs its
 training and ``mace_eval.py`` there; the two sides exchange extxyz and npz files.
 
@@ -26,7 +31,8 @@ fitted by least squares). MACE knows neither total charge nor spin.
 
 Records the cases "E2Former <minutes> min", "MACE small <minutes> min" and "MACE small <2x> min"
 (", seed S" appended when ``--seed`` is given; test MAE, overall, per subset and per state; the
-E2Former record's data holds both learning curves) with ``benchmarks/report.py``, and plots both
+E2Former record's data holds both learning curves), and with ``--heldout`` the same three cases
+with ", held-out" appended, with ``benchmarks/report.py``, and plots both
 curves, test force MAE against training time, our final model highlighted, to
 ``results/compare_mace.png``.
 """
@@ -51,6 +57,7 @@ import numpy as np
 from benchmarks import report
 from benchmarks.structures import synthetic_dataset
 from train.checkpoint import BEST, CHECKPOINT_DIRNAME
+from train.data import open_dataset
 from train.evaluate import evaluate_checkpoint
 from train.metrics import STATE_ROWS, electronic_state, shown_states
 from train.run_config import load_run_config
@@ -142,11 +149,11 @@ class Snapshotter(threading.Thread):
     return sorted(self.found.values(), key=lambda s: s.seconds)
 
 
-def write_split(data, split: str, path: Path) -> list[str]:
-  """The split as extxyz with MACE's REF_* keys, subset as config_type; returns the subsets in order."""
+def write_frames(dataset, indices, path: Path) -> list[str]:
+  """The records as extxyz with MACE's REF_* keys, subset as config_type; returns the subsets in order."""
   frames, subsets = [], []
-  for i in data.splits[split]:
-    record = data.dataset.read(int(i))
+  for i in indices:
+    record = dataset.read(int(i))
     s = record.structure
     atoms = ase.Atoms(numbers=s.numbers, positions=s.positions)
     atoms.info.update(REF_energy=float(record.energy), config_type=record.subset.replace(" ", "_"),
@@ -280,6 +287,19 @@ def mace_model(args, folder: Path, cutoff: float, numbers: list[int], last: Snap
   return next((restart / "checkpoints").glob("*.model"))
 
 
+def mace_errors(args, model: Path, xyz: Path, subsets: list[str], checkpoints: list[Path], out: Path
+                ) -> list[dict[str, dict]]:
+  """Error tables (:func:`errors`) of MACE's weights at each checkpoint on the frames of ``xyz``."""
+  subprocess.run([args.mace_python, str(Path(__file__).with_name("mace_eval.py")), "--model", str(model),
+                  "--xyz", str(xyz), "--out", str(out), "--checkpoint", *map(str, checkpoints)], check=True)
+  frames = ase.io.read(xyz, index=":")
+  tables = []
+  for checkpoint in checkpoints:
+    npz = np.load(out / f"{checkpoint.stem}.npz")
+    tables.append(errors(frames, subsets, npz["energy"], npz["forces"]))
+  return tables
+
+
 def curve_points(snapshots: list[Snapshot], budget: float) -> list[Snapshot]:
   """The snapshots to evaluate: the newest at 1x and at the end, and up to CURVE_POINTS between."""
   chosen = {id(s): s for s in snapshots[:: max(1, len(snapshots) // CURVE_POINTS)]}
@@ -315,10 +335,10 @@ def plot(summary: dict, path: Path) -> None:
   plt.close(fig)
 
 
-def result_line(test: dict[str, dict]) -> str:
-  """Test MAE of every subset: energy meV/atom / force meV/A."""
+def result_line(test: dict[str, dict], scored: str = "test") -> str:
+  """MAE of every subset: energy meV/atom / force meV/A."""
   return "; ".join(f"{name} {row['energy_mae_mev_per_atom']:.1f} / {row['force_mae_mev_per_a']:.1f}"
-                   for name, row in test.items()) + " (test, E meV/atom / F meV/\u00c5)"
+                   for name, row in test.items()) + f" ({scored}, E meV/atom / F meV/\u00c5)"
 
 
 SMOKE = {"minutes": 0.4, "mace_factor": 2.0}
@@ -339,6 +359,9 @@ def build_parser():
   parser.add_argument("--mace-python", default=sys.executable, help="interpreter with mace-torch")
   parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compare_mace",
                       help="scratch folder of both trainings (replaced)")
+  parser.add_argument("--heldout", type=Path, default=None,
+                      help="a dataset of molecules none of the splits hold (e.g. the built-in held-out "
+                           "build): both final models are also scored on all of it (--smoke: a synthetic one)")
   parser.add_argument("--quiet", action="store_true")
   return parser
 
@@ -360,9 +383,13 @@ def main(argv=None) -> list[report.Record]:
   folder = args.work / "mace"
   folder.mkdir(parents=True)
   data = open_run_data(config.data)
-  subsets = {split: write_split(data, split, folder / f"{split}.xyz") for split in SPLITS}
+  subsets = {split: write_frames(data.dataset, data.splits[split], folder / f"{split}.xyz") for split in SPLITS}
   numbers = sorted({int(z) for a in ase.io.read(folder / "train.xyz", index=":") for z in a.numbers})
   cutoff = config.model_config().cutoff
+  heldout_path = synthetic_dataset(results / "heldout.extxyz", seed=1) if args.smoke else args.heldout
+  if heldout_path is not None:  # read (and refused if unusable) before anything trains
+    heldout = open_dataset(heldout_path, on_error=config.data.on_error)
+    heldout_subsets = write_frames(heldout, range(len(heldout)), folder / "heldout.xyz")
 
   ours = train_ours(args, config, args.work)
   budget = 60.0 * minutes
@@ -371,33 +398,41 @@ def main(argv=None) -> list[report.Record]:
     raise RuntimeError(f"MACE wrote no checkpoint in {args.mace_factor * budget:.0f} s")
   points = curve_points(snapshots, budget)
   model = mace_model(args, folder, cutoff, numbers, points[-1])
-  predictions = folder / "predictions"
-  subprocess.run([args.mace_python, str(Path(__file__).with_name("mace_eval.py")), "--model", str(model),
-                  "--xyz", str(folder / "test.xyz"), "--out", str(predictions),
-                  "--checkpoint", *[str(p.path) for p in points]], check=True)
-  test_frames = ase.io.read(folder / "test.xyz", index=":")
-  curve = []
-  for p in points:
-    npz = np.load(predictions / f"{p.path.stem}.npz")
-    curve.append({"minutes": p.seconds / 60, "epoch": p.step,
-                  "test": errors(test_frames, subsets["test"], npz["energy"], npz["forces"])})
+  tables = mace_errors(args, model, folder / "test.xyz", subsets["test"], [p.path for p in points],
+                       folder / "predictions")
+  curve = [{"minutes": p.seconds / 60, "epoch": p.step, "test": table} for p, table in zip(points, tables)]
   at_budget = [c for c in curve if c["minutes"] <= minutes]
   summary = {"minutes": minutes, "mace_factor": args.mace_factor, "config": str(args.config),
              "overrides": overrides, "records": {s: len(data.splits[s]) for s in SPLITS},
              "cpu_cores": len(os.sched_getaffinity(0)), "ours": ours,
              "mace": {"architecture": MACE_ARCHITECTURE, "training": MACE_TRAINING, "curve": curve}}
+  # Rows: our exported model, MACE's newest snapshot within 1x (None if it wrote none) and at the end.
+  names = [f"E2Former ({args.config.name}) {minutes:g} min", f"MACE small {minutes:g} min",
+           f"MACE small {args.mace_factor * minutes:g} min"]
+  finals = [p for p in points if p.seconds <= budget][-1:] + points[-1:]
+  mace_1x = at_budget[-1] if at_budget else None
+  rows = [("test", ours["test"], summary), ("test", mace_1x and mace_1x["test"], mace_1x or {}),
+          ("test", curve[-1]["test"], curve[-1])]
+  if heldout_path is not None:
+    ours_heldout = table_test_errors(evaluate_checkpoint(
+        args.work / "ours", data_path=str(heldout_path), splits=("test",), overrides=["data.split=[0, 0, 1]"],
+        out=args.work / "ours" / "heldout", progress=False))
+    mace_heldout = mace_errors(args, model, folder / "heldout.xyz", heldout_subsets, [p.path for p in finals],
+                               folder / "heldout_predictions")
+    mace_heldout = [None] * (2 - len(mace_heldout)) + mace_heldout
+    summary["heldout"] = {"path": str(heldout_path), "ours": ours_heldout, "mace": mace_heldout}
+    rows += [("held-out", table, {"heldout": str(heldout_path), "test": table})
+             for table in [ours_heldout, *mace_heldout]]
   (results / report.RESULTS_SUBDIR).mkdir(parents=True, exist_ok=True)
   plot(summary, results / report.RESULTS_SUBDIR / "compare_mace.png")
   # The E2Former record carries the whole comparison (both curves, settings) in its data.
   seed = "" if args.seed is None else f", seed {args.seed}"  # each seed keeps its own rows
-  cases = [(f"E2Former ({args.config.name}) {minutes:g} min{seed}", ours["test"], summary),
-           (f"MACE small {minutes:g} min{seed}", at_budget[-1]["test"] if at_budget else None,
-            at_budget[-1] if at_budget else {}),
-           (f"MACE small {args.mace_factor * minutes:g} min{seed}", curve[-1]["test"], curve[-1])]
+  cases = [(f"{names[i % 3]}{seed}" + ("" if scored == "test" else f", {scored}"), scored, table, payload)
+           for i, (scored, table, payload) in enumerate(rows)]
   commit, date = args.commit or report.git_commit(), report.today()
   device = f"cpu ({summary['cpu_cores']} cores)"
-  records = [report.Record(case, result_line(test) if test else "no checkpoint yet", device, commit,
-                           date, payload) for case, test, payload in cases]
+  records = [report.Record(case, result_line(table, scored) if table else "no checkpoint yet", device, commit,
+                           date, payload) for case, scored, table, payload in cases]
   report.record("compare_mace", records, results)
   for r in records:
     print(f"{r.case}: {r.result}")

@@ -195,9 +195,10 @@ def water_box(num_atoms: int, seed: int = 0, periodic: bool = False
   return numbers, positions, side
 
 
-def synthetic_dataset(path: Path, molecules: int = 12, conformers: int = 4) -> Path:
-  """A small labelled extxyz dataset for --smoke: random H/C/N/O chains with a pair potential."""
-  rng = np.random.default_rng(0)
+def synthetic_dataset(path: Path, molecules: int = 12, conformers: int = 4, seed: int = 0) -> Path:
+  """A small labelled extxyz dataset for --smoke: random H/C/N/O chains with a pair potential
+  (another ``seed``, other molecules)."""
+  rng = np.random.default_rng(seed)
   frames = []
   for m in range(molecules):
     n = int(rng.integers(3, 8))

@@ -25,14 +25,15 @@ def _has_mace(python: str) -> bool:
 @pytest.mark.skipif(not _has_mace(MACE_PYTHON),
                     reason="mace-torch is not installed (pip install 'e2former-jax[mace]', or point "
                            "E2F_MACE_PYTHON at an interpreter that has it)")
-def test_smoke_run_trains_both_and_records_three_cases_and_two_curves(tmp_path):
+def test_smoke_run_trains_both_and_records_both_curves_and_held_out_scores(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.compare_mace", "--smoke", "--quiet", "--results", str(tmp_path),
        "--work", str(tmp_path / "work"), "--mace-python", MACE_PYTHON],
       cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   records = json.loads((tmp_path / "results" / "compare_mace.json").read_text())["records"]
-  assert [r["case"].split(" ")[0] for r in records] == ["E2Former", "MACE", "MACE"]
+  assert [r["case"].split(" ")[0] for r in records] == ["E2Former", "MACE", "MACE"] * 2
+  assert [r["case"].endswith(", held-out") for r in records] == [False] * 3 + [True] * 3
   summary = records[0]["data"]
   curve = summary["mace"]["curve"]
   assert curve and all(p["minutes"] <= 2 * summary["minutes"] + 0.5 for p in curve)
@@ -49,5 +50,11 @@ def test_smoke_run_trains_both_and_records_three_cases_and_two_curves(tmp_path):
     row = point["test"]["all"]
     assert row["molecules"] == summary["records"]["test"]  # every test geometry scored
     assert 0 < row["force_mae_mev_per_a"] < 1e5 and 0 <= row["energy_mae_mev_per_atom"] < 1e6
+  # --smoke scores both final models on a synthetic held-out set of 12 molecules x 4 geometries.
+  heldout = summary["heldout"]
+  for table in [heldout["ours"], heldout["mace"][-1]]:
+    assert table["all"]["molecules"] == 48
+    assert 0 < table["all"]["force_mae_mev_per_a"] < 1e5
+  assert records[5]["data"]["test"] == heldout["mace"][-1]
   assert (tmp_path / "results" / "compare_mace.png").stat().st_size > 10_000
   assert "| MACE small 0.8 min |" in (tmp_path / "RESULTS.md").read_text()
