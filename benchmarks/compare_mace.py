@@ -401,38 +401,39 @@ def main(argv=None) -> list[report.Record]:
   tables = mace_errors(args, model, folder / "test.xyz", subsets["test"], [p.path for p in points],
                        folder / "predictions")
   curve = [{"minutes": p.seconds / 60, "epoch": p.step, "test": table} for p, table in zip(points, tables)]
-  at_budget = [c for c in curve if c["minutes"] <= minutes]
+  # MACE's models at 1x (its newest snapshot within our budget; None if it wrote none by then) and at
+  # the end, as indices into points and curve.
+  within = [i for i, p in enumerate(points) if p.seconds <= budget]
+  finals = [within[-1] if within else None, len(points) - 1]
   summary = {"minutes": minutes, "mace_factor": args.mace_factor, "config": str(args.config),
              "overrides": overrides, "records": {s: len(data.splits[s]) for s in SPLITS},
              "cpu_cores": len(os.sched_getaffinity(0)), "ours": ours,
              "mace": {"architecture": MACE_ARCHITECTURE, "training": MACE_TRAINING, "curve": curve}}
-  # Rows: our exported model, MACE's newest snapshot within 1x (None if it wrote none) and at the end.
-  names = [f"E2Former ({args.config.name}) {minutes:g} min", f"MACE small {minutes:g} min",
-           f"MACE small {args.mace_factor * minutes:g} min"]
-  finals = [p for p in points if p.seconds <= budget][-1:] + points[-1:]
-  mace_1x = at_budget[-1] if at_budget else None
-  rows = [("test", ours["test"], summary), ("test", mace_1x and mace_1x["test"], mace_1x or {}),
-          ("test", curve[-1]["test"], curve[-1])]
+  seed = "" if args.seed is None else f", seed {args.seed}"  # each seed keeps its own rows
+  names = [f"E2Former ({args.config.name}) {minutes:g} min{seed}", f"MACE small {minutes:g} min{seed}",
+           f"MACE small {args.mace_factor * minutes:g} min{seed}"]
+  # Rows (case, scored on, error table, payload); the E2Former record carries the whole comparison (both
+  # curves, settings) in its data.
+  rows = [(names[0], "test", ours["test"], summary)]
+  rows += [(name, "test", None, {}) if i is None else (name, "test", curve[i]["test"], curve[i])
+           for name, i in zip(names[1:], finals)]
   if heldout_path is not None:
     ours_heldout = table_test_errors(evaluate_checkpoint(
         args.work / "ours", data_path=str(heldout_path), splits=("test",), overrides=["data.split=[0, 0, 1]"],
         out=args.work / "ours" / "heldout", progress=False))
-    mace_heldout = mace_errors(args, model, folder / "heldout.xyz", heldout_subsets, [p.path for p in finals],
-                               folder / "heldout_predictions")
-    mace_heldout = [None] * (2 - len(mace_heldout)) + mace_heldout
+    present = [i for i in finals if i is not None]
+    mace_heldout = mace_errors(args, model, folder / "heldout.xyz", heldout_subsets,
+                               [points[i].path for i in present], folder / "heldout_predictions")
+    mace_heldout = [None] * (len(finals) - len(present)) + mace_heldout  # only the 1x model can be missing
     summary["heldout"] = {"path": str(heldout_path), "ours": ours_heldout, "mace": mace_heldout}
-    rows += [("held-out", table, {"heldout": str(heldout_path), "test": table})
-             for table in [ours_heldout, *mace_heldout]]
+    rows += [(f"{name}, held-out", "held-out", table, {"heldout": str(heldout_path), "test": table})
+             for name, table in zip(names, [ours_heldout, *mace_heldout])]
   (results / report.RESULTS_SUBDIR).mkdir(parents=True, exist_ok=True)
   plot(summary, results / report.RESULTS_SUBDIR / "compare_mace.png")
-  # The E2Former record carries the whole comparison (both curves, settings) in its data.
-  seed = "" if args.seed is None else f", seed {args.seed}"  # each seed keeps its own rows
-  cases = [(f"{names[i % 3]}{seed}" + ("" if scored == "test" else f", {scored}"), scored, table, payload)
-           for i, (scored, table, payload) in enumerate(rows)]
   commit, date = args.commit or report.git_commit(), report.today()
   device = f"cpu ({summary['cpu_cores']} cores)"
   records = [report.Record(case, result_line(table, scored) if table else "no checkpoint yet", device, commit,
-                           date, payload) for case, scored, table, payload in cases]
+                           date, payload) for case, scored, table, payload in rows]
   report.record("compare_mace", records, results)
   for r in records:
     print(f"{r.case}: {r.result}")
