@@ -101,6 +101,9 @@ class E2FormerConfig:
       Pallas on GPU); it changes speed and memory, not the numbers beyond round-off.
     direct_force_head: add a linear l=1 -> force head (stage-1 training); conservative forces
       -dE/dx are always available.
+    power_spectrum: add a linear map of the initial features' squared norm per degree l >= 1
+      (three-body invariants of each atom's neighbourhood) to their l = 0 row (docs/model.md §5.3,
+      docs/decisions.md D21). Ours, not the paper's; False is the paper's model.
     layer_norm_eps: epsilon of the LayerNorms inside the radial MLPs and the query/key readout
       (the authors' and torch's 1e-5; checkpoints saved before this field existed used flax's
       1e-6, and load with it).
@@ -143,6 +146,7 @@ class E2FormerConfig:
   message_path: MessagePath = MessagePath.NODE_CENTRIC
   attention_impl: AttentionImpl = AttentionImpl.AUTO
   direct_force_head: bool = True
+  power_spectrum: bool = False
   layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS
   gate_normalisers: GateNormalisers = GateNormalisers.EXACT
   inverse_distance_eps: float = 0.0

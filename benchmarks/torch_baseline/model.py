@@ -529,6 +529,8 @@ class E2FormerTorch(nn.Module):
     if numerics != _DEFAULT_NUMERICS:
       raise ValueError(f"the torch baseline implements the default numerics {_DEFAULT_NUMERICS}; "
                        f"got {numerics}")
+    if cfg.power_spectrum:
+      raise ValueError("the torch baseline implements the paper's model: power_spectrum=False")
     self.edge_degree = EdgeDegreeEmbedding(cfg)
     self.molecule = MoleculeEmbedding(cfg.channels)
     for layer in range(cfg.num_layers):

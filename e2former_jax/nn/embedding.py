@@ -1,4 +1,4 @@
-"""Initial node features and the per-molecule charge/spin signal (docs/model.md §5.1, §5.2)."""
+"""Initial node features, their power spectrum and the per-molecule charge/spin signal (docs/model.md §5)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from e2former_jax.nn.init import embedding_init, kaiming_uniform
-from e2former_jax.so3.layout import row_degrees
+from e2former_jax.so3.layout import lmax_from_rows, row_degrees
 from e2former_jax.nn.radial import RadialMLP
 
 # Total charges -MAX_ABS_CHARGE..MAX_ABS_CHARGE and spin multiplicities 0..MAX_MULTIPLICITY have
@@ -105,3 +105,20 @@ class EdgeDegreeEmbedding(nn.Module):
       blocks.append(radial(d_l, target_types, source_types, nbr_idx, slot_weights=sh_l))  # [N, 2l+1, C]
     return jnp.concatenate(blocks, axis=-2) / self.avg_degree  # [N, S, C]
 
+
+class PowerSpectrum(nn.Module):
+  """p_i = W [sum_m h0_i[(l, m), :]^2 for l = 1..lmax] + b, to add to the l = 0 row (docs/model.md §5.3).
+
+  Each squared norm is a sum over pairs of neighbours of a Legendre polynomial of the angle between
+  them: three-body invariants that the initial l = 0 row (a sum over single neighbours) lacks. W and
+  b start at zero, so a new model starts as the one without them.
+  """
+
+  channels: int
+
+  @nn.compact
+  def __call__(self, x: Float[ArrayLike, "N S C"]) -> Float[Array, "N C"]:
+    degrees = row_degrees(lmax_from_rows(x.shape[1]))
+    norms = [jnp.sum(jnp.square(x[:, degrees == l]), axis=1) for l in range(1, int(degrees[-1]) + 1)]
+    return nn.Dense(self.channels, kernel_init=nn.initializers.zeros, name="mix")(
+        jnp.concatenate(norms, axis=-1))

@@ -14,7 +14,7 @@ from e2former_jax.graph import Graph
 from e2former_jax.nn import memory
 from e2former_jax.nn.attention import EdgeGeometry
 from e2former_jax.nn.block import TransformerBlock
-from e2former_jax.nn.embedding import EdgeDegreeEmbedding, MoleculeEmbedding
+from e2former_jax.nn.embedding import EdgeDegreeEmbedding, MoleculeEmbedding, PowerSpectrum
 from e2former_jax.nn.init import kaiming_uniform
 from e2former_jax.nn.norm import RMSNormSH
 from e2former_jax.nn.radial import envelope
@@ -79,6 +79,8 @@ class E2Former(nn.Module):
                             cfg.compute_dtype, name="edge_degree")(
         graph.species, geometry.distances, geometry.envelope, edge_sh, graph.nbr_idx)  # [N, S, C]
     assert x.shape == (n, cfg.num_rows, cfg.channels), x.shape
+    if cfg.power_spectrum:
+      x = x.at[:, 0, :].add(PowerSpectrum(cfg.channels, name="power_spectrum")(x))
     molecule_signal = MoleculeEmbedding(cfg.channels, name="molecule")(graph.charge, graph.spin)
     atom_signal = molecule_signal[graph.molecule_index]  # [N, C]
     block = nn.remat(TransformerBlock) if cfg.remat else TransformerBlock

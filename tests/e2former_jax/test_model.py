@@ -81,6 +81,25 @@ def test_rotation_invariance_and_equivariance(setup):
   np.testing.assert_allclose(forces_r, forces @ rot.T, rtol=1e-4, atol=1e-5 * np.abs(forces).max())
 
 
+def test_power_spectrum_starts_as_the_plain_model_and_keeps_its_symmetries(setup):
+  cfg, mols, graph, model, params = setup
+  ps_model, ps_params = init_model(cfg.replace(power_spectrum=True), graph)
+  extra = ps_params["params"].pop("power_spectrum")
+  jax.tree.map(np.testing.assert_array_equal, ps_params, params)  # the same initial weights elsewhere
+  np.testing.assert_array_equal(extra["mix"]["kernel"], 0.0)
+  ps_params["params"]["power_spectrum"] = extra
+  np.testing.assert_array_equal(apply(ps_model, ps_params, graph).energy, apply(model, params, graph).energy)
+  # Trained weights: the term changes the energy, and energy and forces keep their symmetries.
+  extra["mix"]["kernel"] = jax.random.normal(jax.random.key(3), extra["mix"]["kernel"].shape)
+  energy, forces = energy_and_forces(ps_model, ps_params, graph)
+  assert np.abs(energy - apply(model, params, graph).energy).max() > 1e-3
+  rot = random_rotation(np.random.default_rng(4))
+  energy_r, forces_r = energy_and_forces(ps_model, ps_params, graph_of([(z, pos @ rot.T, q, s)
+                                                                         for z, pos, q, s in mols]))
+  np.testing.assert_allclose(energy_r, energy, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(forces_r, forces @ rot.T, rtol=1e-4, atol=1e-5 * np.abs(forces).max())
+
+
 def test_translation_invariance(setup):
   cfg, mols, graph, model, params = setup
   shifted = graph.replace(positions=graph.positions + jnp.asarray([13.0, -7.0, 2.5]))
