@@ -89,8 +89,9 @@ def test_power_spectrum_starts_as_the_plain_model_and_keeps_its_symmetries(setup
   np.testing.assert_array_equal(extra["mix"]["kernel"], 0.0)
   ps_params["params"]["power_spectrum"] = extra
   np.testing.assert_array_equal(apply(ps_model, ps_params, graph).energy, apply(model, params, graph).energy)
-  # Trained weights: the term changes the energy, and energy and forces keep their symmetries.
-  extra["mix"]["kernel"] = jax.random.normal(jax.random.key(3), extra["mix"]["kernel"].shape)
+  # Trained weights: the term changes the energy, and energy and forces keep their symmetries and
+  # ignore padding (the bias reaches padded atoms' rows too).
+  extra["mix"] = {name: jax.random.normal(jax.random.key(3), w.shape) for name, w in extra["mix"].items()}
   energy, forces = energy_and_forces(ps_model, ps_params, graph)
   assert np.abs(energy - apply(model, params, graph).energy).max() > 1e-3
   rot = random_rotation(np.random.default_rng(4))
@@ -98,6 +99,10 @@ def test_power_spectrum_starts_as_the_plain_model_and_keeps_its_symmetries(setup
                                                                          for z, pos, q, s in mols]))
   np.testing.assert_allclose(energy_r, energy, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(forces_r, forces @ rot.T, rtol=1e-4, atol=1e-5 * np.abs(forces).max())
+  energy_p, forces_p = energy_and_forces(ps_model, ps_params, graph_of(mols, num_nodes=NUM_NODES + 9,
+                                                                        num_molecules=NUM_MOLECULES + 3))
+  np.testing.assert_allclose(energy_p[:NUM_MOLECULES], energy, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(forces_p[:NUM_NODES], forces, atol=1e-5 * np.abs(forces).max())
 
 
 def test_translation_invariance(setup):
