@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from e2former_jax.nn.init import embedding_init, kaiming_uniform
-from e2former_jax.so3.layout import lmax_from_rows, row_degrees
+from e2former_jax.so3.layout import degree_slice, lmax_from_rows, row_degrees
 from e2former_jax.nn.radial import RadialMLP
 
 # Total charges -MAX_ABS_CHARGE..MAX_ABS_CHARGE and spin multiplicities 0..MAX_MULTIPLICITY have
@@ -118,7 +118,8 @@ class PowerSpectrum(nn.Module):
 
   @nn.compact
   def __call__(self, x: Float[ArrayLike, "N S C"]) -> Float[Array, "N C"]:
-    degrees = row_degrees(lmax_from_rows(x.shape[1]))
-    norms = [jnp.sum(jnp.square(x[:, degrees == l]), axis=1) for l in range(1, int(degrees[-1]) + 1)]
+    # Static row slices: a boolean row mask would lower to a gather whose transpose is a scatter-add.
+    lmax = lmax_from_rows(x.shape[1])
+    norms = [jnp.sum(jnp.square(x[:, degree_slice(l)]), axis=1) for l in range(1, lmax + 1)]
     return nn.Dense(self.channels, kernel_init=nn.initializers.zeros, name="mix")(
         jnp.concatenate(norms, axis=-1))
