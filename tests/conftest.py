@@ -10,6 +10,10 @@ import os
 os.environ["XLA_FLAGS"] = " ".join(
     filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
+# The command line keeps XLA's compiled programs in ~/.cache (train.cli.XLA_CACHE_ENV); tests that
+# call it must not write there (test_training.py and test_md_command.py give it their own directories).
+os.environ["E2FORMER_XLA_CACHE"] = "off"
+
 import jax
 import numpy as np
 import pytest

@@ -4,6 +4,10 @@ itself: tests/train/simulation)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import ase.io
 import h5py
@@ -24,7 +28,7 @@ from e2former_jax.reference_energies import ReferenceEnergies
 from e2former_jax.structure import Structure
 from train.checkpoint import (CHECKPOINT_DIRNAME, LAST, Checkpointer, PredictorInfo, load_calculator,
                               load_predictor)
-from train.cli import main as cli_main
+from train.cli import XLA_CACHE_ENV, main as cli_main
 from train.data.units import BOHR_A, HARTREE_EV
 from train.run_config import DataConfig, ForceMode, LossConfig, RunConfig
 from train.simulation import PLOT_FILENAME, SUMMARY_FILENAME, TRAJECTORY_FILENAME
@@ -33,6 +37,7 @@ from train.state import create_train_state
 MICRO = dict(num_layers=1, channels=8, num_heads=2, head_dim=4, num_rbf=8, max_neighbors=8,
              edge_hidden=8, type_embed_dim=4)
 REFERENCES = {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0}
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +156,25 @@ def test_md_command_missing_structure_file_is_one_line(run_dir, tmp_path, capsys
   missing = tmp_path / "missing.xyz"
   assert cli_main(["md", str(run_dir), "--structure", str(missing), "--quiet"]) == 2
   assert capsys.readouterr().err.splitlines() == [f"error: structure file {missing} does not exist"]
+
+
+def test_command_line_reuses_compiled_programs(run_dir, tmp_path):
+  """``e2former md`` twice with one compilation cache: the first run writes XLA's programs there, the
+  second loads every one of them (writes none) and simulates the same trajectory; with the cache off
+  nothing is written."""
+  cache = tmp_path / "xla"
+
+  def md(out: str, setting: str) -> np.ndarray:
+    env = {**os.environ, XLA_CACHE_ENV: setting, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    subprocess.run([sys.executable, "-m", "train.cli", "md", str(run_dir), "--molecule", "mol0",
+                    "--steps", "10", "--record-every", "10", "--no-relax", "--quiet", "--out",
+                    str(tmp_path / out)], cwd=REPO, env=env, check=True, capture_output=True)
+    return np.stack([f.positions for f in ase.io.read(tmp_path / out / TRAJECTORY_FILENAME, index=":")])
+
+  first = md("first", str(cache))
+  entries = sorted(p.name for p in cache.iterdir())
+  assert entries
+  np.testing.assert_array_equal(md("second", str(cache)), first)
+  assert sorted(p.name for p in cache.iterdir()) == entries
+  md("off", "off")
+  assert sorted(p.name for p in cache.iterdir()) == entries
