@@ -59,17 +59,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
   print(f"warning: {message}", file=file or sys.stderr)
 
 
-def enable_compilation_cache() -> Path | None:
+def enable_compilation_cache() -> None:
   """Points JAX's persistent compilation cache at ``$E2FORMER_XLA_CACHE`` (default
-  ``~/.cache/e2former_jax/xla``); the directory it uses, or None when it is off or JAX already has one."""
+  ``~/.cache/e2former_jax/xla``), unless that is "off" or JAX already has a cache directory."""
   import jax
 
   setting = os.environ.get(XLA_CACHE_ENV, "")
-  if jax.config.jax_compilation_cache_dir or setting.lower() == "off":
-    return None
-  path = Path(setting or DEFAULT_XLA_CACHE).expanduser()
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  return path
+  if not (jax.config.jax_compilation_cache_dir or setting.lower() == "off"):
+    jax.config.update("jax_compilation_cache_dir", str(Path(setting or DEFAULT_XLA_CACHE).expanduser()))
 
 
 def _run(args) -> int:
