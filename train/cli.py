@@ -28,7 +28,7 @@ DEFAULT_RUNS_DIR = Path("runs")
 # training step takes ~25 s to compile on 2 CPU cores, the paper model's ~80 s on an H100). JAX's own
 # JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
 XLA_CACHE_ENV = "E2FORMER_XLA_CACHE"
-DEFAULT_XLA_CACHE = Path("~/.cache/e2former_jax/xla")
+XLA_CACHE_DIRNAME = "xla"  # under the project's cache root, beside the built-in dataset's builds
 # The shell's convention for a command ended by SIGINT (128 + signal number 2).
 INTERRUPTED_EXIT_CODE = 130
 
@@ -64,9 +64,12 @@ def enable_compilation_cache() -> None:
   ``~/.cache/e2former_jax/xla``), unless that is "off" or JAX already has a cache directory."""
   import jax
 
+  from train.data.builtin.build import DEFAULT_CACHE_ROOT
+
   setting = os.environ.get(XLA_CACHE_ENV, "")
   if not (jax.config.jax_compilation_cache_dir or setting.lower() == "off"):
-    jax.config.update("jax_compilation_cache_dir", str(Path(setting or DEFAULT_XLA_CACHE).expanduser()))
+    path = Path(setting) if setting else DEFAULT_CACHE_ROOT / XLA_CACHE_DIRNAME
+    jax.config.update("jax_compilation_cache_dir", str(path.expanduser()))
 
 
 def _run(args) -> int:
