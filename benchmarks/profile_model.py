@@ -3,7 +3,8 @@ from a JAX profiler trace.
 
 Builds the configuration with random weights on one cluster of N atoms (benchmarks/structures.py:
 a jittered lattice ball of O and H at 0.1 atoms/A^3, K nearest within the cutoff), compiles energy +
-forces (``--train``: also one Adam step on a force loss, which differentiates the forces), runs
+forces (``--direct``: also energy + the direct head's forces, one forward pass; ``--train``: also one
+Adam step on a force loss, which differentiates the forces), runs
 each twice to warm up, then ``--calls`` times under ``jax.profiler.trace``. From the trace's
 Perfetto export it sums the GPU kernels' durations per kernel name and per group (the Pallas
 kernels by name, matrix products, XLA's fusions) and divides by the number of traced calls. Each of
@@ -11,7 +12,7 @@ the ``--top`` longest kernels is tied to its HLO instruction, its shape and the 
 line that made it.
 
 Usage:
-  python -m benchmarks.profile_model [--atoms 10000] [--train] [--calls 3] [--top 25]
+  python -m benchmarks.profile_model [--atoms 10000] [--direct] [--train] [--calls 3] [--top 25]
       [--impl jax-pallas|jax-pallas-chunks|...]   (benchmarks/model_run.py: compute choices)
   python -m benchmarks.profile_model --smoke    # the smallest configuration on the CPU (the CPU
       trace has no GPU kernels: it checks that the script runs)
@@ -44,7 +45,7 @@ PALLAS_NAMES = ("message_attention_fwd", "message_attention_bwd_scatter", "messa
 GEMM_MARKERS = ("gemm", "xmma", "cutlass", "cublas", "sm90_", "triton_gemm")
 # Groups shown in the RESULTS.md line.
 SHOWN_GROUPS = 6
-SMOKE = dict(config="smoke", atoms=24, calls=1)
+SMOKE = dict(config="smoke", atoms=24, calls=1, direct=True)
 
 
 def group_of(name: str) -> str:
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--config", choices=model_run.CONFIG_NAMES, default="paper")
   parser.add_argument("--impl", choices=[i for i in model_run.JAX_IMPLS if i.startswith("jax-pallas")],
                       default="jax-pallas", help="how the model computes (attention: Pallas on a GPU)")
+  parser.add_argument("--direct", action="store_true",
+                      help="also profile energy + the direct head's forces (one forward pass)")
   parser.add_argument("--train", action="store_true", help="also profile one training step")
   parser.add_argument("--calls", type=int, default=3, help="traced calls of each function")
   parser.add_argument("--top", type=int, default=25, help="longest kernels listed")
@@ -150,6 +153,10 @@ def main(argv=None) -> list[report.Record]:
   graph = jax.device_put(graph)
   profiles = {"energy_forces": profile(lambda p, g: e2f.energy_and_forces(model, p, g),
                                        (params, graph), args.calls, args.top)}
+  if args.direct:
+    profiles["energy_direct_forces"] = profile(
+        lambda p, g: e2f.energy_and_forces(model, p, g, conservative=False), (params, graph),
+        args.calls, args.top)
   if args.train:
     tx = optax.adam(1e-4)
     targets = jnp.zeros((graph.positions.shape[0], 3), jnp.float32)
