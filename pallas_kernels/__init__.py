@@ -8,6 +8,8 @@ Public ops (each with a pure-jnp ``*_reference`` of the same signature and annot
 * ``edge_dot``, ``gather_sum``, ``scatter_sum``: the neighbour gather-reduce primitives its second
   order is built from; closed under differentiation, so reverse-mode derivatives of any order
   stay in Pallas kernels with linear memory.
+* ``radial_mlp``: the per-edge radial MLP (Gaussian basis, three products, two layer norms, an
+  optional contraction over the slots) in one forward kernel.
 * ``attention_weights_vjp``: the softmax weights and their VJP fused in one kernel (the rest of
   that backward); ``attention_weights`` is the plain jnp definition of the weights.
 """
@@ -24,9 +26,15 @@ from pallas_kernels.attention_weights import attention_weights_vjp
 from pallas_kernels.attention_weights import attention_weights_vjp_reference
 from pallas_kernels.message_attention import message_attention
 from pallas_kernels.message_attention import message_attention_reference
+from pallas_kernels.radial_mlp import RadialMLPBlocks
+from pallas_kernels.radial_mlp import RadialMLPWeights
+from pallas_kernels.radial_mlp import radial_mlp
+from pallas_kernels.radial_mlp import radial_mlp_reference
 
 __all__ = [
     "BlockSizes",
+    "RadialMLPBlocks",
+    "RadialMLPWeights",
     "attention_weights",
     "attention_weights_vjp",
     "attention_weights_vjp_reference",
@@ -36,6 +44,8 @@ __all__ = [
     "gather_sum_reference",
     "message_attention",
     "message_attention_reference",
+    "radial_mlp",
+    "radial_mlp_reference",
     "scatter_sum",
     "scatter_sum_reference",
 ]

@@ -192,12 +192,26 @@ def store_slots(ref, row, slots, slot_mask, heads, head_mask, value: jax.Array) 
   _store(ref, indices, value, mask)
 
 
+def _matrix_tile(rows, row_mask, cols, col_mask):
+  shape = (rows.shape[0], cols.shape[0])
+  indices = (lax.broadcast_in_dim(rows, shape, (0,)), lax.broadcast_in_dim(cols, shape, (1,)))
+  return indices, _and(_bcast(row_mask, shape, (0,)), _bcast(col_mask, shape, (1,)))
+
+
+def load_matrix(ref, rows, row_mask, cols, col_mask) -> jax.Array:
+  """``ref[rows, cols]`` of a 2-d ref: [B, C] in the ref's dtype, 0 on masked lanes."""
+  return _load(ref, *_matrix_tile(rows, row_mask, cols, col_mask))
+
+
+def store_matrix(ref, rows, row_mask, cols, col_mask, value: jax.Array) -> None:
+  """``ref[rows, cols] = value`` ([B, C]) on the unmasked lanes of a 2-d ref."""
+  indices, mask = _matrix_tile(rows, row_mask, cols, col_mask)
+  _store(ref, indices, value, mask)
+
+
 def load_edges(ref, edges, edge_mask, heads, head_mask) -> jax.Array:
   """``ref[edges, heads]`` of a flattened [N*K, H] ref as float32 [B, block_h]."""
-  shape = (edges.shape[0], heads.shape[0])
-  indices = (lax.broadcast_in_dim(edges, shape, (0,)), lax.broadcast_in_dim(heads, shape, (1,)))
-  mask = _and(_bcast(edge_mask, shape, (0,)), _bcast(head_mask, shape, (1,)))
-  return _load(ref, indices, mask).astype(jnp.float32)
+  return load_matrix(ref, edges, edge_mask, heads, head_mask).astype(jnp.float32)
 
 
 def load_vector(ref, row, cols, col_mask, *trailing: int) -> jax.Array:

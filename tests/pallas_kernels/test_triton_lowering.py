@@ -108,3 +108,34 @@ def test_lowers_for_h100_with_linear_memory(op, order, dtype, min_kernels):
   linear = max(edge_arrays * NUM_TARGETS * NUM_SLOTS, NUM_TARGETS * ROW_DIM,
                NUM_SOURCES * ROW_DIM) * NUM_HEADS
   assert _largest_tensor(text) <= linear
+
+
+# The radial MLPs of the paper's model (docs/model.md §4.3): 256 Gaussians, hidden 128; the gates'
+# 2H = 256 outputs in two column blocks, the edge-degree embedding's C = 256 contracted with the
+# 2l + 1 = 5 spherical harmonics of degree 2.
+RADIAL_HIDDEN, NUM_RBF, RADIAL_OUT, NUM_SLOT_WEIGHTS = 128, 256, 256, 5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("contracted", [False, True], ids=["gates", "slot-weighted"])
+def test_radial_mlp_lowers_for_h100_without_per_edge_activations(dtype, contracted):
+  """One Triton kernel, and nothing per edge wider than its inputs: the basis [N, K, 256] and the
+  hidden activations [N, K, 128] exist only in registers (the slot-weighted output is [N, 5, C])."""
+  s = jax.ShapeDtypeStruct
+  n, k, f = NUM_TARGETS, NUM_SLOTS, jnp.float32
+  d, r, o = RADIAL_HIDDEN, NUM_RBF, RADIAL_OUT
+  weights = pk.RadialMLPWeights(s((r, d), f), s((d,), f), s((d,), f), s((d,), f), s((d, d), f),
+                                s((d,), f), s((d,), f), s((d,), f), s((d, o), f), s((o,), f))
+  slot_weights = s((n, k, NUM_SLOT_WEIGHTS), f) if contracted else None
+  out_blocks = None if contracted else (o // 2, o // 2)
+
+  def forward(distances, target, source, nbr_idx, slot_weights, weights):
+    return pk.radial_mlp(distances, target, source, nbr_idx, slot_weights, weights=weights,
+                         cutoff=4.5, num_rbf=r, eps=1e-5, out_blocks=out_blocks, dtype=dtype)
+
+  text = _lower(forward, (s((n, k), f), s((n, d), f), s((NUM_SOURCES, d), f), s((n, k), jnp.int32),
+                          slot_weights, weights))
+  assert text.count(TRITON_CALL) == 1
+  per_edge_inputs = n * k * NUM_SLOT_WEIGHTS if contracted else n * k
+  outputs = n * NUM_SLOT_WEIGHTS * o if contracted else n * k * o // 2
+  assert _largest_tensor(text) <= max(per_edge_inputs, outputs, r * d, d * o)
