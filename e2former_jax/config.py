@@ -97,8 +97,9 @@ class E2FormerConfig:
     num_species: size of the atom-type tables; valid atomic numbers are 1 .. num_species - 1.
     avg_degree: constant normaliser of the edge-degree embedding (authors' value, docs/model.md §5.1).
     message_path: node-centric (default) or materialised per-edge message.
-    attention_impl: kernel implementation of the node-centric attention (default: automatic,
-      Pallas on GPU); it changes speed and memory, not the numbers beyond round-off.
+    attention_impl: kernel implementation of the node-centric attention and of the radial MLPs'
+      forward where it is not differentiated (default: automatic, Pallas on GPU); it changes speed
+      and memory, not the numbers beyond round-off.
     direct_force_head: add a linear l=1 -> force head (stage-1 training); conservative forces
       -dE/dx are always available.
     power_spectrum: add a linear map of the initial features' squared norm per degree l >= 1

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from e2former_jax.config import AttentionImpl
 from e2former_jax.nn.init import embedding_init, kaiming_uniform
 from e2former_jax.so3.layout import degree_slice, lmax_from_rows, row_degrees
 from e2former_jax.nn.radial import RadialMLP
@@ -56,6 +57,7 @@ class EdgeDegreeEmbedding(nn.Module):
       target atoms, recomputed chunk by chunk in the backward pass (E2FormerConfig.edge_chunk_atoms);
       ``remat`` is then implied for these MLPs.
     dtype: dtype of the radial MLPs' products (None: the inputs').
+    impl: implementation of the radial MLPs' forward (RadialMLP.impl).
   """
 
   channels: int
@@ -69,6 +71,7 @@ class EdgeDegreeEmbedding(nn.Module):
   remat: bool = False
   chunk_atoms: int | None = None
   dtype: Any = None
+  impl: AttentionImpl = AttentionImpl.XLA
 
   @nn.compact
   def __call__(self, species: Int[ArrayLike, "N"], distances: Float[Array, "N K"],
@@ -100,7 +103,7 @@ class EdgeDegreeEmbedding(nn.Module):
       else:
         d_l = distances
       radial = radial_mlp(self.hidden, self.channels, self.cutoff, self.num_rbf, self.layer_norm_eps,
-                          self.chunk_atoms, dtype=self.dtype, name=f"radial_l{l}")
+                          self.chunk_atoms, dtype=self.dtype, impl=self.impl, name=f"radial_l{l}")
       sh_l = edge_sh[..., degrees == l] * envelope_weights[..., None]  # [N, K, 2l+1]
       blocks.append(radial(d_l, target_types, source_types, nbr_idx, slot_weights=sh_l))  # [N, 2l+1, C]
     return jnp.concatenate(blocks, axis=-2) / self.avg_degree  # [N, S, C]

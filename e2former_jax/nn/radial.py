@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from e2former_jax.config import DEFAULT_LAYER_NORM_EPS
+from e2former_jax import ops
+from e2former_jax.config import DEFAULT_LAYER_NORM_EPS, AttentionImpl
 from e2former_jax.nn.init import kaiming_uniform
 
 
@@ -78,6 +79,8 @@ class RadialMLP(nn.Module):
       a tuple of their outputs; None returns one array.
     dtype: dtype of the products and the output (None: the inputs'); the LayerNorms compute in
       float32.
+    impl: under the Pallas implementations, a forward pass that is not differentiated runs as one
+      fused kernel (``ops.radial_mlp``); derivatives are always those of the layers written here.
   """
 
   hidden_width: int
@@ -88,6 +91,7 @@ class RadialMLP(nn.Module):
   chunk_atoms: int | None = None
   out_blocks: tuple[int, ...] | None = None
   dtype: Any = None
+  impl: AttentionImpl = AttentionImpl.XLA
 
   def setup(self):
     # The parameter names (the attribute names) are those of the checkpoints.
@@ -128,15 +132,24 @@ class RadialMLP(nn.Module):
     source = source.astype(jnp.promote_types(source.dtype, jnp.float32))
     rows = (distances, self.target_in(target_types))
     rows += () if slot_weights is None else (slot_weights,)
-    # Initialisation creates the parameters in one piece (the chunks see them as arguments).
-    if self.chunk_atoms is None or self.is_initializing():
+    # Initialisation creates the parameters in one piece (the chunks and the kernel see them as
+    # arguments).
+    if self.is_initializing():
       return self.edge_layers(source, nbr_idx, *rows)
     unbound = self.clone(parent=None)
 
     def layers(params, source, nbr_idx, *rows):
       return unbound.apply({"params": params}, source, nbr_idx, *rows, method=RadialMLP.edge_layers)
 
-    return map_chunks(layers, self.chunk_atoms, self.variables["params"], source, nbr_idx, *rows)
+    def reference(params, source, nbr_idx, *rows):
+      if self.chunk_atoms is None:
+        return layers(params, source, nbr_idx, *rows)
+      return map_chunks(layers, self.chunk_atoms, params, source, nbr_idx, *rows)
+
+    return ops.radial_mlp(reference, _kernel_weights, self.variables["params"], source, nbr_idx,
+                          *rows, cutoff=self.cutoff, num_rbf=self.num_rbf,
+                          eps=self.layer_norm_eps, out_blocks=self.out_blocks, dtype=self.dtype,
+                          impl=self.impl)
 
   def edge_layers(self, source, nbr_idx, distances, target, slot_weights=None
                   ) -> jax.Array | tuple[jax.Array, ...]:
@@ -156,6 +169,16 @@ class RadialMLP(nn.Module):
     if slot_weights is None:
       return radial
     return jax.tree.map(lambda r: jnp.einsum("nkm,nkc->nmc", slot_weights, r), radial)  # [n, M, out]
+
+
+def _kernel_weights(params) -> ops.RadialMLPWeights:
+  """The fused kernel's view of a RadialMLP's parameters (its first layer's type terms are the
+  caller's inputs)."""
+  return ops.RadialMLPWeights(
+      params["rbf_in"]["kernel"], params["rbf_in"]["bias"], params["norm_0"]["scale"],
+      params["norm_0"]["bias"], params["hidden"]["kernel"], params["hidden"]["bias"],
+      params["norm_1"]["scale"], params["norm_1"]["bias"], params["out"]["kernel"],
+      params["out"]["bias"])
 
 
 class ColumnBlocks(nn.Module):

@@ -2,7 +2,7 @@
 
 The model calls :func:`message_attention` with model-layout arrays; this module converts them to
 the kernels' head-last layout and selects the implementation. Nothing else in ``e2former_jax``
-imports ``pallas_kernels``.
+imports ``pallas_kernels`` but the dispatchers of ``e2former_jax.ops``.
 """
 
 from __future__ import annotations

@@ -312,6 +312,37 @@ def test_pallas_kernel_path_matches_xla(setup):
   np.testing.assert_allclose(f1, f0, atol=1e-5 * np.abs(f0).max())
 
 
+def test_pallas_radial_kernel_runs_where_nothing_is_differentiated(setup):
+  """Energy + the direct head's forces differentiate nothing: every radial MLP (the attention gates
+  and the edge-degree embedding's) runs as the fused forward kernel and equals the jnp path; under
+  conservative forces the kernel is not traced at all (the MLPs' own derivatives run)."""
+  cfg, mols, graph, _, _ = setup
+  cfg = cfg.replace(direct_force_head=True, edge_chunk_atoms=4)
+  model, params = init_model(cfg, graph)
+  kernel_model = E2Former(cfg.replace(attention_impl=AttentionImpl.PALLAS_INTERPRET))
+  direct = functools.partial(_energy_and_forces, conservative=False)
+
+  def equations(jaxpr):  # every equation, those of nested jaxprs (jit, custom rules) too
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+            yield from equations(getattr(sub, "jaxpr", sub))
+
+  def count(fn):  # fused radial MLP calls
+    jaxpr = jax.make_jaxpr(fn, static_argnums=0)(kernel_model, params, graph).jaxpr
+    return sum(e.primitive.name == "pallas_call" and
+               e.params["name"] == "radial_mlp_fwd" for e in equations(jaxpr))
+
+  assert count(direct) == cfg.num_layers + cfg.lmax + 1
+  assert count(_energy_and_forces) == 0
+  e0, f0 = direct(model, params, graph)
+  e1, f1 = direct(kernel_model, params, graph)
+  assert_close(e1, e0, F32_RTOL)
+  assert_close(f1, f0, F32_RTOL)
+
+
 @pytest.mark.parametrize("changes", COMPUTE_OPTIONS, ids=str)
 def test_compute_options_change_memory_not_numbers(setup, changes):
   """Rematerialised blocks, or radial MLPs in chunks of atoms: same parameters, energy and forces,
