@@ -9,7 +9,9 @@ Public ops (each with a pure-jnp ``*_reference`` of the same signature and annot
   order is built from; closed under differentiation, so reverse-mode derivatives of any order
   stay in Pallas kernels with linear memory.
 * ``radial_mlp``: the per-edge radial MLP (Gaussian basis, three products, two layer norms, an
-  optional contraction over the slots) in one forward kernel.
+  optional contraction over the slots) in one forward kernel; ``radial_mlp_geometry_vjp``: the
+  cotangents of its edge lengths and slot weights (what forces need) in one kernel that recomputes
+  the forward.
 * ``attention_weights_vjp``: the softmax weights and their VJP fused in one kernel (the rest of
   that backward); ``attention_weights`` is the plain jnp definition of the weights.
 """
@@ -29,6 +31,8 @@ from pallas_kernels.message_attention import message_attention_reference
 from pallas_kernels.radial_mlp import RadialMLPBlocks
 from pallas_kernels.radial_mlp import RadialMLPWeights
 from pallas_kernels.radial_mlp import radial_mlp
+from pallas_kernels.radial_mlp import radial_mlp_geometry_vjp
+from pallas_kernels.radial_mlp import radial_mlp_geometry_vjp_reference
 from pallas_kernels.radial_mlp import radial_mlp_reference
 
 __all__ = [
@@ -45,6 +49,8 @@ __all__ = [
     "message_attention",
     "message_attention_reference",
     "radial_mlp",
+    "radial_mlp_geometry_vjp",
+    "radial_mlp_geometry_vjp_reference",
     "radial_mlp_reference",
     "scatter_sum",
     "scatter_sum_reference",

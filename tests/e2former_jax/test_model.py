@@ -312,10 +312,11 @@ def test_pallas_kernel_path_matches_xla(setup):
   np.testing.assert_allclose(f1, f0, atol=1e-5 * np.abs(f0).max())
 
 
-def test_pallas_radial_kernel_runs_where_nothing_is_differentiated(setup):
-  """Energy + the direct head's forces differentiate nothing: every radial MLP (the attention gates
-  and the edge-degree embedding's) runs as the fused forward kernel and equals the jnp path; under
-  conservative forces the kernel is not traced at all (the MLPs' own derivatives run)."""
+def test_pallas_radial_kernels(setup):
+  """Every radial MLP (the attention gates and the edge-degree embedding's) runs as the fused
+  forward kernel; forces add the fused backward kernel of each. Energies and direct forces equal
+  the jnp path's; so does the force-loss parameter gradient, whose second derivative is the MLPs'
+  own (conservative forces: test_pallas_kernel_path_matches_xla)."""
   cfg, mols, graph, _, _ = setup
   cfg = cfg.replace(direct_force_head=True, edge_chunk_atoms=4)
   model, params = init_model(cfg, graph)
@@ -330,17 +331,20 @@ def test_pallas_radial_kernel_runs_where_nothing_is_differentiated(setup):
           if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
             yield from equations(getattr(sub, "jaxpr", sub))
 
-  def count(fn):  # fused radial MLP calls
+  def count(fn):  # fused radial MLP calls: (forward, backward)
     jaxpr = jax.make_jaxpr(fn, static_argnums=0)(kernel_model, params, graph).jaxpr
-    return sum(e.primitive.name == "pallas_call" and
-               e.params["name"] == "radial_mlp_fwd" for e in equations(jaxpr))
+    names = [e.params["name"] for e in equations(jaxpr) if e.primitive.name == "pallas_call"]
+    return names.count("radial_mlp_fwd"), names.count("radial_mlp_geometry_vjp")
 
-  assert count(direct) == cfg.num_layers + cfg.lmax + 1
-  assert count(_energy_and_forces) == 0
+  mlps = cfg.num_layers + cfg.lmax + 1
+  assert count(direct) == (mlps, 0)
+  assert count(_energy_and_forces) == (mlps, mlps)
   e0, f0 = direct(model, params, graph)
   e1, f1 = direct(kernel_model, params, graph)
   assert_close(e1, e0, F32_RTOL)
   assert_close(f1, f0, F32_RTOL)
+  assert_close(force_loss_gradient(kernel_model, params, graph),
+               force_loss_gradient(model, params, graph), SECOND_ORDER_RTOL)
 
 
 @pytest.mark.parametrize("changes", COMPUTE_OPTIONS, ids=str)

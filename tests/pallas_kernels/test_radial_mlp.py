@@ -73,12 +73,20 @@ class TestRadialMLP:
     assert out.shape == (kt.N, NUM_WEIGHTS if contracted else kt.K, sum(OUT_BLOCKS))
     kt.assert_close(out, run_reference(*inputs, *weights), F32_RTOL)
 
-  def test_derivatives_match_reference_to_second_order(self, kt, rng, neighbors):
-    """First and second (force-training) derivatives over every input and parameter."""
-    (distances, target, source, slot_weights), weights = _inputs(kt, rng, True)
+  @pytest.mark.parametrize("contracted", [False, True], ids=["per-slot", "slot-weighted"])
+  def test_derivatives_match_reference_to_second_order(self, kt, rng, neighbors, contracted):
+    """First derivatives (the edge lengths' and slot weights' from the fused backward kernel, the
+    rest from the reference) and second (force-training) derivatives over every input and
+    parameter."""
+    (distances, target, source, slot_weights), weights = _inputs(kt, rng, contracted)
     run_kernel, run_reference = self._ops(neighbors)
-    inputs = (distances, target, source, slot_weights, *weights)
-    cotangent = kt.normal(rng, kt.N, NUM_WEIGHTS, sum(OUT_BLOCKS))
+    if contracted:
+      inputs = (distances, target, source, slot_weights, *weights)
+    else:  # slot_weights=None is no differentiable input
+      run_kernel, run_reference = (functools.partial(lambda fn, d, t, s, *w: fn(d, t, s, None, *w),
+                                                     fn) for fn in (run_kernel, run_reference))
+      inputs = (distances, target, source, *weights)
+    cotangent = kt.normal(rng, kt.N, NUM_WEIGHTS if contracted else kt.K, sum(OUT_BLOCKS))
     kt.assert_close(kt.input_grads(run_kernel, inputs, cotangent),
                     kt.input_grads(run_reference, inputs, cotangent), F32_RTOL)
     directions = jax.tree.map(lambda x: kt.normal(rng, *x.shape), inputs)

@@ -118,9 +118,12 @@ RADIAL_HIDDEN, NUM_RBF, RADIAL_OUT, NUM_SLOT_WEIGHTS = 128, 256, 256, 5
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("contracted", [False, True], ids=["gates", "slot-weighted"])
-def test_radial_mlp_lowers_for_h100_without_per_edge_activations(dtype, contracted):
-  """One Triton kernel, and nothing per edge wider than its inputs: the basis [N, K, 256] and the
-  hidden activations [N, K, 128] exist only in registers (the slot-weighted output is [N, 5, C])."""
+@pytest.mark.parametrize("forces", [False, True], ids=["forward", "forces"])
+def test_radial_mlp_lowers_for_h100_without_per_edge_activations(dtype, contracted, forces):
+  """One Triton kernel (two with the derivative that forces take: the cotangents of the edge
+  lengths and slot weights), and nothing per edge wider than the inputs and outputs: the basis
+  [N, K, 256] and the hidden activations [N, K, 128] exist only in registers (the slot-weighted
+  output is [N, 5, C])."""
   s = jax.ShapeDtypeStruct
   n, k, f = NUM_TARGETS, NUM_SLOTS, jnp.float32
   d, r, o = RADIAL_HIDDEN, NUM_RBF, RADIAL_OUT
@@ -133,9 +136,16 @@ def test_radial_mlp_lowers_for_h100_without_per_edge_activations(dtype, contract
     return pk.radial_mlp(distances, target, source, nbr_idx, slot_weights, weights=weights,
                          cutoff=4.5, num_rbf=r, eps=1e-5, out_blocks=out_blocks, dtype=dtype)
 
-  text = _lower(forward, (s((n, k), f), s((n, d), f), s((NUM_SOURCES, d), f), s((n, k), jnp.int32),
-                          slot_weights, weights))
-  assert text.count(TRITON_CALL) == 1
+  def geometry_grad(distances, target, source, nbr_idx, slot_weights, weights):
+    def loss(distances, slot_weights):
+      out = forward(distances, target, source, nbr_idx, slot_weights, weights)
+      return sum(jnp.sum(y.astype(jnp.float32) ** 2) for y in out)
+    return jax.grad(loss, argnums=(0, 1) if contracted else 0)(distances, slot_weights)
+
+  text = _lower(geometry_grad if forces else forward,
+                (s((n, k), f), s((n, d), f), s((NUM_SOURCES, d), f), s((n, k), jnp.int32),
+                 slot_weights, weights))
+  assert text.count(TRITON_CALL) == 1 + forces
   per_edge_inputs = n * k * NUM_SLOT_WEIGHTS if contracted else n * k
   outputs = n * NUM_SLOT_WEIGHTS * o if contracted else n * k * o // 2
   assert _largest_tensor(text) <= max(per_edge_inputs, outputs, r * d, d * o)
