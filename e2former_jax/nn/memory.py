@@ -15,7 +15,8 @@ import os
 
 import jax
 
-from e2former_jax.config import E2FormerConfig
+from e2former_jax import ops
+from e2former_jax.config import AttentionImpl, E2FormerConfig
 
 # Target atoms per chunk when the plan turns chunks on: one [4096, 32, 128] float32 activation is
 # 64 MiB, small against any accelerator's memory, and each chunk's matrix products have 131k rows.
@@ -57,11 +58,18 @@ def _sizes(config: E2FormerConfig, num_neighbors: int) -> dict[str, int]:
           "nodes": config.num_rows * config.channels * config.num_layers}
 
 
+def _fused_radial_mlps(config: E2FormerConfig) -> bool:
+  """Whether energy + forces run the radial MLPs as fused kernels (the Pallas implementations):
+  then they hold no [N, K, hidden] activation whether or not they are chunked (ops.radial_mlp)."""
+  return ops.resolve_impl(config.attention_impl) is not AttentionImpl.XLA
+
+
 def candidates(config: E2FormerConfig) -> list[E2FormerConfig]:
   """The computations the plan chooses from, in increasing memory saving: the config's own, then
-  with radial MLPs in chunks, then also rematerialised blocks (each only where the config has not
-  chosen it already)."""
-  chunks = config.replace(edge_chunk_atoms=config.edge_chunk_atoms or AUTO_EDGE_CHUNK_ATOMS)
+  with radial MLPs in chunks (not where they are fused kernels: chunks would save nothing), then
+  also rematerialised blocks (each only where the config has not chosen it already)."""
+  chunks = config if _fused_radial_mlps(config) else config.replace(
+      edge_chunk_atoms=config.edge_chunk_atoms or AUTO_EDGE_CHUNK_ATOMS)
   options = [config, chunks, chunks.replace(remat=True)]
   return [c for i, c in enumerate(options) if c not in options[:i]]
 
@@ -69,8 +77,10 @@ def candidates(config: E2FormerConfig) -> list[E2FormerConfig]:
 def forces_bytes(config: E2FormerConfig, num_atoms: int, num_neighbors: int, itemsize: int,
                  platform: str) -> float:
   """Estimated bytes that energy + forces of ``num_atoms`` hold beyond the weights and inputs
-  (``itemsize``: bytes of the inputs' floats; mixed precision scales that by its measured share)."""
-  column = 2 * config.remat + (config.edge_chunk_atoms is not None)
+  (``itemsize``: bytes of the inputs' floats; mixed precision scales that by its measured share).
+  Fused radial MLPs hold what chunked ones do."""
+  chunked = config.edge_chunk_atoms is not None or _fused_radial_mlps(config)
+  column = 2 * config.remat + chunked
   floats = sum(_FLOATS_PER_SIZE[name][column] * size
                for name, size in _sizes(config, num_neighbors).items())
   share = 1.0 if config.compute_dtype is None else MIXED_PRECISION_SHARE

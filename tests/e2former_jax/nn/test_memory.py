@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from e2f_testing import brute_force_graph, random_molecule
 
-from e2former_jax.config import Precision, paper_config, tiny_config
+from e2former_jax.config import AttentionImpl, Precision, paper_config, tiny_config
 from e2former_jax.nn import memory
 from e2former_jax.nn.model import E2Former
 from e2former_jax.potential import energy_and_forces
@@ -98,3 +98,14 @@ def test_model_computes_as_planned(monkeypatch, free, expected):
   fixed = config.replace(auto_memory=False)
   assert program(config) == program(fixed.replace(**expected))
   assert program(config) != program(fixed.replace(edge_chunk_atoms=8))
+
+
+def test_fused_radial_mlps_plan_as_chunks_and_never_add_them():
+  """Under the Pallas kernels energy + forces hold no radial MLP activation, chunked or not: the
+  estimate is the chunked one's, and the only saving left to add is rematerialisation."""
+  xla, fused = (paper_config().replace(attention_impl=impl)
+                for impl in (AttentionImpl.XLA, AttentionImpl.PALLAS))
+  assert needed(fused) == needed(xla.replace(edge_chunk_atoms=memory.AUTO_EDGE_CHUNK_ATOMS))
+  assert needed(fused) < needed(xla)
+  assert memory.candidates(fused) == [fused, fused.replace(remat=True)]
+  assert planned(fused, 1) == fused.replace(remat=True)
