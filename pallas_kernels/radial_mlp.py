@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from pallas_kernels import _tiles
@@ -535,8 +536,8 @@ def radial_mlp(distances: Float[Array, "N K"], target: Float[Array, "N D"],
                source: Float[Array, "M D"], nbr_idx: Int[ArrayLike, "N K"],
                slot_weights: Float[Array, "N K W"] | None = None, *, weights: RadialMLPWeights,
                cutoff: float, num_rbf: int, eps: float, out_blocks: tuple[int, ...] | None = None,
-               dtype=None, blocks: RadialMLPBlocks | None = None, interpret: bool = False
-               ) -> tuple[Float[Array, "N _ _"], ...]:
+               dtype: DTypeLike | None = None, blocks: RadialMLPBlocks | None = None,
+               interpret: bool = False) -> tuple[Float[Array, "N _ _"], ...]:
   """The radial MLP of every slot (see the module docstring), fused.
 
   Args:
@@ -590,7 +591,7 @@ def radial_mlp_geometry_vjp(
     distances: Float[Array, "N K"], target: Float[Array, "N D"], source: Float[Array, "M D"],
     nbr_idx: Int[ArrayLike, "N K"], slot_weights: Float[Array, "N K W"] | None,
     cotangents: tuple[Float[Array, "N _ _"], ...], *, weights: RadialMLPWeights, cutoff: float,
-    num_rbf: int, eps: float, out_blocks: tuple[int, ...] | None = None, dtype=None,
+    num_rbf: int, eps: float, out_blocks: tuple[int, ...] | None = None, dtype: DTypeLike | None = None,
     blocks: RadialMLPBlocks | None = None, interpret: bool = False
 ) -> tuple[Float[Array, "N K"], Float[Array, "N K W"] | None]:
   """The cotangents of the edge lengths and of the slot weights (None without) for cotangents of
@@ -606,7 +607,7 @@ def radial_mlp_geometry_vjp_reference(
     distances: Float[Array, "N K"], target: Float[Array, "N D"], source: Float[Array, "M D"],
     nbr_idx: Int[ArrayLike, "N K"], slot_weights: Float[Array, "N K W"] | None,
     cotangents: tuple[Float[Array, "N _ _"], ...], *, weights: RadialMLPWeights, cutoff: float,
-    num_rbf: int, eps: float, out_blocks: tuple[int, ...] | None = None, dtype=None,
+    num_rbf: int, eps: float, out_blocks: tuple[int, ...] | None = None, dtype: DTypeLike | None = None,
     blocks: RadialMLPBlocks | None = None, interpret: bool = False
 ) -> tuple[Float[Array, "N K"], Float[Array, "N K W"] | None]:
   """:func:`radial_mlp_geometry_vjp` by autodiff of the jnp reference."""
@@ -620,7 +621,7 @@ def radial_mlp_reference(distances: Float[Array, "N K"], target: Float[Array, "N
                          source: Float[Array, "M D"], nbr_idx: Int[ArrayLike, "N K"],
                          slot_weights: Float[Array, "N K W"] | None = None, *,
                          weights: RadialMLPWeights, cutoff: float, num_rbf: int, eps: float,
-                         out_blocks: tuple[int, ...] | None = None, dtype=None,
+                         out_blocks: tuple[int, ...] | None = None, dtype: DTypeLike | None = None,
                          blocks: RadialMLPBlocks | None = None, interpret: bool = False
                          ) -> tuple[Float[Array, "N _ _"], ...]:
   """Pure-jnp :func:`radial_mlp`: materialises the basis and the hidden activations."""

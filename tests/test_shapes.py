@@ -42,7 +42,7 @@ NAMESPACE = {name: getattr(module, name) for module in PUBLIC for name in module
 # static grids, degree/row arithmetic, and factories whose arguments are functions and sizes.
 ARRAY_FREE = {
     "AttentionImpl", "E2FormerConfig", "MessagePath", "Precision", "paper_config", "tiny_config",
-    "resolve_impl", "BlockSizes", "CellGrid", "ImageNeighborListFns", "free_space_neighbor_list",
+    "resolve_impl", "BlockSizes", "RadialMLPBlocks", "CellGrid", "ImageNeighborListFns", "free_space_neighbor_list",
     "FirstOrderPath", "first_order_paths", "num_first_order_rows", "degree_slice", "lmax_from_rows",
     "num_rows", "row_index",
 }
