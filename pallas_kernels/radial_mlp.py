@@ -591,8 +591,8 @@ def radial_mlp_geometry_vjp(
     distances: Float[Array, "N K"], target: Float[Array, "N D"], source: Float[Array, "M D"],
     nbr_idx: Int[ArrayLike, "N K"], slot_weights: Float[Array, "N K W"] | None,
     cotangents: tuple[Float[Array, "N _ _"], ...], *, weights: RadialMLPWeights, cutoff: float,
-    num_rbf: int, eps: float, out_blocks: tuple[int, ...] | None = None, dtype: DTypeLike | None = None,
-    blocks: RadialMLPBlocks | None = None, interpret: bool = False
+    num_rbf: int, eps: float, out_blocks: tuple[int, ...] | None = None,
+    dtype: DTypeLike | None = None, blocks: RadialMLPBlocks | None = None, interpret: bool = False
 ) -> tuple[Float[Array, "N K"], Float[Array, "N K W"] | None]:
   """The cotangents of the edge lengths and of the slot weights (None without) for cotangents of
   :func:`radial_mlp`'s outputs (one per output block): what forces need, in one kernel that
@@ -607,8 +607,8 @@ def radial_mlp_geometry_vjp_reference(
     distances: Float[Array, "N K"], target: Float[Array, "N D"], source: Float[Array, "M D"],
     nbr_idx: Int[ArrayLike, "N K"], slot_weights: Float[Array, "N K W"] | None,
     cotangents: tuple[Float[Array, "N _ _"], ...], *, weights: RadialMLPWeights, cutoff: float,
-    num_rbf: int, eps: float, out_blocks: tuple[int, ...] | None = None, dtype: DTypeLike | None = None,
-    blocks: RadialMLPBlocks | None = None, interpret: bool = False
+    num_rbf: int, eps: float, out_blocks: tuple[int, ...] | None = None,
+    dtype: DTypeLike | None = None, blocks: RadialMLPBlocks | None = None, interpret: bool = False
 ) -> tuple[Float[Array, "N K"], Float[Array, "N K W"] | None]:
   """:func:`radial_mlp_geometry_vjp` by autodiff of the jnp reference."""
   static = _static(cutoff, num_rbf, eps, out_blocks, weights, dtype, blocks, interpret,
