@@ -97,9 +97,12 @@ class E2FormerConfig:
     num_species: size of the atom-type tables; valid atomic numbers are 1 .. num_species - 1.
     avg_degree: constant normaliser of the edge-degree embedding (authors' value, docs/model.md §5.1).
     message_path: node-centric (default) or materialised per-edge message.
-    attention_impl: kernel implementation of the node-centric attention and of the radial MLPs'
-      forward where it is not differentiated (default: automatic, Pallas on GPU); it changes speed
-      and memory, not the numbers beyond round-off.
+    attention_impl: kernel implementation of the node-centric attention (default: automatic,
+      Pallas on GPU); it changes speed and memory, not the numbers beyond round-off.
+    radial_impl: implementation of the per-edge radial MLPs (docs/model.md §4.3, §11.8): XLA (the
+      default) or the fused Pallas kernels (AUTO: on a GPU), which never store the basis or a
+      hidden activation for energies and forces; speed and memory, not the numbers. XLA by
+      default until the kernels are timed on a GPU (docs/performance.md §6).
     direct_force_head: add a linear l=1 -> force head (stage-1 training); conservative forces
       -dE/dx are always available.
     power_spectrum: add a linear map of the initial features' squared norm per degree l >= 1
@@ -146,6 +149,7 @@ class E2FormerConfig:
   avg_degree: float = 23.01
   message_path: MessagePath = MessagePath.NODE_CENTRIC
   attention_impl: AttentionImpl = AttentionImpl.AUTO
+  radial_impl: AttentionImpl = AttentionImpl.XLA
   direct_force_head: bool = True
   power_spectrum: bool = False
   layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS

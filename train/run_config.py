@@ -215,6 +215,7 @@ class RunConfig:
 
 _PRESETS = {"paper": paper_config, "tiny": tiny_config}
 _MODEL_ENUMS = {"message_path": MessagePath, "attention_impl": AttentionImpl,
+                "radial_impl": AttentionImpl,
                 "gate_normalisers": GateNormalisers, "softmax_sink": SoftmaxSink, "precision": Precision}
 _SECTIONS = {"data": DataConfig, "loss": LossConfig, "optim": OptimConfig, "train": TrainConfig}
 # The fractions are decimals, so their sum is 1 only up to rounding (0.9 + 0.05 + 0.05 != 1.0).

@@ -112,7 +112,7 @@ class E2Attention(nn.Module):
     # [N, K, 2H] output, fused with its per-edge producers, was one slow reduction (docs/
     # performance.md §4, §6).
     gate, inputhead = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps,
-                                 cfg.edge_chunk_atoms, (h, h), dtype, cfg.attention_impl,
+                                 cfg.edge_chunk_atoms, (h, h), dtype, cfg.radial_impl,
                                  name="edge_gates")(
         distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)  # [N, K, H]
     # In the gates' dtype: under Precision.MIXED the kernels read bfloat16 post weights as they read

@@ -313,14 +313,14 @@ def test_pallas_kernel_path_matches_xla(setup):
 
 
 def test_pallas_radial_kernels(setup):
-  """Every radial MLP (the attention gates and the edge-degree embedding's) runs as the fused
-  forward kernel; forces add the fused backward kernel of each. Energies and direct forces equal
-  the jnp path's; so does the force-loss parameter gradient, whose second derivative is the MLPs'
-  own (conservative forces: test_pallas_kernel_path_matches_xla)."""
+  """With ``radial_impl`` the Pallas kernels, every radial MLP (the attention gates and the
+  edge-degree embedding's) runs as the fused forward kernel; forces add the fused backward kernel
+  of each. Energies, direct and conservative forces equal the jnp path's; so does the force-loss
+  parameter gradient, whose second derivative is the MLPs' own."""
   cfg, mols, graph, _, _ = setup
   cfg = cfg.replace(direct_force_head=True, edge_chunk_atoms=4)
   model, params = init_model(cfg, graph)
-  kernel_model = E2Former(cfg.replace(attention_impl=AttentionImpl.PALLAS_INTERPRET))
+  kernel_model = E2Former(cfg.replace(radial_impl=AttentionImpl.PALLAS_INTERPRET))
   direct = functools.partial(_energy_and_forces, conservative=False)
 
   def equations(jaxpr):  # every equation, those of nested jaxprs (jit, custom rules) too
@@ -339,10 +339,11 @@ def test_pallas_radial_kernels(setup):
   mlps = cfg.num_layers + cfg.lmax + 1
   assert count(direct) == (mlps, 0)
   assert count(_energy_and_forces) == (mlps, mlps)
-  e0, f0 = direct(model, params, graph)
-  e1, f1 = direct(kernel_model, params, graph)
-  assert_close(e1, e0, F32_RTOL)
-  assert_close(f1, f0, F32_RTOL)
+  for forces in (direct, _energy_and_forces):
+    e0, f0 = forces(model, params, graph)
+    e1, f1 = forces(kernel_model, params, graph)
+    assert_close(e1, e0, F32_RTOL)
+    assert_close(f1, f0, F32_RTOL)
   assert_close(force_loss_gradient(kernel_model, params, graph),
                force_loss_gradient(model, params, graph), SECOND_ORDER_RTOL)
 

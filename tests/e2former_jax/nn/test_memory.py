@@ -103,7 +103,7 @@ def test_model_computes_as_planned(monkeypatch, free, expected):
 def test_fused_radial_mlps_plan_as_chunks_and_never_add_them():
   """Under the Pallas kernels energy + forces hold no radial MLP activation, chunked or not: the
   estimate is the chunked one's, and the only saving left to add is rematerialisation."""
-  xla, fused = (paper_config().replace(attention_impl=impl)
+  xla, fused = (paper_config().replace(radial_impl=impl)
                 for impl in (AttentionImpl.XLA, AttentionImpl.PALLAS))
   assert needed(fused) == needed(xla.replace(edge_chunk_atoms=memory.AUTO_EDGE_CHUNK_ATOMS))
   assert needed(fused) < needed(xla)
