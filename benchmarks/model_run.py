@@ -40,6 +40,8 @@ JAX_IMPLS = {
     "jax-pallas-chunks": ("node_centric", "pallas", ("chunks",)),
     "jax-pallas-chunks-remat": ("node_centric", "pallas", ("chunks", "remat")),
     "jax-pallas-auto": ("node_centric", "pallas", ("auto",)),
+    # The GPU defaults with the fused radial MLP kernels (E2FormerConfig.radial_impl).
+    "jax-pallas-auto-radial": ("node_centric", "pallas", ("auto", "radial")),
     "jax-pallas-bf16": ("node_centric", "pallas", ("bf16",)),
     "jax-pallas-bf16-chunks": ("node_centric", "pallas", ("bf16", "chunks")),
     "jax-pallas-bf16-chunks-remat": ("node_centric", "pallas", ("bf16", "chunks", "remat")),
@@ -82,6 +84,7 @@ def model_config(name: str, impl: str, device: str):
   if attention is AttentionImpl.PALLAS and device == "cpu":
     attention = AttentionImpl.PALLAS_INTERPRET
   return base.replace(message_path=MessagePath(path), attention_impl=attention,
+                      radial_impl=attention if "radial" in choices else AttentionImpl.XLA,
                       remat="remat" in choices, auto_memory="auto" in choices,
                       edge_chunk_atoms=AUTO_EDGE_CHUNK_ATOMS if "chunks" in choices else None,
                       precision=_precision(choices))
