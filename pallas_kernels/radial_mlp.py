@@ -85,9 +85,10 @@ class RadialMLPBlocks:
   @staticmethod
   def get_default(num_slots: int) -> "RadialMLPBlocks":
     """64 edge rows per program (at least one target atom's slots), 4 warps: at the paper's sizes
-    (K = 32, hidden 128, 256 Gaussians and outputs, bfloat16) the fastest of the tilings measured
-    on one H200 (docs/performance.md §6); 128 rows on 4 warps took 2.4x (gates) and 3.7x (slot
-    weighted) as long, their float32 accumulators no longer fitting the registers."""
+    (K = 32, hidden 128, 256 Gaussians and outputs, bfloat16) the fastest forward of the tilings
+    measured on one H200 (docs/performance.md §6); 128 rows on 4 warps took 2.4x (gates) and 3.7x
+    (slot weighted) as long, probably spilling their float32 accumulators. The backward kernel
+    takes the same tiling, not yet timed on a GPU."""
     return RadialMLPBlocks(block_targets=max(1, 64 // pl.next_power_of_2(num_slots)))
 
 
@@ -277,7 +278,7 @@ def _slot_contraction(static: _Static, tile: _Tile, slot_weights_ref, num_target
   return _SlotContraction(weights, rows, valid, m_pad)
 
 
-def _split_refs(refs, num_inputs: int, contracted: bool):
+def _split_refs(refs, contracted: bool):
   """(weights, slot_weights_ref or None, the remaining refs)."""
   weights = refs[:len(RadialMLPWeights._fields)]
   refs = refs[len(weights):]
@@ -287,7 +288,7 @@ def _split_refs(refs, num_inputs: int, contracted: bool):
 
 def _forward_kernel(distances_ref, nbr_ref, target_ref, source_ref, *refs, static: _Static,
                     num_slots: int, contracted: bool):
-  weight_refs, slot_weights_ref, out_refs = _split_refs(refs, 4, contracted)
+  weight_refs, slot_weights_ref, out_refs = _split_refs(refs, contracted)
   num_targets = target_ref.shape[0]
   w = _Weights(weight_refs, target_ref.shape[1], static.dtype)
   tile = _tile(static.blocks.block_targets, num_targets, num_slots)
@@ -315,7 +316,7 @@ def _geometry_vjp_kernel(distances_ref, nbr_ref, target_ref, source_ref, *refs, 
   """d distances [N K] and, with slot weights, d slot_weights [N K, W] for the output cotangents
   (one ref per output block): the forward recomputed in registers, then taken back through the
   output layer, both layer norms and the basis."""
-  weight_refs, slot_weights_ref, refs = _split_refs(refs, 4, contracted)
+  weight_refs, slot_weights_ref, refs = _split_refs(refs, contracted)
   num_blocks = len(static.out_blocks)
   cotangent_refs, (d_distances_ref, *d_slot_weights_ref) = refs[:num_blocks], refs[num_blocks:]
   num_targets = target_ref.shape[0]

@@ -176,3 +176,13 @@ def per_atom_indexing(module, x: jax.Array) -> list[tuple[int, ...]]:
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
   shapes = [tuple(int(d) for d in m.group(1).split(",")) for m in _INDEXED_OP.finditer(hlo)]
   return [s for s in shapes if x.shape[0] in s]
+
+
+def jaxpr_equations(jaxpr):
+  """Every equation of a jaxpr, those of its nested jaxprs (jit, custom rules, loops) too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+          yield from jaxpr_equations(getattr(sub, "jaxpr", sub))

@@ -79,8 +79,10 @@ class RadialMLP(nn.Module):
       a tuple of their outputs; None returns one array.
     dtype: dtype of the products and the output (None: the inputs'); the LayerNorms compute in
       float32.
-    impl: under the Pallas implementations, a forward pass that is not differentiated runs as one
-      fused kernel (``ops.radial_mlp``); derivatives are always those of the layers written here.
+    impl: under the Pallas implementations (``E2FormerConfig.radial_impl``) the forward pass and
+      the cotangents of the edge lengths and slot weights run as fused kernels (``ops.radial_mlp``);
+      the parameters' cotangents and second derivatives are always those of the layers written
+      here.
   """
 
   hidden_width: int

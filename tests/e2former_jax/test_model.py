@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from e2f_testing import (F32_RTOL, SECOND_ORDER_RTOL, assert_close, brute_force_graph, buffer_shapes,
-                         random_molecule)
+                         jaxpr_equations, random_molecule)
 from e2former_jax import so3
 from e2former_jax.config import (AttentionImpl, MessagePath, Precision, paper_config, resolve_precision,
                                  tiny_config)
@@ -323,17 +323,9 @@ def test_pallas_radial_kernels(setup):
   kernel_model = E2Former(cfg.replace(radial_impl=AttentionImpl.PALLAS_INTERPRET))
   direct = functools.partial(_energy_and_forces, conservative=False)
 
-  def equations(jaxpr):  # every equation, those of nested jaxprs (jit, custom rules) too
-    for eqn in jaxpr.eqns:
-      yield eqn
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
-            yield from equations(getattr(sub, "jaxpr", sub))
-
   def count(fn):  # fused radial MLP calls: (forward, backward)
     jaxpr = jax.make_jaxpr(fn, static_argnums=0)(kernel_model, params, graph).jaxpr
-    names = [e.params["name"] for e in equations(jaxpr) if e.primitive.name == "pallas_call"]
+    names = [e.params["name"] for e in jaxpr_equations(jaxpr) if e.primitive.name == "pallas_call"]
     return names.count("radial_mlp_fwd"), names.count("radial_mlp_geometry_vjp")
 
   mlps = cfg.num_layers + cfg.lmax + 1

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from e2f_testing import F32_RTOL, SECOND_ORDER_RTOL, assert_close
+from e2f_testing import F32_RTOL, SECOND_ORDER_RTOL, assert_close, jaxpr_equations
 
 from e2former_jax.nn.radial import RadialMLP
 
@@ -117,15 +117,7 @@ def test_bfloat16_mlp_scatters_source_cotangents_in_float32(rng, chunk_atoms):
   def loss(params):
     return jnp.sum(mlp.apply(params, *args).astype(jnp.float32) ** 2)
 
-  def equations(jaxpr):  # every equation, those of nested jaxprs (jit, custom rules) too
-    for eqn in jaxpr.eqns:
-      yield eqn
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
-            yield from equations(getattr(sub, "jaxpr", sub))
-
-  scatters = [e for e in equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  scatters = [e for e in jaxpr_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
               if e.primitive.name == "scatter-add"]
   source_shape = (NUM_ATOMS, HIDDEN)
   dtypes = [e.outvars[0].aval.dtype for e in scatters if e.outvars[0].aval.shape == source_shape]
