@@ -504,18 +504,22 @@ def _radial_mlp_vjp(static, distances, target, source, nbr_idx, slot_weights, we
   return d_distances, d_target, d_source, d_slot_weights, d_weights
 
 
-def _radial_mlp_vjp_fwd(static, distances, target, source, nbr_idx, slot_weights, weights,
-                        cotangents):
-  return jax.vjp(lambda *xs: _reference_vjp(static, *xs[:3], nbr_idx, *xs[3:]), distances,
-                 target, source, slot_weights, weights, cotangents)
+def _autodiff_fwd(fn):
+  """Forward rule of a custom VJP over (static, distances, target, source, nbr_idx, slot_weights,
+  weights, cotangents) whose derivative is the autodiff of ``fn`` (same arguments)."""
+  def fwd(static, distances, target, source, nbr_idx, slot_weights, weights, cotangents):
+    return jax.vjp(lambda *xs: fn(static, *xs[:3], nbr_idx, *xs[3:]), distances, target, source,
+                   slot_weights, weights, cotangents)
+  return fwd
 
 
-def _radial_mlp_vjp_bwd(static, vjp, cotangents):
+def _autodiff_bwd(static, vjp, cotangents):
+  """Backward rule paired with :func:`_autodiff_fwd` (nbr_idx gets no cotangent)."""
   d_distances, d_target, d_source, d_slot_weights, d_weights, d_cotangents = vjp(cotangents)
   return d_distances, d_target, d_source, None, d_slot_weights, d_weights, d_cotangents
 
 
-_radial_mlp_vjp.defvjp(_radial_mlp_vjp_fwd, _radial_mlp_vjp_bwd)
+_radial_mlp_vjp.defvjp(_autodiff_fwd(_reference_vjp), _autodiff_bwd)
 
 
 def _static(cutoff, num_rbf, eps, out_blocks, weights, dtype, blocks, interpret, num_slots):
@@ -574,18 +578,7 @@ def _geometry_vjp_reference(static, distances, target, source, nbr_idx, slot_wei
   return d_distances, d_slot_weights
 
 
-def _geometry_vjp_fwd(static, distances, target, source, nbr_idx, slot_weights, weights,
-                      cotangents):
-  return jax.vjp(lambda *xs: _geometry_vjp_reference(static, *xs[:3], nbr_idx, *xs[3:]),
-                 distances, target, source, slot_weights, weights, cotangents)
-
-
-def _geometry_vjp_bwd(static, vjp, cotangents):
-  d_distances, d_target, d_source, d_slot_weights, d_weights, d_cotangents = vjp(cotangents)
-  return d_distances, d_target, d_source, None, d_slot_weights, d_weights, d_cotangents
-
-
-_geometry_vjp.defvjp(_geometry_vjp_fwd, _geometry_vjp_bwd)
+_geometry_vjp.defvjp(_autodiff_fwd(_geometry_vjp_reference), _autodiff_bwd)
 
 
 def radial_mlp_geometry_vjp(
