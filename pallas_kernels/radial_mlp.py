@@ -84,12 +84,20 @@ class RadialMLPBlocks:
 
   @staticmethod
   def get_default(num_slots: int) -> "RadialMLPBlocks":
-    """64 edge rows per program (at least one target atom's slots), 4 warps: at the paper's sizes
-    (K = 32, hidden 128, 256 Gaussians and outputs, bfloat16) the fastest forward of the tilings
-    measured on one H200 (docs/performance.md §6); 128 rows on 4 warps took 2.4x (gates) and 3.7x
-    (slot weighted) as long, probably spilling their float32 accumulators. The backward kernel
-    takes the same tiling, not yet timed on a GPU."""
+    """The forward kernel's: 64 edge rows per program (at least one target atom's slots), 4 warps:
+    at the paper's sizes (K = 32, hidden 128, 256 Gaussians and outputs, bfloat16) the fastest
+    forward of the tilings measured on one H200 (docs/performance.md §6); 128 rows on 4 warps took
+    2.4x (gates) and 3.7x (slot weighted) as long, probably spilling their float32 accumulators."""
     return RadialMLPBlocks(block_targets=max(1, 64 // pl.next_power_of_2(num_slots)))
+
+  @staticmethod
+  def get_default_backward(num_slots: int) -> "RadialMLPBlocks":
+    """The geometry VJP kernel's: 32 edge rows per program, 8 warps. At the paper's sizes on one
+    H100 (docs/performance.md §6) it took 1.14 ms (gates) and 1.77 ms (slot weighted) where the
+    forward's tiling took 4.13 and 5.46 ms; 32 rows on 4 warps took 1.82 and 4.40 ms, and 64 rows
+    on 8 warps 2.34 and 5.15 ms. The backward holds more float32 values per row than the forward
+    (the recomputed activations and their cotangents)."""
+    return RadialMLPBlocks(block_targets=max(1, 32 // pl.next_power_of_2(num_slots)), num_warps=8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +107,8 @@ class _Static:
   eps: float
   out_blocks: tuple[int, ...]
   dtype: jnp.dtype  # of the products and of the output
-  blocks: RadialMLPBlocks
+  blocks: RadialMLPBlocks  # the tiling of the kernel being called
+  backward_blocks: RadialMLPBlocks  # the geometry VJP kernel's, which its call makes `blocks`
   interpret: bool
 
 
@@ -413,6 +422,7 @@ def _forward_call(static: _Static, distances, target, source, nbr_idx, slot_weig
 
 def _geometry_vjp_call(static: _Static, distances, target, source, nbr_idx, slot_weights,
                        weights: RadialMLPWeights, cotangents):
+  static = dataclasses.replace(static, blocks=static.backward_blocks)
   num_targets, num_slots = distances.shape
   out_shape = [jax.ShapeDtypeStruct((num_targets * num_slots,), distances.dtype)]
   if slot_weights is not None:
@@ -530,11 +540,13 @@ def _static(cutoff, num_rbf, eps, out_blocks, weights, dtype, blocks, interpret,
   if num_rbf < 2 or weights.rbf_kernel.shape[0] != num_rbf:
     raise ValueError(f"num_rbf = {num_rbf} must be >= 2 and match rbf_kernel "
                      f"{weights.rbf_kernel.shape}")
-  blocks = blocks or RadialMLPBlocks.get_default(num_slots)
-  if blocks.block_targets * pl.next_power_of_2(num_slots) < _MIN_DOT:
-    raise ValueError(f"{blocks} gives fewer than {_MIN_DOT} edge rows per program")
+  forward_blocks = blocks or RadialMLPBlocks.get_default(num_slots)
+  backward_blocks = blocks or RadialMLPBlocks.get_default_backward(num_slots)
+  for tiling in (forward_blocks, backward_blocks):
+    if tiling.block_targets * pl.next_power_of_2(num_slots) < _MIN_DOT:
+      raise ValueError(f"{tiling} gives fewer than {_MIN_DOT} edge rows per program")
   return _Static(float(cutoff), int(num_rbf), float(eps), out_blocks,
-                 jnp.dtype(dtype or jnp.float32), blocks, bool(interpret))
+                 jnp.dtype(dtype or jnp.float32), forward_blocks, backward_blocks, bool(interpret))
 
 
 def radial_mlp(distances: Float[Array, "N K"], target: Float[Array, "N D"],
@@ -554,7 +566,8 @@ def radial_mlp(distances: Float[Array, "N K"], target: Float[Array, "N D"],
     cutoff, num_rbf: the Gaussian basis on [0, cutoff]. eps: of both layer norms.
     out_blocks: widths of the output's column blocks (None: one block of all F columns).
     dtype: of the products (float32 accumulation) and the output; None: float32.
-    blocks: tiling (None: :meth:`RadialMLPBlocks.get_default`).
+    blocks: tiling of both kernels (None: :meth:`RadialMLPBlocks.get_default` for this one,
+      :meth:`RadialMLPBlocks.get_default_backward` for the geometry VJP of its derivative).
     interpret: run in the Pallas interpreter (CPU testing).
   Returns:
     One array per output block: [N, K, F_b], or with ``slot_weights`` [N, W, F_b] (in the
