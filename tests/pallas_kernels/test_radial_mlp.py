@@ -117,11 +117,11 @@ class TestRadialMLPInterpret(TestRadialMLP):
 
 @pytest.mark.parametrize("num_slots", [1, 6, 16, 32, 64])
 def test_default_tilings(num_slots):
-  rows = lambda blocks: blocks.block_targets * max(num_slots, 1 << (num_slots - 1).bit_length())
+  rows = lambda blocks: blocks.block_targets * (1 << (num_slots - 1).bit_length())  # padded slots
   forward = pk.RadialMLPBlocks.get_default(num_slots)
   backward = pk.RadialMLPBlocks.get_default_backward(num_slots)
-  # Whole targets per program, as many slots as one Triton dot needs at least; the backward
-  # (more float32 values per row) gets half the forward's rows on twice its warps.
+  # Whole targets per program, 64 edge rows (forward) or 32 (backward, more float32 values per
+  # row, on twice the warps), or one target where its slots are more.
   assert (forward.num_warps, backward.num_warps) == (4, 8)
   assert rows(forward) == max(64, rows(pk.RadialMLPBlocks(1)))
   assert rows(backward) == max(32, rows(pk.RadialMLPBlocks(1)))
