@@ -12,7 +12,8 @@ Implementations (``--impls``; see benchmarks/model_run.py):
   jax-pallas-chunks-remat  chunks and rematerialised blocks
   jax-pallas-auto     the model's defaults on a GPU: memory chosen per structure from its size and the
                       free GPU memory (auto_memory), mixed precision (precision AUTO)
-  jax-pallas-auto-radial  the same with the fused radial MLP kernels (E2FormerConfig.radial_impl)
+  jax-pallas-auto-radial  the same with the fused radial MLP kernel (E2FormerConfig.radial_impl)
+  jax-pallas-auto-radial-vjp  and with its backward kernel for forces (radial_vjp_kernel)
   jax-pallas-bf16     jax-pallas in mixed precision (bfloat16 products and storage; Precision.MIXED)
   jax-pallas-bf16-chunks  mixed precision with the radial MLPs in chunks
   jax-pallas-bf16-chunks-remat  mixed precision with chunks and rematerialised blocks

@@ -40,8 +40,10 @@ JAX_IMPLS = {
     "jax-pallas-chunks": ("node_centric", "pallas", ("chunks",)),
     "jax-pallas-chunks-remat": ("node_centric", "pallas", ("chunks", "remat")),
     "jax-pallas-auto": ("node_centric", "pallas", ("auto",)),
-    # The GPU defaults with the fused radial MLP kernels (E2FormerConfig.radial_impl).
+    # The GPU defaults with the fused radial MLP kernel (E2FormerConfig.radial_impl), and with its
+    # backward kernel for forces (radial_vjp_kernel).
     "jax-pallas-auto-radial": ("node_centric", "pallas", ("auto", "radial")),
+    "jax-pallas-auto-radial-vjp": ("node_centric", "pallas", ("auto", "radial", "radial-vjp")),
     "jax-pallas-bf16": ("node_centric", "pallas", ("bf16",)),
     "jax-pallas-bf16-chunks": ("node_centric", "pallas", ("bf16", "chunks")),
     "jax-pallas-bf16-chunks-remat": ("node_centric", "pallas", ("bf16", "chunks", "remat")),
@@ -85,6 +87,7 @@ def model_config(name: str, impl: str, device: str):
     attention = AttentionImpl.PALLAS_INTERPRET
   return base.replace(message_path=MessagePath(path), attention_impl=attention,
                       radial_impl=attention if "radial" in choices else AttentionImpl.XLA,
+                      radial_vjp_kernel="radial-vjp" in choices,
                       remat="remat" in choices, auto_memory="auto" in choices,
                       edge_chunk_atoms=AUTO_EDGE_CHUNK_ATOMS if "chunks" in choices else None,
                       precision=_precision(choices))

@@ -100,10 +100,13 @@ class E2FormerConfig:
     attention_impl: kernel implementation of the node-centric attention (default: automatic,
       Pallas on GPU); it changes speed and memory, not the numbers beyond round-off.
     radial_impl: implementation of the per-edge radial MLPs (docs/model.md §4.3, §11.8): XLA (the
-      default) or the fused Pallas kernels (AUTO: on a GPU), which never store the basis or a
-      hidden activation for energies and forces; speed and memory, not the numbers. XLA by
-      default: on one H100 the kernels made energy + direct forces faster (14.7 against 17.7 ms at
-      10k atoms) but energy + forces and force training slower (docs/performance.md §6).
+      default) or the fused Pallas kernel (AUTO: on a GPU), which computes an MLP wherever nothing
+      differentiates it (energy + direct forces) and stores neither the basis nor a hidden
+      activation; speed and memory, not the numbers. XLA by default: docs/performance.md §6.
+    radial_vjp_kernel: under a Pallas ``radial_impl``, differentiate the MLPs through the fused
+      kernels too (energy + forces: the forward kernel keeps only its inputs and a fused backward
+      kernel gives the edge lengths' cotangents) rather than through XLA's layers, which keep their
+      [N, K, hidden] activations.
     direct_force_head: add a linear l=1 -> force head (stage-1 training); conservative forces
       -dE/dx are always available.
     power_spectrum: add a linear map of the initial features' squared norm per degree l >= 1
@@ -151,6 +154,7 @@ class E2FormerConfig:
   message_path: MessagePath = MessagePath.NODE_CENTRIC
   attention_impl: AttentionImpl = AttentionImpl.AUTO
   radial_impl: AttentionImpl = AttentionImpl.XLA
+  radial_vjp_kernel: bool = False
   direct_force_head: bool = True
   power_spectrum: bool = False
   layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS

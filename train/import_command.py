@@ -33,7 +33,7 @@ from train.run_config import RunConfig, model_config_to_dict
 from train.state import create_train_state
 
 # Config fields that choose how to compute, not what: left to the runs that load the folder.
-_COMPUTE_FIELDS = ("attention_impl", "radial_impl", "remat", "direct_force_head")
+_COMPUTE_FIELDS = ("attention_impl", "radial_impl", "radial_vjp_kernel", "remat", "direct_force_head")
 # Read in chunks for the checksum, so a large checkpoint is never held twice in memory.
 _HASH_CHUNK = 1 << 20
 

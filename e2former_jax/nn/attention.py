@@ -113,7 +113,7 @@ class E2Attention(nn.Module):
     # performance.md §4, §6).
     gate, inputhead = radial_mlp(cfg.edge_hidden, 2 * h, cfg.cutoff, cfg.num_rbf, eps,
                                  cfg.edge_chunk_atoms, (h, h), dtype, cfg.radial_impl,
-                                 name="edge_gates")(
+                                 cfg.radial_vjp_kernel, name="edge_gates")(
         distances, target_table[graph.species], source_table[graph.species], graph.nbr_idx)  # [N, K, H]
     # In the gates' dtype: under Precision.MIXED the kernels read bfloat16 post weights as they read
     # bfloat16 gates, instead of two float32 [N, K, H] buffers per block that the float32 1/|r|

@@ -57,7 +57,7 @@ class EdgeDegreeEmbedding(nn.Module):
       target atoms, recomputed chunk by chunk in the backward pass (E2FormerConfig.edge_chunk_atoms);
       ``remat`` is then implied for these MLPs.
     dtype: dtype of the radial MLPs' products (None: the inputs').
-    impl: implementation of the radial MLPs' forward (RadialMLP.impl).
+    impl, vjp_kernel: implementation of the radial MLPs (RadialMLP's).
   """
 
   channels: int
@@ -72,6 +72,7 @@ class EdgeDegreeEmbedding(nn.Module):
   chunk_atoms: int | None = None
   dtype: Any = None
   impl: AttentionImpl = AttentionImpl.XLA
+  vjp_kernel: bool = False
 
   @nn.compact
   def __call__(self, species: Int[ArrayLike, "N"], distances: Float[Array, "N K"],
@@ -103,7 +104,8 @@ class EdgeDegreeEmbedding(nn.Module):
       else:
         d_l = distances
       radial = radial_mlp(self.hidden, self.channels, self.cutoff, self.num_rbf, self.layer_norm_eps,
-                          self.chunk_atoms, dtype=self.dtype, impl=self.impl, name=f"radial_l{l}")
+                          self.chunk_atoms, dtype=self.dtype, impl=self.impl, vjp_kernel=self.vjp_kernel,
+                          name=f"radial_l{l}")
       sh_l = edge_sh[..., degrees == l] * envelope_weights[..., None]  # [N, K, 2l+1]
       blocks.append(radial(d_l, target_types, source_types, nbr_idx, slot_weights=sh_l))  # [N, 2l+1, C]
     return jnp.concatenate(blocks, axis=-2) / self.avg_degree  # [N, S, C]

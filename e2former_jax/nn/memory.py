@@ -59,9 +59,11 @@ def _sizes(config: E2FormerConfig, num_neighbors: int) -> dict[str, int]:
 
 
 def _fused_radial_mlps(config: E2FormerConfig) -> bool:
-  """Whether energy + forces run the radial MLPs as fused kernels (the Pallas implementations):
-  then they hold no [N, K, hidden] activation whether or not they are chunked (ops.radial_mlp)."""
-  return ops.resolve_impl(config.radial_impl) is not AttentionImpl.XLA
+  """Whether energy + forces differentiate the radial MLPs through fused kernels (a Pallas
+  implementation with ``radial_vjp_kernel``): then they hold no [N, K, hidden] activation whether
+  or not they are chunked (ops.radial_mlp)."""
+  return (config.radial_vjp_kernel
+          and ops.resolve_impl(config.radial_impl) is not AttentionImpl.XLA)
 
 
 def candidates(config: E2FormerConfig) -> list[E2FormerConfig]:

@@ -76,7 +76,8 @@ class E2Former(nn.Module):
 
     x = EdgeDegreeEmbedding(cfg.channels, cfg.lmax, cfg.edge_hidden, cfg.num_species, cfg.avg_degree,
                             cfg.cutoff, cfg.num_rbf, cfg.layer_norm_eps, cfg.remat, cfg.edge_chunk_atoms,
-                            cfg.compute_dtype, cfg.radial_impl, name="edge_degree")(
+                            cfg.compute_dtype, cfg.radial_impl, cfg.radial_vjp_kernel,
+                            name="edge_degree")(
         graph.species, geometry.distances, geometry.envelope, edge_sh, graph.nbr_idx)  # [N, S, C]
     assert x.shape == (n, cfg.num_rows, cfg.channels), x.shape
     if cfg.power_spectrum:

@@ -79,8 +79,10 @@ class RadialMLP(nn.Module):
       a tuple of their outputs; None returns one array.
     dtype: dtype of the products and the output (None: the inputs'); the LayerNorms compute in
       float32.
-    impl: under the Pallas implementations (``E2FormerConfig.radial_impl``) the forward pass and
-      the cotangents of the edge lengths and slot weights run as fused kernels (``ops.radial_mlp``);
+    impl: under the Pallas implementations (``E2FormerConfig.radial_impl``) the MLP runs as a fused
+      kernel wherever nothing differentiates it (``ops.radial_mlp``).
+    vjp_kernel: under Pallas, differentiated too: the forward kernel and a fused backward kernel
+      for the cotangents of the edge lengths and slot weights (``E2FormerConfig.radial_vjp_kernel``);
       the parameters' cotangents and second derivatives are always those of the layers written
       here.
   """
@@ -94,6 +96,7 @@ class RadialMLP(nn.Module):
   out_blocks: tuple[int, ...] | None = None
   dtype: Any = None
   impl: AttentionImpl = AttentionImpl.XLA
+  vjp_kernel: bool = False
 
   def setup(self):
     # The parameter names (the attribute names) are those of the checkpoints.
@@ -151,7 +154,7 @@ class RadialMLP(nn.Module):
     return ops.radial_mlp(reference, _kernel_weights, self.variables["params"], source, nbr_idx,
                           *rows, cutoff=self.cutoff, num_rbf=self.num_rbf,
                           eps=self.layer_norm_eps, out_blocks=self.out_blocks, dtype=self.dtype,
-                          impl=self.impl)
+                          impl=self.impl, vjp_kernel=self.vjp_kernel)
 
   def edge_layers(self, source, nbr_idx, distances, target, slot_weights=None
                   ) -> jax.Array | tuple[jax.Array, ...]:

@@ -1,13 +1,18 @@
 """Dispatcher of the fused radial MLP (docs/model.md §4.3, §11.8).
 
 The model's radial MLP (``nn.radial.RadialMLP``) is its own reference: under ``AttentionImpl.XLA``
-it runs as written. Under the Pallas implementations its forward pass is the fused kernel
-``pallas_kernels.radial_mlp`` and keeps only its inputs; its first derivative takes the cotangents
-of the edge lengths and slot weights (all that forces need) from the fused backward kernel
-``pallas_kernels.radial_mlp_geometry_vjp``, and those of the parameters and type terms from the
-module's own layers (chunked or not; XLA drops them when nothing uses them, as in energy + forces).
-Differentiated again (training on forces), the module's own VJP runs instead, so the second
-derivative, its numbers and its memory are what they are without the kernels.
+it runs as written. Under the Pallas implementations the fused kernel ``pallas_kernels.radial_mlp``
+computes it wherever nothing differentiates it (energy + direct forces). Differentiated, it is one
+of two things:
+
+* without ``vjp_kernel``, the module's own layers, which keep their activations for the backward
+  pass: time and memory of energy + forces and of training are XLA's;
+* with ``vjp_kernel``, the fused forward kernel, keeping only its inputs; the first derivative takes
+  the cotangents of the edge lengths and slot weights (all that forces need) from the fused
+  backward kernel ``pallas_kernels.radial_mlp_geometry_vjp``, and those of the parameters and type
+  terms from the module's own layers (chunked or not; XLA drops them when nothing uses them, as in
+  energy + forces). Differentiated again (training on forces), the module's own VJP runs instead,
+  so the second derivative and its numbers are what they are without the kernels.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ def radial_mlp(reference: Callable[..., Any], weights_of: Callable[[Any], Radial
                params: Any, source: Float[Array, "M D"], nbr_idx: Int[ArrayLike, "N K"],
                distances: Float[Array, "N K"], target: Float[Array, "N D"],
                slot_weights: Float[Array, "N K W"] | None = None, *, cutoff: float, num_rbf: int,
-               eps: float, out_blocks: tuple[int, ...] | None, dtype: Any, impl: AttentionImpl
+               eps: float, out_blocks: tuple[int, ...] | None, dtype: Any, impl: AttentionImpl,
+               vjp_kernel: bool = False
                ) -> Float[Array, "N _ _"] | tuple[Float[Array, "N _ _"], ...]:
   """``reference(params, source, nbr_idx, distances, target[, slot_weights])``, in fused kernels
   under the Pallas implementations.
@@ -44,6 +50,8 @@ def radial_mlp(reference: Callable[..., Any], weights_of: Callable[[Any], Radial
     distances: edge lengths. slot_weights: optional per-slot weights to contract the output with.
     cutoff, num_rbf, eps, out_blocks, dtype: the MLP's (see ``pallas_kernels.radial_mlp``).
     impl: implementation.
+    vjp_kernel: under Pallas, differentiate through the fused backward kernel (keeping no
+      activation) rather than XLA's layers (keeping theirs).
   Returns:
     What ``reference`` returns: [N, K, F], or [N, W, F] with slot weights; a tuple of column
     blocks with ``out_blocks``.
@@ -68,7 +76,8 @@ def radial_mlp(reference: Callable[..., Any], weights_of: Callable[[Any], Radial
         weights=weights_of(params), **options)
     return (d_distances,) + (() if d_slot_weights is None else (d_slot_weights,))
 
-  return _fused(_Kernels(forward, geometry_vjp, reference), params, source, nbr_idx, *rows)
+  fused = _fused if vjp_kernel else _forward_kernel
+  return fused(_Kernels(forward, geometry_vjp, reference), params, source, nbr_idx, *rows)
 
 
 class _Kernels(NamedTuple):
@@ -97,6 +106,25 @@ def _fused_bwd(fns, residuals, cotangents):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _forward_kernel(fns: _Kernels, params, source, nbr_idx, *rows):
+  return fns.forward(params, source, nbr_idx, *rows)
+
+
+def _forward_kernel_fwd(fns, params, source, nbr_idx, *rows):
+  # Differentiated, the kernel does not run: the layers do, and keep their activations (the VJP's
+  # residuals), as under XLA.
+  return jax.vjp(lambda p, s, *r: fns.reference(p, s, nbr_idx, *r), params, source, *rows)
+
+
+def _forward_kernel_bwd(fns, vjp, cotangents):
+  d_params, d_source, *d_rows = vjp(cotangents)
+  return (d_params, d_source, None, *d_rows)
+
+
+_forward_kernel.defvjp(_forward_kernel_fwd, _forward_kernel_bwd)
 
 
 def _reference_cotangents(fns: _Kernels, params, source, nbr_idx, rows, cotangents):

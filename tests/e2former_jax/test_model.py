@@ -312,15 +312,18 @@ def test_pallas_kernel_path_matches_xla(setup):
   np.testing.assert_allclose(f1, f0, atol=1e-5 * np.abs(f0).max())
 
 
-def test_pallas_radial_kernels(setup):
+@pytest.mark.parametrize("vjp_kernel", [False, True], ids=["xla-derivatives", "vjp-kernel"])
+def test_pallas_radial_kernels(setup, vjp_kernel):
   """With ``radial_impl`` the Pallas kernels, every radial MLP (the attention gates and the
-  edge-degree embedding's) runs as the fused forward kernel; forces add the fused backward kernel
-  of each. Energies, direct and conservative forces equal the jnp path's; so does the force-loss
-  parameter gradient, whose second derivative is the MLPs' own."""
+  edge-degree embedding's) runs as the fused forward kernel in energy + direct forces; energy +
+  forces run XLA's layers, or with ``radial_vjp_kernel`` the forward kernel and the fused backward
+  kernel of each. Energies, direct and conservative forces equal the jnp path's; so does the
+  force-loss parameter gradient, whose second derivative is the MLPs' own."""
   cfg, mols, graph, _, _ = setup
   cfg = cfg.replace(direct_force_head=True, edge_chunk_atoms=4)
   model, params = init_model(cfg, graph)
-  kernel_model = E2Former(cfg.replace(radial_impl=AttentionImpl.PALLAS_INTERPRET))
+  kernel_model = E2Former(cfg.replace(radial_impl=AttentionImpl.PALLAS_INTERPRET,
+                                      radial_vjp_kernel=vjp_kernel))
   direct = functools.partial(_energy_and_forces, conservative=False)
 
   def count(fn):  # fused radial MLP calls: (forward, backward)
@@ -330,7 +333,7 @@ def test_pallas_radial_kernels(setup):
 
   mlps = cfg.num_layers + cfg.lmax + 1
   assert count(direct) == (mlps, 0)
-  assert count(_energy_and_forces) == (mlps, mlps)
+  assert count(_energy_and_forces) == ((mlps, mlps) if vjp_kernel else (0, 0))
   for forces in (direct, _energy_and_forces):
     e0, f0 = forces(model, params, graph)
     e1, f1 = forces(kernel_model, params, graph)

@@ -101,10 +101,15 @@ def test_model_computes_as_planned(monkeypatch, free, expected):
 
 
 def test_fused_radial_mlps_plan_as_chunks_and_never_add_them():
-  """Under the Pallas kernels energy + forces hold no radial MLP activation, chunked or not: the
-  estimate is the chunked one's, and the only saving left to add is rematerialisation."""
-  xla, fused = (paper_config().replace(radial_impl=impl)
-                for impl in (AttentionImpl.XLA, AttentionImpl.PALLAS))
+  """Differentiated through the Pallas kernels, the radial MLPs hold no activation in energy +
+  forces, chunked or not: the estimate is the chunked one's, and the only saving left to add is
+  rematerialisation. With the forward kernel alone, forces differentiate XLA's layers: planned as
+  XLA."""
+  xla = paper_config()
+  forward_only = xla.replace(radial_impl=AttentionImpl.PALLAS)
+  fused = forward_only.replace(radial_vjp_kernel=True)
+  assert needed(forward_only) == needed(xla)
+  assert len(memory.candidates(forward_only)) == 3
   assert needed(fused) == needed(xla.replace(edge_chunk_atoms=memory.AUTO_EDGE_CHUNK_ATOMS))
   assert needed(fused) < needed(xla)
   assert memory.candidates(fused) == [fused, fused.replace(remat=True)]
