@@ -40,7 +40,8 @@ BENCHMARK = "profile_model"
 SEED = 0
 # Names of the project's Pallas kernels (``name=`` of each pallas_call): their own groups.
 PALLAS_NAMES = ("message_attention_fwd", "message_attention_bwd_scatter", "message_attention_bwd",
-                "attention_weights", "edge_dot", "gather_sum", "scatter_sum")
+                "attention_weights", "edge_dot", "gather_sum", "scatter_sum", "radial_mlp_fwd",
+                "radial_mlp_geometry_vjp")
 # Kernel-name fragments of matrix products (cuBLAS, cuBLASLt, XLA's Triton GEMMs).
 GEMM_MARKERS = ("gemm", "xmma", "cutlass", "cublas", "sm90_", "triton_gemm")
 # Groups shown in the RESULTS.md line.
