@@ -11,9 +11,11 @@ Implementations (``--impls``; see benchmarks/model_run.py):
                       activation stored; E2FormerConfig.edge_chunk_atoms)
   jax-pallas-chunks-remat  chunks and rematerialised blocks
   jax-pallas-auto     the model's defaults on a GPU: memory chosen per structure from its size and the
-                      free GPU memory (auto_memory), mixed precision (precision AUTO)
-  jax-pallas-auto-radial  the same with the fused radial MLP kernel (E2FormerConfig.radial_impl)
-  jax-pallas-auto-radial-vjp  and with its backward kernel for forces (radial_vjp_kernel)
+                      free GPU memory (auto_memory), mixed precision (precision AUTO), the fused
+                      radial MLP kernel where nothing differentiates it (radial_impl AUTO)
+  jax-pallas-auto-xla-radial  the same with XLA's radial MLPs everywhere (radial_impl XLA)
+  jax-pallas-auto-radial-vjp  the same with the radial MLPs' backward kernel for forces
+                      (radial_vjp_kernel)
   jax-pallas-bf16     jax-pallas in mixed precision (bfloat16 products and storage; Precision.MIXED)
   jax-pallas-bf16-chunks  mixed precision with the radial MLPs in chunks
   jax-pallas-bf16-chunks-remat  mixed precision with chunks and rematerialised blocks

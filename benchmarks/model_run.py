@@ -33,16 +33,17 @@ from benchmarks import measure, report, structures
 
 # name -> (message path, attention kernels, E2FormerConfig compute choices: "remat" rematerialised
 # blocks, "chunks" radial MLPs in chunks of atoms, "auto" memory chosen per structure (none of the
-# three: every activation kept), "bf16" mixed precision)
+# three: every activation kept), "bf16" mixed precision, "radial" the fused radial MLP kernel where
+# the attention's run (otherwise XLA's MLPs), "radial-vjp" its backward kernel too)
 JAX_IMPLS = {
     "jax-pallas": ("node_centric", "pallas", ()),
     "jax-pallas-remat": ("node_centric", "pallas", ("remat",)),
     "jax-pallas-chunks": ("node_centric", "pallas", ("chunks",)),
     "jax-pallas-chunks-remat": ("node_centric", "pallas", ("chunks", "remat")),
-    "jax-pallas-auto": ("node_centric", "pallas", ("auto",)),
-    # The GPU defaults with the fused radial MLP kernel (E2FormerConfig.radial_impl), and with its
-    # backward kernel for forces (radial_vjp_kernel).
-    "jax-pallas-auto-radial": ("node_centric", "pallas", ("auto", "radial")),
+    "jax-pallas-auto": ("node_centric", "pallas", ("auto", "radial")),
+    # The GPU defaults with XLA's radial MLPs (E2FormerConfig.radial_impl), or with the radial
+    # MLPs' backward kernel for forces (radial_vjp_kernel).
+    "jax-pallas-auto-xla-radial": ("node_centric", "pallas", ("auto",)),
     "jax-pallas-auto-radial-vjp": ("node_centric", "pallas", ("auto", "radial", "radial-vjp")),
     "jax-pallas-bf16": ("node_centric", "pallas", ("bf16",)),
     "jax-pallas-bf16-chunks": ("node_centric", "pallas", ("bf16", "chunks")),

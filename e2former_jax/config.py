@@ -99,10 +99,10 @@ class E2FormerConfig:
     message_path: node-centric (default) or materialised per-edge message.
     attention_impl: kernel implementation of the node-centric attention (default: automatic,
       Pallas on GPU); it changes speed and memory, not the numbers beyond round-off.
-    radial_impl: implementation of the per-edge radial MLPs (docs/model.md §4.3, §11.8): XLA (the
-      default) or the fused Pallas kernel (AUTO: on a GPU), which computes an MLP wherever nothing
-      differentiates it (energy + direct forces) and stores neither the basis nor a hidden
-      activation; speed and memory, not the numbers. XLA by default: docs/performance.md §6.
+    radial_impl: implementation of the per-edge radial MLPs (docs/model.md §4.3, §11.8): the fused
+      Pallas kernel (default AUTO: on a GPU), which computes an MLP wherever nothing differentiates
+      it (energy + direct forces) and stores neither the basis nor a hidden activation, or XLA's
+      layers; speed and memory, not the numbers (docs/performance.md §6 item 6).
     radial_vjp_kernel: under a Pallas ``radial_impl``, differentiate the MLPs through the fused
       kernels too (energy + forces: the forward kernel keeps only its inputs and a fused backward
       kernel gives the edge lengths' cotangents) rather than through XLA's layers, which keep their
@@ -153,7 +153,7 @@ class E2FormerConfig:
   avg_degree: float = 23.01
   message_path: MessagePath = MessagePath.NODE_CENTRIC
   attention_impl: AttentionImpl = AttentionImpl.AUTO
-  radial_impl: AttentionImpl = AttentionImpl.XLA
+  radial_impl: AttentionImpl = AttentionImpl.AUTO
   radial_vjp_kernel: bool = False
   direct_force_head: bool = True
   power_spectrum: bool = False
