@@ -312,15 +312,18 @@ def test_pallas_kernel_path_matches_xla(setup):
   np.testing.assert_allclose(f1, f0, atol=1e-5 * np.abs(f0).max())
 
 
-@pytest.mark.parametrize("vjp_kernel", [False, True], ids=["xla-derivatives", "vjp-kernel"])
-def test_pallas_radial_kernels(setup, vjp_kernel):
+@pytest.mark.parametrize("vjp_kernel, memory", [(False, "chunks"), (True, "chunks"), (False, "remat")],
+                         ids=["xla-derivatives", "vjp-kernel", "xla-derivatives-remat"])
+def test_pallas_radial_kernels(setup, vjp_kernel, memory):
   """With ``radial_impl`` the Pallas kernels, every radial MLP (the attention gates and the
   edge-degree embedding's) runs as the fused forward kernel in energy + direct forces; energy +
   forces run XLA's layers, or with ``radial_vjp_kernel`` the forward kernel and the fused backward
   kernel of each. Energies, direct and conservative forces equal the jnp path's; so does the
-  force-loss parameter gradient, whose second derivative is the MLPs' own."""
+  force-loss parameter gradient, whose second derivative is the MLPs' own. The MLPs in chunks of
+  atoms, or rematerialised whole."""
   cfg, mols, graph, _, _ = setup
-  cfg = cfg.replace(direct_force_head=True, edge_chunk_atoms=4)
+  cfg = cfg.replace(direct_force_head=True, edge_chunk_atoms=4 if memory == "chunks" else None,
+                    remat=memory == "remat")
   model, params = init_model(cfg, graph)
   kernel_model = E2Former(cfg.replace(radial_impl=AttentionImpl.PALLAS_INTERPRET,
                                       radial_vjp_kernel=vjp_kernel))
