@@ -110,23 +110,27 @@ def test_lowers_for_h100_with_linear_memory(op, order, dtype, min_kernels):
   assert _largest_tensor(text) <= linear
 
 
-# The radial MLPs of the paper's model (docs/model.md §4.3): 256 Gaussians, hidden 128; the gates'
-# 2H = 256 outputs in two column blocks, the edge-degree embedding's C = 256 contracted with the
-# 2l + 1 = 5 spherical harmonics of degree 2.
-RADIAL_HIDDEN, NUM_RBF, RADIAL_OUT, NUM_SLOT_WEIGHTS = 128, 256, 256, 5
+# The radial MLPs (docs/model.md §4.3) as (K slots, hidden, Gaussians, outputs): the paper's model
+# (the gates' 2H = 256 outputs in two column blocks, the edge-degree embedding's C = 256), and the
+# main command's (configs/tiny.yaml: K = 16, hidden 32, 32 Gaussians, the gates' 2H = 8 outputs, narrower
+# than a Triton dot's 16, also as the slot-weighted output), on which the fused kernel is the GPU
+# default too. The slot-weighted MLPs are contracted with the 2l + 1 = 5 spherical harmonics of degree 2.
+RADIAL_SIZES = {"paper": (NUM_SLOTS, 128, 256, 256), "main-command": (16, 32, 32, 8)}
+NUM_SLOT_WEIGHTS = 5
 
 
+@pytest.mark.parametrize("sizes", list(RADIAL_SIZES))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("contracted", [False, True], ids=["gates", "slot-weighted"])
 @pytest.mark.parametrize("forces", [False, True], ids=["forward", "forces"])
-def test_radial_mlp_lowers_for_h100_without_per_edge_activations(dtype, contracted, forces):
+def test_radial_mlp_lowers_for_h100_without_per_edge_activations(dtype, contracted, forces, sizes):
   """One Triton kernel (two with the derivative that forces take: the cotangents of the edge
   lengths and slot weights), and nothing per edge wider than the inputs and outputs: the basis
-  [N, K, 256] and the hidden activations [N, K, 128] exist only in registers (the slot-weighted
-  output is [N, 5, C])."""
+  [N, K, num_rbf] and the hidden activations [N, K, hidden] exist only in registers (the
+  slot-weighted output is [N, 5, out])."""
   s = jax.ShapeDtypeStruct
-  n, k, f = NUM_TARGETS, NUM_SLOTS, jnp.float32
-  d, r, o = RADIAL_HIDDEN, NUM_RBF, RADIAL_OUT
+  n, f = NUM_TARGETS, jnp.float32
+  k, d, r, o = RADIAL_SIZES[sizes]
   weights = pk.RadialMLPWeights(s((r, d), f), s((d,), f), s((d,), f), s((d,), f), s((d, d), f),
                                 s((d,), f), s((d,), f), s((d,), f), s((d, o), f), s((o,), f))
   slot_weights = s((n, k, NUM_SLOT_WEIGHTS), f) if contracted else None
