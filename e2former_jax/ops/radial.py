@@ -35,8 +35,7 @@ def radial_mlp(reference: Callable[..., Any], weights_of: Callable[[Any], Radial
                distances: Float[Array, "N K"], target: Float[Array, "N D"],
                slot_weights: Float[Array, "N K W"] | None = None, *, cutoff: float, num_rbf: int,
                eps: float, out_blocks: tuple[int, ...] | None, dtype: Any, impl: AttentionImpl,
-               vjp_kernel: bool = False
-               ) -> Float[Array, "N _ _"] | tuple[Float[Array, "N _ _"], ...]:
+               vjp_kernel: bool) -> Float[Array, "N _ _"] | tuple[Float[Array, "N _ _"], ...]:
   """``reference(params, source, nbr_idx, distances, target[, slot_weights])``, in fused kernels
   under the Pallas implementations.
 
@@ -116,7 +115,7 @@ def _forward_kernel(fns: _Kernels, params, source, nbr_idx, *rows):
 def _forward_kernel_fwd(fns, params, source, nbr_idx, *rows):
   # Differentiated, the kernel does not run: the layers do, and keep their activations (the VJP's
   # residuals), as under XLA.
-  return jax.vjp(lambda p, s, *r: fns.reference(p, s, nbr_idx, *r), params, source, *rows)
+  return _reference_vjp(fns, params, source, nbr_idx, rows)
 
 
 def _forward_kernel_bwd(fns, vjp, cotangents):
@@ -127,8 +126,13 @@ def _forward_kernel_bwd(fns, vjp, cotangents):
 _forward_kernel.defvjp(_forward_kernel_fwd, _forward_kernel_bwd)
 
 
+def _reference_vjp(fns: _Kernels, params, source, nbr_idx, rows):
+  """(output, VJP) of the reference with respect to params, source and rows."""
+  return jax.vjp(lambda p, s, *r: fns.reference(p, s, nbr_idx, *r), params, source, *rows)
+
+
 def _reference_cotangents(fns: _Kernels, params, source, nbr_idx, rows, cotangents):
-  _, vjp = jax.vjp(lambda p, s, *r: fns.reference(p, s, nbr_idx, *r), params, source, *rows)
+  _, vjp = _reference_vjp(fns, params, source, nbr_idx, rows)
   d_params, d_source, *d_rows = vjp(cotangents)
   return d_params, d_source, tuple(d_rows)
 
